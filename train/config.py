@@ -1,0 +1,314 @@
+"""Run configuration: typed frozen dataclasses, loaded from YAML with dotted overrides.
+
+A run is described by one :class:`RunConfig`. It is read from a YAML file in
+``configs/`` and then patched by ``key=value`` command-line overrides::
+
+    cfg = load_config("configs/e2e_lora.yaml", ["lora.rank=4", "data.path=/x.csv"])
+
+Parsing and type coercion are OmegaConf structured configs (the dataclasses below
+are the schema); this module adds what OmegaConf does not give in one place:
+
+* an unknown or misspelled key, in the YAML file or an override, is a
+  :class:`ConfigError` naming the full dotted key and suggesting the closest valid
+  one (``difflib``), e.g. ``lora.rnak`` -> ``lora.rank``, ``rank`` -> ``lora.rank``;
+* a value of the wrong type or out of range is a :class:`ConfigError` naming the key;
+* :func:`save_config` / :func:`load_config` round-trip the resolved config, which
+  is saved with every run.
+
+Override values are parsed as YAML: ``lora.targets=[q_proj,v_proj]``,
+``'lora.rank_pattern={q_proj: 4}'`` (note the space after the colon),
+``optim.max_steps=null``. OmegaConf interpolations such as
+``checkpoint.dir=${output_dir}/ckpt`` are resolved before the dataclasses are built.
+
+Relative paths in a config (``data.path``, ``output_dir``, ``checkpoint.dir``) are
+relative to the repository root, never to the current directory: resolve them
+with :func:`resolve_path`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the key and the fix."""
+
+
+def _bounded(default: Any, *, low: float | None = None, below: float | None = None) -> Any:
+    """A dataclass field whose value (when not None) must satisfy ``low <= v < below``."""
+    return field(default=default, metadata={"low": low, "below": below})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which base model to load (``models.load(name)``) and how to run it."""
+
+    name: str = "smollm2-135m"  # a preset name or a path understood by models.load
+    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype
+    param_dtype: Literal["float32", "bfloat16"] = "float32"  # stored parameter dtype
+    scan_layers: bool = False  # one scanned layer body instead of unrolled layers
+    remat: bool = False  # rematerialise each layer's activations in the backward pass
+
+
+@dataclass(frozen=True)
+class LoraSection:
+    """Mirrors the fields of ``lora_jax.LoraConfig``; that class validates ``init``/``bias``."""
+
+    rank: int = _bounded(8, low=1)
+    alpha: float = _bounded(16.0, low=0.0)
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+    dropout: float = _bounded(0.0, low=0.0, below=1.0)
+    init: str = "gaussian"
+    use_rslora: bool = False
+    bias: str = "none"
+    rank_pattern: Optional[dict[str, int]] = None
+    alpha_pattern: Optional[dict[str, float]] = None
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the examples come from and how they become fixed-shape batches (train/data.py)."""
+
+    path: str = "../shared/data/e2e/devset.csv"  # local .csv/.json/.jsonl/.parquet or a hub name
+    format: Literal["e2e", "prompt_completion", "text"] = "e2e"
+    source_split: str = "train"  # the split of the loaded data set to read
+    split_key: Optional[str] = None  # grouping column for train/validation; None: the format's
+    validation_fraction: float = _bounded(0.1, low=0.0, below=1.0)  # of the groups
+    max_length: int = _bounded(96, low=2)  # tokens per row (L)
+    batch_size: int = _bounded(8, low=1)  # rows per global batch (B), all processes together
+    packing: bool = False  # several examples per row, with segment ids
+    eos_token: str = "<|im_end|>"  # appended to every target; also the padding token
+    on_malformed: Literal["skip", "error"] = "skip"  # missing/empty/non-string field, long prompt
+    on_too_long: Literal["truncate", "skip", "error"] = "truncate"  # prompt+target > max_length
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with warmup and decay; a step is one optimizer update."""
+
+    learning_rate: float = _bounded(2e-4, low=0.0)
+    weight_decay: float = _bounded(0.01, low=0.0)
+    b1: float = _bounded(0.9, low=0.0, below=1.0)
+    b2: float = _bounded(0.999, low=0.0, below=1.0)
+    eps: float = _bounded(1e-8, low=0.0)
+    warmup_steps: int = _bounded(0, low=0)
+    schedule: Literal["linear", "cosine", "constant"] = "linear"  # decay after warmup
+    max_steps: Optional[int] = _bounded(None, low=1)  # when set, it wins over epochs
+    epochs: int = _bounded(1, low=1)
+    grad_clip: Optional[float] = _bounded(1.0, low=0.0)  # global-norm clip; None: no clipping
+    grad_accum_steps: int = _bounded(1, low=1)  # micro-batches (data batches) per update
+    label_smoothing: float = _bounded(0.0, low=0.0, below=1.0)
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh axis sizes; exactly one axis may be -1, meaning "all remaining devices"."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    dir: Optional[str] = None  # None: <output_dir>/checkpoints
+    every_steps: int = _bounded(100, low=0)  # 0: only at the end
+    keep_last: int = _bounded(2, low=1)
+    async_save: bool = True
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every_steps: int = _bounded(50, low=0)  # 0: only before and after training
+    num_batches: Optional[int] = _bounded(None, low=1)  # None: the whole validation split
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    every_steps: int = _bounded(10, low=1)
+    jsonl: bool = True
+    tensorboard: bool = True
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One training run. ``method`` selects what is trainable: LoRA factors, all, or biases."""
+
+    seed: int = _bounded(0, low=0)  # data split, shuffling and initialisation
+    method: Literal["lora", "full", "bitfit"] = "lora"
+    output_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        _check_bounds(self, "")
+        axes = dataclasses.asdict(self.mesh)
+        bad = {k: v for k, v in axes.items() if v != -1 and v < 1}
+        if bad:
+            raise ConfigError(f"config keys {sorted('mesh.' + k for k in bad)} must be >= 1 "
+                              f"or -1 (fill with the remaining devices), got {bad}")
+        if list(axes.values()).count(-1) > 1:
+            raise ConfigError(f"at most one mesh axis may be -1 (fill), got mesh={axes}; "
+                              f"give the others explicit sizes")
+        if self.method == "lora" and not self.lora.targets:
+            raise ConfigError("lora.targets is empty; name the modules to adapt, "
+                              "e.g. lora.targets=[q_proj,v_proj]")
+
+
+def _check_bounds(node: Any, prefix: str) -> None:
+    """Raise ConfigError for any ``_bounded`` field of ``node`` (recursively) out of range."""
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        key = prefix + f.name
+        if dataclasses.is_dataclass(value):
+            _check_bounds(value, key + ".")
+            continue
+        low, below = f.metadata.get("low"), f.metadata.get("below")
+        if value is None:
+            continue
+        if low is not None and value < low:
+            raise ConfigError(f"config key '{key}' must be >= {low}, got {value!r}")
+        if below is not None and value >= below:
+            raise ConfigError(f"config key '{key}' must be < {below}, got {value!r}")
+
+
+def _sections(cls: type) -> dict[str, type]:
+    """Field name -> dataclass type, for the fields of ``cls`` that are config sections."""
+    return {f.name: f.default_factory for f in dataclasses.fields(cls)
+            if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory)}
+
+
+def _valid_keys(cls: type = RunConfig, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema, sections and leaves, e.g. ``lora``, ``lora.rank``."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        keys.append(prefix + f.name)
+        section = _sections(cls).get(f.name)
+        if section is not None:
+            keys.extend(_valid_keys(section, prefix + f.name + "."))
+    return keys
+
+
+def _suggest(key: str) -> str:
+    """A hint for an unknown dotted key: a close key beside it, else a close key in another
+    section (``rank`` -> ``lora.rank``), else the list of valid keys beside it."""
+    parent, _, leaf = key.rpartition(".")
+    valid = _valid_keys()
+    siblings = [k.rsplit(".", 1)[-1] for k in valid if k.rpartition(".")[0] == parent]
+    close = difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean '{parent + '.' if parent else ''}{close[0]}'?"
+    leaves = {k.rsplit(".", 1)[-1] for k in valid}
+    close = difflib.get_close_matches(leaf, sorted(leaves), n=1, cutoff=0.8)
+    if close:
+        options = " or ".join(repr(k) for k in valid if k.rsplit(".", 1)[-1] == close[0])
+        return f"; did you mean {options}?"
+    return f"; valid keys{f' in {parent!r}' if parent else ''}: {', '.join(siblings)}"
+
+
+def _check_keys(node: Mapping, cls: type, prefix: str, source: str) -> None:
+    """Raise ConfigError for a key of ``node`` that ``cls`` lacks, or a section set to a scalar."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    sections = _sections(cls)
+    for key, value in node.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key '{dotted}' in {source}{_suggest(dotted)}")
+        if key in sections:
+            if not isinstance(value, Mapping):
+                example = f"{dotted}.{dataclasses.fields(sections[key])[0].name}=..."
+                raise ConfigError(f"config key '{dotted}' in {source} is a section, not a value; "
+                                  f"set its fields, e.g. {example}")
+            _check_keys(value, sections[key], dotted + ".", source)
+
+
+def _merge(base: DictConfig, patch: DictConfig, source: str) -> DictConfig:
+    """Merge ``patch`` over ``base`` after checking its keys; type errors name key and source."""
+    _check_keys(OmegaConf.to_container(patch, resolve=False), RunConfig, "", source)
+    try:
+        return OmegaConf.merge(base, patch)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_describe(e, source)) from None
+
+
+def _describe(e: OmegaConfBaseException, source: str) -> str:
+    """One line: which key, what is wrong with it, where it came from."""
+    message = (getattr(e, "msg", None) or str(e)).splitlines()[0]
+    key = getattr(e, "full_key", None)
+    return f"config key '{key}' in {source}: {message}" if key else f"{source}: {message}"
+
+
+def parse_overrides(overrides: Sequence[str]) -> list[tuple[str, DictConfig]]:
+    """``["a.b=1", ...]`` -> ``[("override 'a.b=1'", {a: {b: 1}}), ...]``; values parsed as YAML."""
+    parsed = []
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override '{item}' is not of the form key=value, e.g. lora.rank=8")
+        try:
+            parsed.append((f"override '{item}'", OmegaConf.from_dotlist([item])))
+        except OmegaConfBaseException as e:
+            raise ConfigError(_describe(e, f"override '{item}'")) from None
+    return parsed
+
+
+def config_from_layers(layers: Sequence[tuple[str, DictConfig]]) -> RunConfig:
+    """Merge (source, patch) layers in order over the schema defaults and build the dataclasses."""
+    merged = OmegaConf.structured(RunConfig)
+    for source, patch in layers:
+        merged = _merge(merged, patch, source)
+    try:
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_describe(e, "the merged config")) from None
+
+
+def _read_yaml(path: str | Path) -> DictConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass one of "
+                          f"{sorted(str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / 'configs').glob('*.yaml'))}")
+    loaded = OmegaConf.load(path)
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got a list")
+    return loaded
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """The RunConfig from schema defaults, then the YAML file at ``path`` (if any), then overrides."""
+    layers = [] if path is None else [(f"config file {path}", _read_yaml(path))]
+    return config_from_layers(layers + parse_overrides(overrides))
+
+
+def config_to_yaml(cfg: RunConfig) -> str:
+    """The full resolved config as YAML text; :func:`load_config` reads it back unchanged."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> Path:
+    """Write the resolved config as YAML (creating parent directories) and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(config_to_yaml(cfg))
+    return path
+
+
+def resolve_path(path: str | Path) -> Path:
+    """An absolute path: ``path`` itself if absolute, else relative to the repository root."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else (REPO_ROOT / path).resolve()
