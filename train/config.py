@@ -82,7 +82,7 @@ class DataConfig:
     path: str = "../shared/data/e2e/devset.csv"  # local .csv/.json/.jsonl/.parquet or a hub name
     format: Literal["e2e", "prompt_completion", "text"] = "e2e"
     source_split: str = "train"  # the split of the loaded data set to read
-    split_key: Optional[str] = None  # grouping column for train/validation; None: the format's
+    split_key: Optional[str] = None  # grouping column of the split; None: the format's default
     validation_fraction: float = _bounded(0.1, low=0.0, below=1.0)  # of the groups
     max_length: int = _bounded(96, low=2)  # tokens per row (L)
     batch_size: int = _bounded(8, low=1)  # rows per global batch (B), all processes together

@@ -82,7 +82,11 @@ def load_table(path: str, source_split: str = "train") -> datasets.Dataset:
             raise DataError(f"data file {local} does not exist (data.path={path!r}; relative paths "
                             f"are resolved against the repository root {REPO_ROOT}); pass "
                             f"data.path=/path/to/file{local.suffix}")
-        return datasets.load_dataset(builder, data_files=str(local), split="train")
+        try:
+            return datasets.load_dataset(builder, data_files=str(local), split="train")
+        except ValueError as e:  # e.g. 'Instruction "train" corresponds to no data!'
+            raise DataError(f"could not read data file {local} as {builder}: {e}; is it empty, "
+                            f"or not {builder}?") from e
     try:
         return datasets.load_dataset(path, split=source_split)
     except Exception as e:  # no network, unknown name, missing split: all end here
@@ -100,9 +104,13 @@ def _group(row: Mapping[str, Any], key: str | None, index: int) -> str:
     return str(row[key])
 
 
-def _tokenise_table(table: datasets.Dataset, cfg: DataConfig, tokenizer: Tokenizer,
-                    eos_id: int) -> tuple[list[Example], list[str], Counter, int]:
-    """(examples, their groups, skipped counts by reason, truncated count) from the rows."""
+def _row_name(cfg: DataConfig, index: int) -> str:
+    return f"row {index} of {cfg.path!r} (0-based, header not counted)"
+
+
+def _format_rows(table: datasets.Dataset, cfg: DataConfig,
+                 skipped: Counter) -> list[tuple[int, str, str, str]]:
+    """``[(row index, prompt, target, group), ...]`` for the well-formed rows; counts the rest."""
     fmt = FORMATS[cfg.format]
     split_key = cfg.split_key or fmt.split_key
     needed = list(dict.fromkeys(fmt.columns + ((split_key,) if split_key else ())))
@@ -112,28 +120,33 @@ def _tokenise_table(table: datasets.Dataset, cfg: DataConfig, tokenizer: Tokeniz
                         f"data.format={cfg.format!r} needs {list(fmt.columns)}"
                         + (f" and data.split_key={split_key!r}" if split_key else "")
                         + "; rename the columns or set data.format / data.split_key")
-    skipped: Counter = Counter()
-    kept: list[tuple[int, str, str, str]] = []  # (row index, prompt, target, group)
+    formatted = []
     for index, row in enumerate(table.select_columns(needed).to_list()):
         try:
-            kept.append((index, *fmt.build(row), _group(row, split_key, index)))
+            formatted.append((index, *fmt.build(row), _group(row, split_key, index)))
         except MalformedRow as bad:
-            _refuse(cfg.on_malformed, f"row {index} of {cfg.path!r} (0-based, header not counted): "
-                                      f"{bad}; fix the row or set data.on_malformed=skip")
+            _refuse(cfg.on_malformed, f"{_row_name(cfg, index)}: {bad}; fix the row or set "
+                                      f"data.on_malformed=skip")
             skipped[bad.reason] += 1
-    pairs = encode_pairs(tokenizer, [k[1] for k in kept], [k[2] for k in kept], eos_id)
+    return formatted
+
+
+def _fit_lengths(formatted: list[tuple[int, str, str, str]],
+                 pairs: list[tuple[list[int], list[int]]], cfg: DataConfig,
+                 skipped: Counter) -> tuple[list[Example], list[str], int]:
+    """(examples, their groups, truncated count) after the ``max_length`` rules; counts skips."""
     examples, groups, truncated = [], [], 0
-    for (index, _, _, group), (prompt_ids, target_ids) in zip(kept, pairs, strict=True):
+    for (index, _, _, group), (prompt_ids, target_ids) in zip(formatted, pairs, strict=True):
         status = length_status(len(prompt_ids), len(target_ids), cfg.max_length)
-        where = f"row {index} of {cfg.path!r} (0-based, header not counted)"
         if status == "prompt_too_long":
-            _refuse(cfg.on_malformed, f"{where}: the prompt has {len(prompt_ids)} tokens, leaving no "
-                                      f"room for a target in data.max_length={cfg.max_length}; raise "
-                                      f"data.max_length or set data.on_malformed=skip")
+            _refuse(cfg.on_malformed, f"{_row_name(cfg, index)}: the prompt has {len(prompt_ids)} "
+                                      f"tokens, leaving no room for a target in data.max_length="
+                                      f"{cfg.max_length}; raise data.max_length or set "
+                                      f"data.on_malformed=skip")
             skipped[status] += 1
             continue
         if status == "too_long":
-            _refuse(cfg.on_too_long, f"{where}: prompt + target + EOS is "
+            _refuse(cfg.on_too_long, f"{_row_name(cfg, index)}: prompt + target + EOS is "
                                      f"{len(prompt_ids) + len(target_ids)} tokens, more than "
                                      f"data.max_length={cfg.max_length}; raise data.max_length or "
                                      f"set data.on_too_long=truncate|skip")
@@ -143,7 +156,7 @@ def _tokenise_table(table: datasets.Dataset, cfg: DataConfig, tokenizer: Tokeniz
             truncated += 1
         examples.append(fit_example(prompt_ids, target_ids, cfg.max_length))
         groups.append(group)
-    return examples, groups, skipped, truncated
+    return examples, groups, truncated
 
 
 def _refuse(policy: str, message: str) -> None:
@@ -161,7 +174,10 @@ def build_splits(cfg: DataConfig, tokenizer: Tokenizer, seed: int) -> Splits:
     table = load_table(cfg.path, cfg.source_split)
     if len(table) == 0:
         raise DataError(f"data {cfg.path!r} has no rows")
-    examples, groups, skipped, truncated = _tokenise_table(table, cfg, tokenizer, eos_id)
+    skipped: Counter = Counter()
+    formatted = _format_rows(table, cfg, skipped)
+    pairs = encode_pairs(tokenizer, [f[1] for f in formatted], [f[2] for f in formatted], eos_id)
+    examples, groups, truncated = _fit_lengths(formatted, pairs, cfg, skipped)
     if not examples:
         raise DataError(f"all {len(table)} rows of {cfg.path!r} were skipped ({dict(skipped)}); "
                         f"see data.on_malformed / data.on_too_long and data.max_length")
