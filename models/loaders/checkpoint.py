@@ -1,0 +1,105 @@
+"""Checkpoint-format-independent half of loading: renaming tensors by rules, then checking the
+result against the model's parameter shapes and building the (unboxed) params tree."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from models.config import ModelConfig, with_options
+from models.decoder import Decoder, abstract_variables
+
+# A rule maps a checkpoint tensor name (full regex match) to model parameters:
+# the converter receives the regex match and the array, and returns {"a/b/kernel": array}.
+Rule = tuple[str, Callable[[re.Match, np.ndarray], dict[str, np.ndarray]]]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model: missing/unexpected tensors or wrong shapes."""
+
+
+def linear(template: str) -> Callable[[re.Match, np.ndarray], dict[str, np.ndarray]]:
+    """Converter for a torch nn.Linear weight (out, in): stored transposed as kernel (in, out)."""
+    return lambda m, w: {m.expand(template): np.asarray(w).T}
+
+
+def same(template: str) -> Callable[[re.Match, np.ndarray], dict[str, np.ndarray]]:
+    """Converter that keeps the array as is."""
+    return lambda m, w: {m.expand(template): np.asarray(w)}
+
+
+def rename(tensors: Mapping[str, Any], rules: list[Rule]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Apply the first matching rule to every tensor; returns (named params, unmatched names)."""
+    compiled = [(re.compile(pattern), convert) for pattern, convert in rules]
+    named, unmatched = {}, []
+    for key, array in tensors.items():
+        for pattern, convert in compiled:
+            match = pattern.fullmatch(key)
+            if match:
+                named.update(convert(match, array))
+                break
+        else:
+            unmatched.append(key)
+    return named, unmatched
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """{"layers_0/self_attn/q_proj/kernel": shape, ...} of the unscanned model."""
+    abstract = abstract_variables(Decoder(with_options(config, scan_layers=False)), 1, 1, decode=False)
+    flat = jax.tree_util.tree_flatten_with_path(
+        abstract["params"], is_leaf=lambda x: hasattr(x, "names")
+    )[0]
+    return {"/".join(k.key for k in path): tuple(leaf.value.shape) for path, leaf in flat}
+
+
+def build_params(
+    named: dict[str, np.ndarray], unmatched: list[str], config: ModelConfig, source: str
+) -> dict[str, Any]:
+    """Check `named` against the model and return the params tree in `config.param_dtype`,
+    stacked along a leading layer axis under "layers" when `config.scan_layers`.
+
+    Raises CheckpointError listing missing and unexpected tensors, or naming a parameter whose
+    shape differs.
+    """
+    expected = expected_shapes(config)
+    missing = sorted(set(expected) - set(named))
+    unexpected = sorted(unmatched + sorted(set(named) - set(expected)))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source} does not match the {config.family} model:"
+            + (f"\n  missing parameters: {missing}" if missing else "")
+            + (f"\n  unexpected checkpoint tensors: {unexpected}" if unexpected else "")
+        )
+    for name, shape in expected.items():
+        if tuple(named[name].shape) != shape:
+            raise CheckpointError(
+                f"{source}: parameter {name} has shape {tuple(named[name].shape)} in the checkpoint "
+                f"but the model expects {shape}"
+            )
+    arrays = {name: jax.numpy.asarray(a, config.param_dtype) for name, a in named.items()}
+    if config.scan_layers:
+        arrays = _stack_layers(arrays, config.num_layers)
+    return _unflatten(arrays)
+
+
+def _stack_layers(arrays: dict[str, jax.Array], num_layers: int) -> dict[str, jax.Array]:
+    """Replace "layers_{i}/rest" entries by "layers/rest" with a leading layer axis."""
+    out = {k: v for k, v in arrays.items() if not k.startswith("layers_")}
+    for rest in {k.split("/", 1)[1] for k in arrays if k.startswith("layers_0/")}:
+        out[f"layers/{rest}"] = jax.numpy.stack([arrays[f"layers_{i}/{rest}"] for i in range(num_layers)])
+    return out
+
+
+def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for name, value in flat.items():
+        *parents, leaf = name.split("/")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
