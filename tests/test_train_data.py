@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from train.batching import DataPosition, TrainBatches, assemble, eval_batches
+from train.batching import START, DataPosition, TrainBatches, assemble, eval_batches
 from train.config import REPO_ROOT, DataConfig
 from train.data import DataError, build_splits, train_batches, validation_batches
 from train.examples import Example
@@ -101,9 +101,9 @@ def test_loss_mask_covers_exactly_the_target_tokens(tmp_path, tokenizer, packing
     for batch in one_epoch(train_batches(splits, cfg, seed=0)):
         for r in range(len(batch["input_ids"])):
             for ids, mask, _ in segments(batch, r):
-                target, prompt = decode(tokenizer, ids[mask == 1]), decode(tokenizer, ids[mask == 0])
+                target = decode(tokenizer, ids[mask == 1])
                 assert target.endswith(EOS)
-                seen[(prompt, target)] += 1
+                seen[(decode(tokenizer, ids[mask == 0]), target)] += 1
     rows_used = Counter((chatml_user_turn(E2E_INSTRUCTION + mr), ref + EOS) for mr, ref in ROWS)
     assert seen <= rows_used and (packing or seen == rows_used)
 
@@ -148,7 +148,8 @@ def test_real_e2e_split_by_mr_has_no_leakage_and_is_deterministic(tokenizer):
     assert not prompts[0] & prompts[1]  # the prompt is a function of the MR
     assert [len(p) for p in prompts] == [report.train_groups, report.validation_groups]
     again = build_splits(cfg, tokenizer, seed=0)
-    assert [e.ids_L.tobytes() for e in again.validation] == [e.ids_L.tobytes() for e in splits.validation]
+    assert [e.ids_L.tobytes() for e in again.validation] == [
+        e.ids_L.tobytes() for e in splits.validation]
 
 
 def test_split_by_group_keeps_groups_whole_and_depends_on_seed():
@@ -166,8 +167,11 @@ def test_split_by_group_keeps_groups_whole_and_depends_on_seed():
 
 def test_shuffle_is_deterministic_per_seed_and_epoch_and_covers_each_epoch():
     examples = synthetic(24)
-    make = lambda seed: TrainBatches(examples, batch_size=4, max_length=8, pad_id=0,
-                                     packing=False, seed=seed)
+
+    def make(seed):
+        return TrainBatches(examples, batch_size=4, max_length=8, pad_id=0, packing=False,
+                            seed=seed)
+
     a, b = make(0), make(0)
     epoch0, epoch1 = one_epoch(a), one_epoch(a)
     order0 = [t for batch in epoch0 for t in first_tokens(batch)]
@@ -184,8 +188,11 @@ def test_shuffle_is_deterministic_per_seed_and_epoch_and_covers_each_epoch():
 def test_process_shards_are_disjoint_and_cover_the_global_batch(packing, process_count):
     examples = [Example(np.arange(100 + i, 100 + i + 3 + i % 5, dtype=np.int32), 1)
                 for i in range(40)]
-    make = lambda p, n: TrainBatches(examples, batch_size=8, max_length=12, pad_id=0,
-                                     packing=packing, seed=5, process_index=p, process_count=n)
+
+    def make(p, n):
+        return TrainBatches(examples, batch_size=8, max_length=12, pad_id=0, packing=packing,
+                            seed=5, process_index=p, process_count=n)
+
     whole = make(0, 1)
     shards = [make(p, process_count) for p in range(process_count)]
     for _ in range(2 * whole.steps_in_epoch(0) + 1):  # across epoch boundaries
@@ -202,7 +209,8 @@ def test_eval_batches_keep_every_example_and_shard():
     examples = synthetic(10)
     full = list(eval_batches(examples, batch_size=4, max_length=6, pad_id=0))
     assert len(full) == 3
-    tokens = [t for b in full for t, s in zip(first_tokens(b), b["segment_ids"][:, 0]) if s]
+    tokens = [t for b in full for t, s in zip(first_tokens(b), b["segment_ids"][:, 0], strict=True)
+              if s]
     assert tokens == list(range(100, 110))
     assert full[-1]["loss_mask"][2:].sum() == 0  # the two filler rows
     halves = [list(eval_batches(examples, batch_size=4, max_length=6, pad_id=0,
@@ -225,7 +233,7 @@ def test_packing_preserves_targets_and_segments_never_see_each_other():
         seg_BxL = batch["segment_ids"]
         for r, row in enumerate(rows[step * 4:(step + 1) * 4]):
             assert len(segments(batch, r)) == len(row) > 0
-            for (ids, mask, pos), i in zip(segments(batch, r), row):
+            for (ids, mask, pos), i in zip(segments(batch, r), row, strict=True):
                 ex = examples[i]
                 assert np.array_equal(ids, ex.ids_L)
                 assert np.array_equal(pos, np.arange(len(ex.ids_L)))
@@ -245,9 +253,11 @@ def test_packing_preserves_targets_and_segments_never_see_each_other():
 @pytest.mark.parametrize("packing", [False, True])
 def test_resume_from_a_saved_position_yields_the_same_batches(packing):
     examples = [Example(np.arange(100 + i, 104 + i + i % 3, dtype=np.int32), 2) for i in range(30)]
-    make = lambda position=DataPosition(): TrainBatches(
-        examples, batch_size=4, max_length=16, pad_id=0, packing=packing, seed=9,
-        process_index=1, process_count=2, position=position)
+
+    def make(position=START):
+        return TrainBatches(examples, batch_size=4, max_length=16, pad_id=0, packing=packing,
+                            seed=9, process_index=1, process_count=2, position=position)
+
     straight = make()
     for _ in range(5):
         next(straight)
@@ -301,8 +311,11 @@ def test_malformed_rows_raise_naming_the_row(tmp_path, tokenizer):
 def test_length_rules(tmp_path, tokenizer):
     rows = ROWS[:4] + [(ROWS[0][0], "Alimentum is in the city centre. " * 6)]
     path = write_csv(tmp_path / "long.csv", rows)
-    lengths = [(len(tokenizer.encode(chatml_user_turn(E2E_INSTRUCTION + mr), add_special_tokens=False)),
-                len(tokenizer.encode(ref, add_special_tokens=False)) + 1) for mr, ref in rows]
+    def n_tokens(text):
+        return len(tokenizer.encode(text, add_special_tokens=False))
+
+    lengths = [(n_tokens(chatml_user_turn(E2E_INSTRUCTION + mr)), n_tokens(ref) + 1)
+               for mr, ref in rows]
     max_length = max(p + t for p, t in lengths[:4])
     assert sum(lengths[4]) > max_length
     base = DataConfig(path=path, validation_fraction=0.0, max_length=max_length)
@@ -354,3 +367,9 @@ def test_text_format_trains_on_every_token_but_the_first(tmp_path, tokenizer):
     for r in range(3):
         (ids, mask, _), = segments(batch, r)
         assert mask.tolist() == [0] + [1] * (len(ids) - 1)
+
+
+def test_a_name_without_a_file_extension_is_a_hub_data_set(monkeypatch, tokenizer):
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # no network here: fail fast
+    with pytest.raises(DataError, match="could not load data set 'someone/e2e' .* from the hub"):
+        build_splits(DataConfig(path="someone/e2e"), tokenizer, seed=0)

@@ -110,6 +110,9 @@ class DataPosition:
         return cls(epoch=int(state["epoch"]), step=int(state["step"]))
 
 
+START = DataPosition()  # the first batch of epoch 0
+
+
 class TrainBatches:
     """The training stream: shuffled per (seed, epoch), padded or packed, sharded per process.
 
@@ -121,7 +124,7 @@ class TrainBatches:
 
     def __init__(self, examples: Sequence[Example], *, batch_size: int, max_length: int,
                  pad_id: int, packing: bool, seed: int, process_index: int = 0,
-                 process_count: int = 1, position: DataPosition = DataPosition()):
+                 process_count: int = 1, position: DataPosition = START):
         process_share(range(batch_size), process_index, process_count)  # validates the split
         self._examples = examples
         self._lengths_N = np.array([len(e.ids_L) for e in examples], np.int64)

@@ -6,7 +6,11 @@ A run is described by one :class:`RunConfig`. It is read from a YAML file in
     cfg = load_config("configs/e2e_lora.yaml", ["lora.rank=4", "data.path=/x.csv"])
 
 Parsing and type coercion are OmegaConf structured configs (the dataclasses below
-are the schema); this module adds what OmegaConf does not give in one place:
+are the schema). OmegaConf rather than a hand-written parser, draccus or ml_collections:
+the schema stays plain frozen dataclasses that the rest of the code imports, overrides
+are YAML-typed and checked against them (``Literal`` choices included), and it brings
+interpolation and YAML save/load. This module adds what OmegaConf does not give in
+one place:
 
 * an unknown or misspelled key, in the YAML file or an override, is a
   :class:`ConfigError` naming the full dotted key and suggesting the closest valid
@@ -32,7 +36,7 @@ import difflib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -71,8 +75,8 @@ class LoraSection:
     init: str = "gaussian"
     use_rslora: bool = False
     bias: str = "none"
-    rank_pattern: Optional[dict[str, int]] = None
-    alpha_pattern: Optional[dict[str, float]] = None
+    rank_pattern: dict[str, int] | None = None
+    alpha_pattern: dict[str, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -82,7 +86,7 @@ class DataConfig:
     path: str = "../shared/data/e2e/devset.csv"  # local .csv/.json/.jsonl/.parquet or a hub name
     format: Literal["e2e", "prompt_completion", "text"] = "e2e"
     source_split: str = "train"  # the split of the loaded data set to read
-    split_key: Optional[str] = None  # grouping column of the split; None: the format's default
+    split_key: str | None = None  # grouping column of the split; None: the format's default
     validation_fraction: float = _bounded(0.1, low=0.0, below=1.0)  # of the groups
     max_length: int = _bounded(96, low=2)  # tokens per row (L)
     batch_size: int = _bounded(8, low=1)  # rows per global batch (B), all processes together
@@ -103,9 +107,9 @@ class OptimConfig:
     eps: float = _bounded(1e-8, low=0.0)
     warmup_steps: int = _bounded(0, low=0)
     schedule: Literal["linear", "cosine", "constant"] = "linear"  # decay after warmup
-    max_steps: Optional[int] = _bounded(None, low=1)  # when set, it wins over epochs
+    max_steps: int | None = _bounded(None, low=1)  # when set, it wins over epochs
     epochs: int = _bounded(1, low=1)
-    grad_clip: Optional[float] = _bounded(1.0, low=0.0)  # global-norm clip; None: no clipping
+    grad_clip: float | None = _bounded(1.0, low=0.0)  # global-norm clip; None: no clipping
     grad_accum_steps: int = _bounded(1, low=1)  # micro-batches (data batches) per update
     label_smoothing: float = _bounded(0.0, low=0.0, below=1.0)
 
@@ -121,7 +125,7 @@ class MeshConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    dir: Optional[str] = None  # None: <output_dir>/checkpoints
+    dir: str | None = None  # None: <output_dir>/checkpoints
     every_steps: int = _bounded(100, low=0)  # 0: only at the end
     keep_last: int = _bounded(2, low=1)
     async_save: bool = True
@@ -130,7 +134,7 @@ class CheckpointConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     every_steps: int = _bounded(50, low=0)  # 0: only before and after training
-    num_batches: Optional[int] = _bounded(None, low=1)  # None: the whole validation split
+    num_batches: int | None = _bounded(None, low=1)  # None: the whole validation split
 
 
 @dataclass(frozen=True)
@@ -191,7 +195,7 @@ def _check_bounds(node: Any, prefix: str) -> None:
 def _sections(cls: type) -> dict[str, type]:
     """Field name -> dataclass type, for the fields of ``cls`` that are config sections."""
     return {f.name: f.default_factory for f in dataclasses.fields(cls)
-            if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory)}
+            if dataclasses.is_dataclass(f.default_factory)}
 
 
 def _valid_keys(cls: type = RunConfig, prefix: str = "") -> list[str]:
@@ -281,8 +285,8 @@ def config_from_layers(layers: Sequence[tuple[str, DictConfig]]) -> RunConfig:
 def _read_yaml(path: str | Path) -> DictConfig:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; pass one of "
-                          f"{sorted(str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / 'configs').glob('*.yaml'))}")
+        shipped = sorted(str(p.relative_to(REPO_ROOT)) for p in REPO_ROOT.glob("configs/*.yaml"))
+        raise ConfigError(f"config file {path} does not exist; pass one of {shipped}")
     loaded = OmegaConf.load(path)
     if not isinstance(loaded, DictConfig):
         raise ConfigError(f"config file {path} must hold a mapping of sections, got a list")
@@ -290,7 +294,7 @@ def _read_yaml(path: str | Path) -> DictConfig:
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
-    """The RunConfig from schema defaults, then the YAML file at ``path`` (if any), then overrides."""
+    """The RunConfig: schema defaults, then the YAML file at ``path`` (if any), then overrides."""
     layers = [] if path is None else [(f"config file {path}", _read_yaml(path))]
     return config_from_layers(layers + parse_overrides(overrides))
 

@@ -26,10 +26,10 @@ from typing import Any
 import datasets
 from tokenizers import Tokenizer
 
-from train.batching import Batch, DataPosition, TrainBatches, eval_batches
+from train.batching import START, Batch, DataPosition, TrainBatches, eval_batches
 from train.config import REPO_ROOT, DataConfig, resolve_path
 from train.examples import Example, encode_pairs, fit_example, length_status
-from train.formats import FORMATS, MalformedRow
+from train.formats import FORMATS, MalformedRow, is_missing
 from train.ordering import split_by_group
 
 LOCAL_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -99,8 +99,8 @@ def _group(row: Mapping[str, Any], key: str | None, index: int) -> str:
     """The row's grouping value as a string; the row index when there is no key."""
     if key is None:
         return str(index)
-    if row.get(key) is None:
-        raise MalformedRow("missing", f"grouping column '{key}' is missing (null)")
+    if is_missing(row.get(key)):
+        raise MalformedRow("missing", f"grouping column '{key}' is missing (null/NaN)")
     return str(row[key])
 
 
@@ -194,7 +194,7 @@ def build_splits(cfg: DataConfig, tokenizer: Tokenizer, seed: int) -> Splits:
 
 def train_batches(splits: Splits, cfg: DataConfig, *, seed: int, process_index: int = 0,
                   process_count: int = 1,
-                  position: DataPosition = DataPosition()) -> TrainBatches:
+                  position: DataPosition = START) -> TrainBatches:
     """The resumable training stream of ``[batch_size // process_count, max_length]`` batches."""
     return TrainBatches(splits.train, batch_size=cfg.batch_size, max_length=cfg.max_length,
                         pad_id=splits.pad_id, packing=cfg.packing, seed=seed,

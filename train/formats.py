@@ -43,10 +43,15 @@ def chatml_user_turn(text: str) -> str:
     return f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
 
 
+def is_missing(value: Any) -> bool:
+    """None, or the NaN that CSV readers put in an empty cell."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
 def text_field(row: Mapping[str, Any], column: str) -> str:
     """The non-empty string in ``row[column]``; MalformedRow('missing'|'not_string'|'empty')."""
     value = row.get(column)
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if is_missing(value):
         raise MalformedRow("missing", f"column '{column}' is missing (null/NaN)")
     if not isinstance(value, str):
         raise MalformedRow("not_string", f"column '{column}' is {type(value).__name__} {value!r}, "
