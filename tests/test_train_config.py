@@ -89,6 +89,8 @@ def test_wrong_type_in_yaml_names_the_key(tmp_path):
 @pytest.mark.parametrize("override, match", [
     ("lora=8", "'lora' .* is a section"),
     ("lora.rank=0", "'lora.rank' must be >= 1"),
+    ("lora.alpha=0", "'lora.alpha' must be > 0"),
+    ("lora.init=kaiming", "lora.init"),
     ("data.validation_fraction=1.0", "'data.validation_fraction' must be < 1"),
     ("mesh.fsdp=-1", "at most one mesh axis may be -1"),
     ("mesh.tensor=0", "mesh.tensor"),

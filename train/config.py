@@ -48,9 +48,10 @@ class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the key and the fix."""
 
 
-def _bounded(default: Any, *, low: float | None = None, below: float | None = None) -> Any:
-    """A dataclass field whose value (when not None) must satisfy ``low <= v < below``."""
-    return field(default=default, metadata={"low": low, "below": below})
+def _bounded(default: Any, *, low: float | None = None, above: float | None = None,
+             below: float | None = None) -> Any:
+    """A dataclass field whose value, when not None, must be ``>= low``, ``> above``, ``< below``."""
+    return field(default=default, metadata={"low": low, "above": above, "below": below})
 
 
 @dataclass(frozen=True)
@@ -66,16 +67,16 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class LoraSection:
-    """Mirrors the fields of ``lora_jax.LoraConfig``; that class validates ``init``/``bias``."""
+    """The fields of ``lora_jax.LoraConfig``: ``LoraConfig(**dataclasses.asdict(section))``."""
 
     rank: int = _bounded(8, low=1)
-    alpha: float = _bounded(16.0, low=0.0)
-    targets: tuple[str, ...] = ("q_proj", "v_proj")
+    alpha: float = _bounded(16.0, above=0.0)  # scale alpha / rank (alpha / sqrt(rank): rsLoRA)
+    targets: tuple[str, ...] = (".*/(q_proj|v_proj)/kernel",)  # regexes over whole param paths
     dropout: float = _bounded(0.0, low=0.0, below=1.0)
-    init: str = "gaussian"
+    init: Literal["gaussian", "kaiming_uniform"] = "gaussian"  # how A is drawn; B = 0
     use_rslora: bool = False
-    bias: str = "none"
-    rank_pattern: dict[str, int] | None = None
+    bias: Literal["none", "all", "lora_only"] = "none"
+    rank_pattern: dict[str, int] | None = None  # {regex or trailing path segment: rank}
     alpha_pattern: dict[str, float] | None = None
 
 
@@ -171,8 +172,8 @@ class RunConfig:
             raise ConfigError(f"at most one mesh axis may be -1 (fill), got mesh={axes}; "
                               f"give the others explicit sizes")
         if self.method == "lora" and not self.lora.targets:
-            raise ConfigError("lora.targets is empty; name the modules to adapt, "
-                              "e.g. lora.targets=[q_proj,v_proj]")
+            raise ConfigError("lora.targets is empty; give regexes over parameter paths, "
+                              "e.g. lora.targets=['.*/(q_proj|v_proj)/kernel']")
 
 
 def _check_bounds(node: Any, prefix: str) -> None:
@@ -183,11 +184,13 @@ def _check_bounds(node: Any, prefix: str) -> None:
         if dataclasses.is_dataclass(value):
             _check_bounds(value, key + ".")
             continue
-        low, below = f.metadata.get("low"), f.metadata.get("below")
+        low, above, below = (f.metadata.get(k) for k in ("low", "above", "below"))
         if value is None:
             continue
         if low is not None and value < low:
             raise ConfigError(f"config key '{key}' must be >= {low}, got {value!r}")
+        if above is not None and value <= above:
+            raise ConfigError(f"config key '{key}' must be > {above}, got {value!r}")
         if below is not None and value >= below:
             raise ConfigError(f"config key '{key}' must be < {below}, got {value!r}")
 
