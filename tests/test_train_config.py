@@ -114,6 +114,8 @@ def test_yaml_round_trip(tmp_path):
     path = save_config(cfg, tmp_path / "run" / "config.yaml")
     assert load_config(path) == cfg
     assert config_to_yaml(load_config(path)) == path.read_text()
+    shipped = load_config(REPO_ROOT / "configs/e2e_lora.yaml")  # regex targets survive YAML
+    assert load_config(save_config(shipped, tmp_path / "shipped.yaml")) == shipped
 
 
 def test_config_is_frozen():

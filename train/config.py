@@ -50,7 +50,7 @@ class ConfigError(ValueError):
 
 def _bounded(default: Any, *, low: float | None = None, above: float | None = None,
              below: float | None = None) -> Any:
-    """A dataclass field whose value, when not None, must be ``>= low``, ``> above``, ``< below``."""
+    """A dataclass field whose value, unless None, must be ``>= low``, ``> above``, ``< below``."""
     return field(default=default, metadata={"low": low, "above": above, "below": below})
 
 
