@@ -1,0 +1,38 @@
+"""lora-jax: LoRA (Hu et al. 2021) for JAX/Flax as a pure parameter-tree transform.
+
+    import lora_jax as lj
+
+    config = lj.LoraConfig(rank=8, alpha=16, targets=r".*/(q_proj|v_proj)/kernel")
+    params = lj.init(key, base_params, config)        # A, B, s beside each target
+    frozen, trainable = lj.split(params)              # differentiate `trainable` only
+    tx = lj.optimizer(optax.adamw(2e-4), trainable)   # no state for frozen leaves
+    logits = lj.apply(model.apply)({"params": lj.combine(frozen, trainable)}, x)
+    export = lj.merge(params)                         # W + s·A·B, the base tree's shape
+"""
+
+from lora_jax._apply import apply, infer_layout
+from lora_jax._config import LoraConfig
+from lora_jax._init import Layout, default_layout, init
+from lora_jax._merge import materialize, merge, unmerge
+from lora_jax._partition import adapter, combine, optimizer, split, trainable_mask
+from lora_jax._summary import summary
+from lora_jax.sharding import partition_specs
+
+__all__ = [
+    "Layout",
+    "LoraConfig",
+    "adapter",
+    "apply",
+    "combine",
+    "default_layout",
+    "infer_layout",
+    "init",
+    "materialize",
+    "merge",
+    "optimizer",
+    "partition_specs",
+    "split",
+    "summary",
+    "trainable_mask",
+    "unmerge",
+]

@@ -1,0 +1,125 @@
+"""`LoraConfig`: what to adapt, at which rank, with which scaling."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping, Sequence
+
+INITS = ("gaussian", "kaiming_uniform")
+BIAS_MODES = ("none", "all", "lora_only")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """Hyper-parameters of a LoRA adapter (Hu et al. 2021, arXiv 2106.09685).
+
+  Attributes:
+    rank: r, the inner dimension of the update ΔW = s·A·B (A: fan_in×r,
+      B: r×fan_out).
+    alpha: the scaling numerator: s = alpha / rank, or alpha / sqrt(rank) with
+      `use_rslora` (Kalajdzievski 2023).
+    targets: a regular expression (or several; any may match) that must match
+      the *whole* slash-joined path of a parameter, e.g.
+      ``r".*/(q_proj|v_proj)/kernel"``. Only leaves with two or more axes are
+      eligible (kernels and embeddings); a pattern that also matches biases or
+      norm scales simply skips them.
+    dropout: LoRA dropout rate on the adapter's input (the base path is never
+      dropped). It is applied by `lj.apply(..., dropout=rate)` and only when
+      the call is given a ``'dropout'`` rng.
+    init: how A is drawn: ``"gaussian"`` (normal, std 1/rank, as PEFT's
+      ``init_lora_weights="gaussian"``) or ``"kaiming_uniform"`` (uniform in
+      ±1/sqrt(fan_in), loralib's and PEFT's default). B is zero. For an
+      embedding the roles are swapped, as in loralib and PEFT: A = 0 and
+      B ~ N(0, 1).
+    use_rslora: scale by alpha/sqrt(rank) instead of alpha/rank.
+    bias: which biases train, as in loralib: ``"none"``, ``"all"`` (every leaf
+      named ``bias``) or ``"lora_only"`` (biases of the adapted modules). A
+      trained bias is a zero-initialised delta beside the frozen bias.
+    rank_pattern: per-path rank overrides, ``{regex: rank}``; a key matches a
+      path or one of its trailing segments, as in PEFT (``"q_proj"`` matches
+      ``".../q_proj/kernel"``). The first matching key wins.
+    alpha_pattern: per-path alpha overrides, same matching rule.
+  """
+
+  rank: int
+  alpha: float
+  targets: str | Sequence[str]
+  dropout: float = 0.0
+  init: str = "gaussian"
+  use_rslora: bool = False
+  bias: str = "none"
+  rank_pattern: Mapping[str, int] | None = None
+  alpha_pattern: Mapping[str, float] | None = None
+
+  def __post_init__(self):
+    def fail(field, problem, fix):
+      raise ValueError(f"LoraConfig.{field}: {problem}; {fix}.")
+
+    if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
+      fail("rank", f"got {self.rank!r}", "use a positive integer such as 8")
+    if not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
+      fail("alpha", f"got {self.alpha!r}", "use a positive number such as 16")
+    if not 0.0 <= self.dropout < 1.0:
+      fail("dropout", f"got {self.dropout!r}", "use a rate in [0, 1)")
+    if self.init not in INITS:
+      fail("init", f"unknown scheme {self.init!r}", f"use one of {INITS}")
+    if self.bias not in BIAS_MODES:
+      fail("bias", f"unknown mode {self.bias!r}", f"use one of {BIAS_MODES}")
+    patterns = [self.targets] if isinstance(self.targets, str) else list(self.targets)
+    if not patterns or not all(isinstance(p, str) and p for p in patterns):
+      fail("targets", f"got {self.targets!r}",
+           'give a regex over parameter paths, e.g. r".*/(q_proj|v_proj)/kernel"')
+    for name in ("rank_pattern", "alpha_pattern"):
+      for key, value in (getattr(self, name) or {}).items():
+        _compile(key, f"LoraConfig.{name}")
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+          fail(name, f"{key!r} maps to {value!r}", "use positive numbers")
+        if name == "rank_pattern" and not isinstance(value, int):
+          fail(name, f"{key!r} maps to {value!r}", "ranks are integers")
+    for p in patterns:
+      _compile(p, "LoraConfig.targets")
+
+  def is_target(self, path: str) -> bool:
+    """Whether `path` (slash-joined) fully matches one of the target regexes."""
+    patterns = [self.targets] if isinstance(self.targets, str) else self.targets
+    return any(re.fullmatch(p, path) for p in patterns)
+
+  def rank_for(self, path: str) -> int:
+    """The rank of the adapter at `path`, after `rank_pattern`."""
+    return _lookup(self.rank_pattern, path, self.rank)
+
+  def alpha_for(self, path: str) -> float:
+    """The alpha of the adapter at `path`, after `alpha_pattern`."""
+    return _lookup(self.alpha_pattern, path, self.alpha)
+
+  def scale_for(self, path: str) -> float:
+    """s = alpha/r (or alpha/sqrt(r) with rsLoRA) for the adapter at `path`."""
+    rank = self.rank_for(path)
+    denominator = math.sqrt(rank) if self.use_rslora else rank
+    return self.alpha_for(path) / denominator
+
+  def to_dict(self) -> dict:
+    """A JSON-serialisable dict; `LoraConfig(**d)` rebuilds the config."""
+    d = dataclasses.asdict(self)
+    if not isinstance(self.targets, str):
+      d["targets"] = list(self.targets)
+    return d
+
+
+def _compile(pattern: str, where: str) -> re.Pattern:
+  try:
+    return re.compile(pattern)
+  except re.error as e:
+    raise ValueError(f"{where}: {pattern!r} is not a valid regex ({e}).") from None
+
+
+def _lookup(pattern_map, path, default):
+  """PEFT's rule: a key matches the path or a trailing run of its segments."""
+  module_path = path.rsplit("/", 1)[0]
+  for key, value in (pattern_map or {}).items():
+    regex = rf"(.*/)?(?:{key})"
+    if re.fullmatch(regex, path) or re.fullmatch(regex, module_path):
+      return value
+  return default

@@ -1,0 +1,132 @@
+"""Folding an adapter into its weights and back: `materialize`, `merge`, `unmerge`."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from lora_jax import _tree
+
+
+def check_fits(name: str, w_shape, a_shape, b_shape, s_shape) -> tuple[int, int]:
+  """Checks that A, B and s fit a weight; returns (stacked axes, input axes).
+
+  The factors of a weight (*stack, *in, *out) are A (*stack, *in, r),
+  B (*stack, r, *out) and s (*stack,).
+  """
+  n_stack = len(a_shape) + len(b_shape) - 2 - len(w_shape)
+  n_in = len(a_shape) - 1 - n_stack
+  stack = tuple(w_shape[:max(n_stack, 0)])
+  fits = (n_stack >= 0 and n_in >= 1 and len(b_shape) >= n_stack + 2
+          and tuple(a_shape[:n_stack]) == stack and tuple(b_shape[:n_stack]) == stack
+          and tuple(s_shape) == stack
+          and tuple(a_shape[n_stack:-1]) == tuple(w_shape[n_stack:n_stack + n_in])
+          and tuple(b_shape[n_stack + 1:]) == tuple(w_shape[n_stack + n_in:])
+          and a_shape[-1] == b_shape[n_stack])
+  if not fits:
+    raise ValueError(
+        f"{name}: the adapter does not fit the base weight: A {tuple(a_shape)}, "
+        f"B {tuple(b_shape)}, scale {tuple(s_shape)} against W {tuple(w_shape)} "
+        "(expected A (*stack, *in, r), B (*stack, r, *out), scale (*stack,)). "
+        "The adapter was made for another base model or another layout.")
+  return n_stack, n_in
+
+
+def delta(name: str, w_shape, a: jax.Array, b: jax.Array, s: jax.Array,
+          dtype=jnp.float32) -> jax.Array:
+  """ΔW = s·A·B in `dtype`, shaped like the weight (this does materialise it)."""
+  n_stack, n_in = check_fits(name, w_shape, a.shape, b.shape, s.shape)
+  stack = math.prod(w_shape[:n_stack])
+  fan_in = math.prod(w_shape[n_stack:n_stack + n_in])
+  rank = a.shape[-1]
+  a_SxIxR = a.astype(dtype).reshape(stack, fan_in, rank)
+  b_SxRxO = b.astype(dtype).reshape(stack, rank, -1)
+  s_S = s.astype(dtype).reshape(stack)
+  dw_SxIxO = jnp.einsum("sir,sro->sio", a_SxIxR * s_S[:, None, None], b_SxRxO)
+  return dw_SxIxO.reshape(w_shape)
+
+
+def _fold(params: Any, sign: int, adapter_flat: dict | None = None) -> tuple[dict, dict]:
+  """W ± s·A·B and b ± δ for every adapter; returns (folded flat tree, lora leaves)."""
+  flat = _tree.flatten(params)
+  lora = adapter_flat if adapter_flat is not None else {
+      p: leaf for p, leaf in flat.items() if _tree.is_lora_leaf(p)}
+  if not any(_tree.is_trainable_leaf(p) for p in lora):
+    raise ValueError("the tree holds no LoRA adapter (no *_lora_a/_lora_b/_lora_delta "
+                     "leaves); lj.init adds one, and an already merged tree needs no merge.")
+  out = {p: leaf for p, leaf in flat.items() if not _tree.is_lora_leaf(p)}
+  for path in _tree.adapted_weights(lora):
+    name = _tree.path_str(path)
+    if path not in out:
+      raise ValueError(f"{name}: the adapter has factors for a weight the tree lacks; "
+                       "it was made for another base model.")
+    w = _tree.value(out[path])
+    get = lambda suffix: _tree.value(lora[_tree.sibling(path, _tree.leaf_name(path) + suffix)])
+    accumulate = jnp.promote_types(w.dtype, jnp.float32)
+    dw = delta(name, w.shape, get(_tree.A_SUFFIX), get(_tree.B_SUFFIX),
+               get(_tree.SCALE_SUFFIX), accumulate)
+    out[path] = _tree.wrap_like(out[path], (w.astype(accumulate) + sign * dw).astype(w.dtype))
+  for path, leaf in lora.items():
+    if _tree.leaf_name(path).endswith(_tree.DELTA_SUFFIX):
+      bias_path = _tree.base_of(path)
+      b = _tree.value(out[bias_path])
+      d = _tree.value(leaf)
+      if b.shape != d.shape:
+        raise ValueError(f"{_tree.path_str(path)}: shape {d.shape} does not fit the bias "
+                         f"{b.shape}; the adapter was made for another base model.")
+      out[bias_path] = _tree.wrap_like(out[bias_path], (b + sign * d.astype(b.dtype)).astype(b.dtype))
+  return out, lora
+
+
+def materialize(params: Any) -> Any:
+  """W + s·A·B for every adapted weight, as a tree shaped like the base tree.
+
+  The generic path: run *any* JAX function of the base parameters on the
+  result. Inside a jitted, differentiated step the gradient flows to A and B
+  (but the full-size W + ΔW and its gradient are materialised; `lj.apply`
+  avoids both). Accumulates in float32 (or wider) and casts back to W's dtype.
+  """
+  out, _ = _fold(params, +1)
+  return _tree.unflatten_like(params, out)
+
+
+def merge(params: Any) -> Any:
+  """Folds every adapter into its weight and drops the LoRA leaves (for export).
+
+  The result has exactly the base tree's structure, shapes and dtypes, so the
+  unmodified model runs it at no extra cost. s·A·B is accumulated in float32 and
+  cast back to W's dtype. Trained bias deltas are added to their biases.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, lora_jax as lj
+    >>> base = {"dense": {"kernel": jnp.ones((4, 3))}}
+    >>> adapted = lj.init(jax.random.key(0), base, lj.LoraConfig(2, 4, ".*kernel"))
+    >>> jax.tree.structure(lj.merge(adapted)) == jax.tree.structure(base)
+    True
+  """
+  return materialize(params)
+
+
+def unmerge(merged: Any, adapter: Any) -> Any:
+  """Inverse of `merge`: W = W_merged − s·A·B, with the adapter's leaves put back.
+
+  Args:
+    merged: a tree returned by `merge` (no LoRA leaves).
+    adapter: a tree holding the adapter's leaves (`lj.adapter(params)`, or the
+      adapted params themselves).
+
+  Returns:
+    The adapted tree (equal to the one that was merged, up to float rounding).
+  """
+  flat_merged = _tree.flatten(merged)
+  if any(_tree.is_lora_leaf(p) for p in flat_merged):
+    raise ValueError("unmerge expects a merged tree (no LoRA leaves); this one still has "
+                     "an adapter, so there is nothing to unmerge.")
+  lora = {p: leaf for p, leaf in _tree.flatten(adapter).items() if _tree.is_lora_leaf(p)}
+  out, _ = _fold(merged, -1, lora)
+  template = next(iter(flat_merged.values()))
+  out.update({p: _tree.new_leaf_like(template, _tree.value(leaf)) for p, leaf in lora.items()})
+  return _tree.unflatten_like(merged, out)

@@ -1,0 +1,126 @@
+"""Which leaves train: `split`, `combine`, `adapter`, `trainable_mask`, `optimizer`.
+
+Trainable leaves are the LoRA factors A and B and the bias deltas; everything
+else — the base weights and the scales s — is frozen. The tree itself says
+which is which (see `lora_jax._tree`), so none of these needs a config.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optax
+
+from lora_jax import _merge, _tree
+
+
+def split(params: Any) -> tuple[Any, Any]:
+  """Splits an adapted tree into (frozen, trainable) trees with disjoint leaves.
+
+  Differentiate with respect to `trainable` only and no weight gradient of the
+  frozen base is ever formed; `combine` puts the two back together.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, lora_jax as lj
+    >>> p = lj.init(jax.random.key(0), {"d": {"kernel": jnp.ones((4, 3))}},
+    ...             lj.LoraConfig(2, 4, ".*kernel"))
+    >>> frozen, trainable = lj.split(p)
+    >>> sorted(trainable["d"]), sorted(frozen["d"])
+    (['kernel_lora_a', 'kernel_lora_b'], ['kernel', 'kernel_lora_scale'])
+  """
+  flat = _tree.flatten(params)
+  if not any(_tree.is_trainable_leaf(p) for p in flat):
+    raise ValueError("the tree holds no LoRA adapter, so nothing is trainable; "
+                     "call lj.init(key, params, config) first.")
+  frozen = {p: leaf for p, leaf in flat.items() if not _tree.is_trainable_leaf(p)}
+  trainable = {p: leaf for p, leaf in flat.items() if _tree.is_trainable_leaf(p)}
+  return _tree.unflatten_like(params, frozen), _tree.unflatten_like(params, trainable)
+
+
+def combine(frozen: Any, trainable: Any) -> Any:
+  """Inverse of `split`. Checks that the two trees come from the same base.
+
+  Raises:
+    ValueError: naming the path, when a leaf is in both trees, when an adapter
+      leaf has no weight beside it in `frozen`, or when its shape does not fit.
+  """
+  flat_frozen = _tree.flatten(frozen)
+  flat_trainable = _tree.flatten(trainable)
+  both = [p for p in flat_trainable if p in flat_frozen]
+  if both:
+    raise ValueError(f"{_tree.path_str(both[0])} is in both trees; combine takes the two "
+                     "disjoint halves that lj.split returns.")
+  combined = {**flat_frozen, **flat_trainable}
+  check_adapter_fits(combined)
+  return _tree.unflatten_like(frozen, combined)
+
+
+def check_adapter_fits(flat: dict) -> None:
+  """Raises a ValueError naming the first adapter leaf that does not fit its weight."""
+  for path in flat:
+    if not _tree.is_lora_leaf(path):
+      continue
+    base = _tree.base_of(path)
+    name = _tree.path_str(path)
+    if base not in flat:
+      raise ValueError(f"{name}: no weight {_tree.path_str(base)!r} beside it; the adapter "
+                       "and the base come from different models.")
+    if _tree.leaf_name(path).endswith(_tree.A_SUFFIX):
+      get = lambda p: _tree.value(flat[p]).shape
+      stem = _tree.leaf_name(base)
+      parts = [_tree.sibling(path, stem + s) for s in (_tree.B_SUFFIX, _tree.SCALE_SUFFIX)]
+      missing = [_tree.path_str(p) for p in parts if p not in flat]
+      if missing:
+        raise ValueError(f"{name}: its partner leaves {missing} are missing; the adapter "
+                         "is incomplete.")
+      _merge.check_fits(_tree.path_str(base), get(base), get(path), *map(get, parts))
+    elif _tree.leaf_name(path).endswith(_tree.DELTA_SUFFIX):
+      if _tree.value(flat[path]).shape != _tree.value(flat[base]).shape:
+        raise ValueError(f"{name}: shape {_tree.value(flat[path]).shape} does not fit the "
+                         f"bias {_tree.value(flat[base]).shape}.")
+
+
+def adapter(params: Any) -> Any:
+  """The adapter alone: every LoRA leaf (A, B, scales, bias deltas), nothing of the base.
+
+  This is what an adapter checkpoint holds, and what `unmerge` takes.
+  """
+  flat = _tree.flatten(params)
+  lora = {p: leaf for p, leaf in flat.items() if _tree.is_lora_leaf(p)}
+  if not lora:
+    raise ValueError("the tree holds no LoRA adapter; call lj.init first.")
+  return _tree.unflatten_like(params, lora)
+
+
+def trainable_mask(params: Any) -> Any:
+  """A tree of bools shaped like `params`: True for A, B and bias deltas.
+
+  Use it with ``optax.masked`` or build labels for ``optax.multi_transform``;
+  `optimizer` does the latter for you.
+  """
+  return _tree.map_with_path(
+      lambda p, leaf: _tree.wrap_like(leaf, _tree.is_trainable_leaf(p)), params)
+
+
+def optimizer(tx: optax.GradientTransformation, params: Any) -> optax.GradientTransformation:
+  """Wraps `tx` so that only trainable leaves are updated and hold state.
+
+  Frozen leaves get a zero update and **no** optimizer state at all (Adam's two
+  moments exist only for A, B and bias deltas). Works on the full adapted tree
+  and on the trainable half from `split` alike.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, lora_jax as lj
+    >>> p = lj.init(jax.random.key(0), {"d": {"kernel": jnp.ones((64, 64))}},
+    ...             lj.LoraConfig(2, 4, ".*kernel"))
+    >>> state = lj.optimizer(optax.adam(1e-3), p).init(p)
+    >>> sum(x.size for x in jax.tree.leaves(state))  # 2 moments x 2 factors + count
+    513
+  """
+  labels = _tree.map_with_path(
+      lambda p, leaf: _tree.wrap_like(leaf, "trainable" if _tree.is_trainable_leaf(p)
+                                      else "frozen"), params)
+  if "trainable" not in [_tree.value(v) for v in _tree.flatten(labels).values()]:
+    raise ValueError("the tree holds no trainable leaf (no LoRA factors); call lj.init "
+                     "first, or give lj.optimizer the adapted tree.")
+  return optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, labels)

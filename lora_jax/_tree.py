@@ -1,0 +1,145 @@
+"""Walking parameter trees: flat views, rebuilding, and the LoRA naming scheme.
+
+A parameter tree is any nest of mappings (``dict``, ``FrozenDict``,
+``nnx.State``) whose leaves are arrays or ``nnx.Variable`` wrappers of arrays.
+A *path* is the tuple of keys from the root to a leaf; its string form joins
+them with ``/`` (``"layers_0/self_attn/q_proj/kernel"``).
+
+The adapter lives beside the weight it adapts, as sibling leaves of the same
+module, named after the weight (for a leaf ``kernel``)::
+
+  kernel_lora_a      A, shape (*stack, *in_axes, r)      trainable
+  kernel_lora_b      B, shape (*stack, r, *out_axes)     trainable
+  kernel_lora_scale  s, shape (*stack,), float32         frozen
+  bias_lora_delta    a bias update, the bias's shape     trainable
+
+so the tree describes itself: the number of stacked (``nn.scan``) axes is
+``A.ndim + B.ndim - 2 - W.ndim`` and the number of input axes
+``A.ndim - 1 - stacked``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from flax import nnx
+from flax.core import FrozenDict
+from flax.linen import meta
+
+Path = tuple[Any, ...]
+
+A_SUFFIX = "_lora_a"
+B_SUFFIX = "_lora_b"
+SCALE_SUFFIX = "_lora_scale"
+DELTA_SUFFIX = "_lora_delta"
+LORA_SUFFIXES = (A_SUFFIX, B_SUFFIX, SCALE_SUFFIX, DELTA_SUFFIX)
+TRAINABLE_SUFFIXES = (A_SUFFIX, B_SUFFIX, DELTA_SUFFIX)
+
+
+def path_str(path: Path) -> str:
+  return "/".join(str(k) for k in path)
+
+
+def leaf_name(path: Path) -> str:
+  return str(path[-1])
+
+
+def is_lora_leaf(path: Path) -> bool:
+  return leaf_name(path).endswith(LORA_SUFFIXES)
+
+
+def is_trainable_leaf(path: Path) -> bool:
+  return leaf_name(path).endswith(TRAINABLE_SUFFIXES)
+
+
+def sibling(path: Path, name: str) -> Path:
+  return path[:-1] + (name,)
+
+
+def base_of(path: Path) -> Path:
+  """The path of the weight a LoRA leaf belongs to (``kernel_lora_a`` → ``kernel``)."""
+  name = leaf_name(path)
+  for suffix in LORA_SUFFIXES:
+    if name.endswith(suffix):
+      return sibling(path, name[: -len(suffix)])
+  raise ValueError(f"{path_str(path)} is not a LoRA leaf")
+
+
+def flatten(tree: Any) -> dict[Path, Any]:
+  """{path: leaf} in the tree's own key order. Leaves keep their wrappers."""
+  flat: dict[Path, Any] = {}
+
+  def walk(node, prefix):
+    if isinstance(node, Mapping):
+      for key, child in node.items():
+        walk(child, prefix + (key,))
+    elif isinstance(node, meta.AxisMetadata):
+      raise TypeError(
+          f"the parameter at {path_str(prefix)!r} is boxed in {type(node).__name__}: "
+          "unbox the tree first (flax.linen.meta.unbox(params)) and give its "
+          "partition specs to lj.partition_specs")
+    else:
+      flat[prefix] = node
+
+  walk(tree, ())
+  return flat
+
+
+def unflatten_like(template: Any, flat: Mapping[Path, Any]) -> Any:
+  """Builds a tree from {path: leaf}, using `template`'s container types.
+
+  Containers that `template` has keep their type (dict, FrozenDict,
+  nnx.State); new containers are dicts, or States inside a State.
+  """
+  nested: dict = {}
+  for path, leaf in flat.items():
+    node = nested
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = leaf
+
+  def build(node, like):
+    items = {}
+    for key, child in node.items():
+      if isinstance(child, dict):
+        sub = like.get(key) if isinstance(like, Mapping) else None
+        items[key] = build(child, sub if isinstance(sub, Mapping) else like)
+      else:
+        items[key] = child
+    return _container_like(like, items)
+
+  return build(nested, template)
+
+
+def _container_like(like: Any, items: dict) -> Any:
+  if isinstance(like, nnx.State):
+    return nnx.State(items)
+  if isinstance(like, FrozenDict):
+    return FrozenDict(items)
+  return items
+
+
+def value(leaf: Any) -> Any:
+  """The array inside a leaf (unwraps ``nnx.Variable``)."""
+  return leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+
+
+def wrap_like(leaf: Any, array: Any) -> Any:
+  """`array` in the same kind of wrapper as `leaf` (a Variable stays a Variable)."""
+  return leaf.replace(array) if isinstance(leaf, nnx.Variable) else array
+
+
+def new_leaf_like(leaf: Any, array: Any) -> Any:
+  """A new LoRA leaf beside `leaf`: an ``nnx.Param`` in an NNX tree, else the array."""
+  return nnx.Param(array) if isinstance(leaf, nnx.Variable) else array
+
+
+def map_with_path(fn: Callable[[Path, Any], Any], tree: Any) -> Any:
+  """Maps `fn(path, leaf)` over a tree's leaves, keeping its structure."""
+  return unflatten_like(tree, {p: fn(p, leaf) for p, leaf in flatten(tree).items()})
+
+
+def adapted_weights(flat: Mapping[Path, Any]) -> list[Path]:
+  """Paths of the weights that have LoRA factors, in tree order."""
+  return [base_of(p) for p in flat if leaf_name(p).endswith(A_SUFFIX)]

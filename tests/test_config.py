@@ -1,0 +1,42 @@
+"""lj.LoraConfig validates itself and computes per-path rank, alpha and scale."""
+
+import dataclasses
+import math
+
+import pytest
+
+import lora_jax as lj
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(rank=0), "rank"), (dict(rank=-2), "rank"), (dict(rank=2.5), "rank"),
+    (dict(alpha=0), "alpha"), (dict(dropout=1.0), "dropout"), (dict(init="xavier"), "init"),
+    (dict(bias="some"), "bias"), (dict(targets=""), "targets"), (dict(targets="(q_proj"), "targets"),
+    (dict(rank_pattern={"q": 0}), "rank_pattern"), (dict(alpha_pattern={"q": -1.0}), "alpha_pattern"),
+])
+def test_invalid_values_name_the_field(kwargs, field):
+  base = dict(rank=4, alpha=8, targets=".*kernel")
+  with pytest.raises(ValueError, match=field):
+    lj.LoraConfig(**{**base, **kwargs})
+
+
+def test_scaling_rules():
+  cfg = lj.LoraConfig(rank=8, alpha=16, targets="x")
+  assert cfg.scale_for("a/kernel") == 2.0
+  assert dataclasses.replace(cfg, use_rslora=True).scale_for("a/kernel") == 16 / math.sqrt(8)
+
+
+def test_patterns_match_trailing_segments_like_peft():
+  cfg = lj.LoraConfig(rank=8, alpha=16, targets="x", rank_pattern={"q_proj": 2, r"layers_1/.*": 4})
+  assert cfg.rank_for("layers_0/attn/q_proj/kernel") == 2
+  assert cfg.rank_for("layers_1/attn/v_proj/kernel") == 4
+  assert cfg.rank_for("layers_0/attn/v_proj/kernel") == 8
+  assert cfg.rank_for("layers_0/attn/xq_proj/kernel") == 8  # no partial-name match
+
+
+def test_frozen_and_serialisable():
+  cfg = lj.LoraConfig(rank=8, alpha=16, targets=["a", "b"])
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    cfg.rank = 2
+  assert lj.LoraConfig(**cfg.to_dict()) == dataclasses.replace(cfg, targets=["a", "b"])
+  assert cfg.is_target("b") and not cfg.is_target("ab")
