@@ -1,0 +1,71 @@
+"""What every benchmark records beside its figures: the machine, the versions, the CPU regime."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+
+def machine() -> dict:
+  """CPU model, core count, JAX devices and library versions."""
+  import jax
+
+  cpu = platform.processor()
+  try:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        cpu = line.split(":", 1)[1].strip()
+        break
+  except OSError:
+    pass
+  versions = {}
+  for pkg in ("jax", "jaxlib", "flax", "optax", "numpy", "torch", "transformers", "peft"):
+    try:
+      versions[pkg] = metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+      pass
+  return {"cpu": cpu, "cores": os.cpu_count(), "devices": [str(d) for d in jax.devices()][:4],
+          "device_count": jax.device_count(), "python": platform.python_version(),
+          "versions": versions}
+
+
+def matmul_rate(n: int = 1024, repeats: int = 5) -> float:
+  """GFLOP/s of a numpy n×n float32 matmul: a probe of the CPU regime right now.
+
+  The 2-vCPU machines here sometimes deliver one core's worth of work for
+  minutes; comparing the probe before and after a timed section tells whether
+  the figures between them were taken in one regime.
+  """
+  a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+  a @ a
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    a @ a
+    times.append(time.perf_counter() - start)
+  return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def write_json(path: str | Path, payload: dict) -> Path:
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(payload, indent=2) + "\n")
+  return path
+
+
+def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+  """A plain-text table; `columns` are (key, header, format spec)."""
+  cells = [[h for _, h, _ in columns]]
+  cells += [[format(r[k], f) if r.get(k) is not None else "-" for k, _, f in columns] for r in rows]
+  widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+  lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+           for row in cells]
+  lines.insert(1, "  ".join("-" * w for w in widths))
+  return "\n".join(lines)
