@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,16 +27,23 @@ _NEG = -1.0e9
 
 @dataclasses.dataclass(frozen=True)
 class _Settings:
+    """What shapes the compiled program (static under jit)."""
+
     max_new_tokens: int
-    eos_token_id: int  # negative: never stop early
-    pad_token_id: int
     do_sample: bool
-    temperature: float
-    top_k: int
-    top_p: float
     num_beams: int
-    length_penalty: float
     no_repeat_ngram_size: int
+
+
+class _Knobs(NamedTuple):
+    """Numeric settings, traced so that changing them does not recompile."""
+
+    eos_token_id: jax.Array  # negative: never stop early
+    pad_token_id: jax.Array
+    temperature: jax.Array
+    top_k: jax.Array  # 0: off
+    top_p: jax.Array
+    length_penalty: jax.Array
 
 
 def generate(
@@ -93,17 +100,18 @@ def generate(
     eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
     eos = -1 if eos is None else eos
     pad = next(i for i in (pad_token_id, cfg.pad_token_id, eos if eos >= 0 else None, 0) if i is not None)
-    settings = _Settings(
-        max_new_tokens, eos, pad, do_sample, temperature, top_k, top_p, num_beams,
-        length_penalty, no_repeat_ngram_size,
-    )
+    settings = _Settings(max_new_tokens, do_sample, num_beams, no_repeat_ngram_size)
+    knobs = _Knobs(*(jnp.asarray(x, dtype) for x, dtype in [
+        (eos, jnp.int32), (pad, jnp.int32), (temperature, jnp.float32), (top_k, jnp.int32),
+        (top_p, jnp.float32), (length_penalty, jnp.float32),
+    ]))
     apply_fn = apply_fn or model.apply
     if has_lora(params):
         if lj is None:
             raise ImportError("params hold LoRA factors but lora_jax cannot be imported")
         apply_fn = _with_lora(apply_fn)
     rng = jax.random.key(0) if rng is None else rng
-    return _generate(model, apply_fn, settings, params, prompt_BxP, mask_BxP, rng)
+    return _generate(model, apply_fn, settings, knobs, params, prompt_BxP, mask_BxP, rng)
 
 
 def has_lora(params: Any) -> bool:
@@ -119,7 +127,7 @@ def _with_lora(apply_fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @functools.partial(jax.jit, static_argnames=("model", "apply_fn", "settings"))
-def _generate(model, apply_fn, settings: _Settings, params, prompt_BxP, mask_BxP, rng):
+def _generate(model, apply_fn, settings: _Settings, knobs: _Knobs, params, prompt_BxP, mask_BxP, rng):
     B, P = prompt_BxP.shape
     K, N = settings.num_beams, settings.max_new_tokens
     prompt_BxP, mask_BxP = _left_align(prompt_BxP, mask_BxP)
@@ -138,7 +146,7 @@ def _generate(model, apply_fn, settings: _Settings, params, prompt_BxP, mask_BxP
     logits_RxV, cache = step(cache, prompt_RxP, mask_RxP, positions_RxP)
     # History for n-gram bans: prompt padding is -1 (never matches); new slots start as pad.
     seq_RxT = jnp.concatenate(
-        [jnp.where(mask_RxP, prompt_RxP, -1), jnp.full((B * K, N), settings.pad_token_id, jnp.int32)], axis=1
+        [jnp.where(mask_RxP, prompt_RxP, -1), jnp.full((B * K, N), knobs.pad_token_id, jnp.int32)], axis=1
     )
 
     def step_one(cache, tok_R, pos_R):
@@ -147,7 +155,7 @@ def _generate(model, apply_fn, settings: _Settings, params, prompt_BxP, mask_BxP
 
     next_pos_R = positions_RxP[:, -1] + 1
     loop = _beam_search if K > 1 else _sample
-    seq_RxT = loop(settings, step_one, P, seq_RxT, cache, logits_RxV, next_pos_R, rng)
+    seq_RxT = loop(settings, knobs, step_one, P, seq_RxT, cache, logits_RxV, next_pos_R, rng)
     return seq_RxT[:, P:]
 
 
@@ -178,24 +186,24 @@ def _process(settings: _Settings, scores_RxV, seq_RxT, cur):
     return _ban_repeated_ngrams(scores_RxV, seq_RxT, cur, n) if n > 0 else scores_RxV
 
 
-def _choose(settings: _Settings, logits_BxV, key):
-    """Greedy argmax, or a sample after temperature, top-k and top-p filtering."""
+def _choose(settings: _Settings, knobs: _Knobs, logits_BxV, key):
+    """Greedy argmax, or a sample after temperature, then top-k, then top-p (nucleus) filtering
+    (top-p over the renormalised top-k distribution, as in transformers)."""
     if not settings.do_sample:
         return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-    logits_BxV = logits_BxV / settings.temperature
-    if settings.top_k > 0:
-        kth_Bx1 = jax.lax.top_k(logits_BxV, settings.top_k)[0][:, -1:]
-        logits_BxV = jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)
-    if settings.top_p < 1.0:
-        sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
-        probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
-        keep_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV < settings.top_p  # always keeps the first
-        threshold_Bx1 = jnp.min(jnp.where(keep_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
-        logits_BxV = jnp.where(logits_BxV < threshold_Bx1, -jnp.inf, logits_BxV)
+    V = logits_BxV.shape[-1]
+    logits_BxV = logits_BxV / knobs.temperature
+    sorted_BxV = -jnp.sort(-logits_BxV, axis=-1)
+    k = jnp.where(knobs.top_k > 0, jnp.minimum(knobs.top_k, V), V)
+    in_top_k_V = jnp.arange(V) < k
+    probs_BxV = jax.nn.softmax(jnp.where(in_top_k_V, sorted_BxV, -jnp.inf), axis=-1)
+    keep_BxV = in_top_k_V & (jnp.cumsum(probs_BxV, axis=-1) - probs_BxV < knobs.top_p)  # keeps the first
+    threshold_Bx1 = jnp.min(jnp.where(keep_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
+    logits_BxV = jnp.where(logits_BxV < threshold_Bx1, -jnp.inf, logits_BxV)
     return jax.random.categorical(key, logits_BxV).astype(jnp.int32)
 
 
-def _sample(settings: _Settings, step_one, P, seq_BxT, cache, logits_BxV, pos_B, rng):
+def _sample(settings: _Settings, knobs: _Knobs, step_one, P, seq_BxT, cache, logits_BxV, pos_B, rng):
     """Greedy / sampling loop; returns the filled seq_BxT."""
     B = seq_BxT.shape[0]
 
@@ -206,10 +214,10 @@ def _sample(settings: _Settings, step_one, P, seq_BxT, cache, logits_BxV, pos_B,
     def body(state):
         t, seq_BxT, cache, logits_BxV, pos_B, done_B, rng = state
         rng, key = jax.random.split(rng)
-        tok_B = _choose(settings, _process(settings, logits_BxV, seq_BxT, P + t), key)
-        tok_B = jnp.where(done_B, settings.pad_token_id, tok_B)
+        tok_B = _choose(settings, knobs, _process(settings, logits_BxV, seq_BxT, P + t), key)
+        tok_B = jnp.where(done_B, knobs.pad_token_id, tok_B)
         seq_BxT = jax.lax.dynamic_update_slice(seq_BxT, tok_B[:, None], (0, P + t))
-        done_B = done_B | (tok_B == settings.eos_token_id)
+        done_B = done_B | (tok_B == knobs.eos_token_id)
         logits_BxV, cache = step_one(cache, tok_B, pos_B)
         return t + 1, seq_BxT, cache, logits_BxV, pos_B + 1, done_B, rng
 
@@ -217,7 +225,7 @@ def _sample(settings: _Settings, step_one, P, seq_BxT, cache, logits_BxV, pos_B,
     return jax.lax.while_loop(cond, body, state)[1]
 
 
-def _beam_search(settings: _Settings, step_one, P, seq_RxT, cache, logits_RxV, pos_R, rng):
+def _beam_search(settings: _Settings, knobs: _Knobs, step_one, P, seq_RxT, cache, logits_RxV, pos_R, rng):
     """Beam search over rows R = B*K (transformers' vectorised algorithm, early_stopping=False).
 
     Each step keeps the 2K best continuations; those ending in EOS (or at the length limit) among
@@ -226,7 +234,7 @@ def _beam_search(settings: _Settings, step_one, P, seq_RxT, cache, logits_RxV, p
     Returns seq (B, T) of the best finished hypothesis of each batch row.
     """
     del rng
-    K, N, lp = settings.num_beams, settings.max_new_tokens, settings.length_penalty
+    K, N, lp = settings.num_beams, settings.max_new_tokens, knobs.length_penalty
     R, T = seq_RxT.shape
     B = R // K
     V = logits_RxV.shape[-1]
@@ -246,7 +254,7 @@ def _beam_search(settings: _Settings, step_one, P, seq_RxT, cache, logits_RxV, p
         cand_seq_Bx2KxT = jax.lax.dynamic_update_slice(
             seq_RxT[rows_Bx2K], tok_Bx2K[..., None], (0, 0, P + t)
         )
-        hits_Bx2K = (tok_Bx2K == settings.eos_token_id) | (t + 1 == N)
+        hits_Bx2K = (tok_Bx2K == knobs.eos_token_id) | (t + 1 == N)
 
         # Running beams for the next step: the best K continuations that did not finish.
         running_BxK, keep_BxK = jax.lax.top_k(jnp.where(hits_Bx2K, _NEG, top_Bx2K), K)
@@ -276,7 +284,7 @@ def _beam_search(settings: _Settings, step_one, P, seq_RxT, cache, logits_RxV, p
     running_BxK = jnp.full((B, K), _NEG).at[:, 0].set(0.0)
     state = (
         0, seq_RxT, cache, logits_RxV, pos_R, running_BxK,
-        jnp.full((B, K, T), settings.pad_token_id, jnp.int32), jnp.full((B, K), _NEG),
+        jnp.full((B, K, T), knobs.pad_token_id, jnp.int32), jnp.full((B, K), _NEG),
         jnp.zeros((B, K), bool), jnp.ones((B,), bool),
     )
     fin_seq_BxKxT = jax.lax.while_loop(cond, body, state)[6]
