@@ -1,9 +1,13 @@
 """lj.merge / lj.unmerge / lj.materialize: structure, dtypes, inverse, errors."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import lora_jax as lj
 from flax_fixtures import MLP, ScannedLM, perturb_factors
@@ -72,3 +76,27 @@ def test_unmerge_of_an_unmerged_tree_is_an_error():
   _, adapted = _adapted()
   with pytest.raises(ValueError, match="expects a merged tree"):
     lj.unmerge(adapted, lj.adapter(adapted))
+
+
+@settings(max_examples=8, deadline=None)
+@given(stack=st.lists(st.integers(1, 3), max_size=2), ins=st.lists(st.integers(1, 4), min_size=1, max_size=2),
+       outs=st.lists(st.integers(1, 4), min_size=1, max_size=2), rank=st.integers(1, 3),
+       seed=st.integers(0, 2**16))
+def test_merge_matches_the_matrix_definition_for_any_layout(stack, ins, outs, rank, seed):
+  """ΔW is s·A·B of the (fan_in × fan_out) matricisation, per stacked slice (numpy float64)."""
+  rank = min(rank, math.prod(ins), math.prod(outs))
+  shape = (*stack, *ins, *outs)
+  layout = {"w/kernel": lj.Layout(len(stack), len(ins))}
+  base = {"w": {"kernel": jax.random.normal(jax.random.key(seed), shape)}}
+  adapted = perturb_factors(lj.init(jax.random.key(seed + 1), base,
+                                    lj.LoraConfig(rank, 3.0, "w/kernel"), layout=layout),
+                            jax.random.key(seed + 2))
+  w = adapted["w"]
+  s, fan_in, fan_out = math.prod(stack), math.prod(ins), math.prod(outs)
+  a = np.asarray(w["kernel_lora_a"], np.float64).reshape(s, fan_in, rank)
+  b = np.asarray(w["kernel_lora_b"], np.float64).reshape(s, rank, fan_out)
+  expected = np.asarray(w["kernel"], np.float64) + (3.0 / rank * a @ b).reshape(shape)
+  merged = lj.merge(adapted)["w"]["kernel"]
+  np.testing.assert_allclose(merged, expected, rtol=1e-5, atol=1e-5)
+  restored = lj.unmerge(lj.merge(adapted), adapted)
+  np.testing.assert_allclose(restored["w"]["kernel"], w["kernel"], rtol=1e-5, atol=1e-5)
