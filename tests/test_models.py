@@ -309,3 +309,20 @@ def test_unknown_options_are_rejected():
         models.get_config("gpt5")
     with pytest.raises(TypeError, match="scan_layer"):
         models.get_config("gpt2", scan_layer=True)
+
+
+def test_generation_with_lora_params_equals_merged(loaded):
+    lj = pytest.importorskip("lora_jax")
+    model, params, _ = loaded
+    config = lj.LoraConfig(rank=2, alpha=4, targets=r".*/(q_proj|v_proj|up_proj)/kernel")
+    adapted = lj.init(jax.random.key(0), params, config)
+    # Non-zero B, so the adapter changes the model.
+    adapted = jax.tree_util.tree_map_with_path(
+        lambda path, x: jax.random.normal(jax.random.key(len(path)), x.shape, x.dtype)
+        if str(path[-1].key).endswith("_lora_b") else x,
+        adapted,
+    )
+    ids, mask = _batch()
+    with_lora = _greedy(model, adapted, ids, mask)
+    np.testing.assert_array_equal(with_lora, _greedy(model, lj.merge(adapted), ids, mask))
+    assert not np.array_equal(with_lora, _greedy(model, params, ids, mask))
