@@ -12,7 +12,7 @@
 
 from lora_jax._apply import apply, infer_layout
 from lora_jax._config import LoraConfig
-from lora_jax._init import Layout, default_layout, init
+from lora_jax._init import Layout, init
 from lora_jax._merge import materialize, merge, unmerge
 from lora_jax._partition import adapter, combine, optimizer, split, trainable_mask
 from lora_jax._summary import summary
@@ -24,7 +24,6 @@ __all__ = [
     "adapter",
     "apply",
     "combine",
-    "default_layout",
     "infer_layout",
     "init",
     "materialize",

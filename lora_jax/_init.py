@@ -1,19 +1,24 @@
 """`init`: add LoRA factors beside the targeted weights of a parameter tree.
 
-Flattening rule. LoRA is a rank-r update of a *matrix*; a weight with more
-than two axes is read as ``(*stack, *in_axes, *out_axes)``:
+Flattening rule. LoRA is a rank-r update of a *matrix*; a weight is read as
+``(*stack, *in_axes, *out_axes)``, with A (*stack, *in_axes, r) and
+B (*stack, r, *out_axes); fan_in and fan_out are the products of the input and
+output axes. Without an explicit layout:
 
-* by default the last two axes are (fan_in, fan_out) and any leading axes are
-  stacked layers (``nn.scan``), so a scanned ``nn.Dense`` kernel
-  (layers, in, out) gets A (layers, in, r) and B (layers, r, out), and an
-  ``nn.Embed`` table (vocab, features) gets A (vocab, r) and B (r, features);
-* a kernel whose input or output spans several axes (``nn.DenseGeneral``
-  (embed, heads, head_dim), ``nn.Einsum``) needs its `Layout`;
-  ``lj.infer_layout(model.apply, variables, *args)`` reads every layout off the
-  model by tracing it once, or give ``{regex: Layout(stack, fan_in)}``.
+* a 2-D weight is (in, out) — ``nn.Dense`` kernels, and ``nn.Embed`` tables
+  (vocab, features);
+* a weight with more axes has one leading *stacked* axis (``nn.scan`` over
+  layers) when every leaf of its enclosing block (the parent of its module)
+  has at least two axes and the same leading size — a scan stacks all of them;
+* of the remaining axes, the output axes are those of the module's bias (a
+  ``nn.DenseGeneral`` (embed, heads, head_dim) kernel with bias (heads,
+  head_dim) has one input axis; (heads, head_dim, embed) with bias (embed,)
+  has two); without a bias, one input axis (DenseGeneral's default ``axis=-1``).
 
-fan_in and fan_out are the products of the input and output axes;
-A has shape (*stack, *in_axes, r) and B (*stack, r, *out_axes).
+Anything else — nested scans, bias-free multi-axis outputs, ``nn.Einsum`` with
+its own axis order — takes an explicit layout:
+``lj.infer_layout(model.apply, variables, *args)`` reads every layout off the
+model by tracing it once, or give ``{regex: Layout(stack, fan_in)}``.
 """
 
 from __future__ import annotations
@@ -39,9 +44,21 @@ class Layout(NamedTuple):
   fan_in: int
 
 
-def default_layout(shape: tuple[int, ...]) -> Layout:
-  """The last two axes are (in, out); leading axes are stacked layers."""
-  return Layout(stack=len(shape) - 2, fan_in=1)
+def default_layout(path: _tree.Path, flat: Mapping[_tree.Path, Any]) -> Layout:
+  """The layout of the weight at `path` by the flattening rule (module docstring)."""
+  shape = _tree.value(flat[path]).shape
+  if len(shape) == 2:
+    return Layout(0, 1)
+  block = path[:-2]
+  siblings = [_tree.value(v).shape for p, v in flat.items() if p[:len(block)] == block]
+  stack = int(all(len(s) >= 2 and s[0] == shape[0] for s in siblings))
+  bias = flat.get(_tree.sibling(path, "bias"))
+  if bias is not None:
+    out_shape = _tree.value(bias).shape[stack:]
+    n_out = len(out_shape)
+    if 0 < n_out < len(shape) - stack and tuple(shape[len(shape) - n_out:]) == tuple(out_shape):
+      return Layout(stack, len(shape) - stack - n_out)
+  return Layout(stack, 1)
 
 
 def init(key: jax.Array, params: Any, config: LoraConfig, *,
@@ -60,8 +77,8 @@ def init(key: jax.Array, params: Any, config: LoraConfig, *,
     params: the base parameter tree (a Linen ``params`` dict, an
       ``nnx.State``, any nest of mappings).
     config: the `LoraConfig`.
-    layout: optional ``{path or regex: Layout}``; paths not listed use
-      `default_layout`.
+    layout: optional ``{path or regex: Layout}``; paths not listed follow
+      the flattening rule (`default_layout`).
 
   Example:
     >>> import jax, jax.numpy as jnp, lora_jax as lj
@@ -83,7 +100,7 @@ def init(key: jax.Array, params: Any, config: LoraConfig, *,
   for i, path in enumerate(targets):
     leaf = flat[path]
     w = _tree.value(leaf)
-    lay = _resolve_layout(layout, path, w.shape)
+    lay = _resolve_layout(layout, path, flat)
     factors = _factors(jax.random.fold_in(key, i), path, w, lay, config)
     for suffix, array in factors.items():
       new[_tree.sibling(path, _tree.leaf_name(path) + suffix)] = _tree.new_leaf_like(leaf, array)
@@ -103,14 +120,15 @@ def _factor_dtype(dtype) -> np.dtype:
   return jnp.promote_types(dtype, jnp.float32)
 
 
-def _resolve_layout(layout, path, shape) -> Layout:
+def _resolve_layout(layout, path, flat) -> Layout:
   name = _tree.path_str(path)
+  shape = _tree.value(flat[path]).shape
   lay = None
   for pattern, candidate in (layout or {}).items():
     if pattern == name or re.fullmatch(pattern, name):
       lay = Layout(*candidate)
       break
-  lay = lay or default_layout(shape)
+  lay = lay or default_layout(path, flat)
   if lay.stack < 0 or lay.fan_in < 1 or lay.stack + lay.fan_in >= len(shape):
     raise ValueError(
         f"{name}: layout {lay} does not fit a weight of shape {shape}: it needs "

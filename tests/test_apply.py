@@ -29,6 +29,9 @@ CASES = {
                             r"layers/(q_proj|v_proj|up_proj)/kernel", False),
     "embedding": (ScannedLM(), (jnp.arange(14).reshape(2, 7) * 5) % 56,
                   r"embed_tokens/embedding", False),
+    "flax_multi_head_attention": (
+        nn.MultiHeadDotProductAttention(num_heads=4, qkv_features=24),
+        jnp.linspace(-1, 1, 2 * 5 * 24).reshape(2, 5, 24), r"(query|value|out)/kernel", False),
     "einsum": (EinsumNet(), jnp.linspace(-1, 1, 2 * 5 * 24).reshape(2, 5, 24),
                r".*/kernel", True),
 }
@@ -128,9 +131,15 @@ def test_dropout_uses_the_dropout_stream_and_is_off_without_it():
                              model.apply({"params": base}, x), **F32)
 
 
-def test_dense_general_without_layout_is_a_clear_error():
-  model, x = Attention(), jnp.ones((2, 5, 24))
-  _, adapted = _setup(model, x, r"q_proj/kernel", layout=False)
+def test_dense_general_with_an_unreadable_layout_is_a_clear_error():
+  """A bias-free (heads, head_dim, embed) kernel reads as one input axis by default."""
+  class Out(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.DenseGeneral(8, axis=(-2, -1), use_bias=False, name="o_proj")(x)
+
+  model, x = Out(), jnp.ones((2, 5, 4, 6))
+  _, adapted = _setup(model, x, r"o_proj/kernel", layout=False)
   with pytest.raises(ValueError, match="infer_layout"):
     lj.apply(model.apply)({"params": adapted}, x)
 

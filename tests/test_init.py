@@ -89,6 +89,14 @@ def test_scanned_factors_are_stacked_and_the_base_is_not_copied():
   assert not np.allclose(q["kernel_lora_a"][0], q["kernel_lora_a"][1])
 
 
+def test_default_layout_reads_dense_general_from_its_bias():
+  model, x = Attention(), jnp.ones((2, 5, 24))
+  params = model.init(jax.random.key(0), x)["params"]
+  adapted = lj.init(jax.random.key(1), params, lj.LoraConfig(4, 8, r"(q_proj|o_proj)/kernel"))
+  assert adapted["q_proj"]["kernel_lora_a"].shape == (24, 4)  # bias (heads, head_dim): 1 in axis
+  assert adapted["o_proj"]["kernel_lora_a"].shape == (4, 6, 4)  # bias (embed,): 2 in axes
+
+
 def test_layout_from_the_model_for_dense_general():
   model, x = Attention(), jnp.ones((2, 5, 24))
   variables = model.init(jax.random.key(0), x)
