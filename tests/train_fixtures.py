@@ -1,0 +1,97 @@
+"""Shared pieces of the train/ tests: a tiny Llama checkpoint directory (config.json,
+safetensors, tokenizer.json) that ``models.load`` reads, a small E2E CSV, and run configs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from train.config import RunConfig, load_config
+from train.formats import E2E_INSTRUCTION, chatml_user_turn
+
+EOS = "<|im_end|>"
+NAMES = ["Zizzi", "Wildwood", "Loch Fyne", "The Eagle", "Aromi", "Cotto", "Giraffe", "Strada"]
+FOODS = ["Italian", "Japanese", "French", "English"]
+HIDDEN, HEADS, KV_HEADS, HEAD_DIM, MLP, LAYERS, VOCAB = 32, 4, 2, 8, 64, 2, 512
+
+
+def e2e_rows() -> list[tuple[str, str]]:
+    """(mr, ref) pairs: 16 meaning representations with 3 references each."""
+    rows = []
+    for i, name in enumerate(NAMES):
+        for food in FOODS[i % 2::2]:
+            mr = f"name[{name}], food[{food}]"
+            rows += [(mr, f"{name} serves {food} food."), (mr, f"{food} food is at {name}."),
+                     (mr, f"You can eat {food} food at {name}.")]
+    return rows
+
+
+def write_csv(path: Path, rows: list[tuple[str, str]] | None = None) -> Path:
+    rows = e2e_rows() if rows is None else rows
+    lines = ["mr,ref"] + [f'"{mr}","{ref}"' for mr, ref in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def tokenizer() -> Tokenizer:
+    """Byte-level BPE of VOCAB - 12 tokens with the ChatML specials, trained on the rows."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB - 12, show_progress=False,
+                                  special_tokens=["<|endoftext|>", "<|im_start|>", EOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    texts = [chatml_user_turn(E2E_INSTRUCTION + mr) + ref for mr, ref in e2e_rows()]
+    tok.train_from_iterator(texts * 3, trainer)
+    return tok
+
+
+def write_tiny_llama(directory: Path, seed: int = 0) -> Path:
+    """A random 2-layer Llama in Hugging Face layout, with a tokenizer; returns the dir."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tok = tokenizer()
+    tok.save(str(directory / "tokenizer.json"))
+    eos = tok.token_to_id(EOS)
+    config = {"model_type": "llama", "vocab_size": VOCAB, "hidden_size": HIDDEN,
+              "intermediate_size": MLP, "num_hidden_layers": LAYERS,
+              "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS,
+              "head_dim": HEAD_DIM, "max_position_embeddings": 128, "rms_norm_eps": 1e-6,
+              "rope_theta": 10000.0, "tie_word_embeddings": False, "hidden_act": "silu",
+              "eos_token_id": eos, "pad_token_id": eos}
+    (directory / "config.json").write_text(json.dumps(config))
+    rng = np.random.default_rng(seed)
+
+    def weight(*shape):
+        return (0.1 * rng.standard_normal(shape)).astype(np.float32)
+
+    tensors = {"model.embed_tokens.weight": weight(VOCAB, HIDDEN),
+               "model.norm.weight": np.ones(HIDDEN, np.float32),
+               "lm_head.weight": weight(VOCAB, HIDDEN)}
+    for i in range(LAYERS):
+        p = f"model.layers.{i}."
+        tensors |= {p + "self_attn.q_proj.weight": weight(HEADS * HEAD_DIM, HIDDEN),
+                    p + "self_attn.k_proj.weight": weight(KV_HEADS * HEAD_DIM, HIDDEN),
+                    p + "self_attn.v_proj.weight": weight(KV_HEADS * HEAD_DIM, HIDDEN),
+                    p + "self_attn.o_proj.weight": weight(HIDDEN, HEADS * HEAD_DIM),
+                    p + "mlp.gate_proj.weight": weight(MLP, HIDDEN),
+                    p + "mlp.up_proj.weight": weight(MLP, HIDDEN),
+                    p + "mlp.down_proj.weight": weight(HIDDEN, MLP),
+                    p + "input_layernorm.weight": np.ones(HIDDEN, np.float32),
+                    p + "post_attention_layernorm.weight": np.ones(HIDDEN, np.float32)}
+    save_file(tensors, str(directory / "model.safetensors"))
+    return directory
+
+
+def tiny_config(model_dir: Path, csv: Path, output_dir: Path, *overrides: str) -> RunConfig:
+    """A fast run: 6 updates of 8 rows, LoRA on q/v, validation on 4 of the 16 MRs."""
+    return load_config(None, [
+        f"model.name={model_dir}", f"data.path={csv}", f"output_dir={output_dir}",
+        "data.max_length=40", "data.batch_size=8", "data.validation_fraction=0.25",
+        "optim.max_steps=6", "optim.learning_rate=1e-2", "optim.warmup_steps=2",
+        "lora.rank=4", "checkpoint.every_steps=3", "checkpoint.async_save=false",
+        "eval.every_steps=0", "eval.samples=0", "logging.every_steps=1",
+        "logging.tensorboard=false", "mesh.data=1", *overrides])

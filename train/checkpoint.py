@@ -1,0 +1,120 @@
+"""Resumable training checkpoints (orbax ``CheckpointManager``).
+
+A checkpoint ``<checkpoint dir>/<step>/`` holds two items:
+
+``state``  the train state (train/step.py): trainable params, optimizer state, step, RNG
+           key data; saved with ``StandardSave`` (arrays, no pickles), asynchronously
+           when ``checkpoint.async_save``;
+``meta``   JSON: the data position (the next batch) and the resolved run config.
+
+Only the last ``checkpoint.keep_last`` are kept. Orbax writes into a temporary
+directory and renames it when complete, so a run killed mid-save leaves the previous
+checkpoint as the latest. Restoring the latest one and rebuilding the same data stream
+at the saved position continues the run exactly (bitwise on CPU).
+
+A checkpoint that cannot be read raises :class:`CheckpointError` before anything is
+written, and resuming under a config that changes the run (anything but
+:data:`MAY_CHANGE_ON_RESUME`) is refused unless forced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from train.batching import DataPosition
+
+# Dotted config keys (or section prefixes) that may differ between a run and its resume.
+MAY_CHANGE_ON_RESUME = ("output_dir", "optim.max_steps", "optim.epochs", "checkpoint.", "eval.",
+                        "logging.")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the directory and the fix."""
+
+
+def flat_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"lora.rank": 8, ...}`` from a nested config dict."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            flat.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """``"key: saved -> current"`` for every key that changes the run (sorted)."""
+    old, new = flat_config(saved), flat_config(current)
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
+            if old.get(k) != new.get(k) and not k.startswith(MAY_CHANGE_ON_RESUME)]
+
+
+class Checkpoints:
+    """The checkpoints of one run directory (every process of a run makes one)."""
+
+    def __init__(self, directory: str | Path, *, keep_last: int, async_save: bool):
+        self.directory = Path(directory).resolve()
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep_last,
+                                               enable_async_checkpointing=async_save)
+        self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                              item_names=("state", "meta"))
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step, or None."""
+        return self._manager.latest_step()
+
+    def save(self, step: int, state: Any, position: DataPosition,
+             config: Mapping[str, Any]) -> None:
+        """Start saving (returns once the arrays are copied to host when async)."""
+        meta = {"data_position": position.to_dict(), "config": dict(config)}
+        self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                         meta=ocp.args.JsonSave(meta)),
+                           force=True)
+
+    def restore_meta(self, step: int) -> dict[str, Any]:
+        """``{"data_position": ..., "config": ...}`` of checkpoint ``step``."""
+        return self._read(step, meta=ocp.args.JsonRestore())["meta"]
+
+    def restore(self, step: int, like: Any) -> tuple[Any, DataPosition]:
+        """(state, data position) of checkpoint ``step``.
+
+        ``like`` is a tree of ``jax.ShapeDtypeStruct`` with shardings (the state's
+        shape); the arrays are restored with those shardings.
+        """
+        restored = self._read(step, state=ocp.args.StandardRestore(like),
+                              meta=ocp.args.JsonRestore())
+        return restored["state"], DataPosition.from_dict(restored["meta"]["data_position"])
+
+    def _read(self, step: int, **items: ocp.args.CheckpointArgs) -> Any:
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+            if "meta" in items:
+                DataPosition.from_dict(restored["meta"]["data_position"])
+            return restored
+        except Exception as e:  # orbax raises many types for missing or garbled files
+            raise CheckpointError(
+                f"checkpoint {self.directory / str(step)} cannot be read ({type(e).__name__}: "
+                f"{str(e)[:300]}); it is truncated or corrupted. Nothing was written. Delete "
+                f"that directory to resume from the previous checkpoint (steps on disk: "
+                f"{sorted(self._manager.all_steps())}), or start a new run with another "
+                f"output_dir") from e
+
+    def wait(self) -> None:
+        """Block until every pending save is on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Finish pending saves and release the manager."""
+        self._manager.close()
+
+
+def abstract_like(state: Any, shardings: Any) -> Any:
+    """``jax.ShapeDtypeStruct`` leaves (with ``shardings``) shaped like ``state``."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        state, shardings)

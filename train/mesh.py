@@ -1,0 +1,147 @@
+"""Every sharding decision of a training run, in one place.
+
+The device mesh has three named axes, sized by ``mesh`` in the config:
+
+``data``
+    pure data parallelism: batch rows are split, parameters are replicated.
+``fsdp``
+    batch rows are split *and* parameters are sharded along their ``embed`` axis
+    (ZeRO-3 style: XLA all-gathers a weight where it is used).
+``tensor``
+    Megatron-style model parallelism over heads, MLP width and vocabulary.
+
+The model names every parameter axis (``models.logical_axes``); :data:`LOGICAL_RULES`
+maps those names onto mesh axes. LoRA factors follow the weight they adapt
+(``lj.partition_specs``: A takes the kernel's input axes, B its output axes, the
+rank is replicated), the optimizer state follows the parameter it belongs to, and
+a batch ``[rows, L]`` (``[micro, rows, L]`` with gradient accumulation) is split
+over ``data`` x ``fsdp`` along its rows.
+
+A mesh axis that does not divide a dimension is dropped for that dimension (the
+dimension is replicated instead), so odd sizes work on any mesh, only less sharded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+import lora_jax as lj
+from train.config import ConfigError, MeshConfig
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the mesh axes a batch's rows are split over
+
+# logical axis name (models.logical_axes) -> mesh axis; names not listed are replicated.
+LOGICAL_RULES: dict[str, str | None] = {
+    "embed": "fsdp",
+    "vocab": "tensor",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "layers": None,  # the stacked axis of scanned layers
+}
+
+
+def mesh_shape(cfg: MeshConfig, device_count: int) -> dict[str, int]:
+    """Axis sizes with the one ``-1`` (if any) filled so that they use every device.
+
+    Without a ``-1`` the product may be smaller than ``device_count``: the mesh then
+    uses the first devices only (single-process runs; e.g. a 1-device reference run).
+    """
+    sizes = {axis: getattr(cfg, axis) for axis in AXES}
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    fill = [axis for axis, s in sizes.items() if s == -1]
+    if fill:
+        if device_count % fixed:
+            raise ConfigError(f"mesh {sizes}: the fixed axes ({fixed} devices) do not divide the "
+                              f"{device_count} devices; change the mesh.* sizes")
+        sizes[fill[0]] = device_count // fixed
+    if math.prod(sizes.values()) > device_count:
+        raise ConfigError(f"mesh {sizes} needs {math.prod(sizes.values())} devices but "
+                          f"{device_count} are available; lower the mesh.* sizes or set one to -1")
+    return sizes
+
+
+def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all global devices)."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = mesh_shape(cfg, len(devices))
+    used = math.prod(sizes.values())
+    if used < len(devices) and jax.process_count() > 1:
+        raise ConfigError(f"mesh {sizes} uses {used} of {len(devices)} devices, which a "
+                          f"multi-process run cannot leave idle; set one mesh.* size to -1")
+    grid = np.asarray(devices[:used], dtype=object).reshape([sizes[a] for a in AXES])
+    return Mesh(grid, AXES)
+
+
+def spec_for(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+    """The PartitionSpec of an array of ``shape`` whose axes carry logical ``names``.
+
+    A mesh axis is dropped (that dimension replicated) when it does not divide the
+    dimension or is already used by an earlier dimension.
+    """
+    if len(names) != len(shape):
+        raise ValueError(f"{len(names)} logical names {tuple(names)} for an array of shape "
+                         f"{tuple(shape)}")
+    used: set[str] = set()
+    spec = []
+    for name, size in zip(names, shape, strict=True):
+        axis = LOGICAL_RULES.get(name) if name is not None else None
+        if axis is None or axis in used or size % mesh.shape[axis]:
+            spec.append(None)
+            continue
+        used.add(axis)
+        spec.append(axis)
+    return PartitionSpec(*spec)
+
+
+def param_shardings(logical_axes: Any, params: Any, mesh: Mesh) -> Any:
+    """NamedShardings for ``params`` (base or adapted tree) from the base's logical names.
+
+    ``logical_axes`` is ``models.logical_axes(model)``, shaped like the *base* params;
+    LoRA leaves of ``params`` get their specs from ``lj.partition_specs``.
+    """
+    names = lj.partition_specs(logical_axes, params)
+    return jax.tree.map(lambda n, x: NamedSharding(mesh, spec_for(n, x.shape, mesh)),
+                        names, params, is_leaf=lambda n: isinstance(n, tuple))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Every device holds the whole array (scalars, the RNG key, step counters)."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, params: Any,
+                        shardings: Any, mesh: Mesh) -> Any:
+    """Shardings for ``tx.init(params)``: a moment is sharded like its parameter, any
+    other leaf (step counts) is replicated."""
+    state_shapes = jax.eval_shape(tx.init, params)
+    return optax.tree_map_params(tx, lambda _, sharding: sharding, state_shapes, shardings,
+                                 transform_non_params=lambda _: replicated(mesh))
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Rows (the second-to-last axis) over ``data`` x ``fsdp``; other axes replicated."""
+    return NamedSharding(mesh, PartitionSpec(*([None] * (ndim - 2)), BATCH_AXES, None))
+
+
+def put_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """One global array per field from this process's rows (``[..., rows/process, L]``)."""
+    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)
+            for k, v in local.items()}
+
+
+def check_batch_fits(batch_size: int, mesh: Mesh) -> None:
+    """A global batch must split evenly over the ``data`` x ``fsdp`` devices."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch_size % shards:
+        raise ConfigError(f"data.batch_size={batch_size} does not split over the {shards} "
+                          f"data x fsdp devices of mesh {dict(mesh.shape)}; make it a multiple "
+                          f"of {shards}")

@@ -1,0 +1,309 @@
+"""One training run, start to end: :func:`train` (what ``lora-jax train`` calls).
+
+:func:`setup` loads the model and data, picks the trainable leaves (``method``), places
+everything on the mesh and compiles the steps; :func:`train` then restores the latest
+checkpoint (if any), validates, trains (progress bar, metrics, periodic validation and
+checkpoints), validates again and writes the adapter, the loss curve and greedy samples.
+
+The run directory (``output_dir``) ends up holding::
+
+    config.yaml        the resolved config
+    metrics.jsonl      train/validation records (train/metrics.py)
+    tensorboard/       TensorBoard event files
+    loss_curve.png     train and validation loss against the step
+    checkpoints/       resumable checkpoints (unless checkpoint.dir points elsewhere)
+    adapter/           the final artifact (train/adapter.py)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import Mesh
+from omegaconf import OmegaConf
+from tokenizers import Tokenizer
+
+import models
+from train import adapter as adapter_lib
+from train import method as method_lib
+from train import mesh as mesh_lib
+from train.batching import TrainBatches
+from train.checkpoint import CheckpointError, Checkpoints, abstract_like, config_changes
+from train.config import ConfigError, ModelConfig, RunConfig, resolve_path, save_config
+from train.data import Splits, build_splits, train_batches, validation_batches
+from train.evaluate import evaluate
+from train.metrics import MetricsLog, progress_bar
+from train.optim import optimizer, schedule, total_steps
+from train.plot import LOSS_CURVE_FILE, plot_loss_curve
+from train.samples import Sample, generate_samples
+from train.step import eval_step, init_state, train_step
+
+CONFIG_FILE = "config.yaml"
+ADAPTER_DIR = "adapter"
+CHECKPOINT_DIR = "checkpoints"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or the gradient norm became NaN/inf; the message names the step."""
+
+
+@dataclass
+class RunResult:
+    """What a finished (or stopped) run leaves behind."""
+
+    run_dir: Path
+    step: int  # updates done
+    validation_before: dict[str, float] | None  # at the step the run (re)started from
+    validation_after: dict[str, float] | None
+    samples: list[Sample] = field(default_factory=list)
+    state: Any = None  # the final train state (train/step.py)
+
+
+@dataclass
+class Setup:
+    """Everything a run needs, placed on the mesh and compiled; built by :func:`setup`."""
+
+    cfg: RunConfig
+    model: models.Decoder
+    tokenizer: Tokenizer
+    splits: Splits
+    mesh: Mesh
+    base: Any  # the base params as loaded (host)
+    params: Any  # the params to train from (adapted for LoRA), host
+    mask: Any  # trainable mask over `params`
+    frozen: Any  # the frozen half, on the mesh
+    state: Any  # the initial train state, on the mesh
+    state_shardings: Any
+    steps: int  # optimizer updates in the whole run
+    learning_rate: optax.Schedule
+    step_fn: Callable[..., Any]  # jitted train_step(state, frozen, batches_KxBxL)
+    eval_fn: Callable[..., Any]  # jitted eval_step(trainable, frozen, batch_BxL)
+
+    def stream(self, position=None) -> TrainBatches:
+        """This process's training stream, from ``position`` (default: the start)."""
+        extra = {} if position is None else {"position": position}
+        return train_batches(self.splits, self.cfg.data, seed=self.cfg.seed,
+                             process_index=jax.process_index(),
+                             process_count=jax.process_count(), **extra)
+
+    def validate(self, trainable: Any) -> dict[str, float] | None:
+        """Validation loss/perplexity of ``trainable``; None without validation data."""
+        if not self.splits.validation:
+            return None
+        batches = validation_batches(self.splits, self.cfg.data,
+                                     process_index=jax.process_index(),
+                                     process_count=jax.process_count(),
+                                     num_batches=self.cfg.eval.num_batches)
+        return evaluate(self.eval_fn, trainable, self.frozen, batches, self.mesh)
+
+
+def config_dict(cfg: RunConfig) -> dict[str, Any]:
+    """The resolved config as plain JSON-ready containers."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg))
+
+
+def load_model(cfg: ModelConfig) -> tuple[models.Decoder, Any, Tokenizer]:
+    """``models.load`` with the config's numerics; the tokenizer must exist."""
+    model, params, tokenizer = models.load(
+        cfg.name, dtype=cfg.dtype, param_dtype=cfg.param_dtype, scan_layers=cfg.scan_layers,
+        remat_policy="full" if cfg.remat else "none")
+    if tokenizer is None:
+        raise ConfigError(f"model {cfg.name!r} ships no tokenizer (tokenizer.json); add one to "
+                          f"the checkpoint directory")
+    return model, params, tokenizer
+
+
+def place(tree: Any, shardings: Any) -> Any:
+    """Host arrays -> global arrays with ``shardings`` (every process holds the same values)."""
+    def put(x, sharding):
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+    return jax.tree.map(put, tree, shardings)
+
+
+def setup(cfg: RunConfig, log: Callable[[str], None] = print) -> Setup:
+    """Load, split, place and compile; nothing is written."""
+    if cfg.data.packing:
+        raise ConfigError("data.packing=true needs segment-aware attention, which the models "
+                          "in models/ do not have yet (packed examples would attend to each "
+                          "other); set data.packing=false")
+    mesh = mesh_lib.make_mesh(cfg.mesh)
+    mesh_lib.check_batch_fits(cfg.data.batch_size, mesh)
+    model, base, tokenizer = load_model(cfg.model)
+    splits = build_splits(cfg.data, tokenizer, cfg.seed)
+    log(f"data: {splits.report.summary()}")
+
+    init_key, dropout_key = jax.random.split(jax.random.key(cfg.seed))
+    params, mask = method_lib.prepare(cfg.method, base, cfg.lora, init_key)
+    shardings = mesh_lib.param_shardings(models.logical_axes(model), params, mesh)
+    frozen, trainable = method_lib.partition(place(params, shardings), mask)
+    frozen_sh, trainable_sh = method_lib.partition(shardings, mask)
+    n_trainable = sum(x.size for x in jax.tree.leaves(trainable))
+    n_all = sum(x.size for x in jax.tree.leaves(params))
+    log(f"method {cfg.method}: {n_trainable:,} trainable of {n_all:,} parameters "
+        f"({100 * n_trainable / n_all:.3f}%); mesh {dict(mesh.shape)}")
+
+    batches_per_epoch = train_batches(splits, cfg.data, seed=cfg.seed).steps_in_epoch(0)
+    steps = total_steps(cfg.optim, batches_per_epoch)
+    tx = optimizer(cfg.optim, steps)
+    replicated = mesh_lib.replicated(mesh)
+    state_sh = {"step": replicated, "params": trainable_sh,
+                "opt_state": mesh_lib.opt_state_shardings(tx, trainable, trainable_sh, mesh),
+                "rng": replicated}
+    state = jax.jit(lambda p, key: init_state(p, tx, key), out_shardings=state_sh)(
+        trainable, dropout_key)
+
+    forward = method_lib.forward(cfg.method, model.apply, cfg.lora.dropout)
+    batch_sh = mesh_lib.batch_sharding(mesh, 3)
+    step_fn = jax.jit(train_step(forward, tx, cfg.optim.label_smoothing),
+                      in_shardings=(state_sh, frozen_sh, batch_sh),
+                      out_shardings=(state_sh, replicated), donate_argnums=(0,))
+    eval_fn = jax.jit(eval_step(forward),
+                      in_shardings=(trainable_sh, frozen_sh, mesh_lib.batch_sharding(mesh, 2)),
+                      out_shardings=replicated)
+    return Setup(cfg, model, tokenizer, splits, mesh, base, params, mask, frozen, state,
+                 state_sh, steps, schedule(cfg.optim, steps), step_fn, eval_fn)
+
+
+def train(cfg: RunConfig, *, force_resume: bool = False, stop_after: int | None = None,
+          log: Callable[[str], None] = print) -> RunResult:
+    """Train as ``cfg`` says, resuming from the run's latest checkpoint if there is one.
+
+    force_resume: resume even if the config changes the run (see train/checkpoint.py).
+    stop_after: stop after this many updates (counted from step 0) with a checkpoint, as on
+      a preemption; a later call continues exactly where it stopped.
+    """
+    s = setup(cfg, log)
+    main = jax.process_index() == 0
+    run_dir = resolve_path(cfg.output_dir)
+    checkpoints = Checkpoints(resolve_path(cfg.checkpoint.dir) if cfg.checkpoint.dir
+                              else run_dir / CHECKPOINT_DIR,
+                              keep_last=cfg.checkpoint.keep_last,
+                              async_save=cfg.checkpoint.async_save)
+    resolved = config_dict(cfg)
+    try:
+        state, stream = _restore_latest(s, checkpoints, resolved, force_resume, log)
+        if main:
+            save_config(cfg, run_dir / CONFIG_FILE)
+        start = int(state["step"])
+        metrics_log = MetricsLog(run_dir, jsonl=cfg.logging.jsonl,
+                                 tensorboard=cfg.logging.tensorboard, resume_step=start,
+                                 enabled=main)
+        before = _validate(s, state, start, metrics_log, log)
+        end = s.steps if stop_after is None else min(s.steps, stop_after)
+        state = _loop(s, state, stream, end, checkpoints, resolved, metrics_log, main)
+        checkpoints.wait()
+    finally:
+        checkpoints.close()
+    step = int(state["step"])
+    after = _validate(s, state, step, metrics_log, log)
+    samples = _finish(s, state, run_dir, log) if step == s.steps else []
+    if main:
+        plot_loss_curve(metrics_log.records, run_dir / LOSS_CURVE_FILE,
+                        f"{cfg.method} fine-tuning of {Path(cfg.model.name).name}")
+    metrics_log.close()
+    return RunResult(run_dir, step, before, after, samples, state)
+
+
+def _restore_latest(s: Setup, checkpoints: Checkpoints, resolved: dict[str, Any], force: bool,
+                    log: Callable[[str], None]) -> tuple[Any, TrainBatches]:
+    """(state, stream) at the latest checkpoint, after checking the config; else the start."""
+    step = checkpoints.latest_step()
+    if step is None:
+        return s.state, s.stream()
+    changes = config_changes(checkpoints.restore_meta(step)["config"], resolved)
+    if changes and not force:
+        raise CheckpointError(
+            f"cannot resume from {checkpoints.directory / str(step)}: the config changes the "
+            f"run ({'; '.join(changes)}). Restore those values, use a new output_dir, or pass "
+            f"--force-resume to continue anyway")
+    state, position = checkpoints.restore(step, abstract_like(s.state, s.state_shardings))
+    log(f"resumed from {checkpoints.directory / str(step)} (next batch: {position})")
+    return state, s.stream(position)
+
+
+def _validate(s: Setup, state: Any, step: int, metrics_log: MetricsLog,
+              log: Callable[[str], None]) -> dict[str, float] | None:
+    result = s.validate(state["params"])
+    if result is not None:
+        metrics_log.write(step, "validation", result)
+        log(f"validation loss at step {step}: {result['loss']:.4f} "
+            f"(perplexity {result['perplexity']:.2f})")
+    return result
+
+
+def _loop(s: Setup, state: Any, stream: TrainBatches, end: int, checkpoints: Checkpoints,
+          resolved: dict[str, Any], metrics_log: MetricsLog, main: bool) -> Any:
+    """Updates from ``state["step"]`` to ``end``; a checkpoint every ``checkpoint.every_steps``
+    and at ``end``. Raises NonFiniteLossError (nothing saved for that step)."""
+    cfg = s.cfg
+    step = int(state["step"])
+    bar = progress_bar(s.steps, step, main)
+    window: list[float] = []
+    clock = time.perf_counter()
+    try:
+        while step < end:
+            local = _stack([next(stream) for _ in range(cfg.optim.grad_accum_steps)])
+            state, device_metrics = s.step_fn(state, s.frozen, mesh_lib.put_batch(local, s.mesh))
+            metrics = {k: float(np.asarray(v)) for k, v in device_metrics.items()}
+            step += 1
+            if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+                raise NonFiniteLossError(_non_finite_message(metrics, step, checkpoints))
+            now = time.perf_counter()
+            tokens_per_s, clock = metrics["tokens"] / max(now - clock, 1e-9), now
+            window.append(metrics["loss"])
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+            bar.update(1)
+            if step % cfg.logging.every_steps == 0 or step == end:
+                metrics_log.write(step, "train", {
+                    "loss": float(np.mean(window)), "grad_norm": metrics["grad_norm"],
+                    "learning_rate": float(s.learning_rate(step - 1)),
+                    "tokens_per_s": tokens_per_s, "epoch": stream.position.epoch})
+                window = []
+            if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < end:
+                _validate(s, state, step, metrics_log, bar.write)
+            if step == end or (cfg.checkpoint.every_steps
+                               and step % cfg.checkpoint.every_steps == 0):
+                checkpoints.save(step, state, stream.position, resolved)
+    finally:
+        bar.close()
+    return state
+
+
+def _stack(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """``count`` batches of ``[rows, L]`` -> one of ``[count, rows, L]`` per field."""
+    return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+
+
+def _non_finite_message(metrics: dict[str, float], step: int, checkpoints: Checkpoints) -> str:
+    latest = checkpoints.latest_step()
+    kept = (f"The last checkpoint (step {latest} in {checkpoints.directory}) is intact; "
+            f"rerunning resumes from it" if latest is not None else "No checkpoint was saved yet")
+    return (f"loss is {metrics['loss']} (gradient norm {metrics['grad_norm']}) at step {step}; "
+            f"training stopped and this step was not saved. {kept}. Lower optim.learning_rate, "
+            f"keep optim.grad_clip set, or check the data (a changed config needs "
+            f"--force-resume to resume)")
+
+
+def _finish(s: Setup, state: Any, run_dir: Path, log: Callable[[str], None]) -> list[Sample]:
+    """Write the adapter directory; return greedy samples (single-process runs)."""
+    cfg = s.cfg
+    final = method_lib.combine(s.frozen, state["params"])
+    lora = method_lib.lora_config(cfg.lora).to_dict() if cfg.method == "lora" else None
+    saved = adapter_lib.save_adapter(run_dir / ADAPTER_DIR,
+                                     adapter_lib.artifact(final, s.mask, s.base),
+                                     method=cfg.method, model_name=cfg.model.name, lora=lora,
+                                     base_fingerprint=adapter_lib.fingerprint(s.base))
+    log(f"adapter: {saved}")
+    if not cfg.eval.samples or jax.process_count() > 1:
+        return []
+    return generate_samples(s.model, final, s.tokenizer, s.splits.validation[:cfg.eval.samples],
+                            s.splits.pad_id, cfg.eval.max_new_tokens)

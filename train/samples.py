@@ -1,0 +1,53 @@
+"""Greedy generations for validation prompts, shown next to their references."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer
+
+import models
+from train.examples import Example
+
+
+@dataclass(frozen=True)
+class Sample:
+    prompt: str
+    generated: str
+    reference: str
+
+
+def left_padded_prompts(examples: Sequence[Example], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(prompt ids, attention mask), both int32 [N, P], right-aligned (padding on the left)."""
+    length = max(e.prompt_length for e in examples)
+    ids_NxP = np.full((len(examples), length), pad_id, np.int32)
+    mask_NxP = np.zeros((len(examples), length), np.int32)
+    for row, example in enumerate(examples):
+        ids_NxP[row, length - example.prompt_length:] = example.ids_L[:example.prompt_length]
+        mask_NxP[row, length - example.prompt_length:] = 1
+    return ids_NxP, mask_NxP
+
+
+def generate_samples(model: models.Decoder, params: Any, tokenizer: Tokenizer,
+                     examples: Sequence[Example], eos_id: int,
+                     max_new_tokens: int) -> list[Sample]:
+    """Greedy continuations of the examples' prompts (``models.generate``; LoRA leaves in
+    ``params`` run the factored forward), decoded up to EOS, with the target as reference.
+    """
+    if not examples:
+        return []
+    ids_NxP, mask_NxP = left_padded_prompts(examples, eos_id)
+    new_NxT = np.asarray(models.generate(model, params, ids_NxP, attention_mask=mask_NxP,
+                                         max_new_tokens=max_new_tokens, eos_token_id=eos_id,
+                                         pad_token_id=eos_id))
+
+    def text(ids) -> str:
+        ids = [int(i) for i in ids]
+        return tokenizer.decode(ids[:ids.index(eos_id)] if eos_id in ids else ids).strip()
+
+    return [Sample(prompt=text(e.ids_L[:e.prompt_length]), generated=text(row),
+                   reference=text(e.ids_L[e.prompt_length:]))
+            for e, row in zip(examples, new_NxT, strict=True)]
