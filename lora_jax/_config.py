@@ -20,11 +20,11 @@ class LoraConfig:
       B: r×fan_out).
     alpha: the scaling numerator: s = alpha / rank, or alpha / sqrt(rank) with
       `use_rslora` (Kalajdzievski 2023).
-    targets: a regular expression (or several; any may match) that must match
-      the *whole* slash-joined path of a parameter, e.g.
-      ``r".*/(q_proj|v_proj)/kernel"``. Only leaves with two or more axes are
-      eligible (kernels and embeddings); a pattern that also matches biases or
-      norm scales simply skips them.
+    targets: a regular expression (or several; any may match) searched in the
+      slash-joined path of each parameter (``re.search``; anchor with ``^…$``),
+      e.g. ``r".*/(q_proj|v_proj)/kernel"`` or just ``"q_proj|v_proj"``. Only
+      leaves with two or more axes are eligible (kernels and embeddings); a
+      pattern that also matches biases or norm scales simply skips them.
     dropout: LoRA dropout rate on the adapter's input (the base path is never
       dropped). It is applied by `lj.apply(..., dropout=rate)` and only when
       the call is given a ``'dropout'`` rng.
@@ -82,9 +82,9 @@ class LoraConfig:
       _compile(p, "LoraConfig.targets")
 
   def is_target(self, path: str) -> bool:
-    """Whether `path` (slash-joined) fully matches one of the target regexes."""
+    """Whether one of the target regexes is found in `path` (slash-joined)."""
     patterns = [self.targets] if isinstance(self.targets, str) else self.targets
-    return any(re.fullmatch(p, path) for p in patterns)
+    return any(re.search(p, path) for p in patterns)
 
   def rank_for(self, path: str) -> int:
     """The rank of the adapter at `path`, after `rank_pattern`."""

@@ -178,6 +178,6 @@ def _no_match_message(config: LoraConfig, flat) -> str:
   eligible = [_tree.path_str(p) for p, leaf in flat.items() if _is_matrix(leaf)]
   shown = ", ".join(eligible[:12]) + (" ..." if len(eligible) > 12 else "")
   return (f"LoraConfig.targets {config.targets!r} matches no weight (a leaf with two or "
-          f"more axes) of the tree; the pattern must match the whole path. "
+          f"more axes) of the tree; the pattern is searched in slash-joined paths. "
           f"Weights available ({len(eligible)}): {shown or 'none'}. "
           r'Example: targets=r".*/(q_proj|v_proj)/kernel".')

@@ -64,7 +64,15 @@ def _fold(params: Any, sign: int, adapter_flat: dict | None = None) -> tuple[dic
       raise ValueError(f"{name}: the adapter has factors for a weight the tree lacks; "
                        "it was made for another base model.")
     w = _tree.value(out[path])
-    get = lambda suffix: _tree.value(lora[_tree.sibling(path, _tree.leaf_name(path) + suffix)])
+
+    def get(suffix):
+      part = _tree.sibling(path, _tree.leaf_name(path) + suffix)
+      if part not in lora:
+        raise ValueError(f"{_tree.path_str(part)} is missing: the adapter is incomplete. Pass "
+                         "lj.adapter(params) or the adapted params (the scales are frozen leaves, "
+                         "not part of the trainable half).")
+      return _tree.value(lora[part])
+
     accumulate = jnp.promote_types(w.dtype, jnp.float32)
     dw = delta(name, w.shape, get(_tree.A_SUFFIX), get(_tree.B_SUFFIX),
                get(_tree.SCALE_SUFFIX), accumulate)

@@ -95,3 +95,14 @@ def perturb_factors(params, key, scale=0.3):
     trained = any(s in jax.tree_util.keystr(path) for s in ("_lora_a", "_lora_b", "_lora_delta"))
     out.append(scale * jax.random.normal(k, x.shape, x.dtype) if trained else x)
   return jax.tree_util.tree_unflatten(treedef, out)
+
+
+_VARIABLES: dict = {}
+
+
+def init_variables(model, x, seed=0):
+  """`model.init(key(seed), x)`, jitted and memoised: tests reuse the same base models."""
+  key = (repr(model), x.shape, str(x.dtype), seed)
+  if key not in _VARIABLES:
+    _VARIABLES[key] = jax.jit(model.init)(jax.random.key(seed), x)
+  return _VARIABLES[key]

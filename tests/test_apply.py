@@ -8,13 +8,13 @@ import optax
 import pytest
 
 import lora_jax as lj
-from flax_fixtures import MLP, Attention, EinsumNet, ScannedLM, perturb_factors
+from flax_fixtures import MLP, Attention, EinsumNet, ScannedLM, init_variables, perturb_factors
 
 F32 = dict(rtol=1e-5, atol=1e-5)  # float32: only summation order differs
 
 
 def _setup(model, x, targets, layout=False, key=0, **config):
-  variables = model.init(jax.random.key(key), x)
+  variables = init_variables(model, x, key)
   lay = lj.infer_layout(model.apply, variables, x) if layout else None
   cfg = lj.LoraConfig(rank=config.pop("rank", 4), alpha=8.0, targets=targets, **config)
   adapted = lj.init(jax.random.key(key + 1), variables["params"], cfg, layout=lay)
@@ -76,7 +76,7 @@ def test_bias_deltas_take_effect_in_every_path():
 def test_bfloat16_merged_matches_unmerged():
   model = MLP(hidden=64, features=32)
   x = jnp.linspace(-1, 1, 4 * 32).reshape(4, 32).astype(jnp.bfloat16)
-  variables = model.init(jax.random.key(0), x)
+  variables = init_variables(model, x)
   base = jax.tree.map(lambda w: w.astype(jnp.bfloat16), variables["params"])
   adapted = perturb_factors(lj.init(jax.random.key(1), base, lj.LoraConfig(4, 8, ".*kernel")),
                             jax.random.key(2), scale=0.1)

@@ -39,4 +39,5 @@ def test_frozen_and_serialisable():
   with pytest.raises(dataclasses.FrozenInstanceError):
     cfg.rank = 2
   assert lj.LoraConfig(**cfg.to_dict()) == dataclasses.replace(cfg, targets=["a", "b"])
-  assert cfg.is_target("b") and not cfg.is_target("ab")
+  assert cfg.is_target("x/b/kernel") and not cfg.is_target("x/c/kernel")
+  assert not lj.LoraConfig(rank=8, alpha=16, targets="^b$").is_target("ab")

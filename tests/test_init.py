@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 import lora_jax as lj
-from flax_fixtures import MLP, Attention, ScannedLM
+from flax_fixtures import MLP, Attention, ScannedLM, init_variables
 
 X_MLP = jnp.ones((2, 24))
 
 
 def _mlp_params():
-  return MLP().init(jax.random.key(0), X_MLP)["params"]
+  return init_variables(MLP(), X_MLP)["params"]
 
 
 def _count(tree, pred):
@@ -48,7 +48,7 @@ def test_gaussian_and_kaiming_init_statistics():
 
 
 def test_embedding_swaps_the_zero_factor_like_peft():
-  params = ScannedLM().init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+  params = init_variables(ScannedLM(), jnp.zeros((1, 4), jnp.int32))["params"]
   adapted = lj.init(jax.random.key(1), params, lj.LoraConfig(4, 8, "embed_tokens/embedding"))
   e = adapted["embed_tokens"]
   assert e["embedding_lora_a"].shape == (56, 4) and e["embedding_lora_b"].shape == (4, 24)
@@ -57,7 +57,7 @@ def test_embedding_swaps_the_zero_factor_like_peft():
 
 @pytest.mark.parametrize("rank", [1, 2, 8])
 def test_trainable_count_is_the_closed_form(rank):
-  params = ScannedLM().init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+  params = init_variables(ScannedLM(), jnp.zeros((1, 4), jnp.int32))["params"]
   cfg = lj.LoraConfig(rank, 2 * rank, r"layers/(q_proj|v_proj|up_proj|down_proj)/kernel")
   adapted = lj.init(jax.random.key(1), params, cfg)
   layers, d, f = 3, 24, 40
@@ -77,7 +77,7 @@ def test_bias_modes_count_like_loralib(mode):
 
 
 def test_scanned_factors_are_stacked_and_the_base_is_not_copied():
-  params = ScannedLM().init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+  params = init_variables(ScannedLM(), jnp.zeros((1, 4), jnp.int32))["params"]
   adapted = lj.init(jax.random.key(1), params, lj.LoraConfig(4, 8, r"layers/q_proj/kernel"))
   q = adapted["layers"]["q_proj"]
   assert q["kernel_lora_a"].shape == (3, 24, 4) and q["kernel_lora_b"].shape == (3, 4, 24)
@@ -91,7 +91,7 @@ def test_scanned_factors_are_stacked_and_the_base_is_not_copied():
 
 def test_default_layout_reads_dense_general_from_its_bias():
   model, x = Attention(), jnp.ones((2, 5, 24))
-  params = model.init(jax.random.key(0), x)["params"]
+  params = init_variables(model, x)["params"]
   adapted = lj.init(jax.random.key(1), params, lj.LoraConfig(4, 8, r"(q_proj|o_proj)/kernel"))
   assert adapted["q_proj"]["kernel_lora_a"].shape == (24, 4)  # bias (heads, head_dim): 1 in axis
   assert adapted["o_proj"]["kernel_lora_a"].shape == (4, 6, 4)  # bias (embed,): 2 in axes
@@ -99,7 +99,7 @@ def test_default_layout_reads_dense_general_from_its_bias():
 
 def test_layout_from_the_model_for_dense_general():
   model, x = Attention(), jnp.ones((2, 5, 24))
-  variables = model.init(jax.random.key(0), x)
+  variables = init_variables(model, x)
   layout = lj.infer_layout(model.apply, variables, x)
   assert layout["q_proj/kernel"] == lj.Layout(stack=0, fan_in=1)
   assert layout["o_proj/kernel"] == lj.Layout(stack=0, fan_in=2)

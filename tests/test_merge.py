@@ -10,11 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lora_jax as lj
-from flax_fixtures import MLP, ScannedLM, perturb_factors
+from flax_fixtures import MLP, ScannedLM, init_variables, perturb_factors
 
 
 def _adapted(bias="none", dtype=jnp.float32):
-  params = MLP().init(jax.random.key(0), jnp.ones((2, 24)))["params"]
+  params = init_variables(MLP(), jnp.ones((2, 24)))["params"]
   params = jax.tree.map(lambda w: w.astype(dtype), params)
   adapted = lj.init(jax.random.key(1), params, lj.LoraConfig(4, 8, r".*/kernel", bias=bias))
   return params, perturb_factors(adapted, jax.random.key(2))
@@ -37,7 +37,7 @@ def test_merge_keeps_bfloat16_dtypes():
 
 
 def test_scanned_merge_folds_each_layer_with_its_own_factors():
-  params = ScannedLM().init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+  params = init_variables(ScannedLM(), jnp.zeros((1, 4), jnp.int32))["params"]
   adapted = perturb_factors(
       lj.init(jax.random.key(1), params, lj.LoraConfig(2, 4, r"layers/q_proj/kernel")),
       jax.random.key(3))
@@ -66,10 +66,16 @@ def test_merging_a_tree_without_adapter_is_an_error():
 
 def test_unmerge_rejects_an_adapter_for_another_base():
   _, adapted = _adapted()
-  other = MLP(hidden=32).init(jax.random.key(0), jnp.ones((2, 24)))["params"]
+  other = init_variables(MLP(hidden=32), jnp.ones((2, 24)))["params"]
   other_adapter = lj.adapter(lj.init(jax.random.key(1), other, lj.LoraConfig(4, 8, r".*/kernel")))
   with pytest.raises(ValueError, match=r"fc1/kernel: the adapter does not fit"):
     lj.unmerge(lj.merge(adapted), other_adapter)
+
+
+def test_unmerge_without_scales_names_the_missing_leaf():
+  _, adapted = _adapted()
+  with pytest.raises(ValueError, match=r"fc1/kernel_lora_scale is missing"):
+    lj.unmerge(lj.merge(adapted), lj.split(adapted)[1])
 
 
 def test_unmerge_of_an_unmerged_tree_is_an_error():
@@ -78,7 +84,7 @@ def test_unmerge_of_an_unmerged_tree_is_an_error():
     lj.unmerge(adapted, lj.adapter(adapted))
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(stack=st.lists(st.integers(1, 3), max_size=2), ins=st.lists(st.integers(1, 4), min_size=1, max_size=2),
        outs=st.lists(st.integers(1, 4), min_size=1, max_size=2), rank=st.integers(1, 3),
        seed=st.integers(0, 2**16))

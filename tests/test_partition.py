@@ -8,11 +8,11 @@ import pytest
 from flax import nnx
 
 import lora_jax as lj
-from flax_fixtures import MLP, ScannedLM, perturb_factors
+from flax_fixtures import MLP, ScannedLM, init_variables, perturb_factors
 
 
 def _adapted(model=MLP(), x=jnp.ones((2, 24)), targets=r".*/kernel", rank=4):
-  params = model.init(jax.random.key(0), x)["params"]
+  params = init_variables(model, x)["params"]
   return params, lj.init(jax.random.key(1), params, lj.LoraConfig(rank, 8, targets))
 
 

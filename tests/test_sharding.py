@@ -9,14 +9,14 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import lora_jax as lj
-from flax_fixtures import ScannedLM, perturb_factors
+from flax_fixtures import ScannedLM, init_variables, perturb_factors
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (virtual) devices")
 
 
 def _scanned():
   model, ids = ScannedLM(vocab=56, dim=24, layers=2), (jnp.arange(16).reshape(2, 8) * 3) % 56
-  params = model.init(jax.random.key(0), ids)["params"]
+  params = init_variables(model, ids)["params"]
   cfg = lj.LoraConfig(4, 8, r"layers/(q_proj|v_proj|up_proj|down_proj)/kernel|embed_tokens/embedding")
   return model, ids, params, perturb_factors(lj.init(jax.random.key(1), params, cfg),
                                              jax.random.key(2))
