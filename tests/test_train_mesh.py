@@ -18,6 +18,12 @@ STEPS = 4
 MESH_8 = ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    with tf.compilation_cache(tmp_path_factory.getbasetemp() / "jax_cache"):
+        yield
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("mesh")

@@ -3,9 +3,12 @@ safetensors, tokenizer.json) that ``models.load`` reads, a small E2E CSV, and ru
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
+import jax
 import numpy as np
 from safetensors.numpy import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -95,3 +98,22 @@ def tiny_config(model_dir: Path, csv: Path, output_dir: Path, *overrides: str) -
         "lora.rank=4", "checkpoint.every_steps=3", "checkpoint.async_save=false",
         "eval.every_steps=0", "eval.samples=0", "logging.every_steps=1",
         "logging.tensorboard=false", "mesh.data=1", *overrides])
+
+
+@contextlib.contextmanager
+def compilation_cache(directory: Path) -> Iterator[None]:
+    """JAX's persistent compilation cache in ``directory`` while inside, then as before.
+
+    Every run jits fresh closures, so the in-memory cache never hits; the persistent one
+    (keyed by the compiled program) makes the many identical tiny runs of these tests cheap.
+    """
+    settings = {"jax_compilation_cache_dir": str(directory),
+                "jax_persistent_cache_min_compile_time_secs": 0.0}
+    saved = {name: getattr(jax.config, name) for name in settings}
+    for name, value in settings.items():
+        jax.config.update(name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            jax.config.update(name, value)

@@ -17,6 +17,7 @@ The run directory (``output_dir``) ends up holding::
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -107,7 +108,7 @@ class Setup:
 
 def config_dict(cfg: RunConfig) -> dict[str, Any]:
     """The resolved config as plain JSON-ready containers."""
-    return OmegaConf.to_container(OmegaConf.structured(cfg))
+    return json.loads(json.dumps(OmegaConf.to_container(OmegaConf.structured(cfg))))
 
 
 def load_model(cfg: ModelConfig) -> tuple[models.Decoder, Any, Tokenizer]:

@@ -1,0 +1,108 @@
+"""train/checkpoint.py + train/run.py: exact resume, config checks on resume, unreadable
+checkpoints and a non-finite loss."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+import train_fixtures as tf
+from train.checkpoint import CheckpointError, config_changes
+from train.run import NonFiniteLossError, train
+
+QUIET = {"log": lambda _: None}
+# Dropout and accumulation make the RNG and the data position matter; 6 updates of 2
+# batches cross two epoch boundaries (36 training examples, 4 batches per epoch).
+RESUME = ("optim.grad_accum_steps=2", "lora.dropout=0.1", "checkpoint.every_steps=2",
+          "checkpoint.async_save=true")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    with tf.compilation_cache(tmp_path_factory.getbasetemp() / "jax_cache"):
+        yield
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    return tf.write_tiny_llama(root / "model"), tf.write_csv(root / "e2e.csv"), root
+
+
+def snapshot(directory):
+    """{relative path: bytes} of every file under ``directory``."""
+    return {str(p.relative_to(directory)): p.read_bytes()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def train_losses(run_dir):
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in records if r["split"] == "train"]
+
+
+def test_stop_and_resume_is_bitwise_identical_to_a_straight_run(files):
+    model_dir, csv, root = files
+    straight = train(tf.tiny_config(model_dir, csv, root / "straight", *RESUME), **QUIET)
+    cfg = tf.tiny_config(model_dir, csv, root / "paused", *RESUME)
+    stopped = train(cfg, stop_after=3, **QUIET)
+    assert stopped.step == 3 and not (root / "paused" / "adapter").exists()
+    resumed = train(cfg, **QUIET)
+    assert straight.step == resumed.step == 6
+    for a, b in zip(jax.tree.leaves(straight.state), jax.tree.leaves(resumed.state), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert train_losses(root / "paused") == train_losses(root / "straight")
+    assert resumed.validation_after == straight.validation_after
+    assert sorted(p.name for p in (root / "paused" / "checkpoints").iterdir()) == ["4", "6"]
+
+
+def test_resume_with_a_changed_config_is_refused_unless_forced(files):
+    model_dir, csv, root = files
+    train(tf.tiny_config(model_dir, csv, root / "changed", "optim.max_steps=2"), **QUIET)
+    changed = tf.tiny_config(model_dir, csv, root / "changed", "optim.max_steps=2",
+                             "optim.learning_rate=5e-3")
+    with pytest.raises(CheckpointError, match=r"optim.learning_rate: 0.01 -> 0.005.*--force"):
+        train(changed, **QUIET)
+    assert train(changed, force_resume=True, **QUIET).step == 2
+    # Training longer, or logging differently, is a plain resume.
+    longer = tf.tiny_config(model_dir, csv, root / "changed", "optim.max_steps=3",
+                            "logging.every_steps=2")
+    assert train(longer, **QUIET).step == 3
+
+
+def test_config_changes_ignore_what_may_change_on_resume():
+    saved = {"optim": {"max_steps": 3, "learning_rate": 1.0}, "eval": {"every_steps": 1}}
+    current = {"optim": {"max_steps": 9, "learning_rate": 2.0}, "eval": {"every_steps": 5}}
+    assert config_changes(saved, current) == ["optim.learning_rate: 1.0 -> 2.0"]
+
+
+@pytest.mark.parametrize("damage", ["state", "meta"])
+def test_an_unreadable_checkpoint_is_an_error_and_nothing_is_overwritten(files, damage):
+    model_dir, csv, root = files
+    run_dir = root / f"damaged_{damage}"
+    cfg = tf.tiny_config(model_dir, csv, run_dir, "optim.max_steps=3")
+    train(cfg, stop_after=2, **QUIET)
+    item = run_dir / "checkpoints" / "2" / damage
+    if damage == "state":
+        shutil.rmtree(item / "d")  # the array data of the latest checkpoint is gone
+    else:
+        (item / "metadata").write_text('{"data_posit')  # a truncated JSON file
+    before = snapshot(run_dir)
+    with pytest.raises(CheckpointError, match=r"checkpoints/2 cannot be read.*Delete that"):
+        train(cfg, **QUIET)
+    assert snapshot(run_dir) == before
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(files):
+    model_dir, csv, root = files
+    run_dir = root / "nan"
+    cfg = tf.tiny_config(model_dir, csv, run_dir, "optim.learning_rate=1e30",
+                         "optim.warmup_steps=0", "optim.grad_clip=null",
+                         "checkpoint.every_steps=1")
+    with pytest.raises(NonFiniteLossError, match=r"at step 2; .*last checkpoint \(step 1"):
+        train(cfg, **QUIET)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["1"]
+    assert not (run_dir / "adapter").exists()
