@@ -77,9 +77,8 @@ def save_adapter(directory: str | Path, tree: Any, *, method: str, model_name: s
                  lora: Mapping[str, Any] | None, base_fingerprint: Mapping[str, Any]) -> Path:
     """Write ``tree`` (from :func:`artifact`) and its metadata; every process calls this."""
     directory = Path(directory).resolve()
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(directory / WEIGHTS_DIR, tree, force=True)
-    checkpointer.wait_until_finished()
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(directory / WEIGHTS_DIR, tree, force=True)
     if jax.process_index() == 0:
         meta = {"method": method, "model": model_name, "lora": dict(lora) if lora else None,
                 "leaves": {p: {"shape": list(v.shape), "dtype": str(v.dtype)}
@@ -127,7 +126,8 @@ def load_adapter(directory: str | Path, base_params: Any) -> Any:
     like = _unflat({p: jax.ShapeDtypeStruct(tuple(v["shape"]), v["dtype"], sharding=device)
                     for p, v in meta["leaves"].items()})
     try:
-        tree = ocp.StandardCheckpointer().restore(directory / WEIGHTS_DIR, like)
+        with ocp.StandardCheckpointer() as checkpointer:
+            tree = checkpointer.restore(directory / WEIGHTS_DIR, like)
     except Exception as e:
         raise AdapterError(f"the weights in {directory / WEIGHTS_DIR} cannot be read "
                            f"({type(e).__name__}: {str(e)[:300]}); the directory is truncated or "
