@@ -14,12 +14,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+import lora_jax as lj
 from models.decoder import Decoder, init_cache, reorder_cache
-
-try:
-    import lora_jax as lj
-except ImportError:  # the core library is optional for plain models
-    lj = None
 
 # Finite "minus infinity" for beam scores, as in transformers (keeps arithmetic NaN-free).
 _NEG = -1.0e9
@@ -107,8 +103,6 @@ def generate(
     ]))
     apply_fn = apply_fn or model.apply
     if has_lora(params):
-        if lj is None:
-            raise ImportError("params hold LoRA factors but lora_jax cannot be imported")
         apply_fn = _with_lora(apply_fn)
     rng = jax.random.key(0) if rng is None else rng
     return _generate(model, apply_fn, settings, knobs, params, prompt_BxP, mask_BxP, rng)
