@@ -16,6 +16,7 @@ from lora_jax._init import Layout, init
 from lora_jax._merge import materialize, merge, unmerge
 from lora_jax._partition import adapter, combine, optimizer, split, trainable_mask
 from lora_jax._summary import summary
+from lora_jax.peft import from_peft, to_peft
 from lora_jax.sharding import partition_specs
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "adapter",
     "apply",
     "combine",
+    "from_peft",
     "infer_layout",
     "init",
     "materialize",
@@ -32,6 +34,7 @@ __all__ = [
     "partition_specs",
     "split",
     "summary",
+    "to_peft",
     "trainable_mask",
     "unmerge",
 ]
