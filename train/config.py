@@ -136,7 +136,7 @@ class CheckpointConfig:
 class EvalConfig:
     every_steps: int = _bounded(50, low=0)  # 0: only before and after training
     num_batches: int | None = _bounded(None, low=1)  # None: the whole validation split
-    samples: int = _bounded(3, low=0)  # greedy generations shown after training (validation)
+    samples: int = _bounded(3, low=0)  # greedy generations after training, distinct prompts
     max_new_tokens: int = _bounded(48, low=1)  # length limit of those generations
 
 

@@ -71,9 +71,8 @@ def merge(run_or_adapter: str | Path, out: str | Path) -> Path:
   adapted = load_adapted(run_or_adapter)
   merged = lj.merge(adapted.params) if adapted.meta["method"] == "lora" else adapted.params
   out = save_hf(out, adapted.model.config, merged, adapted.tokenizer)
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(out.resolve() / PARAMS_DIR, merged, force=True)
-  checkpointer.wait_until_finished()
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(out.resolve() / PARAMS_DIR, merged, force=True)
   return out
 
 

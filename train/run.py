@@ -17,6 +17,7 @@ The run directory (``output_dir``) ends up holding::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -36,7 +37,7 @@ import models
 from train import adapter as adapter_lib
 from train import method as method_lib
 from train import mesh as mesh_lib
-from train.batching import TrainBatches
+from train.batching import START, DataPosition, TrainBatches
 from train.checkpoint import CheckpointError, Checkpoints, abstract_like, config_changes
 from train.config import ConfigError, ModelConfig, RunConfig, resolve_path, save_config
 from train.data import Splits, build_splits, train_batches, validation_batches
@@ -44,7 +45,7 @@ from train.evaluate import evaluate
 from train.metrics import MetricsLog, progress_bar
 from train.optim import optimizer, schedule, total_steps
 from train.plot import LOSS_CURVE_FILE, plot_loss_curve
-from train.samples import Sample, generate_samples
+from train.samples import Sample, distinct_prompts, generate_samples
 from train.step import eval_step, init_state, train_step
 
 CONFIG_FILE = "config.yaml"
@@ -88,12 +89,11 @@ class Setup:
     step_fn: Callable[..., Any]  # jitted train_step(state, frozen, batches_KxBxL)
     eval_fn: Callable[..., Any]  # jitted eval_step(trainable, frozen, batch_BxL)
 
-    def stream(self, position=None) -> TrainBatches:
+    def stream(self, position: DataPosition = START) -> TrainBatches:
         """This process's training stream, from ``position`` (default: the start)."""
-        extra = {} if position is None else {"position": position}
         return train_batches(self.splits, self.cfg.data, seed=self.cfg.seed,
                              process_index=jax.process_index(),
-                             process_count=jax.process_count(), **extra)
+                             process_count=jax.process_count(), position=position)
 
     def validate(self, trainable: Any) -> dict[str, float] | None:
         """Validation loss/perplexity of ``trainable``; None without validation data."""
@@ -185,12 +185,13 @@ def train(cfg: RunConfig, *, force_resume: bool = False, stop_after: int | None 
     s = setup(cfg, log)
     main = jax.process_index() == 0
     run_dir = resolve_path(cfg.output_dir)
-    checkpoints = Checkpoints(resolve_path(cfg.checkpoint.dir) if cfg.checkpoint.dir
-                              else run_dir / CHECKPOINT_DIR,
-                              keep_last=cfg.checkpoint.keep_last,
-                              async_save=cfg.checkpoint.async_save)
-    resolved = config_dict(cfg)
-    try:
+    with contextlib.ExitStack() as cleanup:  # pending saves finish, writers close, on any exit
+        checkpoints = Checkpoints(resolve_path(cfg.checkpoint.dir) if cfg.checkpoint.dir
+                                  else run_dir / CHECKPOINT_DIR,
+                                  keep_last=cfg.checkpoint.keep_last,
+                                  async_save=cfg.checkpoint.async_save)
+        cleanup.callback(checkpoints.close)
+        resolved = config_dict(cfg)
         state, stream = _restore_latest(s, checkpoints, resolved, force_resume, log)
         if main:
             save_config(cfg, run_dir / CONFIG_FILE)
@@ -198,19 +199,17 @@ def train(cfg: RunConfig, *, force_resume: bool = False, stop_after: int | None 
         metrics_log = MetricsLog(run_dir, jsonl=cfg.logging.jsonl,
                                  tensorboard=cfg.logging.tensorboard, resume_step=start,
                                  enabled=main)
+        cleanup.callback(metrics_log.close)
         before = _validate(s, state, start, metrics_log, log)
         end = s.steps if stop_after is None else min(s.steps, stop_after)
         state = _loop(s, state, stream, end, checkpoints, resolved, metrics_log, main)
         checkpoints.wait()
-    finally:
-        checkpoints.close()
-    step = int(state["step"])
-    after = _validate(s, state, step, metrics_log, log)
-    samples = _finish(s, state, run_dir, log) if step == s.steps else []
-    if main:
-        plot_loss_curve(metrics_log.records, run_dir / LOSS_CURVE_FILE,
-                        f"{cfg.method} fine-tuning of {Path(cfg.model.name).name}")
-    metrics_log.close()
+        step = int(state["step"])
+        after = _validate(s, state, step, metrics_log, log)
+        samples = _finish(s, state, run_dir, log) if step == s.steps else []
+        if main:
+            plot_loss_curve(metrics_log.records, run_dir / LOSS_CURVE_FILE,
+                            f"{cfg.method} fine-tuning of {Path(cfg.model.name).name}")
     return RunResult(run_dir, step, before, after, samples, state)
 
 
@@ -306,5 +305,6 @@ def _finish(s: Setup, state: Any, run_dir: Path, log: Callable[[str], None]) -> 
     log(f"adapter: {saved}")
     if not cfg.eval.samples or jax.process_count() > 1:
         return []
-    return generate_samples(s.model, final, s.tokenizer, s.splits.validation[:cfg.eval.samples],
+    return generate_samples(s.model, final, s.tokenizer,
+                            distinct_prompts(s.splits.validation, cfg.eval.samples),
                             s.splits.pad_id, cfg.eval.max_new_tokens)

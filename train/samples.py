@@ -20,6 +20,16 @@ class Sample:
     reference: str
 
 
+def distinct_prompts(examples: Sequence[Example], count: int) -> list[Example]:
+    """The first ``count`` examples whose prompts differ (E2E: one per meaning representation)."""
+    chosen: dict[bytes, Example] = {}
+    for example in examples:
+        chosen.setdefault(example.ids_L[:example.prompt_length].tobytes(), example)
+        if len(chosen) == count:
+            break
+    return list(chosen.values())
+
+
 def left_padded_prompts(examples: Sequence[Example], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """(prompt ids, attention mask), both int32 [N, P], right-aligned (padding on the left)."""
     length = max(e.prompt_length for e in examples)

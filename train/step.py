@@ -107,7 +107,7 @@ def train_step(forward: Callable[..., Any], tx: optax.GradientTransformation,
     return step
 
 
-def eval_step(forward: Callable[..., Any]) -> Callable[[Any, Any, Batch], tuple[jax.Array, jax.Array]]:
+def eval_step(forward: Callable[..., Any]) -> Callable[[Any, Any, Batch], tuple[Any, Any]]:
     """``step(trainable, frozen, batch_BxL) -> (summed loss, target tokens)``; no smoothing,
     no dropout."""
     def step(trainable: Any, frozen: Any, batch: Batch):
