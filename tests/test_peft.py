@@ -30,7 +30,8 @@ LLAMA = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_
              tie_word_embeddings=False)
 
 
-def _hf(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
+def hf_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A tiny random transformers GPT-2 or Llama (also used by test_hf_export)."""
     torch.manual_seed(seed)
     if family == "gpt2":
         return transformers.GPT2LMHeadModel(transformers.GPT2Config(**GPT2, **overrides)).eval()
@@ -44,7 +45,7 @@ def _base(tmp_path_factory, family: str, scan: bool = False, **overrides):
     """(our model, base params, torch model) of one tiny random checkpoint (cached)."""
     key = (family, scan, tuple(sorted(overrides.items())))
     if key not in _BASES:
-        hf = _hf(family, **overrides)
+        hf = hf_model(family, **overrides)
         directory = tmp_path_factory.mktemp(family)
         hf.save_pretrained(directory)
         model, params, _ = models.load(directory, scan_layers=scan)
@@ -172,7 +173,7 @@ PEFT_TRAINED = {
 def test_a_peft_adapter_loads_with_equal_logits(name, tmp_path_factory, tmp_path):
     base_args, peft_args = PEFT_TRAINED[name]
     model, base, _ = _base(tmp_path_factory, **base_args)
-    hf = _hf(base_args["family"], **{k: v for k, v in base_args.items() if k not in ("family", "scan")})
+    hf = hf_model(base_args["family"], **{k: v for k, v in base_args.items() if k not in ("family", "scan")})
     torch.manual_seed(1)
     peft_model = peft.get_peft_model(hf, peft.LoraConfig(init_lora_weights=False, **peft_args)).eval()
     peft_model.save_pretrained(tmp_path)
