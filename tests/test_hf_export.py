@@ -90,7 +90,7 @@ def _ids():
 def test_merge_writes_a_transformers_checkpoint_and_orbax_params(run, tmp_path):
     model_dir, run_dir, params = run
     out = export.merge(run_dir, tmp_path / "merged")
-    model, _, tokenizer = models.load(model_dir)
+    model, _, _ = models.load(model_dir)
     ids = _ids()
     ours = np.asarray(lj.apply(model.apply)({"params": params}, ids))
     np.testing.assert_allclose(_torch_logits(out, ids), ours, atol=1e-4)
