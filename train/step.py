@@ -75,8 +75,7 @@ def train_step(forward: Callable[..., Any], tx: optax.GradientTransformation,
     ``target_tokens`` and ``tokens`` (non-padding tokens) of the update.
     """
     def step(state: State, frozen: Any, batches: Batch) -> tuple[State, dict]:
-        count_KxB = batches["loss_mask"][:, :, 1:].sum(axis=-1)
-        n_targets = count_KxB.sum().astype(jnp.float32)
+        n_targets = batches["loss_mask"][:, :, 1:].sum().astype(jnp.float32)
         denominator = jnp.maximum(n_targets, 1.0)
         rng, step_key = jax.random.split(jax.random.wrap_key_data(state["rng"]))
 
