@@ -36,7 +36,8 @@ def test_train_writes_a_complete_run_directory(tmp_path, capsys):
     assert {"loss", "grad_norm", "learning_rate", "tokens_per_s"} <= records[1].keys()
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert (run_dir / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert json.loads((run_dir / "adapter" / "adapter.json").read_text())["method"] == "lora"
+    meta = json.loads((run_dir / "adapter" / "adapter.json").read_text())
+    assert meta["method"] == "lora" and meta["model_options"]["dtype"] == "float32"
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["3", "4"]
 
 

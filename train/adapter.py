@@ -5,8 +5,8 @@ Layout of ``<output_dir>/adapter/``::
     weights/        orbax (StandardSave) tree of what the run adds to or replaces in the
                     base: for LoRA every factor, scale and bias delta (``lj.adapter``);
                     for BitFit the biases; for full fine-tuning every parameter
-    adapter.json    method, model name, LoRA config (``lj.LoraConfig`` fields), the
-                    shape/dtype of every saved leaf, and the base model's fingerprint
+    adapter.json    method, model name and load options, LoRA config (``lj.LoraConfig``
+                    fields), the shape/dtype of every saved leaf, the base's fingerprint
 
 The fingerprint is the path, shape and dtype of every base parameter plus a SHA-256
 over a fixed sample of each one's values (:data:`SAMPLES_PER_LEAF` evenly spaced
@@ -74,13 +74,20 @@ def artifact(params: Any, trainable_mask: Any, base_params: Any) -> Any:
 
 
 def save_adapter(directory: str | Path, tree: Any, *, method: str, model_name: str,
-                 lora: Mapping[str, Any] | None, base_fingerprint: Mapping[str, Any]) -> Path:
-    """Write ``tree`` (from :func:`artifact`) and its metadata; every process calls this."""
+                 lora: Mapping[str, Any] | None, base_fingerprint: Mapping[str, Any],
+                 model_options: Mapping[str, Any] | None = None) -> Path:
+    """Write ``tree`` (from :func:`artifact`) and its metadata; every process calls this.
+
+    ``model_options``: how the base was loaded (the run config's ``model`` section:
+    dtype, param_dtype, scan_layers, remat), recorded for whoever loads it again.
+    """
     directory = Path(directory).resolve()
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(directory / WEIGHTS_DIR, tree, force=True)
     if jax.process_index() == 0:
-        meta = {"method": method, "model": model_name, "lora": dict(lora) if lora else None,
+        meta = {"method": method, "model": model_name,
+                "model_options": dict(model_options) if model_options else None,
+                "lora": dict(lora) if lora else None,
                 "leaves": {p: {"shape": list(v.shape), "dtype": str(v.dtype)}
                            for p, v in _flat(tree).items()},
                 "base_fingerprint": dict(base_fingerprint)}

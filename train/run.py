@@ -18,6 +18,7 @@ The run directory (``output_dir``) ends up holding::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import time
@@ -301,7 +302,8 @@ def _finish(s: Setup, state: Any, run_dir: Path, log: Callable[[str], None]) -> 
     saved = adapter_lib.save_adapter(run_dir / ADAPTER_DIR,
                                      adapter_lib.artifact(final, s.mask, s.base),
                                      method=cfg.method, model_name=cfg.model.name, lora=lora,
-                                     base_fingerprint=adapter_lib.fingerprint(s.base))
+                                     base_fingerprint=adapter_lib.fingerprint(s.base),
+                                     model_options=dataclasses.asdict(cfg.model))
     log(f"adapter: {saved}")
     if not cfg.eval.samples or jax.process_count() > 1:
         return []
