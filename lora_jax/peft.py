@@ -264,11 +264,12 @@ def to_peft(directory: str | Path, params: Any, module_map: ModuleMap = default_
     kinds.add(module.kind)
   tied_outputs = _tie(tensors, ranks, alphas, tied or {}, blocks)
 
+  rank, alpha = _most_common(ranks), _most_common(alphas)
   config = {
       "peft_type": "LORA", "task_type": task_type,
       "base_model_name_or_path": base_model_name_or_path, "revision": None,
-      "r": _most_common(ranks), "lora_alpha": _most_common(alphas),
-      "rank_pattern": {}, "alpha_pattern": {},
+      "r": rank, "lora_alpha": alpha,
+      "rank_pattern": _patterns(ranks, rank), "alpha_pattern": _patterns(alphas, alpha),
       "target_modules": _target_modules(set(blocks), set(sites)),
       "use_rslora": use_rslora, "lora_dropout": dropout, "bias": "none",
       "fan_in_fan_out": "conv1d" in kinds, "ensure_weight_tying": bool(tied_outputs),
@@ -276,8 +277,6 @@ def to_peft(directory: str | Path, params: Any, module_map: ModuleMap = default_
       "layers_to_transform": None, "layers_pattern": None, "exclude_modules": None,
       "modules_to_save": None,
   }
-  config["rank_pattern"] = _patterns(ranks, config["r"])
-  config["alpha_pattern"] = _patterns(alphas, config["lora_alpha"])
 
   directory = Path(directory)
   directory.mkdir(parents=True, exist_ok=True)

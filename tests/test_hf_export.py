@@ -3,7 +3,6 @@ loads with our logits, and the merge / export --format peft / import-peft comman
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import jax
@@ -19,7 +18,7 @@ import train_fixtures as tf
 from models.hf_export import save_hf
 from test_peft import hf_model
 from train import adapter as adapter_lib
-from train import export
+from train import cli, export
 
 IDS = np.random.default_rng(0).integers(3, 96, size=(2, 7)).astype(np.int32)
 TARGETS = r"(q_proj|v_proj|up_proj)/kernel|embed_tokens"
@@ -71,15 +70,17 @@ def test_a_tree_with_lora_leaves_is_refused(tmp_path):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """(model dir, run dir, adapted params): a LoRA run's adapter on a tiny Llama checkpoint."""
+    """(model dir, run dir, adapted params): a LoRA run's adapter on a tiny scanned Llama."""
     root = tmp_path_factory.mktemp("run")
     model_dir = tf.write_tiny_llama(root / "model")
-    _, base, _ = models.load(model_dir)
+    _, base, _ = models.load(model_dir, scan_layers=True)
     config = lj.LoraConfig(4, 8, r"(q_proj|v_proj)/kernel|embed_tokens", use_rslora=True)
     params = _bumped(lj.init(jax.random.key(0), base, config))
     adapter_lib.save_adapter(root / "out" / "adapter", lj.adapter(params), method="lora",
                              model_name=str(model_dir), lora=config.to_dict(),
-                             base_fingerprint=adapter_lib.fingerprint(base))
+                             base_fingerprint=adapter_lib.fingerprint(base),
+                             model_options=dict(dtype="float32", param_dtype="float32",
+                                                scan_layers=True, remat=False))
     return model_dir, root / "out", params
 
 
@@ -90,7 +91,7 @@ def _ids():
 def test_merge_writes_a_transformers_checkpoint_and_orbax_params(run, tmp_path):
     model_dir, run_dir, params = run
     out = export.merge(run_dir, tmp_path / "merged")
-    model, _, _ = models.load(model_dir)
+    model, _, _ = models.load(model_dir, scan_layers=True)
     ids = _ids()
     ours = np.asarray(lj.apply(model.apply)({"params": params}, ids))
     np.testing.assert_allclose(_torch_logits(out, ids), ours, atol=1e-4)
@@ -108,7 +109,7 @@ def test_export_peft_runs_in_peft_and_imports_back(run, tmp_path):
     config = json.loads((exported / "adapter_config.json").read_text())
     assert config["use_rslora"] and config["base_model_name_or_path"] == str(model_dir)
     ids = _ids()
-    model, base, _ = models.load(model_dir)
+    model, _, _ = models.load(model_dir, scan_layers=True)
     ours = np.asarray(lj.apply(model.apply)({"params": params}, ids))
     hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     with torch.no_grad():
@@ -117,15 +118,15 @@ def test_export_peft_runs_in_peft_and_imports_back(run, tmp_path):
     np.testing.assert_allclose(theirs, ours, atol=1e-4)
 
     imported = export.import_peft(exported, str(model_dir), tmp_path / "imported")
+    unscanned, base, _ = models.load(model_dir)  # import-peft loads the base unscanned
     back = adapter_lib.load_adapter(imported, base)
-    np.testing.assert_allclose(np.asarray(lj.apply(model.apply)({"params": back}, ids)), ours,
+    np.testing.assert_allclose(np.asarray(lj.apply(unscanned.apply)({"params": back}, ids)), ours,
                                atol=1e-5)
 
 
-def test_subcommands_parse_and_name_a_missing_adapter(tmp_path):
-    parser = argparse.ArgumentParser()
-    export.add_subcommands(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["export", "--format", "peft", "runs/x", "--out", "y"])
-    assert (args.run, args.adapter, args.out) == (export.SUBCOMMANDS["export"][2], "runs/x", "y")
-    with pytest.raises(adapter_lib.AdapterError, match="neither a run directory nor an adapter"):
-        export.merge(tmp_path, tmp_path / "out")
+def test_the_commands_parse_and_name_a_missing_adapter(tmp_path, capsys):
+    args = cli.parser().parse_args(["export", "--format", "peft", "runs/x", "--out", "y"])
+    assert (args.run, args.adapter, args.out, args.format) == (
+        export.SUBCOMMANDS["export"][2], "runs/x", "y", "peft")
+    assert cli.main(["merge", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    assert "neither a run directory nor an adapter directory" in capsys.readouterr().err

@@ -21,14 +21,16 @@ from dataclasses import dataclass
 
 import jax
 
+from lora_jax.peft import PeftFormatError
 from train.adapter import AdapterError
 from train.checkpoint import CheckpointError
 from train.config import ConfigError, load_config
 from train.data import DataError
+from train.export import SUBCOMMANDS as EXPORT_COMMANDS
 
 # Errors whose message already says what is wrong and how to fix it: no traceback.
 USER_ERRORS = (ConfigError, DataError, CheckpointError, AdapterError, FloatingPointError,
-               FileNotFoundError)
+               FileNotFoundError, PeftFormatError)
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,7 @@ def _train(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Command] = {
     "train": Command("fine-tune a model (LoRA, full or BitFit) as a config says",
                      _train_arguments, _train),
+    **{name: Command(*spec) for name, spec in EXPORT_COMMANDS.items()},  # merge, export, import-peft
 }
 
 

@@ -12,8 +12,8 @@
         a PEFT LoRA adapter as a lora-jax adapter directory (train/adapter.py) for ``NAME``.
 
 RUN_OR_ADAPTER_DIR is a run's ``output_dir`` or its ``adapter/``. The base model is the
-one the adapter names, loaded with the layer stacking and dtype its fingerprint
-records, and checked against that fingerprint.
+one the adapter names, loaded as recorded (``model_options``: dtypes, layer stacking)
+and checked against its fingerprint.
 """
 
 from __future__ import annotations
@@ -59,11 +59,18 @@ def load_adapted(run_or_adapter: str | Path) -> Adapted:
   """The adapter's base model (stacking and dtype as recorded), with the adapter applied."""
   directory = adapter_dir(run_or_adapter)
   meta = adapter_lib.read_meta(directory)
-  leaves = meta["base_fingerprint"]["leaves"]
-  model, base, tokenizer = models.load(
-      meta["model"], scan_layers=any(p.startswith("layers/") for p in leaves),
-      param_dtype=leaves["embed_tokens/embedding"]["dtype"])
+  model, base, tokenizer = models.load(meta["model"], **_load_options(meta))
   return Adapted(model, adapter_lib.load_adapter(directory, base), tokenizer, meta)
+
+
+def _load_options(meta: dict[str, Any]) -> dict[str, Any]:
+  """``models.load`` options of the base: as recorded, else read off the fingerprint."""
+  recorded = meta.get("model_options")
+  if recorded:
+    return {k: recorded[k] for k in ("dtype", "param_dtype", "scan_layers")}
+  leaves = meta["base_fingerprint"]["leaves"]
+  return {"scan_layers": any(p.startswith("layers/") for p in leaves),
+          "param_dtype": leaves["embed_tokens/embedding"]["dtype"]}
 
 
 def merge(run_or_adapter: str | Path, out: str | Path) -> Path:
@@ -142,7 +149,7 @@ def _run_import(args: argparse.Namespace) -> int:
   return 0
 
 
-# name -> (help, add_arguments, run), in the shape of train/cli.py's Command.
+# name -> (help, add_arguments, run): train/cli.py makes each a Command.
 SUBCOMMANDS = {
     "merge": ("merge an adapter into its base: Hugging Face checkpoint + orbax params",
               _merge_arguments, _run_merge),
@@ -150,11 +157,3 @@ SUBCOMMANDS = {
     "import-peft": ("convert a PEFT LoRA adapter into a lora-jax adapter directory",
                     _import_arguments, _run_import),
 }
-
-
-def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
-  """Adds merge, export and import-peft to an ``add_subparsers()`` object (``args.run(args)``)."""
-  for name, (help_text, add_arguments, run) in SUBCOMMANDS.items():
-    sub = subparsers.add_parser(name, help=help_text, description=help_text)
-    add_arguments(sub)
-    sub.set_defaults(run=run)
