@@ -37,116 +37,117 @@ PARAMS_DIR = "params"
 
 
 class Adapted(NamedTuple):
-  """A base model with an adapter directory applied."""
+    """A base model with an adapter directory applied."""
 
-  model: models.Decoder
-  params: Any  # base with the adapter's leaves (LoRA factors, or replaced trained leaves)
-  tokenizer: Tokenizer | None
-  meta: dict[str, Any]  # the adapter's adapter.json
+    model: models.Decoder
+    params: Any  # base with the adapter's leaves (LoRA factors, or replaced trained leaves)
+    tokenizer: Tokenizer | None
+    meta: dict[str, Any]  # the adapter's adapter.json
 
 
 def adapter_dir(run_or_adapter: str | Path) -> Path:
-  """The adapter directory of a run directory, or the adapter directory itself."""
-  path = Path(run_or_adapter)
-  for candidate in (path, path / "adapter"):
-    if (candidate / adapter_lib.META_FILE).is_file():
-      return candidate
-  raise adapter_lib.AdapterError(f"{path} is neither a run directory nor an adapter directory: "
-                                 f"no {adapter_lib.META_FILE} in it or in its adapter/")
+    """The adapter directory of a run directory, or the adapter directory itself."""
+    path = Path(run_or_adapter)
+    for candidate in (path, path / "adapter"):
+        if (candidate / adapter_lib.META_FILE).is_file():
+            return candidate
+    raise adapter_lib.AdapterError(f"{path} is neither a run directory nor an adapter directory: "
+                                   f"no {adapter_lib.META_FILE} in it or in its adapter/")
 
 
 def load_adapted(run_or_adapter: str | Path) -> Adapted:
-  """The adapter's base model (stacking and dtype as recorded), with the adapter applied."""
-  directory = adapter_dir(run_or_adapter)
-  meta = adapter_lib.read_meta(directory)
-  model, base, tokenizer = models.load(meta["model"], **_load_options(meta))
-  return Adapted(model, adapter_lib.load_adapter(directory, base), tokenizer, meta)
+    """The adapter's base model (stacking and dtype as recorded), with the adapter applied."""
+    directory = adapter_dir(run_or_adapter)
+    meta = adapter_lib.read_meta(directory)
+    model, base, tokenizer = models.load(meta["model"], **_load_options(meta))
+    return Adapted(model, adapter_lib.load_adapter(directory, base), tokenizer, meta)
 
 
 def _load_options(meta: dict[str, Any]) -> dict[str, Any]:
-  """``models.load`` options of the base: as recorded, else read off the fingerprint."""
-  recorded = meta.get("model_options")
-  if recorded:
-    return {k: recorded[k] for k in ("dtype", "param_dtype", "scan_layers")}
-  leaves = meta["base_fingerprint"]["leaves"]
-  return {"scan_layers": any(p.startswith("layers/") for p in leaves),
-          "param_dtype": leaves["embed_tokens/embedding"]["dtype"]}
+    """``models.load`` options of the base: as recorded, else read off the fingerprint."""
+    recorded = meta.get("model_options")
+    if recorded:
+        return {k: recorded[k] for k in ("dtype", "param_dtype", "scan_layers")}
+    leaves = meta["base_fingerprint"]["leaves"]
+    return {"scan_layers": any(p.startswith("layers/") for p in leaves),
+            "param_dtype": leaves["embed_tokens/embedding"]["dtype"]}
 
 
 def merge(run_or_adapter: str | Path, out: str | Path) -> Path:
-  """Write the merged model to `out` as a Hugging Face checkpoint and an orbax tree."""
-  adapted = load_adapted(run_or_adapter)
-  merged = lj.merge(adapted.params) if adapted.meta["method"] == "lora" else adapted.params
-  out = save_hf(out, adapted.model.config, merged, adapted.tokenizer)
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(out.resolve() / PARAMS_DIR, merged, force=True)
-  return out
+    """Write the merged model to `out` as a Hugging Face checkpoint and an orbax tree."""
+    adapted = load_adapted(run_or_adapter)
+    merged = lj.merge(adapted.params) if adapted.meta["method"] == "lora" else adapted.params
+    out = save_hf(out, adapted.model.config, merged, adapted.tokenizer)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(out.resolve() / PARAMS_DIR, merged, force=True)
+    return out
 
 
 def export_peft(run_or_adapter: str | Path, out: str | Path) -> Path:
-  """Write a LoRA run's adapter to `out` as a PEFT adapter."""
-  adapted = load_adapted(run_or_adapter)
-  if adapted.meta["method"] != "lora":
-    raise adapter_lib.AdapterError(f"the adapter was trained with method "
-                                   f"{adapted.meta['method']!r}; only LoRA adapters export to "
-                                   "PEFT (use lora-jax merge for a full checkpoint)")
-  config = adapted.model.config
-  lora = adapted.meta.get("lora") or {}
-  return lj.to_peft(out, adapted.params, peft_module_map(config), tied=tied_modules(config),
-                    use_rslora=lora.get("use_rslora", False), dropout=lora.get("dropout", 0.0),
-                    base_model_name_or_path=adapted.meta["model"])
+    """Write a LoRA run's adapter to `out` as a PEFT adapter."""
+    adapted = load_adapted(run_or_adapter)
+    if adapted.meta["method"] != "lora":
+        raise adapter_lib.AdapterError(f"the adapter was trained with method "
+                                       f"{adapted.meta['method']!r}; only LoRA adapters export to "
+                                       "PEFT (use lora-jax merge for a full checkpoint)")
+    config = adapted.model.config
+    lora = adapted.meta.get("lora") or {}
+    return lj.to_peft(out, adapted.params, peft_module_map(config), tied=tied_modules(config),
+                      use_rslora=lora.get("use_rslora", False), dropout=lora.get("dropout", 0.0),
+                      base_model_name_or_path=adapted.meta["model"])
 
 
 def import_peft(peft_dir: str | Path, model_name: str, out: str | Path, *,
                 check_base: bool = True) -> Path:
-  """Write a PEFT LoRA adapter for `model_name` as a lora-jax adapter directory."""
-  model, base, _ = models.load(model_name)
-  config = model.config
-  params = lj.from_peft(peft_dir, base, peft_module_map(config), tied=tied_modules(config),
-                        check_base=check_base)
-  peft_config = lj.peft.read_config(peft_dir)
-  adapter = lj.adapter(params)
-  targets = sorted({"/".join(p[:-1]) for p in traverse_util.flatten_dict(adapter)})
-  lora = lj.LoraConfig(rank=peft_config["r"], alpha=peft_config["lora_alpha"],
-                       targets=tuple(f"^{re.escape(t)}/" for t in targets),
-                       dropout=peft_config.get("lora_dropout", 0.0),
-                       use_rslora=bool(peft_config.get("use_rslora")))
-  return adapter_lib.save_adapter(out, adapter, method="lora", model_name=model_name,
-                                  lora=lora.to_dict(), base_fingerprint=adapter_lib.fingerprint(base))
+    """Write a PEFT LoRA adapter for `model_name` as a lora-jax adapter directory."""
+    model, base, _ = models.load(model_name)
+    config = model.config
+    params = lj.from_peft(peft_dir, base, peft_module_map(config), tied=tied_modules(config),
+                          check_base=check_base)
+    peft_config = lj.peft.read_config(peft_dir)
+    adapter = lj.adapter(params)
+    targets = sorted({"/".join(p[:-1]) for p in traverse_util.flatten_dict(adapter)})
+    lora = lj.LoraConfig(rank=peft_config["r"], alpha=peft_config["lora_alpha"],
+                         targets=tuple(f"^{re.escape(t)}/" for t in targets),
+                         dropout=peft_config.get("lora_dropout", 0.0),
+                         use_rslora=bool(peft_config.get("use_rslora")))
+    return adapter_lib.save_adapter(out, adapter, method="lora", model_name=model_name,
+                                    lora=lora.to_dict(),
+                                    base_fingerprint=adapter_lib.fingerprint(base))
 
 
 def _merge_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("adapter", metavar="RUN_OR_ADAPTER_DIR")
-  parser.add_argument("--out", required=True, metavar="DIR")
+    parser.add_argument("adapter", metavar="RUN_OR_ADAPTER_DIR")
+    parser.add_argument("--out", required=True, metavar="DIR")
 
 
 def _export_arguments(parser: argparse.ArgumentParser) -> None:
-  _merge_arguments(parser)
-  parser.add_argument("--format", required=True, choices=["peft"])
+    _merge_arguments(parser)
+    parser.add_argument("--format", required=True, choices=["peft"])
 
 
 def _import_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("peft_dir", metavar="PEFT_DIR")
-  parser.add_argument("--model", required=True, help="the base: a preset or checkpoint path")
-  parser.add_argument("--out", required=True, metavar="ADAPTER_DIR")
-  parser.add_argument("--skip-base-check", action="store_true",
-                      help="apply the adapter even if it records a base with other weights")
+    parser.add_argument("peft_dir", metavar="PEFT_DIR")
+    parser.add_argument("--model", required=True, help="the base: a preset or checkpoint path")
+    parser.add_argument("--out", required=True, metavar="ADAPTER_DIR")
+    parser.add_argument("--skip-base-check", action="store_true",
+                        help="apply the adapter even if it records a base with other weights")
 
 
 def _run_merge(args: argparse.Namespace) -> int:
-  print(f"merged model: {merge(args.adapter, args.out)}")
-  return 0
+    print(f"merged model: {merge(args.adapter, args.out)}")
+    return 0
 
 
 def _run_export(args: argparse.Namespace) -> int:
-  print(f"PEFT adapter: {export_peft(args.adapter, args.out)}")
-  return 0
+    print(f"PEFT adapter: {export_peft(args.adapter, args.out)}")
+    return 0
 
 
 def _run_import(args: argparse.Namespace) -> int:
-  out = import_peft(args.peft_dir, args.model, args.out, check_base=not args.skip_base_check)
-  print(f"adapter: {out}")
-  return 0
+    out = import_peft(args.peft_dir, args.model, args.out, check_base=not args.skip_base_check)
+    print(f"adapter: {out}")
+    return 0
 
 
 # name -> (help, add_arguments, run): train/cli.py makes each a Command.
