@@ -34,7 +34,6 @@ every block the whole A, so the ranks grow but the update is exact.
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 import math
 import re
@@ -47,14 +46,13 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.flax import save_file
 
-from lora_jax import _init, _merge, _partition, _tree
+from lora_jax import _init, _merge, _partition, _tree, fingerprint
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
 KINDS = ("linear", "conv1d", "embedding")
 BASE_HASH_KEY = "lora_jax.base_sha256"  # safetensors metadata: a hash of the adapted base weights
-SAMPLES_PER_WEIGHT = 64
 
 _MODULE_NAME = r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*"
 _TENSOR_KEY = re.compile(rf"{re.escape(KEY_PREFIX)}(?P<module>{_MODULE_NAME})\."
@@ -168,15 +166,12 @@ def _pattern_value(patterns: Mapping[str, Any] | None, default: Any, module: str
 
 def _base_digest(flat_base: Mapping, sites: Mapping[str, list[_Site]], modules) -> str:
   """SHA-256 over a fixed sample of the base weights of `modules` (every part and layer)."""
-  digest = hashlib.sha256()
-  for name in sorted(modules):
-    for site in sites[name]:
-      w = np.asarray(_tree.value(flat_base[site.path]))
-      values_N = (w if site.layer is None else w[site.layer]).reshape(-1)
-      picks = np.linspace(0, values_N.size - 1, min(values_N.size, SAMPLES_PER_WEIGHT)).astype(int)
-      digest.update(f"{name}:{site.module.part}".encode())
-      digest.update(values_N[picks].astype(np.float32).tobytes())
-  return digest.hexdigest()
+  def weights():
+    for name in sorted(modules):
+      for site in sites[name]:
+        w = np.asarray(_tree.value(flat_base[site.path]))
+        yield f"{name}:{site.module.part}", (w if site.layer is None else w[site.layer])
+  return fingerprint.sha256(weights())
 
 
 def _tensor_keys(module: HFModule) -> tuple[str, str]:
