@@ -50,6 +50,12 @@ def test_a_base_with_other_weights_is_refused(trained, tmp_path):
     _, other, _ = models.load(tf.write_tiny_llama(tmp_path / "other", seed=1))
     with pytest.raises(adapter_lib.AdapterError, match="same shapes but different weights"):
         adapter_lib.load_adapter(directory, other)
+    # The explicit override applies the adapter's own leaves to the other base.
+    loaded = adapter_lib.load_adapter(directory, other, check_weights=False)
+    q = loaded["layers_0"]["self_attn"]["q_proj"]
+    assert q["kernel"] is other["layers_0"]["self_attn"]["q_proj"]["kernel"]
+    np.testing.assert_array_equal(q["kernel_lora_b"], np.asarray(
+        trained[1]["layers_0"]["self_attn"]["q_proj"]["kernel_lora_b"]))
 
 
 def test_a_base_of_another_shape_is_refused_naming_the_parameter(trained):

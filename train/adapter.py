@@ -97,8 +97,12 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
     return json.loads(file.read_text())
 
 
-def check_base(meta: Mapping[str, Any], base_params: Any) -> None:
-    """Raise AdapterError unless ``base_params`` has the fingerprint the adapter recorded."""
+def check_base(meta: Mapping[str, Any], base_params: Any, *, same_weights: bool = True) -> None:
+    """Raise AdapterError unless ``base_params`` has the fingerprint the adapter recorded.
+
+    Shapes and dtypes must always match; ``same_weights=False`` accepts other values
+    (the explicit override for, e.g., a re-quantised copy of the base).
+    """
     expected, found = meta["base_fingerprint"], fingerprint(base_params)
     where = f"the adapter was trained on {meta['model']!r}"
     for path in sorted(expected["leaves"].keys() | found["leaves"].keys()):
@@ -106,22 +110,23 @@ def check_base(meta: Mapping[str, Any], base_params: Any) -> None:
         if want != got:
             raise AdapterError(f"wrong base model: {where}, whose parameter {path!r} is {want}, "
                                f"but in the given base it is {got}; load that model instead")
-    if expected["sample_sha256"] != found["sample_sha256"]:
+    if same_weights and expected["sample_sha256"] != found["sample_sha256"]:
         raise AdapterError(f"wrong base model: {where}; the given base has the same shapes but "
                            f"different weights (sampled-value hash {found['sample_sha256'][:12]} "
                            f"!= {expected['sample_sha256'][:12]}); load the exact checkpoint it "
-                           f"was trained on")
+                           f"was trained on, or skip this check explicitly (--skip-base-check)")
 
 
-def load_adapter(directory: str | Path, base_params: Any) -> Any:
+def load_adapter(directory: str | Path, base_params: Any, *, check_weights: bool = True) -> Any:
     """The base params with the adapter added (LoRA leaves) or swapped in (trained leaves).
 
-    Checks the base fingerprint first; the result is a plain tree for ``model.apply``
-    (through ``lj.apply`` when it holds LoRA leaves) or ``lj.merge``.
+    Checks the base fingerprint first (``check_weights=False`` skips only the comparison
+    of sampled values); the result is a plain tree for ``model.apply`` (through
+    ``lj.apply`` when it holds LoRA leaves) or ``lj.merge``.
     """
     directory = Path(directory).resolve()
     meta = read_meta(directory)
-    check_base(meta, base_params)
+    check_base(meta, base_params, same_weights=check_weights)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     like = _unflat({p: jax.ShapeDtypeStruct(tuple(v["shape"]), v["dtype"], sharding=device)
                     for p, v in meta["leaves"].items()})

@@ -55,12 +55,17 @@ def adapter_dir(run_or_adapter: str | Path) -> Path:
                                    f"no {adapter_lib.META_FILE} in it or in its adapter/")
 
 
-def load_adapted(run_or_adapter: str | Path) -> Adapted:
-    """The adapter's base model (stacking and dtype as recorded), with the adapter applied."""
+def load_adapted(run_or_adapter: str | Path, *, check_base: bool = True) -> Adapted:
+    """The adapter's base model (stacking and dtype as recorded), with the adapter applied.
+
+    ``check_base=False`` accepts a base whose weights differ from the recorded fingerprint
+    (shapes and dtypes must still match).
+    """
     directory = adapter_dir(run_or_adapter)
     meta = adapter_lib.read_meta(directory)
     model, base, tokenizer = models.load(meta["model"], **_load_options(meta))
-    return Adapted(model, adapter_lib.load_adapter(directory, base), tokenizer, meta)
+    params = adapter_lib.load_adapter(directory, base, check_weights=check_base)
+    return Adapted(model, params, tokenizer, meta)
 
 
 def _load_options(meta: dict[str, Any]) -> dict[str, Any]:
@@ -73,9 +78,9 @@ def _load_options(meta: dict[str, Any]) -> dict[str, Any]:
             "param_dtype": leaves["embed_tokens/embedding"]["dtype"]}
 
 
-def merge(run_or_adapter: str | Path, out: str | Path) -> Path:
+def merge(run_or_adapter: str | Path, out: str | Path, *, check_base: bool = True) -> Path:
     """Write the merged model to `out` as a Hugging Face checkpoint and an orbax tree."""
-    adapted = load_adapted(run_or_adapter)
+    adapted = load_adapted(run_or_adapter, check_base=check_base)
     merged = lj.merge(adapted.params) if adapted.meta["method"] == "lora" else adapted.params
     out = save_hf(out, adapted.model.config, merged, adapted.tokenizer)
     with ocp.StandardCheckpointer() as checkpointer:
@@ -83,9 +88,9 @@ def merge(run_or_adapter: str | Path, out: str | Path) -> Path:
     return out
 
 
-def export_peft(run_or_adapter: str | Path, out: str | Path) -> Path:
+def export_peft(run_or_adapter: str | Path, out: str | Path, *, check_base: bool = True) -> Path:
     """Write a LoRA run's adapter to `out` as a PEFT adapter."""
-    adapted = load_adapted(run_or_adapter)
+    adapted = load_adapted(run_or_adapter, check_base=check_base)
     if adapted.meta["method"] != "lora":
         raise adapter_lib.AdapterError(f"the adapter was trained with method "
                                        f"{adapted.meta['method']!r}; only LoRA adapters export to "
@@ -119,6 +124,12 @@ def import_peft(peft_dir: str | Path, model_name: str, out: str | Path, *,
 def _merge_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("adapter", metavar="RUN_OR_ADAPTER_DIR")
     parser.add_argument("--out", required=True, metavar="DIR")
+    _skip_base_check_argument(parser)
+
+
+def _skip_base_check_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--skip-base-check", action="store_true",
+                        help="apply the adapter even if it records a base with other weights")
 
 
 def _export_arguments(parser: argparse.ArgumentParser) -> None:
@@ -130,17 +141,17 @@ def _import_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("peft_dir", metavar="PEFT_DIR")
     parser.add_argument("--model", required=True, help="the base: a preset or checkpoint path")
     parser.add_argument("--out", required=True, metavar="ADAPTER_DIR")
-    parser.add_argument("--skip-base-check", action="store_true",
-                        help="apply the adapter even if it records a base with other weights")
+    _skip_base_check_argument(parser)
 
 
 def _run_merge(args: argparse.Namespace) -> int:
-    print(f"merged model: {merge(args.adapter, args.out)}")
+    print(f"merged model: {merge(args.adapter, args.out, check_base=not args.skip_base_check)}")
     return 0
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    print(f"PEFT adapter: {export_peft(args.adapter, args.out)}")
+    out = export_peft(args.adapter, args.out, check_base=not args.skip_base_check)
+    print(f"PEFT adapter: {out}")
     return 0
 
 
