@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from models.config import REMAT_POLICIES, ModelConfig
-from models.layers import MLP, Attention, dense, embed, norm
+from models.layers import MLP, Attention, dense, embed, norm, visibility
 
 
 class DecoderLayer(nn.Module):
@@ -18,11 +18,11 @@ class DecoderLayer(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxLxD, key_valid_BxS, positions_BxL, cache_offset, decode: bool):
+    def __call__(self, x_BxLxD, visible_BxLxS, positions_BxL, cache_offset, decode: bool):
         cfg = self.config
         h_BxLxD = norm(cfg, "input_layernorm")(x_BxLxD)
         x_BxLxD = x_BxLxD + Attention(cfg, name="self_attn")(
-            h_BxLxD, key_valid_BxS, positions_BxL, cache_offset, decode
+            h_BxLxD, visible_BxLxS, positions_BxL, cache_offset, decode
         )
         h_BxLxD = norm(cfg, "post_attention_layernorm")(x_BxLxD)
         return x_BxLxD + MLP(cfg, name="mlp")(h_BxLxD), None
@@ -33,6 +33,9 @@ class Decoder(nn.Module):
 
     `attention_mask` (B, L): 1 for real tokens, 0 for padding (default all ones).
     `positions` (B, L): position ids (default: 0..L-1, shifted by the cache fill when decoding).
+    `segment_ids` (B, L) int: packed rows, 1, 2, ... per example and 0 on padding; a token
+    attends only to earlier tokens of its own (non-zero) segment. Give each example's
+    `positions` restarting at 0 with it. Not with `decode` (a cache holds one sequence per row).
     `decode=True` reads and extends the KV cache in the 'cache' collection; create it with
     `init_cache` and call `apply(..., decode=True, mutable=["cache"])`.
     """
@@ -40,7 +43,9 @@ class Decoder(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, token_ids, attention_mask=None, positions=None, decode: bool = False):
+    def __call__(
+        self, token_ids, attention_mask=None, positions=None, decode: bool = False, segment_ids=None
+    ):
         cfg = self.config
         token_ids_BxL = jnp.asarray(token_ids, jnp.int32)
         B, L = token_ids_BxL.shape
@@ -52,6 +57,7 @@ class Decoder(nn.Module):
             jnp.ones((B, L), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
         )
         key_valid_BxS, cache_offset = self._cache_mask(valid_BxL, decode)
+        visible_BxLxS = self._visibility(valid_BxL, key_valid_BxS, cache_offset, segment_ids, decode)
         if positions is None:
             positions = jnp.broadcast_to(cache_offset + jnp.arange(L, dtype=jnp.int32), (B, L))
         positions_BxL = jnp.asarray(positions, jnp.int32)
@@ -75,11 +81,11 @@ class Decoder(nn.Module):
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x_BxLxD, _ = stack(cfg, name="layers")(x_BxLxD, key_valid_BxS, positions_BxL, cache_offset, decode)
+            x_BxLxD, _ = stack(cfg, name="layers")(x_BxLxD, visible_BxLxS, positions_BxL, cache_offset, decode)
         else:
             for i in range(cfg.num_layers):
                 x_BxLxD, _ = layer(cfg, name=f"layers_{i}")(
-                    x_BxLxD, key_valid_BxS, positions_BxL, cache_offset, decode
+                    x_BxLxD, visible_BxLxS, positions_BxL, cache_offset, decode
                 )
 
         x_BxLxD = norm(cfg, "norm")(x_BxLxD)
@@ -88,6 +94,30 @@ class Decoder(nn.Module):
         else:
             logits_BxLxV = dense(cfg, cfg.vocab_size, ("embed", "vocab"), "lm_head")(x_BxLxD)
         return logits_BxLxV.astype(jnp.float32)
+
+    @staticmethod
+    def _visibility(valid_BxL, key_valid_BxS, cache_offset, segment_ids, decode: bool):
+        """bool (B, L, S): the key slots each query sees (`layers.visibility`).
+
+        Without `segment_ids` every query is in segment 1 and so is every valid key: padding
+        hides keys only, as `attention_mask` always has. With them (no cache, so S == L) a
+        query sees the valid keys of its own segment; a padding query (segment 0) sees none.
+        """
+        if segment_ids is None:
+            query_segment_BxL = jnp.ones(valid_BxL.shape, jnp.int32)
+            return visibility(query_segment_BxL, key_valid_BxS.astype(jnp.int32), cache_offset)
+        if decode:
+            raise ValueError(
+                "segment_ids (packed rows) cannot be used with decode=True: the KV cache holds "
+                "one sequence per row; decode each example in its own row without segment_ids"
+            )
+        segment_ids_BxL = jnp.asarray(segment_ids, jnp.int32)
+        if segment_ids_BxL.shape != valid_BxL.shape:
+            raise ValueError(
+                f"segment_ids have shape {segment_ids_BxL.shape}, the tokens {valid_BxL.shape}"
+            )
+        key_segment_BxS = jnp.where(key_valid_BxS, segment_ids_BxL, 0)
+        return visibility(segment_ids_BxL, key_segment_BxS, cache_offset)
 
     def _cache_mask(self, valid_BxL, decode: bool):
         """(key validity over all key slots, slot of the first new token).

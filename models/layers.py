@@ -68,26 +68,38 @@ def apply_rope(x_BxLxNxH: jax.Array, positions_BxL: jax.Array, theta: float) -> 
     return out.astype(x_BxLxNxH.dtype)
 
 
+def visibility(query_segment_BxL: jax.Array, key_segment_BxS: jax.Array,
+               query_offset: jax.Array | int) -> jax.Array:
+    """bool (B, L, S): may query i see key slot j.
+
+    Query i sits at key slot `query_offset + i`; it sees slot j iff j <= that (causal) and
+    both are in the same segment, a non-zero one (segment 0 marks invalid keys, and a query
+    of segment 0 sees nothing).
+    """
+    L, S = query_segment_BxL.shape[1], key_segment_BxS.shape[1]
+    causal_LxS = jnp.arange(S)[None, :] <= (query_offset + jnp.arange(L))[:, None]
+    key_segment_Bx1xS = key_segment_BxS[:, None, :]
+    same_BxLxS = query_segment_BxL[:, :, None] == key_segment_Bx1xS
+    return causal_LxS[None] & same_BxLxS & (key_segment_Bx1xS != 0)
+
+
 def attend(
     q_BxLxNxH: jax.Array,
     k_BxSxKxH: jax.Array,
     v_BxSxKxH: jax.Array,
-    key_valid_BxS: jax.Array,
-    query_offset: jax.Array | int,
+    visible_BxLxS: jax.Array,
 ) -> jax.Array:
-    """Causal grouped-query attention; returns (B, L, N, H).
+    """Grouped-query attention where `visible_BxLxS` (see `visibility`) allows; returns (B, L, N, H).
 
-    Query i sits at key slot `query_offset + i` and sees slots j <= that which are valid.
     Softmax runs in float32; a query with no visible key gets a uniform (finite) distribution.
     """
     B, L, N, H = q_BxLxNxH.shape
-    S, K = k_BxSxKxH.shape[1], k_BxSxKxH.shape[2]
+    K = k_BxSxKxH.shape[2]
     q_BxLxKxGxH = q_BxLxNxH.reshape(B, L, K, N // K, H) * jnp.asarray(H**-0.5, q_BxLxNxH.dtype)
     scores_BxKxGxLxS = jnp.einsum(
         "blkgh,bskh->bkgls", q_BxLxKxGxH, k_BxSxKxH, preferred_element_type=jnp.float32
     )
-    causal_LxS = jnp.arange(S)[None, :] <= (query_offset + jnp.arange(L))[:, None]
-    visible_Bx1x1xLxS = (causal_LxS[None] & key_valid_BxS[:, None, :])[:, None, None]
+    visible_Bx1x1xLxS = visible_BxLxS[:, None, None]
     scores_BxKxGxLxS = jnp.where(visible_Bx1x1xLxS, scores_BxKxGxLxS, jnp.finfo(jnp.float32).min)
     probs_BxKxGxLxS = jax.nn.softmax(scores_BxKxGxLxS, axis=-1).astype(v_BxSxKxH.dtype)
     out_BxLxKxGxH = jnp.einsum("bkgls,bskh->blkgh", probs_BxKxGxLxS, v_BxSxKxH)
@@ -100,12 +112,13 @@ class Attention(nn.Module):
     In decode mode the keys and values of the new tokens are written into the 'cache'
     collection (`key`, `value`: (B, S, K, H)) at slot `cache_offset`, and the queries attend
     over the whole cache. The call that creates the cache (model.init) attends normally.
+    `visible_BxLxS` says which key slots each query sees (`visibility`).
     """
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxLxD, key_valid_BxS, positions_BxL, cache_offset, decode: bool):
+    def __call__(self, x_BxLxD, visible_BxLxS, positions_BxL, cache_offset, decode: bool):
         cfg = self.config
         B, L, D = x_BxLxD.shape
         N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -125,7 +138,7 @@ class Attention(nn.Module):
                 key.value = jax.lax.dynamic_update_slice(key.value, k_BxLxKxH.astype(cfg.dtype), start)
                 value.value = jax.lax.dynamic_update_slice(value.value, v_BxLxKxH.astype(cfg.dtype), start)
                 k_BxSxKxH, v_BxSxKxH = key.value, value.value
-        y_BxLxNxH = attend(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, key_valid_BxS, cache_offset)
+        y_BxLxNxH = attend(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, visible_BxLxS)
         return dense(cfg, D, ("heads", "embed"), "o_proj")(y_BxLxNxH.reshape(B, L, N * H))
 
 
