@@ -133,10 +133,6 @@ def place(tree: Any, shardings: Any) -> Any:
 
 def setup(cfg: RunConfig, log: Callable[[str], None] = print) -> Setup:
     """Load, split, place and compile; nothing is written."""
-    if cfg.data.packing:
-        raise ConfigError("data.packing=true needs segment-aware attention, which the models "
-                          "in models/ do not have yet (packed examples would attend to each "
-                          "other); set data.packing=false")
     mesh = mesh_lib.make_mesh(cfg.mesh)
     mesh_lib.check_batch_fits(cfg.data.batch_size, mesh)
     model, base, tokenizer = load_model(cfg.model)

@@ -51,9 +51,13 @@ def token_losses(logits_BxLxV: jax.Array, ids_BxL: jax.Array,
 
 def loss_sum(forward: Callable[..., Any], params: Any, batch: Batch, label_smoothing: float,
              rngs: Mapping[str, jax.Array] | None = None) -> tuple[jax.Array, jax.Array]:
-    """(summed loss over target tokens, number of target tokens), both float32 []."""
-    logits_BxLxV = forward({"params": params}, batch["input_ids"], batch["segment_ids"] > 0,
-                           batch["positions"], rngs=rngs or {})
+    """(summed loss over target tokens, number of target tokens), both float32 [].
+
+    Tokens attend within their own segment only (``segment_ids``, train/batching.py), so a
+    packed row scores each of its examples as if it were alone in a padded row.
+    """
+    logits_BxLxV = forward({"params": params}, batch["input_ids"], positions=batch["positions"],
+                           segment_ids=batch["segment_ids"], rngs=rngs or {})
     weights_BxT = batch["loss_mask"][:, 1:].astype(jnp.float32)
     losses_BxT = token_losses(logits_BxLxV, batch["input_ids"], label_smoothing)
     return (losses_BxT * weights_BxT).sum(), weights_BxT.sum()
