@@ -26,6 +26,7 @@ from train.adapter import AdapterError
 from train.checkpoint import CheckpointError
 from train.config import ConfigError, load_config
 from train.data import DataError
+from train.e2e_eval import COMMAND as EVAL_COMMAND
 from train.export import SUBCOMMANDS as EXPORT_COMMANDS
 
 # Errors whose message already says what is wrong and how to fix it: no traceback.
@@ -93,6 +94,7 @@ COMMANDS: dict[str, Command] = {
     "train": Command("fine-tune a model (LoRA, full or BitFit) as a config says",
                      _train_arguments, _train),
     **{name: Command(*spec) for name, spec in EXPORT_COMMANDS.items()},  # merge, export, import-peft
+    "eval": Command(*EVAL_COMMAND),
 }
 
 

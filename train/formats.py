@@ -61,8 +61,13 @@ def text_field(row: Mapping[str, Any], column: str) -> str:
     return value
 
 
+def e2e_prompt(mr: str) -> str:
+    """The prompt of an E2E meaning representation: all the model sees before its answer."""
+    return chatml_user_turn(E2E_INSTRUCTION + mr)
+
+
 def _e2e(row: Mapping[str, Any]) -> tuple[str, str]:
-    return chatml_user_turn(E2E_INSTRUCTION + text_field(row, "mr")), text_field(row, "ref")
+    return e2e_prompt(text_field(row, "mr")), text_field(row, "ref")
 
 
 def _prompt_completion(row: Mapping[str, Any]) -> tuple[str, str]:

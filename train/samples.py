@@ -30,15 +30,25 @@ def distinct_prompts(examples: Sequence[Example], count: int) -> list[Example]:
     return list(chosen.values())
 
 
-def left_padded_prompts(examples: Sequence[Example], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """(prompt ids, attention mask), both int32 [N, P], right-aligned (padding on the left)."""
-    length = max(e.prompt_length for e in examples)
+def left_padded_prompts(examples: Sequence[Example], pad_id: int,
+                        length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(prompt ids, attention mask), both int32 [N, P], right-aligned (padding on the left).
+
+    P is ``length`` (one compiled program for every batch), else the longest prompt.
+    """
+    length = length or max(e.prompt_length for e in examples)
     ids_NxP = np.full((len(examples), length), pad_id, np.int32)
     mask_NxP = np.zeros((len(examples), length), np.int32)
     for row, example in enumerate(examples):
         ids_NxP[row, length - example.prompt_length:] = example.ids_L[:example.prompt_length]
         mask_NxP[row, length - example.prompt_length:] = 1
     return ids_NxP, mask_NxP
+
+
+def decode_text(tokenizer: Tokenizer, ids: Sequence[int], eos_id: int) -> str:
+    """The text of ``ids`` up to (without) the first EOS, stripped."""
+    ids = [int(i) for i in ids]
+    return tokenizer.decode(ids[:ids.index(eos_id)] if eos_id in ids else ids).strip()
 
 
 def generate_samples(model: models.Decoder, params: Any, tokenizer: Tokenizer,
@@ -55,8 +65,7 @@ def generate_samples(model: models.Decoder, params: Any, tokenizer: Tokenizer,
                                          pad_token_id=eos_id))
 
     def text(ids) -> str:
-        ids = [int(i) for i in ids]
-        return tokenizer.decode(ids[:ids.index(eos_id)] if eos_id in ids else ids).strip()
+        return decode_text(tokenizer, ids, eos_id)
 
     return [Sample(prompt=text(e.ids_L[:e.prompt_length]), generated=text(row),
                    reference=text(e.ids_L[e.prompt_length:]))

@@ -1,0 +1,240 @@
+"""``lora-jax eval``: decode every distinct MR of an E2E CSV and score it against all its refs.
+
+    lora-jax eval CONFIG_OR_RUN_DIR --data PATH [--out DIR] [--greedy | --num-beams N]
+                  [--limit N] [--batch-size N] [--max-new-tokens N]
+
+CONFIG_OR_RUN_DIR is what to evaluate:
+
+* a YAML run config (``configs/*.yaml``): its base model (section ``model``), untrained;
+* a run directory or its ``adapter/`` (train/adapter.py): the base with the adapter, a
+  LoRA adapter unmerged (``models.generate`` runs it through ``lj.apply``);
+* a model that ``models.load`` reads: a Hugging Face checkpoint directory such as the
+  output of ``lora-jax merge`` (merged params), a ``.gguf`` file or an embedded name.
+
+``--data`` is a CSV with columns ``mr`` and ``ref``, one row per reference (relative
+paths are relative to the current directory); a row with a missing or empty field is an
+error naming the row. Each distinct MR is decoded once, in order of first appearance,
+from the prompt that training builds for it (train/formats.py ``e2e_prompt``, tokenised
+without special tokens as train/examples.py does), up to ``--max-new-tokens`` tokens or
+the EOS (the run config's ``data.eos_token``, else ``<|im_end|>``). Decoding is the LoRA
+paper's beam search by default (:data:`PAPER_DECODING`: 10 beams, length penalty 0.9, no
+repeated 4-gram); ``--greedy`` keeps one beam (and the 4-gram ban) for quick runs. MRs go
+in batches of ``--batch-size``, every batch padded to the same shape so that one
+compiled program serves them all.
+
+The outputs are scored against all references of their MR (train/e2e_metrics.py, whose
+docstring says which implementations and how they differ from the challenge's scripts).
+With ``--out DIR``::
+
+    predictions.txt  one output per line, one line per distinct MR, in order of first
+                     appearance in the CSV (line breaks inside an output become spaces)
+    scores.json      {"BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"}: BLEU 0-100, the
+                     others on the challenge script's scales; METEOR null without WordNet
+    scores.md        the scores as a table (also on the paper's scale), with the settings
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+from tokenizers import Tokenizer
+from tqdm.auto import tqdm
+
+import models
+from train import e2e_metrics
+from train.adapter import AdapterError
+from train.config import DataConfig, load_config
+from train.data import DataError, load_table
+from train.examples import Example
+from train.export import adapter_dir, load_adapted
+from train.formats import MalformedRow, e2e_prompt, text_field
+from train.run import CONFIG_FILE, load_model
+from train.samples import decode_text, left_padded_prompts
+
+PREDICTIONS_FILE = "predictions.txt"
+SCORES_FILE = "scores.json"
+REPORT_FILE = "scores.md"
+CONFIG_SUFFIXES = (".yaml", ".yml")
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How outputs are decoded (``models.generate`` arguments)."""
+
+    num_beams: int = 10
+    length_penalty: float = 0.9
+    no_repeat_ngram_size: int = 4
+    max_new_tokens: int = 64
+
+
+PAPER_DECODING = Decoding()  # the LoRA paper's E2E decoding (its examples/NLG)
+
+
+class Target(NamedTuple):
+    """A model to evaluate, ready for ``models.generate``."""
+
+    model: models.Decoder
+    params: Any
+    tokenizer: Tokenizer
+    eos_token: str
+    description: str
+
+
+def read_e2e(path: str | Path) -> list[tuple[str, list[str]]]:
+    """``[(mr, [ref, ...]), ...]``: every distinct MR in order of first appearance."""
+    path = Path(path).expanduser().resolve()
+    table = load_table(str(path))
+    missing = [c for c in ("mr", "ref") if c not in table.column_names]
+    if missing:
+        raise DataError(f"{path} lacks the column(s) {missing} (it has {table.column_names}); "
+                        f"an E2E CSV has a header 'mr,ref' and one row per reference")
+    refs: dict[str, list[str]] = {}
+    for index, row in enumerate(table.select_columns(["mr", "ref"]).to_list()):
+        try:
+            refs.setdefault(text_field(row, "mr"), []).append(text_field(row, "ref"))
+        except MalformedRow as bad:
+            raise DataError(f"row {index} of {path} (0-based, header not counted): {bad}; fix "
+                            f"or remove the row") from None
+    if not refs:
+        raise DataError(f"{path} has no rows")
+    return list(refs.items())
+
+
+def _run_eos_token(adapter_dir: Path) -> str:
+    """``data.eos_token`` of the run that wrote ``adapter_dir``; the default without its config."""
+    for config in (adapter_dir / CONFIG_FILE, adapter_dir.parent / CONFIG_FILE):
+        if config.is_file():
+            return load_config(config).data.eos_token
+    return DataConfig().eos_token
+
+
+def load_target(target: str | Path) -> Target:
+    """The model that CONFIG_OR_RUN_DIR names (see the module docstring)."""
+    path = Path(target).expanduser()
+    if path.suffix in CONFIG_SUFFIXES:
+        cfg = load_config(path)
+        model, params, tokenizer = load_model(cfg.model)
+        return Target(model, params, tokenizer, cfg.data.eos_token, f"base model {cfg.model.name}")
+    try:
+        adapter = adapter_dir(path)
+    except AdapterError:  # not a run or adapter directory: a model
+        pass
+    else:
+        adapted = load_adapted(adapter)
+        return Target(adapted.model, adapted.params, adapted.tokenizer, _run_eos_token(adapter),
+                      f"{adapted.meta['method']} adapter {adapter.resolve()} on "
+                      f"{adapted.meta['model']}")
+    if not path.exists() and str(target) not in models.loaders.EMBEDDED:
+        raise FileNotFoundError(f"{target} does not exist; pass a YAML run config, a run or "
+                                f"adapter directory, a Hugging Face checkpoint directory (e.g. "
+                                f"from lora-jax merge), a .gguf file or one of "
+                                f"{sorted(models.loaders.EMBEDDED)}")
+    model, params, tokenizer = models.load(target)
+    if tokenizer is None:
+        raise FileNotFoundError(f"{target} has no tokenizer.json; add the base model's")
+    return Target(model, params, tokenizer, DataConfig().eos_token, f"model {target}")
+
+
+def decode(target: Target, mrs: list[str], decoding: Decoding, batch_size: int = 8) -> list[str]:
+    """One output per MR, decoded in batches (the last one padded by repeating its last MR)."""
+    eos_id = target.tokenizer.token_to_id(target.eos_token)
+    if eos_id is None:
+        raise DataError(f"the tokenizer has no EOS token {target.eos_token!r}; set the run "
+                        f"config's data.eos_token")
+    encoded = target.tokenizer.encode_batch([e2e_prompt(mr) for mr in mrs],
+                                            add_special_tokens=False)
+    examples = [Example(np.asarray(e.ids, np.int32), len(e.ids)) for e in encoded]
+    length = max(e.prompt_length for e in examples)
+    context = target.model.config.max_position_embeddings
+    if length + decoding.max_new_tokens > context:
+        raise DataError(f"the longest prompt ({length} tokens) + --max-new-tokens "
+                        f"{decoding.max_new_tokens} exceeds the model's context of {context} "
+                        f"tokens; lower --max-new-tokens")
+    outputs = []
+    with tqdm(total=len(examples), unit="MR", desc="eval") as bar:
+        for start in range(0, len(examples), batch_size):
+            batch = examples[start:start + batch_size]
+            ids_BxP, mask_BxP = left_padded_prompts(
+                batch + batch[-1:] * (batch_size - len(batch)), eos_id, length)
+            new_BxN = np.asarray(models.generate(
+                target.model, target.params, ids_BxP, attention_mask=mask_BxP,
+                eos_token_id=eos_id, pad_token_id=eos_id, **dataclasses.asdict(decoding)))
+            outputs += [" ".join(decode_text(target.tokenizer, row, eos_id).split())
+                        for row in new_BxN[:len(batch)]]
+            bar.update(len(batch))
+    return outputs
+
+
+def report(scores: dict[str, float | None], *, description: str, data: str, mrs: int,
+           decoding: Decoding) -> str:
+    """``scores.md``: the scores, on this module's scales and the paper's, and the settings."""
+    def cell(value: float | None, factor: float = 1.0) -> str:
+        return "null" if value is None else f"{value * factor:.4f}"
+
+    lines = ["# E2E evaluation", "", f"- model: {description}", f"- data: {data} ({mrs} MRs)",
+             f"- decoding: {json.dumps(dataclasses.asdict(decoding))}",
+             "- implementations: train/e2e_metrics.py", "",
+             "| metric | score | LoRA paper's scale |", "|---|---|---|"]
+    lines += [f"| {name} | {cell(scores[name])} | "
+              f"{cell(scores[name], e2e_metrics.PAPER_SCALE[name])} |"
+              for name in e2e_metrics.METRICS]
+    notes = e2e_metrics.notes(scores)
+    return "\n".join(lines + ([""] + [f"Note: {n}" for n in notes] if notes else [])) + "\n"
+
+
+def write_outputs(out: str | Path, predictions: list[str], scores: dict[str, float | None],
+                  markdown: str) -> Path:
+    """``predictions.txt``, ``scores.json`` and ``scores.md`` in ``out`` (created)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / PREDICTIONS_FILE).write_text("".join(p + "\n" for p in predictions))
+    (out / SCORES_FILE).write_text(json.dumps(scores, indent=1) + "\n")
+    (out / REPORT_FILE).write_text(markdown)
+    return out
+
+
+def _arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("target", metavar="CONFIG_OR_RUN_DIR",
+                        help="YAML run config (its base model), run/adapter directory (LoRA "
+                             "unmerged), or a model directory such as lora-jax merge's output")
+    parser.add_argument("--data", required=True, metavar="PATH",
+                        help="E2E CSV with columns mr, ref (several rows per MR)")
+    parser.add_argument("--out", metavar="DIR",
+                        help="write predictions.txt, scores.json and scores.md here")
+    beams = parser.add_mutually_exclusive_group()
+    beams.add_argument("--greedy", action="store_true", help="one beam, for quick runs")
+    beams.add_argument("--num-beams", type=int, default=PAPER_DECODING.num_beams, metavar="N")
+    parser.add_argument("--limit", type=int, metavar="N", help="only the first N distinct MRs")
+    parser.add_argument("--batch-size", type=int, default=8, metavar="N", help="MRs per batch")
+    parser.add_argument("--max-new-tokens", type=int, default=PAPER_DECODING.max_new_tokens,
+                        metavar="N")
+
+
+def _run(args: argparse.Namespace) -> int:
+    for name in ("num_beams", "limit", "batch_size", "max_new_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise DataError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    groups = read_e2e(args.data)[:args.limit]
+    decoding = dataclasses.replace(PAPER_DECODING, num_beams=1 if args.greedy else args.num_beams,
+                                   max_new_tokens=args.max_new_tokens)
+    target = load_target(args.target)
+    predictions = decode(target, [mr for mr, _ in groups], decoding, args.batch_size)
+    scores = e2e_metrics.score(predictions, [refs for _, refs in groups])
+    markdown = report(scores, description=target.description, data=args.data, mrs=len(groups),
+                      decoding=decoding)
+    print(markdown)
+    if args.out:
+        print(f"written: {write_outputs(args.out, predictions, scores, markdown)}")
+    return 0
+
+
+# (help, add_arguments, run): train/cli.py makes it the ``eval`` Command.
+COMMAND = ("decode the MRs of an E2E CSV and score them (BLEU, NIST, METEOR, ROUGE-L, CIDEr)",
+           _arguments, _run)
