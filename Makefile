@@ -36,6 +36,8 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.train_step
+	$(BIN)/python -m benchmarks.train_pipeline
+	$(BIN)/python -m benchmarks.decode
 
 clean:
 	rm -rf $(VENV)

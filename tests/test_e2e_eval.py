@@ -25,10 +25,7 @@ REFS = [["The Eagle is a cheap pub near the river."],
 OUTPUTS = [refs[0] for refs in REFS]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    with tf.compilation_cache(tmp_path_factory.getbasetemp() / "jax_cache"):
-        yield
+pytestmark = pytest.mark.usefixtures("jax_compilation_cache")
 
 
 def test_bleu_matches_a_hand_computed_case():

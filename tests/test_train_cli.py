@@ -11,10 +11,7 @@ from train.cli import main
 from train.config import config_to_yaml, load_config
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    with tf.compilation_cache(tmp_path_factory.getbasetemp() / "jax_cache"):
-        yield
+pytestmark = pytest.mark.usefixtures("jax_compilation_cache")
 
 
 def test_train_writes_a_complete_run_directory(tmp_path, capsys):

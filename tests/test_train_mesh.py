@@ -18,16 +18,7 @@ STEPS = 4
 MESH_8 = ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    with tf.compilation_cache(tmp_path_factory.getbasetemp() / "jax_cache"):
-        yield
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mesh")
-    return tf.write_tiny_llama(root / "model"), tf.write_csv(root / "e2e.csv"), root
+pytestmark = pytest.mark.usefixtures("jax_compilation_cache")
 
 
 def trajectory(s, steps=STEPS):
@@ -41,8 +32,8 @@ def trajectory(s, steps=STEPS):
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_sharded_mesh_matches_one_device(files, method):
-    model_dir, csv, root = files
+def test_sharded_mesh_matches_one_device(run_files, method):
+    model_dir, csv, root = run_files
     runs = {}
     for name, mesh in (("one", ("mesh.data=1",)), ("eight", MESH_8)):
         cfg = tf.tiny_config(model_dir, csv, root / name, f"method={method}", *mesh)
@@ -55,8 +46,8 @@ def test_sharded_mesh_matches_one_device(files, method):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-5)
 
 
-def test_params_factors_and_moments_are_sharded_as_specified(files):
-    model_dir, csv, root = files
+def test_params_factors_and_moments_are_sharded_as_specified(run_files):
+    model_dir, csv, root = run_files
     s = setup(tf.tiny_config(model_dir, csv, root / "specs", *MESH_8,
                              "lora.targets=[.*/(q_proj|v_proj|down_proj)/kernel]"),
               log=lambda _: None)

@@ -17,22 +17,13 @@ QUIET = {"log": lambda _: None}
 PACKED = ("data.packing=true", "data.max_length=96", "data.batch_size=4")  # ~3 examples a row
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    with tf.compilation_cache(tmp_path_factory.getbasetemp() / "jax_cache"):
-        yield
+pytestmark = pytest.mark.usefixtures("jax_compilation_cache")
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("packing")
-    return tf.write_tiny_llama(root / "model"), tf.write_csv(root / "e2e.csv"), root
-
-
-def test_a_packed_update_equals_the_padded_update_of_the_same_examples(files):
+def test_a_packed_update_equals_the_padded_update_of_the_same_examples(run_files):
     """One jitted step of the run (LoRA forward, loss, AdamW) on 12 examples, one per row or
     packed three to a row: same loss, gradient norm and token counts (float32, rtol 1e-5)."""
-    model_dir, csv, root = files
+    model_dir, csv, root = run_files
     s = setup(tf.tiny_config(model_dir, csv, root / "unused", *PACKED), **QUIET)
     examples = s.splits.train[:12]
     lengths_N = np.array([len(e.ids_L) for e in examples])
@@ -53,8 +44,8 @@ def test_a_packed_update_equals_the_padded_update_of_the_same_examples(files):
     assert packed["grad_norm"] == pytest.approx(padded["grad_norm"], rel=1e-5)
 
 
-def test_a_packed_run_trains_end_to_end(files):
-    model_dir, csv, root = files
+def test_a_packed_run_trains_end_to_end(run_files):
+    model_dir, csv, root = run_files
     result = train(tf.tiny_config(model_dir, csv, root / "packed", *PACKED), **QUIET)
     assert result.step == 6 and (root / "packed" / "adapter" / "adapter.json").is_file()
     before, after = result.validation_before["loss"], result.validation_after["loss"]

@@ -21,16 +21,7 @@ RESUME = ("optim.grad_accum_steps=2", "lora.dropout=0.1", "checkpoint.every_step
           "checkpoint.async_save=true")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    with tf.compilation_cache(tmp_path_factory.getbasetemp() / "jax_cache"):
-        yield
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume")
-    return tf.write_tiny_llama(root / "model"), tf.write_csv(root / "e2e.csv"), root
+pytestmark = pytest.mark.usefixtures("jax_compilation_cache")
 
 
 def snapshot(directory):
@@ -44,8 +35,8 @@ def train_losses(run_dir):
     return [(r["step"], r["loss"]) for r in records if r["split"] == "train"]
 
 
-def test_stop_and_resume_is_bitwise_identical_to_a_straight_run(files):
-    model_dir, csv, root = files
+def test_stop_and_resume_is_bitwise_identical_to_a_straight_run(run_files):
+    model_dir, csv, root = run_files
     straight = train(tf.tiny_config(model_dir, csv, root / "straight", *RESUME), **QUIET)
     cfg = tf.tiny_config(model_dir, csv, root / "paused", *RESUME)
     stopped = train(cfg, stop_after=3, **QUIET)
@@ -59,8 +50,8 @@ def test_stop_and_resume_is_bitwise_identical_to_a_straight_run(files):
     assert sorted(p.name for p in (root / "paused" / "checkpoints").iterdir()) == ["4", "6"]
 
 
-def test_resume_with_a_changed_config_is_refused_unless_forced(files):
-    model_dir, csv, root = files
+def test_resume_with_a_changed_config_is_refused_unless_forced(run_files):
+    model_dir, csv, root = run_files
     train(tf.tiny_config(model_dir, csv, root / "changed", "optim.max_steps=2"), **QUIET)
     changed = tf.tiny_config(model_dir, csv, root / "changed", "optim.max_steps=2",
                              "optim.learning_rate=5e-3")
@@ -83,8 +74,8 @@ def test_config_changes_ignore_what_may_change_on_resume():
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
 @pytest.mark.parametrize("damage", ["state", "meta"])
-def test_an_unreadable_checkpoint_is_an_error_and_nothing_is_overwritten(files, damage):
-    model_dir, csv, root = files
+def test_an_unreadable_checkpoint_is_an_error_and_nothing_is_overwritten(run_files, damage):
+    model_dir, csv, root = run_files
     run_dir = root / f"damaged_{damage}"
     cfg = tf.tiny_config(model_dir, csv, run_dir, "optim.max_steps=3")
     train(cfg, stop_after=2, **QUIET)
@@ -99,8 +90,8 @@ def test_an_unreadable_checkpoint_is_an_error_and_nothing_is_overwritten(files, 
     assert snapshot(run_dir) == before
 
 
-def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(files):
-    model_dir, csv, root = files
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(run_files):
+    model_dir, csv, root = run_files
     run_dir = root / "nan"
     cfg = tf.tiny_config(model_dir, csv, run_dir, "optim.learning_rate=1e30",
                          "optim.warmup_steps=0", "optim.grad_clip=null",
