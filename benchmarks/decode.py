@@ -86,7 +86,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default="runs/decode.json")
+    parser.add_argument("--out", default="benchmarks/results/decode.json")
     args = parser.parse_args()
 
     model, params, tokenizer = models.load("smollm2-135m")
