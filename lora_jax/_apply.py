@@ -96,8 +96,8 @@ def _lora_interceptor(next_fun, args, kwargs, context, *, dropout: float):
     elif isinstance(module, _KERNEL_LAYERS) and method == "__call__":
       x = _dropout(module, args[0], dropout)
       x_sub, k_sub, y_sub = _einsum_spec(module, args, kwargs)
-      _check_layout(module, own[weight].shape, factors, where)
-      y = y + _factored_term(x_sub, k_sub, y_sub, x, own[weight].shape, *factors, y.dtype, where)
+      split = _check_layout(module, own[weight].shape, factors, where)
+      y = y + _factored_term(x_sub, k_sub, y_sub, x, split, *factors, y.dtype)
     else:
       raise TypeError(
           f"lj.apply: {where}/{weight} is adapted, but {type(module).__name__} is not a layer "
@@ -165,7 +165,8 @@ def _normalize(axes, ndim) -> tuple[int, ...]:
   return tuple(a % ndim for a in _as_tuple(axes))
 
 
-def _check_layout(module, w_shape, factors, where):
+def _check_layout(module, w_shape, factors, where) -> tuple[int, int]:
+  """(stacked axes, input axes) of the factors; a DenseGeneral must agree with them."""
   a, b, s = factors
   n_stack, n_in = check_fits(f"{where}/kernel", w_shape, a.shape, b.shape, s.shape)
   if isinstance(module, nn.DenseGeneral):
@@ -176,11 +177,15 @@ def _check_layout(module, w_shape, factors, where):
           f"(stack={n_stack}, fan_in={n_in}), but this nn.DenseGeneral contracts "
           f"{expected[1]} input axes over {expected[0]} batch axes. Create them with "
           "lj.init(key, params, config, layout=lj.infer_layout(model.apply, variables, *args)).")
+  return n_stack, n_in
 
 
-def _factored_term(x_sub, k_sub, y_sub, x, w_shape, a, b, s, dtype, where):
-  """s·(x·A)·B for a layer computing einsum(x_sub,k_sub->y_sub)(x, W)."""
-  n_stack, n_in = check_fits(f"{where}/kernel", w_shape, a.shape, b.shape, s.shape)
+def _factored_term(x_sub, k_sub, y_sub, x, split, a, b, s, dtype):
+  """s·(x·A)·B for a layer computing einsum(x_sub,k_sub->y_sub)(x, W).
+
+  `split` is (stacked axes, input axes) of the kernel's subscripts `k_sub`.
+  """
+  n_stack, n_in = split
   rank = next(c for c in string.ascii_letters if c not in x_sub + k_sub + y_sub)
   stack, ins, outs = k_sub[:n_stack], k_sub[n_stack:n_stack + n_in], k_sub[n_stack + n_in:]
   a_sub, b_sub = stack + ins + rank, stack + rank + outs

@@ -49,8 +49,8 @@ def delta(name: str, w_shape, a: jax.Array, b: jax.Array, s: jax.Array,
   return dw_SxIxO.reshape(w_shape)
 
 
-def _fold(params: Any, sign: int, adapter_flat: dict | None = None) -> tuple[dict, dict]:
-  """W ± s·A·B and b ± δ for every adapter; returns (folded flat tree, lora leaves)."""
+def _fold(params: Any, sign: int, adapter_flat: dict | None = None) -> dict:
+  """W ± s·A·B and b ± δ for every adapter, as a flat tree without the LoRA leaves."""
   flat = _tree.flatten(params)
   lora = adapter_flat if adapter_flat is not None else {
       p: leaf for p, leaf in flat.items() if _tree.is_lora_leaf(p)}
@@ -86,7 +86,7 @@ def _fold(params: Any, sign: int, adapter_flat: dict | None = None) -> tuple[dic
         raise ValueError(f"{_tree.path_str(path)}: shape {d.shape} does not fit the bias "
                          f"{b.shape}; the adapter was made for another base model.")
       out[bias_path] = _tree.wrap_like(out[bias_path], (b + sign * d.astype(b.dtype)).astype(b.dtype))
-  return out, lora
+  return out
 
 
 def materialize(params: Any) -> Any:
@@ -97,7 +97,7 @@ def materialize(params: Any) -> Any:
   (but the full-size W + ΔW and its gradient are materialised; `lj.apply`
   avoids both). Accumulates in float32 (or wider) and casts back to W's dtype.
   """
-  out, _ = _fold(params, +1)
+  out = _fold(params, +1)
   return _tree.unflatten_like(params, out)
 
 
@@ -134,7 +134,7 @@ def unmerge(merged: Any, adapter: Any) -> Any:
     raise ValueError("unmerge expects a merged tree (no LoRA leaves); this one still has "
                      "an adapter, so there is nothing to unmerge.")
   lora = {p: leaf for p, leaf in _tree.flatten(adapter).items() if _tree.is_lora_leaf(p)}
-  out, _ = _fold(merged, -1, lora)
+  out = _fold(merged, -1, lora)
   template = next(iter(flat_merged.values()))
   out.update({p: _tree.new_leaf_like(template, _tree.value(leaf)) for p, leaf in lora.items()})
   return _tree.unflatten_like(merged, out)

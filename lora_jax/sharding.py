@@ -62,8 +62,7 @@ def partition_specs(base_specs: Any, params: Any) -> Any:
     n_stack, n_in = check_fits(_tree.path_str(base), w_shape, a, b, s)
     axes = tuple(spec) + (None,) * (len(w_shape) - len(tuple(spec)))
     stack, ins, outs = axes[:n_stack], axes[n_stack:n_stack + n_in], axes[n_stack + n_in:]
-    kind = type(spec) if isinstance(spec, PartitionSpec) else tuple
-    make = (lambda *xs: PartitionSpec(*xs)) if kind is PartitionSpec else (lambda *xs: tuple(xs))
+    make = PartitionSpec if isinstance(spec, PartitionSpec) else (lambda *xs: xs)
     name = _tree.leaf_name(path)
     if name.endswith(_tree.A_SUFFIX):
       out[path] = make(*stack, *ins, None)

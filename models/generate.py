@@ -74,7 +74,7 @@ def generate(
       sum(log p) / generated_length ** length_penalty, and the best one is returned.
     no_repeat_ngram_size: bans tokens that would repeat an n-gram of prompt + output.
     apply_fn: called like `model.apply` (default). When `params` hold LoRA factors
-      (leaves named `*_lora_*`) it is wrapped with `lora_jax.apply`.
+      (`lj.trainable_mask` finds factors) it is wrapped with `lora_jax.apply`.
     """
     cfg = model.config
     prompt_BxP = jnp.asarray(prompt_ids, jnp.int32)
@@ -109,9 +109,8 @@ def generate(
 
 
 def has_lora(params: Any) -> bool:
-    """Whether any leaf of `params` is a LoRA factor (a key containing "_lora_")."""
-    paths = jax.tree_util.tree_flatten_with_path(params)[0]
-    return any("_lora_" in str(getattr(k, "key", "")) for path, _ in paths for k in path)
+    """Whether `params` hold a LoRA adapter (lora_jax's naming scheme decides)."""
+    return any(jax.tree.leaves(lj.trainable_mask(params)))
 
 
 @functools.lru_cache(maxsize=None)

@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+import lora_jax as lj
 import models
 from train import method as method_lib
 from train.config import ConfigError, LoraSection, OptimConfig
@@ -94,7 +95,7 @@ def test_methods_train_what_they_say():
     frozen, trainable = method_lib.partition(adapted, lora)
     names = {path[-1].key for path, _ in jax.tree_util.tree_flatten_with_path(trainable)[0]}
     assert names == {"kernel_lora_a", "kernel_lora_b"}
-    assert jax.tree.structure(method_lib.combine(frozen, trainable)) == jax.tree.structure(adapted)
+    assert jax.tree.structure(lj.combine(frozen, trainable)) == jax.tree.structure(adapted)
     llama = models.init_params(models.get_config("tiny-llama"), jax.random.key(0))
     with pytest.raises(ConfigError, match="has none"):
         method_lib.prepare("bitfit", llama, LoraSection(), jax.random.key(0))

@@ -61,10 +61,6 @@ def partition(params: Any, mask: Any) -> tuple[Any, Any]:
     return traverse_util.unflatten_dict(frozen), traverse_util.unflatten_dict(trainable)
 
 
-def combine(frozen: Any, trainable: Any) -> Any:
-    """Inverse of :func:`partition` (``lj.combine``: disjoint halves, LoRA shapes checked)."""
-    return lj.combine(frozen, trainable)
-
 
 def forward(method: str, apply_fn: Callable[..., Any], dropout: float) -> Callable[..., Any]:
     """``apply_fn`` (``model.apply``) as the method runs it: LoRA's factored forward, with

@@ -34,6 +34,7 @@ from jax.sharding import Mesh
 from omegaconf import OmegaConf
 from tokenizers import Tokenizer
 
+import lora_jax as lj
 import models
 from train import adapter as adapter_lib
 from train import method as method_lib
@@ -293,7 +294,7 @@ def _non_finite_message(metrics: dict[str, float], step: int, checkpoints: Check
 def _finish(s: Setup, state: Any, run_dir: Path, log: Callable[[str], None]) -> list[Sample]:
     """Write the adapter directory; return greedy samples (single-process runs)."""
     cfg = s.cfg
-    final = method_lib.combine(s.frozen, state["params"])
+    final = lj.combine(s.frozen, state["params"])
     lora = method_lib.lora_config(cfg.lora).to_dict() if cfg.method == "lora" else None
     saved = adapter_lib.save_adapter(run_dir / ADAPTER_DIR,
                                      adapter_lib.artifact(final, s.mask, s.base),

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from train import method as method_lib
+import lora_jax as lj
 
 Batch = Mapping[str, jax.Array]
 State = dict[str, Any]
@@ -88,7 +88,7 @@ def train_step(forward: Callable[..., Any], tx: optax.GradientTransformation,
             rngs = {"dropout": jax.random.fold_in(step_key, index)}
 
             def objective(trainable):
-                params = method_lib.combine(frozen, trainable)
+                params = lj.combine(frozen, trainable)
                 return loss_sum(forward, params, batch, label_smoothing, rngs)[0] / denominator
 
             value, grads = jax.value_and_grad(objective)(state["params"])
@@ -114,6 +114,6 @@ def eval_step(forward: Callable[..., Any]) -> Callable[[Any, Any, Batch], tuple[
     """``step(trainable, frozen, batch_BxL) -> (summed loss, target tokens)``; no smoothing,
     no dropout."""
     def step(trainable: Any, frozen: Any, batch: Batch):
-        return loss_sum(forward, method_lib.combine(frozen, trainable), batch, 0.0)
+        return loss_sum(forward, lj.combine(frozen, trainable), batch, 0.0)
 
     return step
