@@ -1,14 +1,16 @@
 """train/e2e_metrics.py, train/wordnet.py and ``lora-jax eval`` (train/e2e_eval.py).
 
 Metric expectations are independent of the implementations: a hand-computed BLEU,
-maxima for perfect outputs, zeros for empty ones, and the multi-reference rules
-(a duplicated reference changes nothing, a matching extra reference raises the score).
-The command runs on a tiny model trained for a few steps.
+hand-computed NIST cases and one computed by mteval-v13a.pl itself, maxima for perfect
+outputs, zeros for empty ones, and the multi-reference rules (a duplicated reference
+changes nothing, a matching extra reference raises the score). The command runs
+on a tiny model trained for a few steps.
 """
 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -35,6 +37,66 @@ def test_bleu_matches_a_hand_computed_case():
         pytest.approx(expected, abs=1e-9))
     assert e2e_metrics.bleu(["The CAT sat on the mat"], [["the cat sat on a mat"]]) == (
         pytest.approx(expected, abs=1e-9))  # case-insensitive, as mteval-v13a
+
+
+def test_nist_of_an_output_equal_to_its_only_reference():
+    # Reference counts: "the" 2 of 6 words, the other words 1; info(w) = log2(6 / count(w)).
+    # Bigrams: info("the cat") = info("the mat") = log2(count(the) / 1) = 1, the other
+    # bigrams and all longer n-grams have info log2(1 / 1) = 0. Equal lengths: no penalty.
+    expected = (2 * math.log2(6 / 2) + 4 * math.log2(6)) / 6 + (1 + 1) / 5
+    assert e2e_metrics.nist(["The CAT sat on the mat"], [["the cat sat on the mat"]]) == (
+        pytest.approx(expected, abs=1e-12))
+    assert e2e_metrics.nist(["dog barks loudly"], [["the cat sat on the mat"]]) == 0
+
+
+def test_nist_clips_against_the_max_count_over_the_references():
+    # "a" occurs once in each reference: it counts once (the max), not twice (the sum);
+    # "b" and "c" match in different references, so both count (no single best reference).
+    # Reference words 8: info(a) = log2(8 / 2), info(b) = info(c) = log2(8 / 1); of the
+    # hypothesis bigrams only "a b" matches, info log2(count(a) / count(a b)) = log2(2 / 1).
+    # Reference length 8 words / 2 references = 4 = the hypothesis length: no penalty.
+    expected = (math.log2(4) + 2 * math.log2(8)) / 4 + math.log2(2) / 3
+    assert e2e_metrics.nist(["a a b c"], [["a c x y", "a b x y"]]) == (
+        pytest.approx(expected, abs=1e-12))
+
+
+def test_nist_penalty_halves_the_score_at_two_thirds_of_the_mean_reference_length():
+    # One output: reference length (3 + 6) / 2 = 4.5, 3 hypothesis words, ratio 2/3
+    # (the closest reference, 3 words, would give no penalty). Reference words 9, "a",
+    # "b", "c" twice each: info log2(9 / 2); "a b", "b c", "a b c" have info log2(2 / 2) = 0.
+    assert e2e_metrics.nist(["a b c"], [["a b c", "a b c d e f"]]) == (
+        pytest.approx(0.5 * math.log2(9 / 2), abs=1e-12))
+    # Two outputs with 1 and 3 references: all 12 reference words / the mean of 2
+    # references per output = 6 (the sum of the per-output means would be 2 + 10/3), so
+    # 4 hypothesis words are 2/3 of it. info(a) = info(b) = log2(12), info(c) = info(d) =
+    # log2(12 / 3); "a b" and "c d" have info 0.
+    expected = 0.5 * (2 * math.log2(12) + 2 * math.log2(4)) / 4
+    assert e2e_metrics.nist(["a b", "c d"], [["a b"], ["c d", "c d", "c d e f g h"]]) == (
+        pytest.approx(expected, abs=1e-12))
+
+
+def test_nist_matches_mteval_v13a():
+    # Expected value from mteval-v13a.pl ("version 13a", the mteval/mteval-v13a-sig.pl of
+    # tuetschek/e2e-metrics at fdfe692), run as e2e-metrics' measure_scores.py runs it:
+    # perl mteval-v13a-sig.pl -r ref.sgm -s src.sgm -t tst.sgm -f log.txt, the SGML files
+    # written by its create_mteval_file; it prints "NIST score = 5.7126", and with its
+    # final printf's %2.4f changed to %.12f, 5.712621797312. "0" is there on purpose:
+    # Perl reads the n-gram prefix "0" as false and takes the total word count instead.
+    hypotheses = ["The Eagle is a cheap pub near the river.", "Zizzi serves Italian food.",
+                  "Aromi is a coffee shop for families.", "The Wrestlers has a 0 out of 5 rating.",
+                  "Near the city centre, Cotto is cheap."]
+    references = [["The Eagle is a cheap pub by the river.",
+                   "Near the river, The Eagle pub is cheap."],
+                  ["Zizzi serves Italian food in the city centre."],
+                  ["Aromi is a family friendly coffee shop.",
+                   "Aromi, a coffee shop, welcomes families.",
+                   "Families are welcome at the Aromi coffee shop."],
+                  ["The Wrestlers is rated 0 out of 5.",
+                   "The Wrestlers has a customer rating of 0 out of 5 and is cheap."],
+                  ["Cotto is a cheap restaurant in the city centre.",
+                   "In the city centre, Cotto offers cheap food.", "Cotto is cheap.",
+                   "Cotto, in the city centre, is cheap."]]
+    assert e2e_metrics.nist(hypotheses, references) == pytest.approx(5.712621797312, abs=1e-9)
 
 
 def test_perfect_outputs_score_the_maximum_and_empty_outputs_zero():
