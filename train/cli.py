@@ -27,11 +27,13 @@ from train.checkpoint import CheckpointError
 from train.config import ConfigError, load_config
 from train.data import DataError
 from train.e2e_eval import COMMAND as EVAL_COMMAND
+from train.experiment import COMMAND as EXPERIMENT_COMMAND
+from train.experiment import ExperimentError
 from train.export import SUBCOMMANDS as EXPORT_COMMANDS
 
 # Errors whose message already says what is wrong and how to fix it: no traceback.
 USER_ERRORS = (ConfigError, DataError, CheckpointError, AdapterError, FloatingPointError,
-               FileNotFoundError, PeftFormatError)
+               FileNotFoundError, PeftFormatError, ExperimentError)
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,7 @@ COMMANDS: dict[str, Command] = {
                      _train_arguments, _train),
     **{name: Command(*spec) for name, spec in EXPORT_COMMANDS.items()},  # merge, export, import-peft
     "eval": Command(*EVAL_COMMAND),
+    "experiment": Command(*EXPERIMENT_COMMAND),
 }
 
 

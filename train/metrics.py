@@ -3,7 +3,8 @@
 A record is one JSON object per line, ``{"step": 10, "split": "train", "loss": 2.31, ...}``
 (``split`` is ``train`` or ``validation``); TensorBoard gets the same values under the
 tag ``<split>/<name>``. Losses are in nats per target token, ``tokens_per_s`` counts
-non-padding tokens per wall-clock second. Only process 0 writes; on a resume, records
+non-padding tokens per wall-clock second of the last update, ``step_s`` is the median
+wall-clock seconds per update over the logging window. Only process 0 writes; on a resume, records
 after the resumed step (from the steps that are about to be redone) are dropped.
 """
 

@@ -1,0 +1,134 @@
+"""train/experiment.py: ``lora-jax experiment`` end to end on a tiny model, and its report."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+import train_fixtures as tf
+from train.cli import main
+from train.config import ConfigError, config_to_yaml, load_config
+from train.experiment import load_experiment, ratios, split_test, table
+
+RANK, LAYERS, HIDDEN = 2, tf.LAYERS, tf.HIDDEN
+
+
+def _write_experiment(tmp_path, model_dir, csv_path, **extra) -> str:
+    base = tmp_path / "base.yaml"
+    base.write_text(config_to_yaml(tf.tiny_config(model_dir, csv_path, tmp_path / "unused")))
+    experiment = {
+        "base_config": str(base), "data": str(csv_path), "test_fraction": 0.25, "seed": 1,
+        "output_dir": str(tmp_path / "out"), "report": str(tmp_path / "docs" / "results.md"),
+        "plot": str(tmp_path / "docs" / "results.png"),
+        "overrides": ["optim.max_steps=3", "checkpoint.every_steps=0"],
+        "eval": {"greedy": True, "batch_size": 4, "max_new_tokens": 3},
+        "methods": [{"name": "zero-shot"},
+                    {"name": "lora", "overrides": [f"lora.rank={RANK}"],
+                     "learning_rates": [1e-4, 3e-2]}],
+        **extra}
+    path = tmp_path / "experiment.yaml"
+    path.write_text(json.dumps(experiment))  # JSON is YAML
+    return str(path)
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_test_split_is_by_mr_and_keeps_every_row(tmp_path):
+    csv_path = tf.write_csv(tmp_path / "e2e.csv")
+    trainval, test, counts = split_test(csv_path, 0.25, 0, tmp_path / "split")
+    every, trainval_rows, test_rows = _rows(csv_path), _rows(trainval), _rows(test)
+    assert {r["mr"] for r in trainval_rows}.isdisjoint({r["mr"] for r in test_rows})
+    assert sorted(map(tuple, (r.values() for r in trainval_rows + test_rows))) == \
+        sorted(map(tuple, (r.values() for r in every)))
+    assert counts["test_mrs"] == 4 and counts["trainval_mrs"] == 12  # 0.25 of 16 MRs
+    assert counts["test_rows"] == len(test_rows)
+
+
+@pytest.mark.slow
+def test_experiment_trains_chooses_on_validation_and_reports(tmp_path, run_files, monkeypatch,
+                                                            capsys):
+    model_dir, csv_path, _ = run_files
+    # the runs are subprocesses: share a compilation cache between them
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax_cache"))
+    config = _write_experiment(tmp_path, model_dir, csv_path)
+    assert main(["experiment", config]) == 0
+    out = tmp_path / "out"
+    results = json.loads((out / "results.json").read_text())
+    zero_shot, lora = results["rows"]
+
+    # the learning rate is the one with the lowest final validation loss, read off the runs
+    finals = {}
+    for lr in (1e-4, 3e-2):
+        records = [json.loads(line) for line in
+                   (out / "runs" / "lora" / f"lr_{lr:g}" / "metrics.jsonl").read_text().splitlines()]
+        finals[lr] = [r["loss"] for r in records if r["split"] == "validation"][-1]
+    assert lora["learning_rate"] == min(finals, key=finals.get)
+    assert finals[3e-2] != finals[1e-4]
+
+    # closed forms: r·(in + out) per q and v kernel; AdamW keeps two f32 moments each
+    q_out, v_out = tf.HEADS * tf.HEAD_DIM, tf.KV_HEADS * tf.HEAD_DIM
+    assert lora["trainable_params"] == LAYERS * RANK * (2 * HIDDEN + q_out + v_out)
+    assert 8 * lora["trainable_params"] <= lora["optimizer_state_bytes"] \
+        <= 8 * lora["trainable_params"] + 64
+    assert zero_shot["trainable_params"] == 0
+    assert zero_shot["validation_loss"] == lora["validation_loss_before"]
+    assert 0 < lora["adapter_bytes"] and lora["peak_rss_bytes"] > 2**20 and lora["step_s"] > 0
+
+    # every test MR decoded by `lora-jax eval` for both rows, scores in the fixed format
+    test_mrs = results["data"]["test_mrs"]
+    for name in ("zero-shot", "lora"):
+        lines = (out / "eval" / name / "predictions.txt").read_text().splitlines()
+        assert len(lines) == test_mrs
+        assert set(json.loads((out / "eval" / name / "scores.json").read_text())) == \
+            {"BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"}
+    report = (tmp_path / "docs" / "results.md").read_text()
+    assert "| zero-shot | - | 0 |" in report and f"| lora | {lora['learning_rate']:g} |" in report
+    assert f"lora-jax experiment {config}" in report
+    assert (tmp_path / "docs" / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # a second call reuses the finished runs; a changed grid point is refused, not overwritten
+    capsys.readouterr()
+    assert main(["experiment", config]) == 0
+    assert capsys.readouterr().out.count("(finished run reused)") == 2
+    changed = _write_experiment(tmp_path, model_dir, csv_path,
+                                overrides=["optim.max_steps=4", "checkpoint.every_steps=0"])
+    assert main(["experiment", changed]) == 2
+    assert "holds a finished run with another config" in capsys.readouterr().err
+    assert len(finals) == 2 and (out / "runs" / "lora" / "lr_0.03" / "adapter").is_dir()
+
+
+def test_bad_experiment_configs_name_the_key(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text(config_to_yaml(load_config(None)))
+    path = tmp_path / "e.yaml"
+    path.write_text(f"base_config: {base}\nmethods: [{{name: a, overrides: [lora.rnak=2]}}]\n")
+    with pytest.raises(ConfigError, match="did you mean 'lora.rank'"):
+        load_experiment(path)
+    path.write_text(f"base_config: {base}\nmethod: []\n")
+    with pytest.raises(ConfigError, match="method"):
+        load_experiment(path)
+    path.write_text(f"base_config: {base}\nmethods: [{{name: a}}, {{name: a}}]\n")
+    with pytest.raises(ConfigError, match="distinct names"):
+        load_experiment(path)
+
+
+def test_table_and_ratios_state_the_measured_figures():
+    full = {"method": "full", "learning_rate": 1e-4, "base_params": 1000,
+            "trainable_params": 1000, "adapter_bytes": 4 * 2**20,
+            "optimizer_state_bytes": 8000, "peak_rss_bytes": 3 * 2**30, "step_s": 2.0,
+            "validation_loss": 1.5, "scores": {"BLEU": 60.0, "NIST": 8.0, "METEOR": 0.4,
+                                                "ROUGE_L": 0.6, "CIDEr": 2.0}}
+    lora = {**full, "method": "lora", "trainable_params": 10, "adapter_bytes": 2**12,
+            "optimizer_state_bytes": 80, "peak_rss_bytes": 2**30,
+            "scores": {**full["scores"], "BLEU": 61.5}}
+    rows = table([full, lora])
+    assert rows[3].startswith("| lora | 0.0001 | 10 | 1.000 | 4.0 KiB | 80 B")
+    assert "| 61.50 | 8.00 | 40.00 | 60.00 | 2.00 |" in rows[3]
+    assert ratios([full, lora]) == ["- lora: saved 1,024x smaller, optimizer state 100x "
+                                    "smaller, peak RSS 3.00x lower, BLEU +1.50 vs full "
+                                    "fine-tuning"]
