@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-fast demo bench clean
+.PHONY: venv test test-fast demo bench bench-quick bench-gpu clean
 
 venv: $(STAMP)
 
@@ -34,10 +34,36 @@ demo: $(STAMP)
 	rm -rf runs/e2e_lora
 	$(BIN)/lora-jax train configs/e2e_lora.yaml $(ARGS)
 
+# Every benchmark (about an hour on 2 quiet CPU cores), then docs/benchmarks.md from the
+# JSON in benchmarks/results/. Run it on an otherwise idle machine.
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.train_step
+	$(BIN)/python -m benchmarks.train_step --base-dtype bfloat16 \
+	  --out benchmarks/results/train_step_bf16_base.json
 	$(BIN)/python -m benchmarks.train_pipeline
 	$(BIN)/python -m benchmarks.decode
+	$(BIN)/python -m benchmarks.latency
+	$(BIN)/python -m benchmarks.peers
+	$(BIN)/python -m benchmarks.report
+
+# A smoke check of every benchmark and the report (tiny models, one round, a few minutes);
+# results and report go to $(QUICK), never over benchmarks/results or docs/.
+QUICK ?= /tmp/lora-jax-bench-quick
+bench-quick: $(STAMP)
+	$(BIN)/python -m benchmarks.train_step --quick --out $(QUICK)/train_step.json
+	$(BIN)/python -m benchmarks.train_pipeline --rounds 1 --steps 2 --out $(QUICK)/train_pipeline.json
+	$(BIN)/python -m benchmarks.decode --new-tokens 4 --batch-sizes 1 --repeats 1 \
+	  --out $(QUICK)/decode.json
+	$(BIN)/python -m benchmarks.latency --quick --out $(QUICK)/latency.json
+	$(BIN)/python -m benchmarks.peers --quick --out $(QUICK)/peers.json
+	$(BIN)/python -m benchmarks.report --results $(QUICK) --out $(QUICK)/benchmarks.md
+
+# On a machine with a GPU and a CUDA jaxlib (pip install 'jax[cuda12]' into .venv): the
+# training step in bfloat16 on GPT-2 large, with model-FLOPs utilisation, then the report.
+bench-gpu: $(STAMP)
+	$(BIN)/python -m benchmarks.train_step --model gpt2-large --dtype bfloat16 --seq 512 \
+	  --out benchmarks/results/train_step_gpu.json
+	$(BIN)/python -m benchmarks.report
 
 clean:
 	rm -rf $(VENV)

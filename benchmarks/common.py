@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import statistics
+import sys
 import time
 from importlib import metadata
 from pathlib import Path
@@ -51,6 +53,16 @@ def matmul_rate(n: int = 1024, repeats: int = 5) -> float:
     a @ a
     times.append(time.perf_counter() - start)
   return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def command(module: str, argv: list[str] | None = None) -> str:
+  """The command line of a benchmark run (`argv` as given to its `main`, else sys.argv)."""
+  return shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
+
+
+def same_regime(probes: list[float], tolerance: float = 1.25) -> bool:
+  """Whether matmul probes (GFLOP/s) agree within `tolerance` (max / min): one CPU regime."""
+  return max(probes) <= tolerance * min(probes)
 
 
 def write_json(path: str | Path, payload: dict) -> Path:

@@ -112,7 +112,7 @@ def main() -> None:
                ("decode_tok_s", "decode tok/s", ".1f")]
     print(common.table(rows, columns))
     payload = {"benchmark": "decode", "model": "smollm2-135m (GGUF Q4_1 dequantised, float32)",
-               "machine": common.machine(), "matmul_gflops_before": probe_before,
+               "command": common.command("benchmarks.decode"), "machine": common.machine(), "matmul_gflops_before": probe_before,
                "matmul_gflops_after": common.matmul_rate(), "rows": rows}
     print(f"wrote {common.write_json(args.out, payload)}")
 

@@ -162,7 +162,8 @@ def main(argv=None) -> dict | None:
   all_probes = [p for m in METHODS for pair in probes[m] for p in pair]
   result = {"benchmark": "train_pipeline", "configs": METHODS,
             "overrides": overrides(args.steps, Path("<tmp>"), args.set),
-            "rounds": args.rounds, "machine": common.machine(),
+            "rounds": args.rounds, "command": common.command("benchmarks.train_pipeline", argv),
+            "machine": common.machine(),
             "probe_gflops": {"min": min(all_probes), "max": max(all_probes)}, "methods": rows}
   print(f"{rows[0]['runs'][0]['model']} through train.run.train, {args.steps} updates per run "
         f"(first not timed), {args.rounds} rounds, {result['machine']['cpu']} "

@@ -1,7 +1,9 @@
 """Train step of full fine-tuning vs LoRA (factored `lj.apply`) vs LoRA (`lj.materialize`).
 
     python -m benchmarks.train_step                 # SmolLM2-135M shape, 8×128, float32
-    python -m benchmarks.train_step --model tiny-llama --rounds 1   # a quick check
+    python -m benchmarks.train_step --quick        # tiny model, 1 round: a smoke check
+    python -m benchmarks.train_step --base-dtype bfloat16       # frozen base weights in bf16
+    python -m benchmarks.train_step --model gpt2-large --dtype bfloat16 --seq 512   # a GPU
 
 Each method's step (forward, backward, AdamW update) is jitted once; then the
 methods are timed in alternating rounds, so their ratios are measured side by
@@ -10,6 +12,29 @@ compiled step (arguments + outputs + temporaries − donated aliases), which is
 what the step needs on the device; optimizer-state bytes are counted from the
 state's arrays. A numpy matmul probe before and after each round records the
 CPU regime. Weights are random: speed and memory do not depend on their values.
+
+`--dtype` is the compute dtype; `--base-dtype` (default: `--dtype`) stores the base weights,
+e.g. `--base-dtype bfloat16` with float32 compute: frozen base weights in bfloat16, LoRA
+factors (and their optimizer state) in float32 (`lj.init` promotes them). Full fine-tuning
+then trains the bfloat16 weights themselves, with bfloat16 AdamW moments.
+
+On a GPU (e.g. `--model gpt2-large --dtype bfloat16`, `make bench-gpu`) the table adds
+model-FLOPs utilisation: model FLOPs per step / step time / the device's peak FLOP/s
+(`PEAK_FLOPS`, dense, by device kind and compute dtype; not reported on CPU). Model FLOPs
+per step, with N = batch × seq tokens and P = the base parameters that enter matmuls (all
+but the embedding lookups: the token table counts once, as the LM head, when tied; the
+position table never; norms and biases are included, a negligible excess):
+
+    full fine-tuning   6·N·P           + 12·layers·heads·head_dim·seq·N
+    LoRA               4·N·P + 6·N·P_r + 12·layers·heads·head_dim·seq·N
+
+6·N·P is the forward (2·N·P), the activation gradients (2·N·P) and the weight gradients
+(2·N·P); LoRA's frozen weights skip the weight-gradient matmuls, leaving ~4·N·P, plus
+6·N·P_r for the P_r trainable factors. The attention term is the score and value matmuls
+(4·heads·head_dim·seq per token and layer forward, ×3 with the backward, which they need
+either way: they have no weights), counted without the causal mask's savings (PaLM's
+convention). lora_materialize does the same model FLOPs as lora_apply (forming W + s·A·B is
+overhead, not model work).
 """
 
 from __future__ import annotations
@@ -27,6 +52,43 @@ import models
 from benchmarks import common
 
 METHODS = ("full", "lora_apply", "lora_materialize")
+QUICK = {"model": "tiny-llama", "batch": 2, "seq": 32, "rounds": 1, "steps": 1}
+
+# (substring of jax's device_kind, compute dtype, dense peak FLOP/s); the first match counts.
+PEAK_FLOPS = (
+    ("H100 PCIe", "bfloat16", 756e12),
+    ("H100", "bfloat16", 989e12),  # SXM
+    ("H200", "bfloat16", 989e12),
+    ("A100", "bfloat16", 312e12),
+)
+
+
+def peak_flops(device_kind: str, dtype: str) -> float | None:
+  """The device's dense peak FLOP/s for `dtype` compute, or None (CPU, unknown device)."""
+  return next((f for kind, d, f in PEAK_FLOPS if kind in device_kind and d == dtype), None)
+
+
+def model_flops(method: str, config, base, batch: int, seq: int, lora_params: int) -> float:
+  """Model FLOPs of one training step (the formula of the module docstring)."""
+  P = sum(x.size for x in jax.tree.leaves(base))
+  if not config.tie_word_embeddings:
+    P -= base["embed_tokens"]["embedding"].size
+  if "embed_positions" in base:
+    P -= base["embed_positions"]["embedding"].size
+  N = batch * seq
+  attention = 12 * config.num_layers * config.num_heads * config.head_dim * seq * N
+  if method == "full":
+    return 6 * N * P + attention
+  return 4 * N * P + 6 * N * lora_params + attention
+
+
+COLUMNS = [
+    ("method", "method", ""), ("trainable_params", "trainable", ",d"),
+    ("trainable_pct", "% of total", ".3f"), ("step_s", "step s (median)", ".3f"),
+    ("step_vs_full", "vs full", ".3f"), ("peak_bytes", "peak bytes", ",d"),
+    ("peak_vs_full", "peak vs full", ".3f"), ("opt_state_bytes", "opt state bytes", ",d"),
+    ("opt_state_vs_full", "full/this opt", ",.0f")]
+MFU_COLUMN = ("mfu", "MFU", ".1%")
 
 
 def _loss(logits_BxLxV, ids_BxL):
@@ -80,13 +142,20 @@ def main(argv=None) -> dict:
   parser.add_argument("--seq", type=int, default=128)
   parser.add_argument("--rank", type=int, default=8)
   parser.add_argument("--targets", default=r".*/self_attn/(q_proj|v_proj)/kernel")
-  parser.add_argument("--dtype", default="float32")
+  parser.add_argument("--dtype", default="float32", help="compute dtype, e.g. bfloat16 on a GPU")
+  parser.add_argument("--base-dtype", help="storage dtype of the base weights (default: --dtype); "
+                      "LoRA factors stay float32")
   parser.add_argument("--rounds", type=int, default=3, help="alternating rounds")
   parser.add_argument("--steps", type=int, default=2, help="timed steps per method per round")
+  parser.add_argument("--quick", action="store_true", help=f"a smoke check: {QUICK}")
   parser.add_argument("--out", default="benchmarks/results/train_step.json")
   args = parser.parse_args(argv)
+  if args.quick:
+    for key, value in QUICK.items():
+      setattr(args, key, value)
 
-  config = models.get_config(args.model, scan_layers=True, dtype=args.dtype, param_dtype=args.dtype)
+  base_dtype = args.base_dtype or args.dtype
+  config = models.get_config(args.model, scan_layers=True, dtype=args.dtype, param_dtype=base_dtype)
   model = models.Decoder(config)
   base = models.init_params(config, jax.random.key(0))
   ids_BxL = jax.random.randint(jax.random.key(2), (args.batch, args.seq), 0, config.vocab_size)
@@ -120,8 +189,13 @@ def main(argv=None) -> dict:
 
   total = sum(x.size for x in jax.tree.leaves(base))
   full = rows["full"]
+  device_kind = jax.devices()[0].device_kind
+  peak = peak_flops(device_kind, args.dtype) if jax.default_backend() != "cpu" else None
   for row in rows.values():
     row["step_s"] = statistics.median(row["times"])
+    row["model_flops"] = model_flops(row["method"], config, base, args.batch, args.seq,
+                                     0 if row["method"] == "full" else row["trainable_params"])
+    row["mfu"] = row["model_flops"] / row["step_s"] / peak if peak else None
     row["step_vs_full"] = row["step_s"] / statistics.median(full["times"])
     row["peak_vs_full"] = row["peak_bytes"] / full["peak_bytes"]
     row["opt_state_vs_full"] = full["opt_state_bytes"] / row["opt_state_bytes"]
@@ -129,21 +203,20 @@ def main(argv=None) -> dict:
   probes = [p for row in rows.values() for pair in row["probes"] for p in pair]
   result = {
       "benchmark": "train_step", "model": args.model, "batch": args.batch, "seq": args.seq,
-      "rank": args.rank, "targets": args.targets, "dtype": args.dtype, "total_params": total,
-      "machine": common.machine(),
+      "rank": args.rank, "targets": args.targets, "dtype": args.dtype, "base_dtype": base_dtype,
+      "total_params": total, "command": common.command("benchmarks.train_step", argv),
+      "machine": common.machine() | {"device_kind": device_kind}, "peak_flops": peak,
+      "flops_formula": "full 6*N*P, LoRA 4*N*P + 6*N*P_r; + 12*layers*heads*head_dim*seq*N "
+                       "attention; N = batch*seq, P = base params in matmuls",
       "probe_gflops": {"min": min(probes), "max": max(probes)},
       "apply_vs_materialize_time": rows["lora_apply"]["step_s"] / rows["lora_materialize"]["step_s"],
       "apply_vs_materialize_peak": rows["lora_apply"]["peak_bytes"] / rows["lora_materialize"]["peak_bytes"],
       "methods": list(rows.values()),
   }
-  print(f"{args.model} ({total:,} params), batch {args.batch}x{args.seq}, {args.dtype}, "
-        f"{result['machine']['cpu']} x{result['machine']['cores']}")
-  print(common.table(list(rows.values()), [
-      ("method", "method", ""), ("trainable_params", "trainable", ",d"),
-      ("trainable_pct", "% of total", ".3f"), ("step_s", "step s (median)", ".3f"),
-      ("step_vs_full", "vs full", ".3f"), ("peak_bytes", "peak bytes", ",d"),
-      ("peak_vs_full", "peak vs full", ".3f"), ("opt_state_bytes", "opt state bytes", ",d"),
-      ("opt_state_vs_full", "full/this opt", ",.0f")]))
+  print(f"{args.model} ({total:,} params), batch {args.batch}x{args.seq}, compute {args.dtype}, "
+        f"base weights {base_dtype}, {result['machine']['cpu']} x{result['machine']['cores']}, "
+        f"{device_kind}")
+  print(common.table(list(rows.values()), COLUMNS + ([MFU_COLUMN] if peak else [])))
   print(f"apply / materialize: time {result['apply_vs_materialize_time']:.3f}, "
         f"peak memory {result['apply_vs_materialize_peak']:.3f}; matmul probe "
         f"{result['probe_gflops']['min']:.1f}-{result['probe_gflops']['max']:.1f} GFLOP/s")
