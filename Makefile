@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-fast demo bench bench-quick bench-gpu clean
+.PHONY: venv test test-fast demo paper-table bench bench-quick bench-gpu clean
 
 venv: $(STAMP)
 
@@ -36,6 +36,11 @@ demo: $(STAMP)
 
 # Every benchmark (about an hour on 2 quiet CPU cores), then docs/benchmarks.md from the
 # JSON in benchmarks/results/. Run it on an otherwise idle machine.
+# The LoRA paper's E2E table in miniature (docs/results.md, docs/results.png); about
+# 1-1.5 h on 2 CPU cores. Finished runs are reused: rerunning after a stop continues.
+paper-table: $(STAMP)
+	$(BIN)/lora-jax experiment configs/experiments/e2e_table.yaml $(ARGS)
+
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.train_step
 	$(BIN)/python -m benchmarks.train_step --base-dtype bfloat16 \

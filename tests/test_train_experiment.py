@@ -9,7 +9,7 @@ import pytest
 
 import train_fixtures as tf
 from train.cli import main
-from train.config import ConfigError, config_to_yaml, load_config
+from train.config import REPO_ROOT, ConfigError, config_to_yaml, load_config
 from train.experiment import load_experiment, ratios, split_test, table
 
 RANK, LAYERS, HIDDEN = 2, tf.LAYERS, tf.HIDDEN
@@ -132,3 +132,10 @@ def test_table_and_ratios_state_the_measured_figures():
     assert ratios([full, lora]) == ["- lora: saved 1,024x smaller, optimizer state 100x "
                                     "smaller, peak RSS 3.00x lower, BLEU +1.50 vs full "
                                     "fine-tuning"]
+
+
+@pytest.mark.parametrize("path", sorted(REPO_ROOT.glob("configs/experiments/*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_experiment_configs_load(path):
+    cfg = load_experiment(path)
+    assert cfg.methods and all(m.learning_rates or m.name == "zero-shot" for m in cfg.methods)
