@@ -24,7 +24,9 @@ class ModelConfig:
     """Shape and numerics of a decoder-only Transformer.
 
     family "gpt2": LayerNorm, learned positions, GELU (tanh) MLP, biases everywhere.
-    family "llama": RMSNorm, rotate-half RoPE, SwiGLU MLP, grouped-query attention, no biases.
+    family "llama": RMSNorm, rotate-half RoPE, SwiGLU MLP, grouped-query attention, no biases
+    unless `attention_bias` (a bias (out,) on q/k/v/o_proj) or `mlp_bias` (on gate/up/down_proj)
+    is set, as in Hugging Face's LlamaConfig; both are ignored for "gpt2", which has them all.
     `dtype` is the compute dtype, `param_dtype` the storage dtype of parameters; both accept a
     dtype or its name ("bfloat16").
     `bottleneck_adapter` > 0 adds a Houlsby et al. 2019 bottleneck adapter (down-projection to
@@ -52,6 +54,8 @@ class ModelConfig:
     param_dtype: Any = jnp.float32
     eos_token_id: int | None = None
     pad_token_id: int | None = None
+    attention_bias: bool = False
+    mlp_bias: bool = False
 
     def __post_init__(self):
         if self.family not in FAMILIES:

@@ -47,8 +47,8 @@ def hf_config(config: ModelConfig) -> dict[str, Any]:
                 num_key_value_heads=config.num_kv_heads, head_dim=config.head_dim,
                 max_position_embeddings=config.max_position_embeddings,
                 rms_norm_eps=config.norm_eps, rope_theta=config.rope_theta, rope_parameters=rope,
-                hidden_act="silu", attention_bias=False, mlp_bias=False, bos_token_id=None,
-                **common)
+                hidden_act="silu", attention_bias=config.attention_bias,
+                mlp_bias=config.mlp_bias, bos_token_id=None, **common)
 
 
 def hf_state_dict(config: ModelConfig, params: Any) -> dict[str, jnp.ndarray]:

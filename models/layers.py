@@ -15,11 +15,14 @@ from models.config import ModelConfig
 _INIT_STD = 0.02
 
 
-def dense(config: ModelConfig, features: int, axes: tuple[str, str], name: str) -> nn.Dense:
-    """An `nn.Dense` with kernel (in, out) named by logical `axes`; GPT-2 layers carry a bias."""
+def dense(
+    config: ModelConfig, features: int, axes: tuple[str, str], name: str, use_bias: bool = False
+) -> nn.Dense:
+    """An `nn.Dense` with kernel (in, out) named by logical `axes` and, with `use_bias`, a
+    zero-initialised bias (out,) named by `axes[1:]`."""
     return nn.Dense(
         features,
-        use_bias=config.family == "gpt2",
+        use_bias=use_bias,
         dtype=config.dtype,
         param_dtype=config.param_dtype,
         kernel_init=nn.with_logical_partitioning(nn.initializers.normal(_INIT_STD), axes),
@@ -112,7 +115,8 @@ class Attention(nn.Module):
     In decode mode the keys and values of the new tokens are written into the 'cache'
     collection (`key`, `value`: (B, S, K, H)) at slot `cache_offset`, and the queries attend
     over the whole cache. The call that creates the cache (model.init) attends normally.
-    `visible_BxLxS` says which key slots each query sees (`visibility`).
+    `visible_BxLxS` says which key slots each query sees (`visibility`). The projections have
+    biases in GPT-2, and in Llama when `attention_bias`.
     """
 
     config: ModelConfig
@@ -122,9 +126,10 @@ class Attention(nn.Module):
         cfg = self.config
         B, L, D = x_BxLxD.shape
         N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q_BxLxNxH = dense(cfg, N * H, ("embed", "heads"), "q_proj")(x_BxLxD).reshape(B, L, N, H)
-        k_BxLxKxH = dense(cfg, K * H, ("embed", "kv_heads"), "k_proj")(x_BxLxD).reshape(B, L, K, H)
-        v_BxLxKxH = dense(cfg, K * H, ("embed", "kv_heads"), "v_proj")(x_BxLxD).reshape(B, L, K, H)
+        bias = cfg.family == "gpt2" or cfg.attention_bias
+        q_BxLxNxH = dense(cfg, N * H, ("embed", "heads"), "q_proj", bias)(x_BxLxD).reshape(B, L, N, H)
+        k_BxLxKxH = dense(cfg, K * H, ("embed", "kv_heads"), "k_proj", bias)(x_BxLxD).reshape(B, L, K, H)
+        v_BxLxKxH = dense(cfg, K * H, ("embed", "kv_heads"), "v_proj", bias)(x_BxLxD).reshape(B, L, K, H)
         if cfg.family == "llama":
             q_BxLxNxH = apply_rope(q_BxLxNxH, positions_BxL, cfg.rope_theta)
             k_BxLxKxH = apply_rope(k_BxLxKxH, positions_BxL, cfg.rope_theta)
@@ -139,24 +144,28 @@ class Attention(nn.Module):
                 value.value = jax.lax.dynamic_update_slice(value.value, v_BxLxKxH.astype(cfg.dtype), start)
                 k_BxSxKxH, v_BxSxKxH = key.value, value.value
         y_BxLxNxH = attend(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, visible_BxLxS)
-        return dense(cfg, D, ("heads", "embed"), "o_proj")(y_BxLxNxH.reshape(B, L, N * H))
+        return dense(cfg, D, ("heads", "embed"), "o_proj", bias)(y_BxLxNxH.reshape(B, L, N * H))
 
 
 class MLP(nn.Module):
-    """GPT-2: down(gelu_tanh(up(x))). Llama: down(silu(gate(x)) * up(x))."""
+    """GPT-2: down(gelu_tanh(up(x))). Llama: down(silu(gate(x)) * up(x)).
+
+    Every projection has a bias in GPT-2, and in Llama when `mlp_bias`.
+    """
 
     config: ModelConfig
 
     @nn.compact
     def __call__(self, x_BxLxD):
         cfg = self.config
-        up_BxLxF = dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "up_proj")(x_BxLxD)
+        bias = cfg.family == "gpt2" or cfg.mlp_bias
+        up_BxLxF = dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "up_proj", bias)(x_BxLxD)
         if cfg.family == "gpt2":
             h_BxLxF = jax.nn.gelu(up_BxLxF, approximate=True)
         else:
-            gate_BxLxF = dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "gate_proj")(x_BxLxD)
+            gate_BxLxF = dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "gate_proj", bias)(x_BxLxD)
             h_BxLxF = jax.nn.silu(gate_BxLxF) * up_BxLxF
-        return dense(cfg, cfg.hidden_size, ("mlp", "embed"), "down_proj")(h_BxLxF)
+        return dense(cfg, cfg.hidden_size, ("mlp", "embed"), "down_proj", bias)(h_BxLxF)
 
 
 class BottleneckAdapter(nn.Module):

@@ -57,6 +57,21 @@ def test_a_merged_checkpoint_loads_in_transformers_with_our_logits(family, scan,
         np.testing.assert_array_equal(np.asarray(mine), np.asarray(theirs))
 
 
+def test_llama_biases_export_to_transformers_with_our_logits(tmp_path):
+    hf = hf_model("llama", attention_bias=True, mlp_bias=True)
+    with torch.no_grad():  # transformers initialises biases to zero
+        for name, parameter in hf.named_parameters():
+            if name.endswith(".bias"):
+                parameter.normal_(0.0, 0.5)
+    hf.save_pretrained(tmp_path / "base")
+    model, params, _ = models.load(tmp_path / "base", scan_layers=True)
+    save_hf(tmp_path / "out", model.config, params)
+    hf_config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert hf_config["attention_bias"] is True and hf_config["mlp_bias"] is True
+    ours = np.asarray(jax.jit(model.apply)({"params": params}, IDS))
+    np.testing.assert_allclose(_torch_logits(tmp_path / "out"), ours, atol=1e-4)
+
+
 def test_a_tree_with_lora_leaves_is_refused(tmp_path):
     hf_model("llama").save_pretrained(tmp_path / "base")
     model, base, _ = models.load(tmp_path / "base")

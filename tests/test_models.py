@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
 import models
@@ -98,6 +99,54 @@ def test_tied_llama_logits_match_transformers(tmp_path):
     ids = _batch()[0]
     expected = _hf_logits(hf, ids, np.ones_like(ids), np.broadcast_to(np.arange(9), ids.shape))
     np.testing.assert_allclose(np.asarray(model.apply({"params": params}, ids)), expected, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def llama_with_biases(tmp_path_factory):
+    """(directory, torch model): a tiny Llama with attention_bias, mlp_bias and random biases."""
+    hf = _hf_model("llama", attention_bias=True, mlp_bias=True)
+    with torch.no_grad():  # transformers initialises biases to zero
+        for name, parameter in hf.named_parameters():
+            if name.endswith(".bias"):
+                parameter.normal_(0.0, 0.5)
+    directory = tmp_path_factory.mktemp("llama_bias")
+    hf.save_pretrained(directory)
+    return directory, hf
+
+
+def test_llama_biases_load_with_transformers_logits(llama_with_biases):
+    directory, hf = llama_with_biases
+    model, params, _ = models.load(directory)
+    assert model.config.attention_bias and model.config.mlp_bias
+    np.testing.assert_array_equal(params["layers_1"]["self_attn"]["k_proj"]["bias"],
+                                  hf.model.layers[1].self_attn.k_proj.bias.detach().numpy())
+    np.testing.assert_array_equal(params["layers_0"]["mlp"]["down_proj"]["bias"],
+                                  hf.model.layers[0].mlp.down_proj.bias.detach().numpy())
+    ids, mask = _batch()
+    positions = _positions(mask)
+    real = mask.astype(bool)
+    ours = np.asarray(model.apply({"params": params}, ids, mask, positions))
+    np.testing.assert_allclose(ours[real], _hf_logits(hf, ids, mask, positions)[real], atol=1e-4, rtol=0)
+    with pytest.raises(models.CheckpointError, match="mlp_bias=False would drop"):
+        models.load(directory, mlp_bias=False)
+
+
+def test_added_biases_are_zeros_and_keep_the_logits(tmp_path):
+    _hf_model("llama").save_pretrained(tmp_path)
+    model, params, _ = models.load(tmp_path)
+    biased_model, biased, _ = models.load(tmp_path, attention_bias=True, mlp_bias=True)
+    flat, flat_biased = traverse_util.flatten_dict(params), traverse_util.flatten_dict(biased)
+    added = set(flat_biased) - set(flat)
+    assert added == {(f"layers_{i}", block, f"{proj}_proj", "bias") for i in range(2)
+                     for block, projs in (("self_attn", "qkvo"), ("mlp", ("gate", "up", "down")))
+                     for proj in projs}
+    assert all(not np.any(flat_biased[path]) for path in added)
+    assert flat_biased[("layers_0", "self_attn", "k_proj", "bias")].shape == (2 * 8,)  # K * H
+    for path, leaf in flat.items():
+        np.testing.assert_array_equal(flat_biased[path], leaf)
+    ids = _batch()[0]
+    np.testing.assert_allclose(np.asarray(biased_model.apply({"params": biased}, ids)),
+                               np.asarray(model.apply({"params": params}, ids)), atol=1e-6, rtol=0)
 
 
 def test_kv_cache_decoding_equals_full_recompute(loaded):

@@ -97,5 +97,5 @@ def test_methods_train_what_they_say():
     assert names == {"kernel_lora_a", "kernel_lora_b"}
     assert jax.tree.structure(lj.combine(frozen, trainable)) == jax.tree.structure(adapted)
     llama = models.init_params(models.get_config("tiny-llama"), jax.random.key(0))
-    with pytest.raises(ConfigError, match="has none"):
+    with pytest.raises(ConfigError, match="has none.*set model.add_biases=true"):
         method_lib.prepare("bitfit", llama, LoraSection(), jax.random.key(0))

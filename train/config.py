@@ -63,6 +63,14 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # stored parameter dtype
     scan_layers: bool = False  # one scanned layer body instead of unrolled layers
     remat: bool = False  # rematerialise each layer's activations in the backward pass
+    # zero-initialised biases on every attention and MLP projection of a bias-free (Llama)
+    # model, i.e. HF attention_bias=mlp_bias=True; the model computes the same function;
+    # BitFit needs it on Llama
+    add_biases: bool = False
+
+
+# The models.load options of model.add_biases=true (Hugging Face LlamaConfig's flags).
+ADDED_BIASES = {"attention_bias": True, "mlp_bias": True}
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@
         a PEFT LoRA adapter as a lora-jax adapter directory (train/adapter.py) for ``NAME``.
 
 RUN_OR_ADAPTER_DIR is a run's ``output_dir`` or its ``adapter/``. The base model is the
-one the adapter names, loaded as recorded (``model_options``: dtypes, layer stacking)
-and checked against its fingerprint.
+one the adapter names, loaded as recorded (``model_options``: dtypes, layer stacking,
+added biases) and checked against its fingerprint.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import models
 from models.hf_export import save_hf
 from models.hf_names import peft_module_map, tied_modules
 from train import adapter as adapter_lib
+from train.config import ADDED_BIASES
 
 PARAMS_DIR = "params"
 
@@ -56,7 +57,8 @@ def adapter_dir(run_or_adapter: str | Path) -> Path:
 
 
 def load_adapted(run_or_adapter: str | Path, *, check_base: bool = True) -> Adapted:
-    """The adapter's base model (stacking and dtype as recorded), with the adapter applied.
+    """The adapter's base model (stacking, dtype and added biases as recorded), with the
+    adapter applied.
 
     ``check_base=False`` accepts a base whose weights differ from the recorded fingerprint
     (shapes and dtypes must still match).
@@ -69,10 +71,15 @@ def load_adapted(run_or_adapter: str | Path, *, check_base: bool = True) -> Adap
 
 
 def _load_options(meta: dict[str, Any]) -> dict[str, Any]:
-    """``models.load`` options of the base: as recorded, else read off the fingerprint."""
+    """``models.load`` options of the base: as recorded, else read off the fingerprint.
+
+    A base trained with ``model.add_biases`` gets its zero biases again, which the
+    fingerprint (taken of the base as loaded for training) includes.
+    """
     recorded = meta.get("model_options")
     if recorded:
-        return {k: recorded[k] for k in ("dtype", "param_dtype", "scan_layers")}
+        added = ADDED_BIASES if recorded.get("add_biases") else {}  # absent in older adapters
+        return {k: recorded[k] for k in ("dtype", "param_dtype", "scan_layers")} | added
     leaves = meta["base_fingerprint"]["leaves"]
     return {"scan_layers": any(p.startswith("layers/") for p in leaves),
             "param_dtype": leaves["embed_tokens/embedding"]["dtype"]}

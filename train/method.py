@@ -6,7 +6,8 @@
 * ``bitfit`` (Ben Zaken et al. 2021): every leaf named ``bias``, the base's own biases
   trained in place. Not ``lj.init(bias="all")``: that adds bias *deltas* beside LoRA
   factors and needs targets, while BitFit has no factors at all. Llama-family models
-  have no biases, so BitFit is refused for them.
+  have no biases: load them with ``model.add_biases=true`` (zero biases on every attention
+  and MLP projection, Hugging Face's ``attention_bias``/``mlp_bias``), else BitFit is refused.
 
 The train step differentiates only the trainable half of :func:`partition` (the
 optimizer sees nothing else, so frozen weights get no gradient, no update and no
@@ -46,8 +47,9 @@ def prepare(method: str, params: Any, lora: LoraSection, key: jax.Array) -> tupl
         mask = traverse_util.path_aware_map(lambda path, _: path[-1] == "bias", params)
         if not any(jax.tree.leaves(mask)):
             raise ConfigError("method=bitfit trains the model's biases, but this model has none "
-                              "(Llama-family models have no biases); use method=lora or "
-                              "method=full, or a GPT-2-family model")
+                              "(Llama-family models have no biases); set model.add_biases=true "
+                              "to give every attention and MLP projection a zero-initialised "
+                              "bias to train (the loaded model computes the same function)")
         return params, mask
     raise ConfigError(f"unknown method {method!r}; use lora, full or bitfit")
 

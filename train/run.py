@@ -41,7 +41,14 @@ from train import method as method_lib
 from train import mesh as mesh_lib
 from train.batching import START, DataPosition, TrainBatches
 from train.checkpoint import CheckpointError, Checkpoints, abstract_like, config_changes
-from train.config import ConfigError, ModelConfig, RunConfig, resolve_path, save_config
+from train.config import (
+    ADDED_BIASES,
+    ConfigError,
+    ModelConfig,
+    RunConfig,
+    resolve_path,
+    save_config,
+)
 from train.data import Splits, build_splits, train_batches, validation_batches
 from train.evaluate import evaluate
 from train.metrics import MetricsLog, progress_bar
@@ -114,10 +121,15 @@ def config_dict(cfg: RunConfig) -> dict[str, Any]:
 
 
 def load_model(cfg: ModelConfig) -> tuple[models.Decoder, Any, Tokenizer]:
-    """``models.load`` with the config's numerics; the tokenizer must exist."""
+    """``models.load`` with the config's numerics and ``add_biases`` (Llama only); the
+    tokenizer must exist."""
     model, params, tokenizer = models.load(
         cfg.name, dtype=cfg.dtype, param_dtype=cfg.param_dtype, scan_layers=cfg.scan_layers,
-        remat_policy="full" if cfg.remat else "none")
+        remat_policy="full" if cfg.remat else "none", **(ADDED_BIASES if cfg.add_biases else {}))
+    if cfg.add_biases and model.config.family != "llama":
+        raise ConfigError(f"model.add_biases=true adds biases to a bias-free Llama model, but "
+                          f"{cfg.name!r} is {model.config.family}, which has biases on every "
+                          f"projection already; remove model.add_biases")
     if tokenizer is None:
         raise ConfigError(f"model {cfg.name!r} ships no tokenizer (tokenizer.json); add one to "
                           f"the checkpoint directory")

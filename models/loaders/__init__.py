@@ -39,6 +39,10 @@ def load(name_or_path: str | Path, **options: Any) -> tuple[Decoder, dict[str, A
     `name_or_path`: an embedded model name ("smollm2-135m", no network), a `.gguf` file, or a
     local Hugging Face checkpoint directory (config.json + *.safetensors, GPT-2 or Llama).
     `options` override ModelConfig fields: scan_layers, remat_policy, dtype, param_dtype, ...
+    A Llama checkpoint's biases follow its config.json (`attention_bias`, `mlp_bias`; a GGUF file
+    has none); `attention_bias=True` / `mlp_bias=True` add the ones it lacks as zeros, so the
+    model computes exactly the checkpoint's function (trainable biases for BitFit). Setting
+    either False for a checkpoint that has those biases raises CheckpointError.
     Returns the Flax module, UNBOXED params (plain arrays in `param_dtype`; logical axis names via
     `models.logical_axes(model)`), and a `tokenizers.Tokenizer` (None for a checkpoint directory
     without tokenizer.json).

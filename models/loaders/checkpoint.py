@@ -56,6 +56,28 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {"/".join(k.key for k in path): tuple(leaf.value.shape) for path, leaf in flat}
 
 
+def configure(
+    checkpoint: ModelConfig, options: dict[str, Any], source: str
+) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    """(the checkpoint's own config with `options` applied, {name: zeros} of the biases they add).
+
+    `attention_bias` / `mlp_bias` options may give a Llama checkpoint biases it lacks: the
+    missing ones are zeros, so the model computes exactly the checkpoint's function. Options
+    that would drop biases the checkpoint has raise CheckpointError.
+    """
+    config = with_options(checkpoint, **options)
+    flags = ("attention_bias", "mlp_bias")
+    for flag in flags:
+        if getattr(checkpoint, flag) and not getattr(config, flag):
+            raise CheckpointError(f"{source} has biases ({flag}=true) that the option "
+                                  f"{flag}=False would drop; leave the option out")
+    if all(getattr(config, flag) == getattr(checkpoint, flag) for flag in flags):
+        return config, {}
+    present = expected_shapes(with_options(config, **{f: getattr(checkpoint, f) for f in flags}))
+    return config, {name: np.zeros(shape, np.float32)
+                    for name, shape in expected_shapes(config).items() if name not in present}
+
+
 def build_params(
     named: dict[str, np.ndarray], unmatched: list[str], config: ModelConfig, source: str
 ) -> dict[str, Any]:

@@ -8,8 +8,15 @@ from typing import Any
 import gguf
 import numpy as np
 
-from models.config import ModelConfig, with_options
-from models.loaders.checkpoint import Rule, build_params, linear, rename, same
+from models.config import ModelConfig
+from models.loaders.checkpoint import (
+    Rule,
+    build_params,
+    configure,
+    linear,
+    rename,
+    same,
+)
 from models.loaders.hf import UnsupportedArchitectureError
 
 
@@ -85,12 +92,12 @@ def dequantize(tensor: gguf.ReaderTensor) -> np.ndarray:
 
 def load_gguf(path: str | Path, **options: Any) -> tuple[ModelConfig, dict[str, Any], gguf.GGUFReader]:
     """(config with `options` applied, params, reader) from a GGUF file; the reader carries the
-    tokenizer metadata."""
+    tokenizer metadata. Biases that `options` add (`attention_bias`, `mlp_bias`) are zeros."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
     reader = gguf.GGUFReader(path)
     names = {t.name for t in reader.tensors}
-    config = with_options(config_from_gguf(reader, "output.weight" in names), **options)
+    config, zeros = configure(config_from_gguf(reader, "output.weight" in names), options, str(path))
     named, unmatched = rename({t.name: dequantize(t) for t in reader.tensors}, _rules(config))
-    return config, build_params(named, unmatched, config, str(path)), reader
+    return config, build_params(zeros | named, unmatched, config, str(path)), reader

@@ -9,8 +9,15 @@ from typing import Any
 import numpy as np
 from safetensors import safe_open
 
-from models.config import ModelConfig, with_options
-from models.loaders.checkpoint import Rule, build_params, linear, rename, same
+from models.config import ModelConfig
+from models.loaders.checkpoint import (
+    Rule,
+    build_params,
+    configure,
+    linear,
+    rename,
+    same,
+)
 
 SUPPORTED_MODEL_TYPES = ("gpt2", "llama")
 
@@ -43,7 +50,6 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     if model_type == "llama":
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
         _reject(rope.get("rope_type", rope.get("type", "default")) != "default", f"RoPE scaling {rope}")
-        _reject(hf.get("attention_bias", False) or hf.get("mlp_bias", False), "Llama attention/MLP biases")
         _reject(hf.get("hidden_act", "silu") != "silu", f"Llama activation {hf.get('hidden_act')}")
         heads = hf["num_attention_heads"]
         return ModelConfig(
@@ -56,6 +62,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
             rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
             norm_eps=hf.get("rms_norm_eps", 1e-6),
             eos_token_id=_first(hf.get("eos_token_id")), pad_token_id=hf.get("pad_token_id"),
+            attention_bias=hf.get("attention_bias", False), mlp_bias=hf.get("mlp_bias", False),
         )
     raise UnsupportedArchitectureError(
         f"unsupported architecture model_type={model_type!r} "
@@ -108,6 +115,8 @@ def _llama_rules(config: ModelConfig) -> list[Rule]:
         (r"model\.embed_tokens\.weight", same("embed_tokens/embedding")),
         (layer + r"self_attn\.([qkvo])_proj\.weight", linear(r"layers_\1/self_attn/\2_proj/kernel")),
         (layer + r"mlp\.(gate|up|down)_proj\.weight", linear(r"layers_\1/mlp/\2_proj/kernel")),
+        (layer + r"self_attn\.([qkvo])_proj\.bias", same(r"layers_\1/self_attn/\2_proj/bias")),
+        (layer + r"mlp\.(gate|up|down)_proj\.bias", same(r"layers_\1/mlp/\2_proj/bias")),
         (layer + r"input_layernorm\.weight", same(r"layers_\1/input_layernorm/scale")),
         (layer + r"post_attention_layernorm\.weight", same(r"layers_\1/post_attention_layernorm/scale")),
         (r"model\.norm\.weight", same("norm/scale")),
@@ -135,13 +144,17 @@ def read_safetensors(directory: Path) -> dict[str, np.ndarray]:
 
 
 def load_hf(directory: str | Path, **options: Any) -> tuple[ModelConfig, dict[str, Any]]:
-    """(config with `options` applied, params) from a Hugging Face checkpoint directory."""
+    """(config with `options` applied, params) from a Hugging Face checkpoint directory.
+
+    Biases that `options` add (`attention_bias`, `mlp_bias`) are zeros (`checkpoint.configure`).
+    """
     directory = Path(directory)
     config_file = directory / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{directory} has no config.json; is it a Hugging Face checkpoint?")
-    config = with_options(config_from_hf(json.loads(config_file.read_text())), **options)
+    config, zeros = configure(config_from_hf(json.loads(config_file.read_text())), options,
+                              str(directory))
     rules = _gpt2_rules(config) if config.family == "gpt2" else _llama_rules(config)
     named, unmatched = rename(read_safetensors(directory), rules)
-    return config, build_params(named, unmatched, config, str(directory))
+    return config, build_params(zeros | named, unmatched, config, str(directory))
 
