@@ -11,6 +11,7 @@ The run directory (``output_dir``) ends up holding::
     metrics.jsonl      train/validation records (train/metrics.py)
     tensorboard/       TensorBoard event files
     loss_curve.png     train and validation loss against the step
+    run_info.json      parameter counts and optimizer-state bytes (:func:`run_info`)
     checkpoints/       resumable checkpoints (unless checkpoint.dir points elsewhere)
     adapter/           the final artifact (train/adapter.py)
 """
@@ -60,6 +61,7 @@ from train.step import eval_step, init_state, train_step
 CONFIG_FILE = "config.yaml"
 ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoints"
+RUN_INFO_FILE = "run_info.json"
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -113,6 +115,25 @@ class Setup:
                                      process_count=jax.process_count(),
                                      num_batches=self.cfg.eval.num_batches)
         return evaluate(self.eval_fn, trainable, self.frozen, batches, self.mesh)
+
+
+def run_info(s: Setup) -> dict[str, Any]:
+    """What the method costs in parameters and optimizer memory, counted from the arrays.
+
+    ``base_params``: elements of the base model; ``trainable_params``: elements the
+    optimizer updates (LoRA factors and bias deltas, every parameter, or the biases);
+    ``added_params``: elements the method adds beside the base (LoRA factors, scales,
+    deltas); ``optimizer_state_bytes``: bytes of the optimizer state (AdamW: two moments
+    per trainable element, plus step counters).
+    """
+    def count(tree: Any) -> int:
+        return sum(int(np.size(x)) for x in jax.tree.leaves(tree))
+
+    base = count(s.base)
+    return {"method": s.cfg.method, "base_params": base,
+            "trainable_params": count(s.state["params"]),
+            "added_params": count(s.params) - base,
+            "optimizer_state_bytes": sum(x.nbytes for x in jax.tree.leaves(s.state["opt_state"]))}
 
 
 def config_dict(cfg: RunConfig) -> dict[str, Any]:
@@ -205,6 +226,7 @@ def train(cfg: RunConfig, *, force_resume: bool = False, stop_after: int | None 
         state, stream = _restore_latest(s, checkpoints, resolved, force_resume, log)
         if main:
             save_config(cfg, run_dir / CONFIG_FILE)
+            (run_dir / RUN_INFO_FILE).write_text(json.dumps(run_info(s), indent=1) + "\n")
         start = int(state["step"])
         metrics_log = MetricsLog(run_dir, jsonl=cfg.logging.jsonl,
                                  tensorboard=cfg.logging.tensorboard, resume_step=start,
@@ -258,6 +280,7 @@ def _loop(s: Setup, state: Any, stream: TrainBatches, end: int, checkpoints: Che
     step = int(state["step"])
     bar = progress_bar(s.steps, step, main)
     window: list[float] = []
+    window_s: list[float] = []
     clock = time.perf_counter()
     try:
         while step < end:
@@ -268,16 +291,19 @@ def _loop(s: Setup, state: Any, stream: TrainBatches, end: int, checkpoints: Che
             if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
                 raise NonFiniteLossError(_non_finite_message(metrics, step, checkpoints))
             now = time.perf_counter()
-            tokens_per_s, clock = metrics["tokens"] / max(now - clock, 1e-9), now
+            step_s, clock = max(now - clock, 1e-9), now
+            tokens_per_s = metrics["tokens"] / step_s
             window.append(metrics["loss"])
+            window_s.append(step_s)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}")
             bar.update(1)
             if step % cfg.logging.every_steps == 0 or step == end:
                 metrics_log.write(step, "train", {
                     "loss": float(np.mean(window)), "grad_norm": metrics["grad_norm"],
                     "learning_rate": float(s.learning_rate(step - 1)),
-                    "tokens_per_s": tokens_per_s, "epoch": stream.position.epoch})
-                window = []
+                    "tokens_per_s": tokens_per_s, "step_s": float(np.median(window_s)),
+                    "epoch": stream.position.epoch})
+                window, window_s = [], []
             if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < end:
                 _validate(s, state, step, metrics_log, bar.write)
             if step == end or (cfg.checkpoint.every_steps
