@@ -61,7 +61,6 @@ from collections import Counter
 from collections.abc import Sequence
 
 import sacrebleu
-from nltk.translate.meteor_score import meteor_score
 from pycocoevalcap.cider.cider import Cider
 from rouge_score.rouge_scorer import RougeScorer
 from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
@@ -172,6 +171,8 @@ def meteor(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> fl
     reader = wordnet()
     if reader is None:
         return None
+    from nltk.translate.meteor_score import meteor_score  # nltk imports scipy: ~1.5 s
+
     return statistics.fmean(
         meteor_score([coco_tokens(r) for r in refs], coco_tokens(h), wordnet=reader)
         for h, refs in zip(hypotheses, references, strict=True))

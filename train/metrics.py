@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
 
 METRICS_FILE = "metrics.jsonl"
@@ -29,6 +28,14 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _summary_writer(directory: Path) -> Any:
+    """A tensorboardX writer; imported here because tensorboardX imports torch (seconds)
+    when it is installed, which every ``lora-jax`` command would pay at startup."""
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(str(directory))
+
+
 class MetricsLog:
     """Writes records to JSONL and TensorBoard and keeps them for the loss curve."""
 
@@ -40,7 +47,7 @@ class MetricsLog:
         if self._jsonl:
             run_dir.mkdir(parents=True, exist_ok=True)
             self._path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-        self._tb = (SummaryWriter(str(run_dir / TENSORBOARD_DIR))
+        self._tb = (_summary_writer(run_dir / TENSORBOARD_DIR)
                     if tensorboard and enabled else None)
 
     def write(self, step: int, split: str, values: Mapping[str, float]) -> None:
