@@ -9,20 +9,14 @@ import numpy as np
 import pytest
 
 import models
+from benchmarks.latency import graft
 from models.decoder import DecoderLayer
 from models.layers import MLP, Attention, norm, visibility
 
 BOTTLENECK = 5
 
 
-def graft(base, extra):
-    """`extra`'s tree with the leaves of `base` wherever `base` has the same path."""
-    return {k: (graft(base[k], v) if isinstance(v, dict) else base[k]) if k in base else v
-            for k, v in extra.items()}
-
-
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
-@pytest.mark.parametrize("scan_layers", [False, True])
+@pytest.mark.parametrize(("name", "scan_layers"), [("tiny-llama", True), ("tiny-gpt2", False)])
 def test_zero_initialised_adapter_is_the_base_model(name, scan_layers):
     config = models.get_config(name, scan_layers=scan_layers)
     adapted_config = models.with_options(config, bottleneck_adapter=BOTTLENECK)
