@@ -10,7 +10,7 @@ import pytest
 import train_fixtures as tf
 from train.cli import main
 from train.config import REPO_ROOT, ConfigError, config_to_yaml, load_config
-from train.experiment import load_experiment, ratios, split_test, table
+from train.experiment import _edge, load_experiment, ratios, split_test, table
 
 RANK, LAYERS, HIDDEN = 2, tf.LAYERS, tf.HIDDEN
 
@@ -25,7 +25,7 @@ def _write_experiment(tmp_path, model_dir, csv_path, **extra) -> str:
         "overrides": ["optim.max_steps=3", "checkpoint.every_steps=0"],
         "eval": {"greedy": True, "batch_size": 4, "max_new_tokens": 3},
         "methods": [{"name": "zero-shot"},
-                    {"name": "lora", "overrides": [f"lora.rank={RANK}"],
+                    {"name": "lora-qv", "overrides": [f"lora.rank={RANK}"],
                      "learning_rates": [1e-4, 3e-2]}],
         **extra}
     path = tmp_path / "experiment.yaml"
@@ -60,12 +60,13 @@ def test_experiment_trains_chooses_on_validation_and_reports(tmp_path, run_files
     out = tmp_path / "out"
     results = json.loads((out / "results.json").read_text())
     zero_shot, lora = results["rows"]
+    assert [zero_shot["method"], lora["method"]] == ["zero-shot", "lora-qv"]
 
     # the learning rate is the one with the lowest final validation loss, read off the runs
     finals = {}
     for lr in (1e-4, 3e-2):
         records = [json.loads(line) for line in
-                   (out / "runs" / "lora" / f"lr_{lr:g}" / "metrics.jsonl").read_text().splitlines()]
+                   (out / "runs" / "lora-qv" / f"lr_{lr:g}" / "metrics.jsonl").read_text().splitlines()]
         finals[lr] = [r["loss"] for r in records if r["split"] == "validation"][-1]
     assert lora["learning_rate"] == min(finals, key=finals.get)
     assert finals[3e-2] != finals[1e-4]
@@ -81,13 +82,13 @@ def test_experiment_trains_chooses_on_validation_and_reports(tmp_path, run_files
 
     # every test MR decoded by `lora-jax eval` for both rows, scores in the fixed format
     test_mrs = results["data"]["test_mrs"]
-    for name in ("zero-shot", "lora"):
+    for name in ("zero-shot", "lora-qv"):
         lines = (out / "eval" / name / "predictions.txt").read_text().splitlines()
         assert len(lines) == test_mrs
         assert set(json.loads((out / "eval" / name / "scores.json").read_text())) == \
             {"BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"}
     report = (tmp_path / "docs" / "results.md").read_text()
-    assert "| zero-shot | - | 0 |" in report and f"| lora | {lora['learning_rate']:g} |" in report
+    assert "| zero-shot | - | 0 |" in report and f"| lora-qv | {lora['learning_rate']:g} |" in report
     assert f"lora-jax experiment {config}" in report
     assert (tmp_path / "docs" / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -99,7 +100,7 @@ def test_experiment_trains_chooses_on_validation_and_reports(tmp_path, run_files
                                 overrides=["optim.max_steps=4", "checkpoint.every_steps=0"])
     assert main(["experiment", changed]) == 2
     assert "holds a finished run with another config" in capsys.readouterr().err
-    assert len(finals) == 2 and (out / "runs" / "lora" / "lr_0.03" / "adapter").is_dir()
+    assert len(finals) == 2 and (out / "runs" / "lora-qv" / "lr_0.03" / "adapter").is_dir()
 
 
 def test_bad_experiment_configs_name_the_key(tmp_path):
@@ -139,3 +140,11 @@ def test_table_and_ratios_state_the_measured_figures():
 def test_shipped_experiment_configs_load(path):
     cfg = load_experiment(path)
     assert cfg.methods and all(m.learning_rates or m.name == "zero-shot" for m in cfg.methods)
+
+
+def test_a_rate_at_the_edge_of_its_grid_is_flagged():
+    grid = {"0.001": 1.5, "0.003": 1.4, "0.01": 1.6}
+    assert _edge(0.003, grid) == ""
+    assert "larger rate may be better" in _edge(0.01, grid)
+    assert "smaller rate may be better" in _edge(0.001, grid)
+    assert _edge(0.001, {"0.001": 1.5}) == ""

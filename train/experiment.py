@@ -264,7 +264,7 @@ def run_experiment(cfg: ExperimentConfig, *, source: str, log=print) -> dict[str
                     f"{candidates[lr]['validation_loss']:.4f}"
                     f"{' (finished run reused)' if reused else ''}")
             chosen = choose(candidates)
-            row |= candidates[chosen]
+            row |= {**candidates[chosen], "method": method.name}  # not run_info's method
             row |= {"learning_rate": chosen, "run_dir": str(out / "runs" / method.name /
                                                             f"lr_{chosen:g}"),
                     "learning_rate_grid": {f"{lr:g}": c["validation_loss"]
@@ -387,10 +387,21 @@ def report(results: dict[str, Any], cfg: ExperimentConfig, config_text: str,
     for r in rows:
         if "learning_rate_grid" in r:
             grid = ", ".join(f"{lr}: {loss:.4f}" for lr, loss in r["learning_rate_grid"].items())
-            lines.append(f"| {r['method']} | {grid} | {r['learning_rate']:g} |")
+            lines.append(f"| {r['method']} | {grid} | {r['learning_rate']:g}"
+                         f"{_edge(r['learning_rate'], r['learning_rate_grid'])} |")
     lines += ["", "## Ratios", "", *ratios(rows), "", "## The experiment config", "",
               f"`{results['config']}`:", "", "```yaml", config_text.rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+def _edge(chosen: float, grid: dict[str, float]) -> str:
+    """A warning when the chosen rate is the grid's largest or smallest (of several)."""
+    rates = sorted(float(lr) for lr in grid)
+    if len(rates) < 2:
+        return ""
+    if chosen == rates[-1]:
+        return " (the largest tried: a larger rate may be better)"
+    return " (the smallest tried: a smaller rate may be better)" if chosen == rates[0] else ""
 
 
 def ratios(rows: list[dict[str, Any]]) -> list[str]:
