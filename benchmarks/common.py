@@ -65,6 +65,15 @@ def same_regime(probes: list[float], tolerance: float = 1.25) -> bool:
   return max(probes) <= tolerance * min(probes)
 
 
+def parse_args(parser, argv: list[str] | None, quick: dict):
+  """`parser`'s arguments plus `--quick`, which replaces them with `quick` (a smoke check)."""
+  parser.add_argument("--quick", action="store_true", help=f"a smoke check: {quick}")
+  args = parser.parse_args(argv)
+  if args.quick:
+    vars(args).update(quick)
+  return args
+
+
 def write_json(path: str | Path, payload: dict) -> Path:
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)

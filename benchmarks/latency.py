@@ -168,12 +168,8 @@ def main(argv=None) -> dict:
   parser.add_argument("--rank", type=int, default=8, help="LoRA rank (alpha = 2·rank)")
   parser.add_argument("--bottleneck", type=int, default=0,
                       help="adapter bottleneck size (default: parameter count closest to the LoRA's)")
-  parser.add_argument("--quick", action="store_true", help=f"a smoke check: {QUICK}")
   parser.add_argument("--out", default="benchmarks/results/latency.json")
-  args = parser.parse_args(argv)
-  if args.quick:
-    for key, value in QUICK.items():
-      setattr(args, key, value)
+  args = common.parse_args(parser, argv, QUICK)
 
   found, facts = variants(args)
   rng = np.random.default_rng(0)

@@ -262,16 +262,12 @@ def main(argv=None) -> dict | None:
   parser.add_argument("--rounds", type=int, default=4, help="rounds, worker order alternating")
   parser.add_argument("--steps", type=int, default=3, help="timed steps per worker")
   parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (compilation)")
-  parser.add_argument("--quick", action="store_true", help=f"a smoke check: {QUICK}")
   parser.add_argument("--no-lorax-check", action="store_true",
                       help="record the jax-lorax finding without pip download")
   parser.add_argument("--out", default="benchmarks/results/peers.json")
   parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
   parser.add_argument("--shape", help=argparse.SUPPRESS)
-  args = parser.parse_args(argv)
-  if args.quick:
-    for key, value in QUICK.items():
-      setattr(args, key, value)
+  args = common.parse_args(parser, argv, QUICK)
   if args.worker:
     print(json.dumps(worker(args.worker, args)))
     return None

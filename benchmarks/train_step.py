@@ -147,12 +147,8 @@ def main(argv=None) -> dict:
                       "LoRA factors stay float32")
   parser.add_argument("--rounds", type=int, default=3, help="alternating rounds")
   parser.add_argument("--steps", type=int, default=2, help="timed steps per method per round")
-  parser.add_argument("--quick", action="store_true", help=f"a smoke check: {QUICK}")
   parser.add_argument("--out", default="benchmarks/results/train_step.json")
-  args = parser.parse_args(argv)
-  if args.quick:
-    for key, value in QUICK.items():
-      setattr(args, key, value)
+  args = common.parse_args(parser, argv, QUICK)
 
   base_dtype = args.base_dtype or args.dtype
   config = models.get_config(args.model, scan_layers=True, dtype=args.dtype, param_dtype=base_dtype)
