@@ -94,14 +94,17 @@ def jax_worker(method: str, args) -> dict:
   import jax
 
   import models
-  from benchmarks.train_step import build
+  from benchmarks.train_step import build, model_flops
 
-  config = models.get_config(args.model, scan_layers=True)
+  config = models.get_config(args.model, scan_layers=True, remat_policy=args.remat)
   model = models.Decoder(config)
   base = models.init_params(config, jax.random.key(0))
   ids_BxL = jax.random.randint(jax.random.key(2), (args.batch, args.seq), 0, config.vocab_size)
   jitted, step_args, trainable = build({"lora": "lora_apply", "full": "full"}[method], model,
                                        base, ids_BxL, args.rank, args.targets)
+  trainable_params = sum(x.size for x in jax.tree.leaves(trainable))
+  flops = model_flops(method, config, base, args.batch, args.seq,
+                      0 if method == "full" else trainable_params)
   del base
   state = {"args": step_args}
 
@@ -112,8 +115,7 @@ def jax_worker(method: str, args) -> dict:
     return loss
 
   return _time_steps(step, args.warmup, args.steps) | {
-      "trainable_params": sum(x.size for x in jax.tree.leaves(trainable)),
-      "threads": None}
+      "trainable_params": trainable_params, "model_flops": flops, "threads": None}
 
 
 def torch_worker(method: str, args) -> dict:
@@ -167,6 +169,7 @@ def spawn(name: str, args, shape: dict) -> dict:
   command = [sys.executable, "-m", "benchmarks.peers", "--worker", name, "--model", args.model,
              "--batch", str(args.batch), "--seq", str(args.seq), "--rank", str(args.rank),
              "--targets", args.targets, "--steps", str(args.steps), "--warmup", str(args.warmup),
+             "--remat", args.remat,
              "--shape", json.dumps(shape)]
   env = dict(os.environ)
   if name.startswith("torch"):
@@ -223,19 +226,29 @@ def lorax_finding(download: bool = True) -> dict:
 # --- the parent ---------------------------------------------------------------------------
 
 def summarise(rounds: list[dict]) -> list[dict]:
+  """One row per worker. `model_flops` is the JAX worker's count of the same method (the
+  workload is the same); `gflops` is model FLOPs per second of the median step, and
+  `of_probe` that rate over the median of the worker's matmul probes: the share of the
+  machine's plain matmul rate the step reaches (its model FLOPs are ~all matmuls)."""
   rows = []
   for name in WORKERS:
     runs = [r[name] for r in rounds]
+    flops = rounds[0][name.split("-")[0].replace("torch", "jax") + "-" + (
+        "full" if name.endswith("full") else "lora")]["model_flops"]
     steady = [x["step_s"] for x in runs if common.same_regime(x["probes"])]
     pair = [r[name]["step_s"] / r[REFERENCE]["step_s"] for r in rounds
             if common.same_regime(r[name]["probes"] + r[REFERENCE]["probes"])]
     full = name.split("-")[0] + "-full"
     vs_full = [r[name]["step_s"] / r[full]["step_s"] for r in rounds
                if common.same_regime(r[name]["probes"] + r[full]["probes"])]
+    step_s = statistics.median(steady) if steady else None
+    probe = statistics.median(p for x in runs for p in x["probes"])
     rows.append({
         "worker": name, "method": "full" if name.endswith("full") else "LoRA",
         "library": LIBRARY[name], "trainable_params": runs[0]["trainable_params"],
-        "step_s": statistics.median(steady) if steady else None,
+        "step_s": step_s, "model_flops": flops,
+        "gflops": flops / step_s / 1e9 if step_s else None,
+        "of_probe": flops / step_s / 1e9 / probe if step_s else None,
         "step_s_all_rounds": [x["step_s"] for x in runs], "steady_rounds": len(steady),
         "vs_torch_peft": statistics.median(pair) if pair else None,
         "vs_torch_peft_rounds": len(pair),
@@ -248,7 +261,19 @@ def summarise(rounds: list[dict]) -> list[dict]:
 COLUMNS = [("method", "method", ""), ("library", "library", ""),
            ("trainable_params", "trainable", ",d"), ("step_s", "step s", ".3f"),
            ("vs_torch_peft", "vs torch+PEFT LoRA", ".3f"), ("vs_own_full", "vs own full", ".3f"),
+           ("gflops", "GFLOP/s", ".1f"), ("of_probe", "of matmul probe", ".0%"),
            ("peak_rss_mib", "peak RSS MiB", ",.0f"), ("rounds", "same-regime rounds", "")]
+
+
+def ratio_bound(rounds: list[dict]) -> float | None:
+  """The lowest jax-lora / torch-peft ratio physics allows: jax-lora's model FLOPs at the
+  fastest matmul probe of its run, over torch-peft's step, median over same-regime rounds.
+  A step cannot beat its FLOPs at the machine's matmul rate, so no target below it is
+  reachable on that machine with that torch."""
+  bounds = [r["jax-lora"]["model_flops"] / (max(r["jax-lora"]["probes"]) * 1e9)
+            / r[REFERENCE]["step_s"] for r in rounds
+            if common.same_regime(r["jax-lora"]["probes"] + r[REFERENCE]["probes"])]
+  return statistics.median(bounds) if bounds else None
 
 
 def main(argv=None) -> dict | None:
@@ -259,6 +284,8 @@ def main(argv=None) -> dict | None:
   parser.add_argument("--rank", type=int, default=8)
   parser.add_argument("--targets", default=r".*/self_attn/(q_proj|v_proj)/kernel",
                       help="lora-jax's target regex (PEFT: q_proj, v_proj)")
+  parser.add_argument("--remat", default="dots", choices=("none", "dots", "full"),
+                      help="lora-jax's remat policy (train's default: dots)")
   parser.add_argument("--rounds", type=int, default=4, help="rounds, worker order alternating")
   parser.add_argument("--steps", type=int, default=3, help="timed steps per worker")
   parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (compilation)")
@@ -282,6 +309,7 @@ def main(argv=None) -> dict | None:
     row["rounds"] = f"{row['vs_torch_peft_rounds']}/{args.rounds}"
   by = {row["worker"]: row for row in rows}
   ratio = by["jax-lora"]["vs_torch_peft"]
+  bound = ratio_bound(rounds)
   targets = {
       "jax_lora_vs_torch_peft_le_0.6": None if ratio is None else ratio <= TARGET_RATIO,
       "jax_lora_less_peak_rss": by["jax-lora"]["peak_rss_mib"] < by[REFERENCE]["peak_rss_mib"]}
@@ -290,6 +318,7 @@ def main(argv=None) -> dict | None:
   result = {
       "benchmark": "peers", "model": args.model, "shape": shape, "batch": args.batch,
       "seq": args.seq, "rank": args.rank, "alpha": 2 * args.rank, "dtype": "float32",
+      "remat": args.remat, "ratio_bound": bound,
       "targets_regex": args.targets, "rounds": args.rounds, "steps": args.steps,
       "warmup": args.warmup, "command": common.command("benchmarks.peers", argv),
       "machine": common.machine(), "probe_gflops": {"min": min(probes), "max": max(probes)},
@@ -303,6 +332,9 @@ def main(argv=None) -> dict | None:
         f"{verdict[targets['jax_lora_vs_torch_peft_le_0.6']]}; "
         f"less peak RSS: {verdict[targets['jax_lora_less_peak_rss']]}; "
         f"matmul probe {min(probes):.1f}-{max(probes):.1f} GFLOP/s")
+  if bound is not None:
+    print(f"lowest ratio reachable here (lora-jax's model FLOPs at the matmul probe's rate, "
+          f"over torch+PEFT's step): {bound:.3f}")
   print(f"jax-lorax {lorax['version']}: "
         + ("installable with the installed JAX" if lorax["installable"]
            else "not installable: " + lorax["why_not_measured"]))

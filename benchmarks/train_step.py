@@ -50,6 +50,7 @@ import optax
 import lora_jax as lj
 import models
 from benchmarks import common
+from train.step import token_losses
 
 METHODS = ("full", "lora_apply", "lora_materialize")
 QUICK = {"model": "tiny-llama", "batch": 2, "seq": 32, "rounds": 1, "steps": 1}
@@ -92,8 +93,8 @@ MFU_COLUMN = ("mfu", "MFU", ".1%")
 
 
 def _loss(logits_BxLxV, ids_BxL):
-  logp = jax.nn.log_softmax(logits_BxLxV[:, :-1].astype(jnp.float32))
-  return -jnp.mean(jnp.take_along_axis(logp, ids_BxL[:, 1:, None], axis=-1))
+  """Mean next-token cross-entropy, nats (the training pipeline's loss, train/step.py)."""
+  return jnp.mean(token_losses(logits_BxLxV, ids_BxL, 0.0))
 
 
 def build(method: str, model, base, ids_BxL, rank: int, targets: str):
@@ -145,13 +146,16 @@ def main(argv=None) -> dict:
   parser.add_argument("--dtype", default="float32", help="compute dtype, e.g. bfloat16 on a GPU")
   parser.add_argument("--base-dtype", help="storage dtype of the base weights (default: --dtype); "
                       "LoRA factors stay float32")
+  parser.add_argument("--remat", default="dots", choices=models.REMAT_POLICIES,
+                      help="what each layer keeps for the backward pass (train's default)")
   parser.add_argument("--rounds", type=int, default=3, help="alternating rounds")
   parser.add_argument("--steps", type=int, default=2, help="timed steps per method per round")
   parser.add_argument("--out", default="benchmarks/results/train_step.json")
   args = common.parse_args(parser, argv, QUICK)
 
   base_dtype = args.base_dtype or args.dtype
-  config = models.get_config(args.model, scan_layers=True, dtype=args.dtype, param_dtype=base_dtype)
+  config = models.get_config(args.model, scan_layers=True, remat_policy=args.remat,
+                             dtype=args.dtype, param_dtype=base_dtype)
   model = models.Decoder(config)
   base = models.init_params(config, jax.random.key(0))
   ids_BxL = jax.random.randint(jax.random.key(2), (args.batch, args.seq), 0, config.vocab_size)
@@ -200,6 +204,7 @@ def main(argv=None) -> dict:
   result = {
       "benchmark": "train_step", "model": args.model, "batch": args.batch, "seq": args.seq,
       "rank": args.rank, "targets": args.targets, "dtype": args.dtype, "base_dtype": base_dtype,
+      "remat": args.remat,
       "total_params": total, "command": common.command("benchmarks.train_step", argv),
       "machine": common.machine() | {"device_kind": device_kind}, "peak_flops": peak,
       "flops_formula": "full 6*N*P, LoRA 4*N*P + 6*N*P_r; + 12*layers*heads*head_dim*seq*N "

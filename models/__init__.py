@@ -6,13 +6,13 @@ tokenizers and generation.
     new_ids = models.generate(model, params, prompt_ids, max_new_tokens=20)
 """
 
-from models.config import PRESETS, ModelConfig, get_config, with_options
+from models.config import PRESETS, REMAT_POLICIES, ModelConfig, get_config, with_options
 from models.decoder import Decoder, init_cache, init_params, logical_axes
 from models.generate import generate
 from models.loaders import CheckpointError, UnsupportedArchitectureError, embedded_gguf, load
 
 __all__ = [
-    "PRESETS", "ModelConfig", "get_config", "with_options",
+    "PRESETS", "REMAT_POLICIES", "ModelConfig", "get_config", "with_options",
     "Decoder", "init_cache", "init_params", "logical_axes",
     "generate",
     "CheckpointError", "UnsupportedArchitectureError", "embedded_gguf", "load",

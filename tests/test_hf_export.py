@@ -95,7 +95,7 @@ def run(tmp_path_factory):
                              model_name=str(model_dir), lora=config.to_dict(),
                              base_fingerprint=adapter_lib.fingerprint(base),
                              model_options=dict(dtype="float32", param_dtype="float32",
-                                                scan_layers=True, remat=False))
+                                                scan_layers=True, remat="none"))
     return model_dir, root / "out", params
 
 

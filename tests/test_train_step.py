@@ -37,6 +37,13 @@ def test_token_losses_match_optax(smoothing):
     labels = optax.smooth_labels(jax.nn.one_hot(ids[:, 1:], V), smoothing)
     expected = optax.softmax_cross_entropy(logits[:, :-1], labels)
     np.testing.assert_allclose(token_losses(logits, ids, smoothing), expected, rtol=1e-5)
+    # and the gradient, which the one-hot select (not a gather) gives in one fused pass
+    weights = jax.random.uniform(jax.random.key(1), (B, L - 1))
+    ours = jax.grad(lambda x: (token_losses(x, ids, smoothing) * weights).sum())(logits)
+    theirs = jax.grad(lambda x: (optax.softmax_cross_entropy(x[:, :-1], labels) * weights).sum())(
+        logits)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-7)
+    assert not ours[:, -1].any()  # the last position predicts nothing
 
 
 def test_loss_sees_target_tokens_only():

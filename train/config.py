@@ -62,7 +62,11 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # stored parameter dtype
     scan_layers: bool = False  # one scanned layer body instead of unrolled layers
-    remat: bool = False  # rematerialise each layer's activations in the backward pass
+    # what each layer keeps for the backward pass (models.REMAT_POLICIES): "dots" keeps the
+    # matmul outputs and recomputes the elementwise rest, "full" keeps only the layer's
+    # input, "none" keeps everything. "dots" is the default: on SmolLM2-135M (8×128, CPU,
+    # scanned layers) its step is ~5% faster and its XLA peak ~35% lower than "none".
+    remat: Literal["none", "dots", "dots_no_batch", "full"] = "dots"
     # zero-initialised biases on every attention and MLP projection of a bias-free (Llama)
     # model, i.e. HF attention_bias=mlp_bias=True; the model computes the same function;
     # BitFit needs it on Llama

@@ -146,7 +146,7 @@ def load_model(cfg: ModelConfig) -> tuple[models.Decoder, Any, Tokenizer]:
     tokenizer must exist."""
     model, params, tokenizer = models.load(
         cfg.name, dtype=cfg.dtype, param_dtype=cfg.param_dtype, scan_layers=cfg.scan_layers,
-        remat_policy="full" if cfg.remat else "none", **(ADDED_BIASES if cfg.add_biases else {}))
+        remat_policy=cfg.remat, **(ADDED_BIASES if cfg.add_biases else {}))
     if cfg.add_biases and model.config.family != "llama":
         raise ConfigError(f"model.add_biases=true adds biases to a bias-free Llama model, but "
                           f"{cfg.name!r} is {model.config.family}, which has biases on every "
