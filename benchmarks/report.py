@@ -65,6 +65,7 @@ COLUMNS = {
         ("method", "method", ""), ("library", "library", ""),
         ("trainable_params", "trainable", ",d"), ("step_s", "step s", ".3f"),
         ("vs_torch_peft", "vs torch+PEFT LoRA", ".3f"), ("vs_own_full", "vs own full", ".3f"),
+        ("gflops", "model GFLOP/s", ".1f"), ("of_probe", "of matmul probe", ".0%"),
         ("peak_rss_mib", "peak RSS MiB", ",.0f"), ("rounds", "same-regime rounds", "")],
 }
 COLUMNS["train_step_gpu"] = COLUMNS["train_step_bf16_base"] = COLUMNS["train_step"]
@@ -130,6 +131,9 @@ def targets(name: str, result: dict) -> list[tuple[str, str, object]]:
         ("lora-jax LoRA step <= 0.6x torch + PEFT LoRA (same CPU regime)",
          "-" if ratio is None else f"{ratio:.3f}",
          None if ratio is None else ratio <= 0.6),
+        ("lowest ratio reachable: lora-jax's model FLOPs at the matmul probe's rate / torch + "
+         "PEFT's step",
+         "-" if result.get("ratio_bound") is None else f"{result['ratio_bound']:.3f}", None),
         ("lora-jax LoRA peak RSS < torch + PEFT LoRA's",
          f"{by['jax-lora']['peak_rss_mib']:,.0f} vs {by['torch-peft']['peak_rss_mib']:,.0f} MiB",
          by["jax-lora"]["peak_rss_mib"] < by["torch-peft"]["peak_rss_mib"])]
@@ -208,6 +212,7 @@ def _details(name: str, result: dict) -> list[str]:
               + lorax["why_not_measured"] + ")")
     return [(f"- workload: {result['model']} shape, batch {result['batch']}×{result['seq']}, "
             f"float32, AdamW, LoRA r={result['rank']} alpha {result['alpha']} on q_proj, v_proj; "
+            f"lora-jax remat policy {result.get('remat', 'none')}; "
             f"each measurement in its own process, {result['steps']} timed steps after "
             f"{result['warmup']} warm-up, worker order alternating over {result['rounds']} rounds"),
             (f"- jax-lorax {lorax['version']} (requires {', '.join(lorax['requires'])}): {status}. "
