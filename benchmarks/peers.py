@@ -6,7 +6,9 @@
 The workload of benchmarks/train_step.py: a Llama of the `--model` preset's shape (the same
 sizes as an HF `LlamaConfig`), random weights, batch 8×128 random tokens, float32,
 next-token cross-entropy, AdamW (lr 1e-4, weight decay 1e-4, as optax's default), and for
-LoRA r=8, alpha 16 on q_proj and v_proj. Four workers:
+LoRA r=8, alpha 16 on q_proj and v_proj. lora-jax runs as the shipped train configs do:
+scanned layers, remat policy `dots` (`--remat`); torch as transformers does by default
+(no gradient checkpointing, SDPA attention). Four workers:
 
     jax-lora     lora-jax: `lj.apply` (factored), only A and B trained (train_step's lora_apply)
     jax-full     lora-jax's model, every weight trained (train_step's full)
@@ -24,6 +26,13 @@ taken within a round, and only from rounds where the four probes of the two agre
 25% (the 2-vCPU machines here sometimes deliver one core's worth for minutes; torch slows
 ~5× then, JAX ~1.8×); step times are medians over the rounds where the worker's own two
 probes agree, and peak RSS the largest over all rounds.
+
+Both libraries do the same model FLOPs (benchmarks/train_step.py's formula, ~4·N·P for LoRA:
+no weight gradients for frozen weights), almost all of them in matmuls, so the table also
+gives each step's model GFLOP/s and its share of the numpy matmul probe's rate. That share
+bounds what any library can gain: `ratio_bound` is lora-jax's model FLOPs at the fastest
+probe of its run over torch + PEFT's step, the lowest lora-jax / torch + PEFT ratio the
+machine allows.
 
 `jax-lorax` (Davis Yoshida's LoRA transform) is checked, not installed: its newest release's
 requirements, read from its wheel (`pip download --no-deps`), are tested against the JAX
