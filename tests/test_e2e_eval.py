@@ -147,6 +147,18 @@ def test_read_e2e_groups_references_by_mr_in_order_of_first_appearance(tmp_path)
         ("b", ["b1", "b2"]), ("a", ["a1", "a2"]), ("c", ["c1"])]
 
 
+@pytest.mark.parametrize("header", ["\ufeffMR,ref,fixed", "meaning_representation,human_reference",
+                                    "ref, mr"])
+def test_read_e2e_finds_the_columns_under_their_other_names(tmp_path, header):
+    """A byte-order mark, other case, other order and the HF e2e_nlg names all read the same."""
+    columns = [c.lstrip("\ufeff").strip().lower() for c in header.split(",")]
+    cells = {"mr": "name[A]", "meaning_representation": "name[A]", "ref": "A is.",
+             "human_reference": "A is.", "fixed": "0"}
+    (tmp_path / "d.csv").write_text(header + "\n" + ",".join(
+        f'"{cells[c]}"' for c in columns) + "\n", encoding="utf-8")
+    assert e2e_eval.read_e2e(tmp_path / "d.csv") == [("name[A]", ["A is."])]
+
+
 def test_bad_data_is_an_error_naming_the_problem(tmp_path):
     (tmp_path / "cols.csv").write_text("mr,text\nx,y\n")
     with pytest.raises(DataError, match=r"lacks the column\(s\) \['ref'\]"):

@@ -86,14 +86,32 @@ class Target(NamedTuple):
     description: str
 
 
+# The columns of an E2E file and the other names they go by: the challenge's files say
+# ``mr,ref`` (some copies ``MR``), the Hugging Face ``e2e_nlg`` data set
+# ``meaning_representation,human_reference``.
+E2E_COLUMNS = {"mr": ("mr", "meaning_representation"),
+               "ref": ("ref", "reference", "human_reference")}
+
+
+def _find_column(columns: list[str], name: str) -> str | None:
+    """The column holding E2E's ``name``: case, spaces and a byte-order mark ignored."""
+    by_key = {c.lstrip("\ufeff").strip().lower(): c for c in columns}
+    return next((by_key[alias] for alias in E2E_COLUMNS[name] if alias in by_key), None)
+
+
 def read_e2e(path: str | Path) -> list[tuple[str, list[str]]]:
-    """``[(mr, [ref, ...]), ...]``: every distinct MR in order of first appearance."""
+    """``[(mr, [ref, ...]), ...]``: every distinct MR in order of first appearance.
+
+    The columns are found by name (see ``E2E_COLUMNS``); others are ignored."""
     path = Path(path).expanduser().resolve()
     table = load_table(str(path))
-    missing = [c for c in ("mr", "ref") if c not in table.column_names]
+    found = {name: _find_column(table.column_names, name) for name in E2E_COLUMNS}
+    missing = [name for name, column in found.items() if column is None]
     if missing:
         raise DataError(f"{path} lacks the column(s) {missing} (it has {table.column_names}); "
                         f"an E2E CSV has a header 'mr,ref' and one row per reference")
+    table = table.select_columns(list(found.values())).rename_columns(
+        {column: name for name, column in found.items() if column != name})
     refs: dict[str, list[str]] = {}
     for index, row in enumerate(table.select_columns(["mr", "ref"]).to_list()):
         try:
