@@ -335,14 +335,23 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
                                 squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
         scale = e2e_metrics.PAPER_SCALE[name]
+        trained = [r["scores"][name] * scale for r in rows if r.get("trainable_params")]
+        # the axis spans the trained methods, which differ by little; an untrained row far
+        # below them would flatten them into one line, so it is then named, not drawn
+        low, high = (min(trained), max(trained)) if trained else (0.0, 1.0)
+        pad = 0.15 * (high - low) or 0.05 * abs(high) or 1.0
+        ax.set_ylim(low - pad, high + pad)
         for r in rows:
             value = r["scores"][name] * scale
             if r.get("trainable_params"):
                 ax.scatter(r["trainable_params"], value)
                 ax.annotate(r["method"], (r["trainable_params"], value), fontsize=7,
                             xytext=(3, 3), textcoords="offset points")
-            else:
+            elif low - pad <= value <= high + pad:
                 ax.axhline(value, linestyle="--", color="grey", label=r["method"])
+            else:
+                ax.plot([], [], linestyle="--", color="grey",
+                        label=f"{r['method']}: {value:.2f} (off the axis)")
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters")
         ax.set_title(name)
