@@ -105,7 +105,10 @@ def main() -> None:
             rows.append({
                 "impl": name, "batch": batch, "prompt_len": ids.shape[1], "new_tokens": args.new_tokens,
                 "prefill_ms": 1e3 * prefill, "generate_s": total,
-                "decode_tok_s": batch * args.new_tokens / max(total - prefill, 1e-9),
+                # separate medians can put generation under prefill (noise, --repeats 1):
+                # then there is no decode time to divide by, and no rate
+                "decode_tok_s": (batch * args.new_tokens / (total - prefill)
+                                 if total > prefill else None),
             })
     columns = [("impl", "impl", "s"), ("batch", "batch", "d"), ("prompt_len", "prompt", "d"),
                ("prefill_ms", "prefill ms", ".1f"), ("generate_s", "generate s", ".2f"),
