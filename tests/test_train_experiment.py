@@ -10,7 +10,7 @@ import pytest
 import train_fixtures as tf
 from train.cli import main
 from train.config import REPO_ROOT, ConfigError, config_to_yaml, load_config
-from train.experiment import _edge, load_experiment, ratios, split_test, table
+from train.experiment import _edge, choose, load_experiment, ratios, split_test, table
 
 RANK, LAYERS, HIDDEN = 2, tf.LAYERS, tf.HIDDEN
 
@@ -23,6 +23,7 @@ def _write_experiment(tmp_path, model_dir, csv_path, **extra) -> str:
         "output_dir": str(tmp_path / "out"), "report": str(tmp_path / "docs" / "results.md"),
         "plot": str(tmp_path / "docs" / "results.png"),
         "overrides": ["optim.max_steps=3", "checkpoint.every_steps=0"],
+        "select": "validation_loss",
         "eval": {"greedy": True, "batch_size": 4, "max_new_tokens": 3},
         "methods": [{"name": "zero-shot"},
                     {"name": "lora-qv", "overrides": [f"lora.rank={RANK}"],
@@ -102,6 +103,24 @@ def test_experiment_trains_chooses_on_validation_and_reports(tmp_path, run_files
     assert "holds a finished run with another config" in capsys.readouterr().err
     assert len(finals) == 2 and (out / "runs" / "lora-qv" / "lr_0.03" / "adapter").is_dir()
 
+    # chosen by validation BLEU instead: the same runs, each decoded on its validation MRs
+    by_bleu = _write_experiment(tmp_path, model_dir, csv_path, select="validation_bleu")
+    assert main(["experiment", by_bleu]) == 0
+    lora = json.loads((out / "results.json").read_text())["rows"][1]
+    bleu = {}
+    for lr in (1e-4, 3e-2):
+        run_dir = out / "runs" / "lora-qv" / f"lr_{lr:g}"
+        bleu[lr] = json.loads((run_dir / "validation_eval" / "scores.json").read_text())["BLEU"]
+        held_out = json.loads((run_dir / "run_info.json").read_text())["data"]
+        decoded = (run_dir / "validation_eval" / "predictions.txt").read_text().splitlines()
+        assert len(decoded) == held_out["validation_groups"]  # the MRs the run held out
+    assert lora["learning_rate"] == max(bleu, key=lambda lr: (bleu[lr], -finals[lr]))
+    assert lora["learning_rate_grid_bleu"] == {f"{lr:g}": b for lr, b in bleu.items()}
+    validation_mrs = {r["mr"] for r in _rows(next(out.glob("validation_*.csv")))}
+    assert validation_mrs and validation_mrs <= {r["mr"] for r in _rows(out / "trainval.csv")}
+    assert validation_mrs.isdisjoint({r["mr"] for r in _rows(out / "test.csv")})
+    assert "the highest BLEU" in (tmp_path / "docs" / "results.md").read_text()
+
 
 def test_bad_experiment_configs_name_the_key(tmp_path):
     base = tmp_path / "base.yaml"
@@ -140,6 +159,14 @@ def test_table_and_ratios_state_the_measured_figures():
 def test_shipped_experiment_configs_load(path):
     cfg = load_experiment(path)
     assert cfg.methods and all(m.learning_rates or m.name == "zero-shot" for m in cfg.methods)
+
+
+def test_choose_by_bleu_breaks_ties_on_loss_and_by_loss_ignores_bleu():
+    candidates = {1e-3: {"validation_loss": 1.5, "validation_bleu": 60.0},
+                  3e-3: {"validation_loss": 1.4, "validation_bleu": 60.0},
+                  1e-2: {"validation_loss": 1.3, "validation_bleu": 50.0}}
+    assert choose(candidates, "validation_bleu") == 3e-3
+    assert choose(candidates, "validation_loss") == 1e-2
 
 
 def test_a_rate_at_the_edge_of_its_grid_is_flagged():

@@ -14,8 +14,12 @@ CSV and a list of methods. The command
    the base config, the shared ``overrides``, the method's ``overrides`` and
    ``optim.learning_rate``; a finished run with the same config is reused, an
    interrupted one resumes from its checkpoint;
-3. keeps, per method, the learning rate with the lowest final validation loss (the
-   test MRs play no part in the choice);
+3. keeps, per method, the learning rate that scores best on the run's validation MRs
+   (``select``): the highest BLEU of their decoded outputs (``validation_bleu``, the
+   default: ``lora-jax eval`` of each run on ``validation.csv``, the MRs the run held out
+   for validation, decoded as the test MRs are) or the lowest final validation loss
+   (``validation_loss``). The test MRs play no part in the choice. The two can disagree:
+   a high rate can lower the teacher-forced loss and still end outputs early;
 4. decodes and scores the test MRs with ``lora-jax eval`` (train/e2e_eval.py) for the
    chosen run of each method, and for the base model untrained (a method without
    learning rates: zero-shot);
@@ -44,7 +48,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from omegaconf import OmegaConf
@@ -101,6 +105,9 @@ class ExperimentConfig:
     report: str = "docs/results.md"
     plot: str = "docs/results.png"
     overrides: tuple[str, ...] = ()  # run-config overrides shared by every method
+    # how a method's learning rate is chosen on the validation MRs: the highest BLEU of the
+    # decoded outputs, or the lowest teacher-forced loss
+    select: Literal["validation_bleu", "validation_loss"] = "validation_bleu"
     eval: EvalSpec = field(default_factory=EvalSpec)
     methods: list[MethodSpec] = field(default_factory=list)
 
@@ -165,6 +172,39 @@ def split_test(data: str | Path, test_fraction: float, seed: int,
     return out / "trainval.csv", out / "test.csv", counts
 
 
+def validation_split(trainval: Path, run_cfg, out: Path) -> Path:
+    """``validation.csv`` (columns mr, ref): the MRs of ``trainval`` that a run with
+    ``run_cfg`` holds out for validation.
+
+    The split is train/data.py's: ``split_by_group`` of the MRs with the run's
+    ``data.validation_fraction`` and ``seed``. A run reports the groups it held out
+    (``run_info.json``); :func:`check_validation_split` compares the two.
+    """
+    groups = read_e2e(trainval)
+    fraction, seed = run_cfg.data.validation_fraction, run_cfg.seed
+    _, val_idx = split_by_group([mr for mr, _ in groups], fraction, seed)
+    path = out / f"validation_seed{seed}_fraction{fraction:g}.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["mr", "ref"])
+        writer.writerows((mr, ref) for i in val_idx for ref in groups[i][1])
+    return path
+
+
+def check_validation_split(validation_csv: Path, run_dir: Path) -> None:
+    """ExperimentError unless the run held out as many MRs and rows as ``validation_csv``."""
+    reported = json.loads((run_dir / RUN_INFO_FILE).read_text()).get("data")
+    groups = read_e2e(validation_csv)
+    ours = {"validation_groups": len(groups),
+            "validation_examples": sum(len(refs) for _, refs in groups)}
+    if reported is not None and {k: reported[k] for k in ours} != ours:
+        raise ExperimentError(f"{run_dir} held out {reported['validation_groups']} MRs "
+                              f"({reported['validation_examples']} rows) for validation, but "
+                              f"{validation_csv.name} has {ours['validation_groups']} "
+                              f"({ours['validation_examples']}): some rows were skipped "
+                              f"(see its log); fix them, or set select: validation_loss")
+
+
 def _run_process(args: list[str], log: Path) -> dict[str, float]:
     """Run ``python -m train.cli ARGS`` (output to ``log``); its peak RSS and wall time."""
     start = time.perf_counter()
@@ -219,13 +259,15 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
             "steps": validation[-1]["step"] if validation else None}
 
 
-def eval_run(cfg: ExperimentConfig, target: Path, test_csv: Path, out: Path) -> dict[str, Any]:
-    """``lora-jax eval TARGET --data test.csv --out OUT`` unless done with the same options."""
+def eval_run(cfg: ExperimentConfig, target: Path, test_csv: Path, out: Path,
+             *, every_mr: bool = False) -> dict[str, Any]:
+    """``lora-jax eval TARGET --data test.csv --out OUT`` unless done with the same options
+    (``every_mr``: no ``eval.limit``)."""
     args = ["eval", str(target), "--data", str(test_csv), "--out", str(out),
             "--batch-size", str(cfg.eval.batch_size),
             "--max-new-tokens", str(cfg.eval.max_new_tokens)]
     args += ["--greedy"] if cfg.eval.greedy else []
-    args += ["--limit", str(cfg.eval.limit)] if cfg.eval.limit else []
+    args += ["--limit", str(cfg.eval.limit)] if cfg.eval.limit and not every_mr else []
     done = out / EVAL_ARGS_FILE
     if not (done.is_file() and json.loads(done.read_text()) == args
             and (out / SCORES_FILE).is_file()):
@@ -237,12 +279,16 @@ def eval_run(cfg: ExperimentConfig, target: Path, test_csv: Path, out: Path) -> 
             "predictions": str(out / PREDICTIONS_FILE)}
 
 
-def choose(candidates: dict[float, dict[str, Any]]) -> float:
-    """The learning rate whose run ends with the lowest validation loss."""
+def choose(candidates: dict[float, dict[str, Any]],
+           select: str = "validation_loss") -> float:
+    """The learning rate whose run scores best on validation: the highest BLEU
+    (``validation_bleu``; ties go to the lower loss) or the lowest final loss."""
     losses = {lr: c["validation_loss"] for lr, c in candidates.items()}
     if any(loss is None for loss in losses.values()):
         raise ExperimentError("a run has no validation loss; set data.validation_fraction > 0 "
                               "so learning rates can be chosen on validation data")
+    if select == "validation_bleu":
+        return max(losses, key=lambda lr: (candidates[lr]["validation_bleu"], -losses[lr]))
     return min(losses, key=losses.get)
 
 
@@ -260,15 +306,26 @@ def run_experiment(cfg: ExperimentConfig, *, source: str, log=print) -> dict[str
                 log(f"[{method.name}] learning rate {lr:g}")
                 run_dir = out / "runs" / method.name / f"lr_{lr:g}"
                 candidates[lr], reused = train_run(cfg, method, lr, trainval, run_dir)
+                if cfg.select == "validation_bleu":
+                    validation = validation_split(
+                        trainval, run_config(cfg, method, lr, trainval, run_dir), out)
+                    check_validation_split(validation, run_dir)
+                    candidates[lr]["validation_bleu"] = eval_run(
+                        cfg, run_dir, validation, run_dir / "validation_eval",
+                        every_mr=True)["scores"]["BLEU"]
                 log(f"[{method.name}] lr {lr:g}: validation loss "
                     f"{candidates[lr]['validation_loss']:.4f}"
-                    f"{' (finished run reused)' if reused else ''}")
-            chosen = choose(candidates)
+                    + (f", BLEU {candidates[lr]['validation_bleu']:.2f}"
+                       if "validation_bleu" in candidates[lr] else "")
+                    + f"{' (finished run reused)' if reused else ''}")
+            chosen = choose(candidates, cfg.select)
             row |= {**candidates[chosen], "method": method.name}  # not run_info's method
             row |= {"learning_rate": chosen, "run_dir": str(out / "runs" / method.name /
                                                             f"lr_{chosen:g}"),
                     "learning_rate_grid": {f"{lr:g}": c["validation_loss"]
-                                           for lr, c in candidates.items()}}
+                                           for lr, c in candidates.items()},
+                    "learning_rate_grid_bleu": {f"{lr:g}": c.get("validation_bleu")
+                                                for lr, c in candidates.items()}}
             target = Path(row["run_dir"])
         else:  # zero-shot: the base model as the shared overrides load it
             target = save_config(run_config(cfg, method, 0.0, trainval, out / method.name),
@@ -390,13 +447,19 @@ def report(results: dict[str, Any], cfg: ExperimentConfig, config_text: str,
              "target token (for zero-shot: before training).", "",
              "![metrics vs trainable parameters](" + Path(cfg.plot).name + ")", "",
              "## Learning rates, chosen on the validation split", "",
-             "Each method trains at every rate of its grid; the rate with the lowest final "
-             "validation loss is kept. Validation MRs are disjoint from training and test MRs.",
-             "", "| method | validation loss per learning rate | chosen |", "|---|---|---|"]
+             "Each method trains at every rate of its grid; the rate kept is the one with "
+             + ("the highest BLEU of its greedy/beam outputs on the validation MRs (decoded "
+                "as the test MRs are; ties go to the lower loss)"
+                if cfg.select == "validation_bleu" else "the lowest final validation loss")
+             + ". Validation MRs are disjoint from training and test MRs.", "",
+             "| method | validation loss per learning rate | validation BLEU per learning rate "
+             "| chosen |", "|---|---|---|---|"]
     for r in rows:
         if "learning_rate_grid" in r:
             grid = ", ".join(f"{lr}: {loss:.4f}" for lr, loss in r["learning_rate_grid"].items())
-            lines.append(f"| {r['method']} | {grid} | {r['learning_rate']:g}"
+            bleu = ", ".join(f"{lr}: {b:.2f}" for lr, b in r.get("learning_rate_grid_bleu",
+                                                                  {}).items() if b is not None)
+            lines.append(f"| {r['method']} | {grid} | {bleu or '-'} | {r['learning_rate']:g}"
                          f"{_edge(r['learning_rate'], r['learning_rate_grid'])} |")
     lines += ["", "## Ratios", "", *ratios(rows), "", "## The experiment config", "",
               f"`{results['config']}`:", "", "```yaml", config_text.rstrip(), "```", ""]

@@ -124,7 +124,8 @@ def run_info(s: Setup) -> dict[str, Any]:
     optimizer updates (LoRA factors and bias deltas, every parameter, or the biases);
     ``added_params``: elements the method adds beside the base (LoRA factors, scales,
     deltas); ``optimizer_state_bytes``: bytes of the optimizer state (AdamW: two moments
-    per trainable element, plus step counters).
+    per trainable element, plus step counters); ``data``: what became of the rows and
+    how they split (train/data.py ``DataReport``).
     """
     def count(tree: Any) -> int:
         return sum(int(np.size(x)) for x in jax.tree.leaves(tree))
@@ -133,7 +134,8 @@ def run_info(s: Setup) -> dict[str, Any]:
     return {"method": s.cfg.method, "base_params": base,
             "trainable_params": count(s.state["params"]),
             "added_params": count(s.params) - base,
-            "optimizer_state_bytes": sum(x.nbytes for x in jax.tree.leaves(s.state["opt_state"]))}
+            "optimizer_state_bytes": sum(x.nbytes for x in jax.tree.leaves(s.state["opt_state"])),
+            "data": dataclasses.asdict(s.splits.report)}
 
 
 def config_dict(cfg: RunConfig) -> dict[str, Any]:
