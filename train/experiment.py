@@ -187,7 +187,7 @@ def validation_split(trainval: Path, run_cfg, out: Path) -> Path:
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["mr", "ref"])
-        writer.writerows((mr, ref) for i in val_idx for ref in groups[i][1])
+        writer.writerows((groups[i][0], ref) for i in val_idx for ref in groups[i][1])
     return path
 
 
