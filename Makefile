@@ -37,7 +37,7 @@ demo: $(STAMP)
 # Every benchmark (about an hour on 2 quiet CPU cores), then docs/benchmarks.md from the
 # JSON in benchmarks/results/. Run it on an otherwise idle machine.
 # The LoRA paper's E2E table in miniature (docs/results.md, docs/results.png); about
-# 1-1.5 h on 2 CPU cores. Finished runs are reused: rerunning after a stop continues.
+# about 2 h on 2 CPU cores. Finished runs are reused: rerunning after a stop continues.
 paper-table: $(STAMP)
 	$(BIN)/lora-jax experiment configs/experiments/e2e_table.yaml $(ARGS)
 
