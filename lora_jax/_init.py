@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import re
+import zlib
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -66,6 +67,9 @@ def init(key: jax.Array, params: Any, config: LoraConfig, *,
   """Returns `params` with LoRA factors beside every targeted weight.
 
   Base leaves are the very same objects as in `params` (nothing is copied).
+  Each target's factor draws from ``key`` folded with a hash of its path, so
+  the result does not depend on the order of the tree's dicts, and adding or
+  removing one target leaves the others' factors as they were.
   For each target W of shape (*stack, *in, *out) it adds A (*stack, *in, r),
   B (*stack, r, *out) — one of them zero, so the adapted model starts equal to
   the base — and the frozen scale s (*stack,) = alpha/r. Factors are float32
@@ -97,11 +101,12 @@ def init(key: jax.Array, params: Any, config: LoraConfig, *,
     raise ValueError(_no_match_message(config, flat))
 
   new = dict(flat)
-  for i, path in enumerate(targets):
+  for path in targets:
     leaf = flat[path]
     w = _tree.value(leaf)
     lay = _resolve_layout(layout, path, flat)
-    factors = _factors(jax.random.fold_in(key, i), path, w, lay, config)
+    path_key = jax.random.fold_in(key, zlib.crc32(_tree.path_str(path).encode()))
+    factors = _factors(path_key, path, w, lay, config)
     for suffix, array in factors.items():
       new[_tree.sibling(path, _tree.leaf_name(path) + suffix)] = _tree.new_leaf_like(leaf, array)
   for path in _trained_biases(flat, targets, config.bias):

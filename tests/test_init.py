@@ -141,6 +141,21 @@ def test_rank_larger_than_the_matrix_names_the_path():
     lj.init(jax.random.key(0), _mlp_params(), lj.LoraConfig(30, 8, r"fc1/kernel"))
 
 
+def test_factors_do_not_depend_on_dict_order_or_on_the_other_targets():
+  """A loader may build the same tree in another key order; adding a target keeps the rest."""
+  key = jax.random.key(0)
+  w = lambda seed: jax.random.normal(jax.random.key(seed), (8, 6))  # noqa: E731
+  forward = {"q": {"kernel": w(1)}, "v": {"kernel": w(2)}, "o": {"kernel": w(3)}}
+  backward = {name: forward[name] for name in reversed(list(forward))}
+  config = lj.LoraConfig(2, 4, "(q|v)/kernel")
+  a, b = lj.init(key, forward, config), lj.init(key, backward, config)
+  for name in ("q", "v"):
+    np.testing.assert_array_equal(a[name]["kernel_lora_a"], b[name]["kernel_lora_a"])
+  assert not np.array_equal(a["q"]["kernel_lora_a"], a["v"]["kernel_lora_a"])
+  more = lj.init(key, forward, lj.LoraConfig(2, 4, "(q|v|o)/kernel"))
+  np.testing.assert_array_equal(more["v"]["kernel_lora_a"], a["v"]["kernel_lora_a"])
+
+
 def test_init_twice_is_an_error():
   adapted = lj.init(jax.random.key(0), _mlp_params(), lj.LoraConfig(2, 4, r"fc1/kernel"))
   with pytest.raises(ValueError, match="already hold LoRA factors"):
