@@ -82,7 +82,8 @@ def build_params(
     named: dict[str, np.ndarray], unmatched: list[str], config: ModelConfig, source: str
 ) -> dict[str, Any]:
     """Check `named` against the model and return the params tree in `config.param_dtype`,
-    stacked along a leading layer axis under "layers" when `config.scan_layers`.
+    stacked along a leading layer axis under "layers" when `config.scan_layers`. `named` is
+    consumed (emptied); callers pass a dict they hold no other reference to its arrays by.
 
     Raises CheckpointError listing missing and unexpected tensors, or naming a parameter whose
     shape differs.
@@ -102,17 +103,25 @@ def build_params(
                 f"{source}: parameter {name} has shape {tuple(named[name].shape)} in the checkpoint "
                 f"but the model expects {shape}"
             )
-    arrays = {name: jax.numpy.asarray(a, config.param_dtype) for name, a in named.items()}
-    if config.scan_layers:
-        arrays = _stack_layers(arrays, config.num_layers)
-    return _unflatten(arrays)
+    return _unflatten(_device_arrays(named, config))
 
 
-def _stack_layers(arrays: dict[str, jax.Array], num_layers: int) -> dict[str, jax.Array]:
-    """Replace "layers_{i}/rest" entries by "layers/rest" with a leading layer axis."""
-    out = {k: v for k, v in arrays.items() if not k.startswith("layers_")}
-    for rest in {k.split("/", 1)[1] for k in arrays if k.startswith("layers_0/")}:
-        out[f"layers/{rest}"] = jax.numpy.stack([arrays[f"layers_{i}/{rest}"] for i in range(num_layers)])
+def _device_arrays(named: dict[str, np.ndarray], config: ModelConfig) -> dict[str, jax.Array]:
+    """`named` as arrays in `config.param_dtype`; with `config.scan_layers`, "layers_{i}/rest"
+    entries become one "layers/rest" with a leading layer axis.
+
+    `named` is emptied as its arrays are converted, one parameter at a time (stacked on the
+    host first), so that the host copy of each can be freed at once: loading then holds about
+    one copy of the model, not the checkpoint's, the converted and the stacked ones together.
+    """
+    out = {}
+    for name in [k for k in named if not (config.scan_layers and k.startswith("layers_"))]:
+        out[name] = jax.numpy.asarray(named.pop(name), config.param_dtype)
+    for rest in sorted({k.split("/", 1)[1] for k in named if k.startswith("layers_0/")}):
+        host = np.stack([np.asarray(named.pop(f"layers_{i}/{rest}"))
+                         for i in range(config.num_layers)])
+        out[f"layers/{rest}"] = jax.numpy.asarray(host, config.param_dtype)
+        del host
     return out
 
 

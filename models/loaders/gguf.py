@@ -100,4 +100,5 @@ def load_gguf(path: str | Path, **options: Any) -> tuple[ModelConfig, dict[str, 
     names = {t.name for t in reader.tensors}
     config, zeros = configure(config_from_gguf(reader, "output.weight" in names), options, str(path))
     named, unmatched = rename({t.name: dequantize(t) for t in reader.tensors}, _rules(config))
-    return config, build_params(zeros | named, unmatched, config, str(path)), reader
+    named.update(zeros)  # build_params empties it, freeing each dequantised array once converted
+    return config, build_params(named, unmatched, config, str(path)), reader

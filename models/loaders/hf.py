@@ -156,5 +156,6 @@ def load_hf(directory: str | Path, **options: Any) -> tuple[ModelConfig, dict[st
                               str(directory))
     rules = _gpt2_rules(config) if config.family == "gpt2" else _llama_rules(config)
     named, unmatched = rename(read_safetensors(directory), rules)
-    return config, build_params(zeros | named, unmatched, config, str(directory))
+    named.update(zeros)  # build_params empties it, freeing each host array once converted
+    return config, build_params(named, unmatched, config, str(directory))
 
