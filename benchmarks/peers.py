@@ -242,8 +242,7 @@ def summarise(rounds: list[dict]) -> list[dict]:
   rows = []
   for name in WORKERS:
     runs = [r[name] for r in rounds]
-    flops = rounds[0][name.split("-")[0].replace("torch", "jax") + "-" + (
-        "full" if name.endswith("full") else "lora")]["model_flops"]
+    flops = rounds[0]["jax-full" if name.endswith("full") else "jax-lora"]["model_flops"]
     steady = [x["step_s"] for x in runs if common.same_regime(x["probes"])]
     pair = [r[name]["step_s"] / r[REFERENCE]["step_s"] for r in rounds
             if common.same_regime(r[name]["probes"] + r[REFERENCE]["probes"])]

@@ -113,7 +113,7 @@ def read_e2e(path: str | Path) -> list[tuple[str, list[str]]]:
     table = table.select_columns(list(found.values())).rename_columns(
         {column: name for name, column in found.items() if column != name})
     refs: dict[str, list[str]] = {}
-    for index, row in enumerate(table.select_columns(["mr", "ref"]).to_list()):
+    for index, row in enumerate(table.to_list()):
         try:
             refs.setdefault(text_field(row, "mr"), []).append(text_field(row, "ref"))
         except MalformedRow as bad:

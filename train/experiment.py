@@ -163,46 +163,52 @@ def split_test(data: str | Path, test_fraction: float, seed: int,
     out.mkdir(parents=True, exist_ok=True)
     counts = {}
     for side, rows in sides.items():
-        with (out / f"{side}.csv").open("w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["mr", "ref"])
-            writer.writerows((mr, ref) for mr, refs in rows for ref in refs)
-        counts[f"{side}_mrs"] = len(rows)
-        counts[f"{side}_rows"] = sum(len(refs) for _, refs in rows)
+        mrs, refs = _write_e2e(out / f"{side}.csv", rows)
+        counts |= {f"{side}_mrs": mrs, f"{side}_rows": refs}
     return out / "trainval.csv", out / "test.csv", counts
 
 
-def validation_split(trainval: Path, run_cfg, out: Path) -> Path:
-    """``validation.csv`` (columns mr, ref): the MRs of ``trainval`` that a run with
-    ``run_cfg`` holds out for validation.
-
-    The split is train/data.py's: ``split_by_group`` of the MRs with the run's
-    ``data.validation_fraction`` and ``seed``. A run reports the groups it held out
-    (``run_info.json``); :func:`check_validation_split` compares the two.
-    """
-    groups = read_e2e(trainval)
-    fraction, seed = run_cfg.data.validation_fraction, run_cfg.seed
-    _, val_idx = split_by_group([mr for mr, _ in groups], fraction, seed)
-    path = out / f"validation_seed{seed}_fraction{fraction:g}.csv"
+def _write_e2e(path: Path, groups: Sequence[tuple[str, list[str]]]) -> tuple[int, int]:
+    """An E2E CSV (columns mr, ref; a row per reference) of ``groups``; (MRs, rows) written."""
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["mr", "ref"])
-        writer.writerows((groups[i][0], ref) for i in val_idx for ref in groups[i][1])
-    return path
+        writer.writerows((mr, ref) for mr, refs in groups for ref in refs)
+    return len(groups), sum(len(refs) for _, refs in groups)
 
 
-def check_validation_split(validation_csv: Path, run_dir: Path) -> None:
-    """ExperimentError unless the run held out as many MRs and rows as ``validation_csv``."""
+@dataclass(frozen=True)
+class ValidationSet:
+    """The MRs that runs of one (seed, validation fraction) hold out, as an E2E CSV."""
+
+    path: Path
+    mrs: int
+    rows: int
+
+
+def validation_split(trainval: Path, seed: int, fraction: float, out: Path) -> ValidationSet:
+    """``validation_seed*_fraction*.csv`` (columns mr, ref): the MRs of ``trainval`` that a
+    run with this ``seed`` and ``data.validation_fraction`` holds out for validation.
+
+    The split is train/data.py's: ``split_by_group`` of the MRs. A run reports the groups it
+    held out (``run_info.json``); :func:`check_validation_split` compares the two.
+    """
+    groups = read_e2e(trainval)
+    _, val_idx = split_by_group([mr for mr, _ in groups], fraction, seed)
+    path = out / f"validation_seed{seed}_fraction{fraction:g}.csv"
+    return ValidationSet(path, *_write_e2e(path, [groups[i] for i in val_idx]))
+
+
+def check_validation_split(validation: ValidationSet, run_dir: Path) -> None:
+    """ExperimentError unless the run held out as many MRs and rows as ``validation``."""
     reported = json.loads((run_dir / RUN_INFO_FILE).read_text()).get("data")
-    groups = read_e2e(validation_csv)
-    ours = {"validation_groups": len(groups),
-            "validation_examples": sum(len(refs) for _, refs in groups)}
+    ours = {"validation_groups": validation.mrs, "validation_examples": validation.rows}
     if reported is not None and {k: reported[k] for k in ours} != ours:
         raise ExperimentError(f"{run_dir} held out {reported['validation_groups']} MRs "
                               f"({reported['validation_examples']} rows) for validation, but "
-                              f"{validation_csv.name} has {ours['validation_groups']} "
-                              f"({ours['validation_examples']}): some rows were skipped "
-                              f"(see its log); fix them, or set select: validation_loss")
+                              f"{validation.path.name} has {validation.mrs} ({validation.rows})"
+                              f": some rows were skipped (see its log); fix them, or set "
+                              f"select: validation_loss")
 
 
 def _run_process(args: list[str], log: Path) -> dict[str, float]:
@@ -279,8 +285,7 @@ def eval_run(cfg: ExperimentConfig, target: Path, test_csv: Path, out: Path,
             "predictions": str(out / PREDICTIONS_FILE)}
 
 
-def choose(candidates: dict[float, dict[str, Any]],
-           select: str = "validation_loss") -> float:
+def choose(candidates: dict[float, dict[str, Any]], select: str) -> float:
     """The learning rate whose run scores best on validation: the highest BLEU
     (``validation_bleu``; ties go to the lower loss) or the lowest final loss."""
     losses = {lr: c["validation_loss"] for lr, c in candidates.items()}
@@ -297,6 +302,7 @@ def run_experiment(cfg: ExperimentConfig, *, source: str, log=print) -> dict[str
     out = resolve_path(cfg.output_dir)
     trainval, test, counts = split_test(cfg.data, cfg.test_fraction, cfg.seed, out)
     log(f"data: {counts}")
+    validation_sets: dict[tuple[int, float], ValidationSet] = {}  # one per (seed, fraction)
     rows = []
     for method in cfg.methods:
         row: dict[str, Any] = {"method": method.name, "overrides": list(method.overrides)}
@@ -307,11 +313,13 @@ def run_experiment(cfg: ExperimentConfig, *, source: str, log=print) -> dict[str
                 run_dir = out / "runs" / method.name / f"lr_{lr:g}"
                 candidates[lr], reused = train_run(cfg, method, lr, trainval, run_dir)
                 if cfg.select == "validation_bleu":
-                    validation = validation_split(
-                        trainval, run_config(cfg, method, lr, trainval, run_dir), out)
-                    check_validation_split(validation, run_dir)
+                    run_cfg = run_config(cfg, method, lr, trainval, run_dir)
+                    split = (run_cfg.seed, run_cfg.data.validation_fraction)
+                    if split not in validation_sets:
+                        validation_sets[split] = validation_split(trainval, *split, out)
+                    check_validation_split(validation_sets[split], run_dir)
                     candidates[lr]["validation_bleu"] = eval_run(
-                        cfg, run_dir, validation, run_dir / "validation_eval",
+                        cfg, run_dir, validation_sets[split].path, run_dir / "validation_eval",
                         every_mr=True)["scores"]["BLEU"]
                 log(f"[{method.name}] lr {lr:g}: validation loss "
                     f"{candidates[lr]['validation_loss']:.4f}"
