@@ -34,13 +34,14 @@ demo: $(STAMP)
 	rm -rf runs/e2e_lora
 	$(BIN)/lora-jax train configs/e2e_lora.yaml $(ARGS)
 
-# Every benchmark (about an hour on 2 quiet CPU cores), then docs/benchmarks.md from the
-# JSON in benchmarks/results/. Run it on an otherwise idle machine.
 # The LoRA paper's E2E table in miniature (docs/results.md, docs/results.png); about
-# about 2 h on 2 CPU cores. Finished runs are reused: rerunning after a stop continues.
+# 3.5 h on 2 CPU cores from scratch. Finished runs are reused: rerunning after a stop
+# continues.
 paper-table: $(STAMP)
 	$(BIN)/lora-jax experiment configs/experiments/e2e_table.yaml $(ARGS)
 
+# Every benchmark (about an hour on 2 quiet CPU cores), then docs/benchmarks.md from the
+# JSON in benchmarks/results/. Run it on an otherwise idle machine.
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.train_step
 	$(BIN)/python -m benchmarks.train_step --base-dtype bfloat16 \
