@@ -132,6 +132,19 @@ def test_local_formats_load_alike(tmp_path, tokenizer):
         assert [e.ids_L.tolist() for e in other.train] == [e.ids_L.tolist() for e in built[0].train]
 
 
+def test_e2e_columns_are_found_under_their_other_names(tmp_path, tokenizer):
+    """Hugging Face e2e_nlg's names, other case and a byte-order mark train as mr/ref do."""
+    records = [{"mr": mr, "ref": ref} for mr, ref in ROWS]
+    renamed = [{"\ufeffMeaning_Representation": r["mr"], " human_reference": r["ref"],
+                "extra": 1} for r in records]
+    built = [build_splits(DataConfig(path=write_jsonl(tmp_path / name, rows),
+                                     validation_fraction=0.25), tokenizer, seed=1)
+             for name, rows in (("a.jsonl", records), ("b.jsonl", renamed))]
+    for split in ("train", "validation"):
+        assert [e.ids_L.tolist() for e in getattr(built[1], split)] == \
+            [e.ids_L.tolist() for e in getattr(built[0], split)]
+
+
 # --- the real E2E file: grouped split ------------------------------------------------------
 
 

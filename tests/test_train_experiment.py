@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import pytest
 
 import train_fixtures as tf
 from train.cli import main
 from train.config import REPO_ROOT, ConfigError, config_to_yaml, load_config
-from train.experiment import _edge, choose, load_experiment, ratios, split_test, table
+from train.experiment import (_edge, across_seeds, choose, load_experiment, ratios, split_test,
+                              table)
 
 RANK, LAYERS, HIDDEN = 2, tf.LAYERS, tf.HIDDEN
 
@@ -121,6 +123,22 @@ def test_experiment_trains_chooses_on_validation_and_reports(tmp_path, run_files
     assert validation_mrs.isdisjoint({r["mr"] for r in _rows(out / "test.csv")})
     assert "the highest BLEU" in (tmp_path / "docs" / "results.md").read_text()
 
+    # another seed at the chosen rate: a new run, decoded on the test MRs; the row averages
+    seeded = json.loads((tmp_path / "experiment.yaml").read_text())
+    seeded["methods"][1]["seeds"] = [7]
+    (tmp_path / "experiment.yaml").write_text(json.dumps(seeded))
+    assert main(["experiment", by_bleu]) == 0
+    lora = json.loads((out / "results.json").read_text())["rows"][1]
+    seed_dir = out / "runs" / "lora-qv" / f"lr_{lora['learning_rate']:g}_seed7"
+    assert load_config(seed_dir / "config.yaml").seed == 7 and lora["seed"] == 0
+    runs = [json.loads((out / "eval" / "lora-qv" / sub / "scores.json").read_text())
+            for sub in (".", "seed7")]
+    assert lora["seed_scores"] == {"0": runs[0], "7": runs[1]}
+    assert lora["scores"]["BLEU"] == pytest.approx((runs[0]["BLEU"] + runs[1]["BLEU"]) / 2)
+    assert lora["scores_sd"]["BLEU"] == pytest.approx(abs(runs[0]["BLEU"] - runs[1]["BLEU"])
+                                                      / 2 ** 0.5)
+    assert "## Seeds" in (tmp_path / "docs" / "results.md").read_text()
+
 
 def test_bad_experiment_configs_name_the_key(tmp_path):
     base = tmp_path / "base.yaml"
@@ -152,6 +170,30 @@ def test_table_and_ratios_state_the_measured_figures():
     assert ratios([full, lora]) == ["- lora: saved 1,024x smaller, optimizer state 100x "
                                     "smaller, peak RSS 3.00x lower, BLEU +1.50 vs full "
                                     "fine-tuning"]
+
+
+def test_several_seeds_report_mean_and_sample_deviation():
+    runs = [{"BLEU": 60.0, "METEOR": None}, {"BLEU": 62.0, "METEOR": 0.5},
+            {"BLEU": 64.0, "METEOR": 0.6}]
+    mean, sd = across_seeds(runs)
+    assert mean == {"BLEU": 62.0, "METEOR": None} and sd == {"BLEU": 2.0, "METEOR": None}
+    assert across_seeds(runs[1:2]) == ({"BLEU": 62.0, "METEOR": 0.5}, {"BLEU": None, "METEOR": None})
+    row = {"method": "lora", "learning_rate": 1e-3, "base_params": 100, "trainable_params": 1,
+           "scores": {"BLEU": 62.0, "NIST": 8.0, "METEOR": 0.45},
+           "scores_sd": {"BLEU": 2.0, "NIST": None, "METEOR": 0.01}}
+    assert "| 62.00 ± 2.00 | 8.00 | 45.00 ± 1.00 | null |" in table([row])[2]  # METEOR x100
+
+
+@pytest.mark.parametrize("seeds, problem", [([0], "differ from the run config's seed (0)"),
+                                            ([1, 1], "distinct")])
+def test_seeds_must_be_new_runs(tmp_path, seeds, problem):
+    base = tmp_path / "base.yaml"
+    base.write_text(config_to_yaml(load_config(None)))  # seed 0
+    path = tmp_path / "e.yaml"
+    path.write_text(f"base_config: {base}\nmethods: [{{name: a, learning_rates: [1.0e-3], "
+                    f"seeds: {seeds}}}]\n")
+    with pytest.raises(ConfigError, match=re.escape(problem)):
+        load_experiment(path)
 
 
 @pytest.mark.parametrize("path", sorted(REPO_ROOT.glob("configs/experiments/*.yaml")),

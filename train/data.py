@@ -29,7 +29,7 @@ from tokenizers import Tokenizer
 from train.batching import START, Batch, DataPosition, TrainBatches, eval_batches
 from train.config import REPO_ROOT, DataConfig, resolve_path
 from train.examples import Example, encode_pairs, fit_example, length_status
-from train.formats import FORMATS, MalformedRow, is_missing
+from train.formats import FORMATS, MalformedRow, find_columns, is_missing
 from train.ordering import split_by_group
 
 LOCAL_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -95,6 +95,13 @@ def load_table(path: str, source_split: str = "train") -> datasets.Dataset:
                         f"{sorted(LOCAL_BUILDERS)}") from e
 
 
+def select_columns(table: datasets.Dataset, found: Mapping[str, str]) -> datasets.Dataset:
+    """The columns ``found`` names (ours -> the table's, train/formats.py ``find_columns``),
+    under our names."""
+    return table.select_columns(list(found.values())).rename_columns(
+        {column: name for name, column in found.items() if column != name})
+
+
 def _group(row: Mapping[str, Any], key: str | None, index: int) -> str:
     """The row's grouping value as a string; the row index when there is no key."""
     if key is None:
@@ -114,14 +121,15 @@ def _format_rows(table: datasets.Dataset, cfg: DataConfig,
     fmt = FORMATS[cfg.format]
     split_key = cfg.split_key or fmt.split_key
     needed = list(dict.fromkeys(fmt.columns + ((split_key,) if split_key else ())))
-    missing = [c for c in needed if c not in table.column_names]
+    found = find_columns(table.column_names, needed)
+    missing = [name for name, column in found.items() if column is None]
     if missing:
         raise DataError(f"data {cfg.path!r} lacks columns {missing} (it has {table.column_names}); "
                         f"data.format={cfg.format!r} needs {list(fmt.columns)}"
                         + (f" and data.split_key={split_key!r}" if split_key else "")
                         + "; rename the columns or set data.format / data.split_key")
     formatted = []
-    for index, row in enumerate(table.select_columns(needed).to_list()):
+    for index, row in enumerate(select_columns(table, found).to_list()):
         try:
             formatted.append((index, *fmt.build(row), _group(row, split_key, index)))
         except MalformedRow as bad:

@@ -50,10 +50,10 @@ import models
 from train import e2e_metrics
 from train.adapter import AdapterError
 from train.config import DataConfig, load_config
-from train.data import DataError, load_table
+from train.data import DataError, load_table, select_columns
 from train.examples import Example
 from train.export import adapter_dir, load_adapted
-from train.formats import MalformedRow, e2e_prompt, text_field
+from train.formats import MalformedRow, e2e_prompt, find_columns, text_field
 from train.run import CONFIG_FILE, load_model
 from train.samples import decode_text, left_padded_prompts
 
@@ -86,32 +86,19 @@ class Target(NamedTuple):
     description: str
 
 
-# The columns of an E2E file and the other names they go by: the challenge's files say
-# ``mr,ref`` (some copies ``MR``), the Hugging Face ``e2e_nlg`` data set
-# ``meaning_representation,human_reference``.
-E2E_COLUMNS = {"mr": ("mr", "meaning_representation"),
-               "ref": ("ref", "reference", "human_reference")}
-
-
-def _find_column(columns: list[str], name: str) -> str | None:
-    """The column holding E2E's ``name``: case, spaces and a byte-order mark ignored."""
-    by_key = {c.lstrip("\ufeff").strip().lower(): c for c in columns}
-    return next((by_key[alias] for alias in E2E_COLUMNS[name] if alias in by_key), None)
-
-
 def read_e2e(path: str | Path) -> list[tuple[str, list[str]]]:
     """``[(mr, [ref, ...]), ...]``: every distinct MR in order of first appearance.
 
-    The columns are found by name (see ``E2E_COLUMNS``); others are ignored."""
+    The columns are found by name as training finds them (train/formats.py
+    ``find_columns``); others are ignored."""
     path = Path(path).expanduser().resolve()
     table = load_table(str(path))
-    found = {name: _find_column(table.column_names, name) for name in E2E_COLUMNS}
+    found = find_columns(table.column_names, ["mr", "ref"])
     missing = [name for name, column in found.items() if column is None]
     if missing:
         raise DataError(f"{path} lacks the column(s) {missing} (it has {table.column_names}); "
                         f"an E2E CSV has a header 'mr,ref' and one row per reference")
-    table = table.select_columns(list(found.values())).rename_columns(
-        {column: name for name, column in found.items() if column != name})
+    table = select_columns(table, found)
     refs: dict[str, list[str]] = {}
     for index, row in enumerate(table.to_list()):
         try:

@@ -23,6 +23,10 @@ CSV and a list of methods. The command
 4. decodes and scores the test MRs with ``lora-jax eval`` (train/e2e_eval.py) for the
    chosen run of each method, and for the base model untrained (a method without
    learning rates: zero-shot);
+   a method with ``seeds`` is trained again at its chosen rate with each of those
+   run-config seeds, and each such run is decoded too: its row's metrics are the mean
+   and standard deviation over the runs, since one run's BLEU moves by about as much as
+   the methods differ;
 5. writes ``results.json`` in the output directory, and the report (``report``,
    Markdown: the table, the learning-rate choice, the command and this config) and the
    plot of each metric against trainable parameters (``plot``, PNG).
@@ -77,12 +81,17 @@ class ExperimentError(RuntimeError):
 class MethodSpec:
     """One row of the table: a name, run-config overrides and a learning-rate grid.
 
-    No learning rates: the base model is evaluated untrained (zero-shot).
+    No learning rates: the base model is evaluated untrained (zero-shot). ``seeds``: the
+    chosen rate is trained again with each of these run-config seeds and every such run is
+    decoded on the test MRs, so the row states its metrics' spread across training runs.
     """
 
     name: str
     overrides: tuple[str, ...] = ()
     learning_rates: tuple[float, ...] = ()
+    # further run-config seeds (data split, data order, initialisation, dropout) trained at
+    # the chosen rate: the row's metrics become the mean over these runs and the chosen one
+    seeds: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -136,16 +145,23 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> Experime
         raise ConfigError(f"experiment config {path}: test_fraction must be in (0, 1), "
                           f"got {cfg.test_fraction}")
     for method in cfg.methods:  # a typo in an override fails now, not an hour in
-        run_config(cfg, method, 1e-3, Path("/unused"), Path("/unused"))
+        seed = run_config(cfg, method, 1e-3, Path("/unused"), Path("/unused")).seed
+        if method.seeds and (not method.learning_rates or seed in method.seeds
+                             or len(set(method.seeds)) != len(method.seeds)):
+            raise ConfigError(f"experiment config {path}: method {method.name!r} has seeds "
+                              f"{list(method.seeds)}; they must be distinct, differ from the "
+                              f"run config's seed ({seed}) and come with learning_rates")
     return cfg
 
 
 def run_config(cfg: ExperimentConfig, method: MethodSpec, learning_rate: float,
-               data: Path, run_dir: Path):
-    """The RunConfig of one run: base config, shared overrides, the method's, then ours."""
+               data: Path, run_dir: Path, seed: int | None = None):
+    """The RunConfig of one run: base config, shared overrides, the method's, then ours
+    (``seed``: the run config's ``seed``, when not the configs' own)."""
     return load_config(resolve_path(cfg.base_config), [
         *cfg.overrides, *method.overrides, f"optim.learning_rate={learning_rate}",
-        f"data.path={data}", f"output_dir={run_dir}"])
+        f"data.path={data}", f"output_dir={run_dir}",
+        *([f"seed={seed}"] if seed is not None else [])])
 
 
 def split_test(data: str | Path, test_fraction: float, seed: int,
@@ -227,12 +243,12 @@ def _run_process(args: list[str], log: Path) -> dict[str, float]:
 
 
 def train_run(cfg: ExperimentConfig, method: MethodSpec, learning_rate: float,
-              data: Path, run_dir: Path) -> tuple[dict[str, Any], bool]:
-    """Train one (method, learning rate) unless a finished run with this config exists.
+              data: Path, run_dir: Path, seed: int | None = None) -> tuple[dict[str, Any], bool]:
+    """Train one (method, learning rate[, seed]) unless a finished run with this config exists.
 
     Returns the run's :func:`run_summary` and whether the finished run was reused.
     """
-    wanted = run_config(cfg, method, learning_rate, data, run_dir)
+    wanted = run_config(cfg, method, learning_rate, data, run_dir, seed)
     finished = (run_dir / ADAPTER_DIR / META_FILE).is_file() and (run_dir / PROCESS_FILE).is_file()
     if finished and load_config(run_dir / CONFIG_FILE) != wanted:
         raise ExperimentError(f"{run_dir} holds a finished run with another config; the "
@@ -328,19 +344,22 @@ def run_experiment(cfg: ExperimentConfig, *, source: str, log=print) -> dict[str
                     + f"{' (finished run reused)' if reused else ''}")
             chosen = choose(candidates, cfg.select)
             row |= {**candidates[chosen], "method": method.name}  # not run_info's method
-            row |= {"learning_rate": chosen, "run_dir": str(out / "runs" / method.name /
-                                                            f"lr_{chosen:g}"),
+            chosen_dir = out / "runs" / method.name / f"lr_{chosen:g}"
+            row |= {"learning_rate": chosen, "run_dir": str(chosen_dir),
+                    "seed": run_config(cfg, method, chosen, trainval, chosen_dir).seed,
                     "learning_rate_grid": {f"{lr:g}": c["validation_loss"]
                                            for lr, c in candidates.items()},
                     "learning_rate_grid_bleu": {f"{lr:g}": c.get("validation_bleu")
                                                 for lr, c in candidates.items()}}
-            target = Path(row["run_dir"])
+            target = chosen_dir
         else:  # zero-shot: the base model as the shared overrides load it
             target = save_config(run_config(cfg, method, 0.0, trainval, out / method.name),
                                  out / method.name / CONFIG_FILE)
         log(f"[{method.name}] decoding {counts['test_mrs']} test MRs")
         row |= eval_run(cfg, target, test, out / "eval" / method.name)
         log(f"[{method.name}] {row['scores']}")
+        if method.seeds:
+            row |= seed_runs(cfg, method, row, trainval, test, out, log)
         rows.append(row)
     trained = [r for r in rows if "base_params" in r]
     for row in rows:  # untrained rows: the base's figures, from any trained run
@@ -351,6 +370,44 @@ def run_experiment(cfg: ExperimentConfig, *, source: str, log=print) -> dict[str
                "data": counts, "machine": machine(), "rows": rows}
     (out / RESULTS_FILE).write_text(json.dumps(results, indent=1) + "\n")
     return results
+
+
+def seed_runs(cfg: ExperimentConfig, method: MethodSpec, row: dict[str, Any], trainval: Path,
+              test: Path, out: Path, log=print) -> dict[str, Any]:
+    """Train ``method.seeds`` at the chosen rate of ``row``, decode the test MRs for each.
+
+    Returns the row's new entries: ``seed_scores`` (run-config seed -> test scores, the
+    chosen run's first), ``seed_validation_loss`` likewise, and ``scores``/``scores_sd``:
+    every metric's mean and sample standard deviation across them (:func:`across_seeds`).
+    """
+    lr = row["learning_rate"]
+    scores = {str(row["seed"]): row["scores"]}
+    losses = {str(row["seed"]): row["validation_loss"]}
+    for seed in method.seeds:
+        log(f"[{method.name}] lr {lr:g}, seed {seed}")
+        run_dir = out / "runs" / method.name / f"lr_{lr:g}_seed{seed}"
+        summary, reused = train_run(cfg, method, lr, trainval, run_dir, seed)
+        scores[str(seed)] = eval_run(cfg, run_dir, test, out / "eval" / method.name /
+                                     f"seed{seed}")["scores"]
+        losses[str(seed)] = summary["validation_loss"]
+        log(f"[{method.name}] seed {seed}: {scores[str(seed)]}"
+            f"{' (finished run reused)' if reused else ''}")
+    mean, sd = across_seeds(list(scores.values()))
+    return {"seed_scores": scores, "seed_validation_loss": losses, "scores": mean,
+            "scores_sd": sd}
+
+
+def across_seeds(scores: Sequence[dict[str, float | None]]
+                 ) -> tuple[dict[str, float | None], dict[str, float | None]]:
+    """Per metric: the mean and the sample standard deviation (n - 1) over ``scores``, one
+    dict per run; None for a metric some run lacks (METEOR without WordNet)."""
+    mean, sd = {}, {}
+    for name in scores[0]:
+        values = [s.get(name) for s in scores]
+        known = None not in values
+        mean[name] = float(np.mean(values)) if known else None
+        sd[name] = float(np.std(values, ddof=1)) if known and len(values) > 1 else None
+    return mean, sd
 
 
 # ---------------------------------------------------------------------------- report
@@ -365,8 +422,12 @@ def _mib(n: float | None) -> str:
 
 
 def _metric(row: dict[str, Any], name: str) -> str:
-    value = row.get("scores", {}).get(name)
-    return "null" if value is None else f"{value * e2e_metrics.PAPER_SCALE[name]:.2f}"
+    """The metric on the paper's scale; with its standard deviation when over seeds."""
+    value, sd = row.get("scores", {}).get(name), row.get("scores_sd", {}).get(name)
+    scale = e2e_metrics.PAPER_SCALE[name]
+    if value is None:
+        return "null"
+    return f"{value * scale:.2f}" + ("" if sd is None else f" ± {sd * scale:.2f}")
 
 
 def table(rows: list[dict[str, Any]]) -> list[str]:
@@ -388,7 +449,8 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> Path:
-    """PNG: each metric against trainable parameters (log axis); zero-shot as a line."""
+    """PNG: each metric against trainable parameters (log axis), with a bar of one standard
+    deviation for rows trained with several seeds; zero-shot as a line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -400,7 +462,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
                                 squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
         scale = e2e_metrics.PAPER_SCALE[name]
-        trained = [r["scores"][name] * scale for r in rows if r.get("trainable_params")]
+        trained = [(r["scores"][name] + sign * (r.get("scores_sd", {}).get(name) or 0)) * scale
+                   for r in rows if r.get("trainable_params") for sign in (-1, 1)]
         # the axis spans the trained methods, which differ by little; an untrained row far
         # below them would flatten them into one line, so it is then named, not drawn
         low, high = (min(trained), max(trained)) if trained else (0.0, 1.0)
@@ -409,7 +472,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
         for r in rows:
             value = r["scores"][name] * scale
             if r.get("trainable_params"):
-                ax.scatter(r["trainable_params"], value)
+                sd = r.get("scores_sd", {}).get(name)
+                ax.errorbar(r["trainable_params"], value, fmt="o", capsize=3,
+                            yerr=None if sd is None else sd * scale)
                 ax.annotate(r["method"], (r["trainable_params"], value), fontsize=7,
                             xytext=(3, 3), textcoords="offset points")
             elif low - pad <= value <= high + pad:
@@ -469,9 +534,28 @@ def report(results: dict[str, Any], cfg: ExperimentConfig, config_text: str,
                                                                   {}).items() if b is not None)
             lines.append(f"| {r['method']} | {grid} | {bleu or '-'} | {r['learning_rate']:g}"
                          f"{_edge(r['learning_rate'], r['learning_rate_grid'])} |")
+    lines += seeds_section(rows)
     lines += ["", "## Ratios", "", *ratios(rows), "", "## The experiment config", "",
               f"`{results['config']}`:", "", "```yaml", config_text.rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+def seeds_section(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown: every seed's test BLEU and validation loss, for rows trained with several."""
+    seeded = [r for r in rows if "seed_scores" in r]
+    if not seeded:
+        return []
+    lines = ["", "## Seeds", "",
+             "Rows with several seeds were trained again at their chosen rate with each other "
+             "run-config `seed` (which draws the train/validation split, the data order, the "
+             "initialisation and the dropout); the table gives the mean ± the sample standard "
+             "deviation of their test metrics, and the other columns are the chosen run's.", "",
+             "| method | test BLEU per seed | validation loss per seed |", "|---|---|---|"]
+    for r in seeded:
+        bleu = ", ".join(f"{seed}: {s['BLEU']:.2f}" for seed, s in r["seed_scores"].items())
+        loss = ", ".join(f"{seed}: {v:.4f}" for seed, v in r["seed_validation_loss"].items())
+        lines.append(f"| {r['method']} | {bleu} | {loss} |")
+    return lines
 
 
 def _edge(chosen: float, grid: dict[str, float]) -> str:
@@ -494,11 +578,13 @@ def ratios(rows: list[dict[str, Any]]) -> list[str]:
         if r is full or not r.get("trainable_params") or not r.get("adapter_bytes"):
             continue
         gap = (r["scores"]["BLEU"] - full["scores"]["BLEU"])
+        runs = [len(x.get("seed_scores", ())) or 1 for x in (r, full)]
         lines.append(f"- {r['method']}: saved {full['adapter_bytes'] / r['adapter_bytes']:,.0f}x "
                      f"smaller, optimizer state "
                      f"{full['optimizer_state_bytes'] / r['optimizer_state_bytes']:,.0f}x smaller, "
                      f"peak RSS {full['peak_rss_bytes'] / r['peak_rss_bytes']:.2f}x lower, "
-                     f"BLEU {gap:+.2f} vs full fine-tuning")
+                     f"BLEU {gap:+.2f} vs full fine-tuning"
+                     + ("" if runs == [1, 1] else f" (means of {runs[0]} and {runs[1]} runs)"))
     return lines
 
 

@@ -15,6 +15,9 @@ ChatML rather than the paper's plain ``mr || ref`` layout: the base model alread
 answers in this template (so generations are sensible before fine-tuning) and its EOS,
 ``<|im_end|>``, is exactly the end of an assistant turn. The cost is ~10 prompt tokens.
 
+Columns are found by name, ignoring case, surrounding spaces and a byte-order mark; E2E's
+also under Hugging Face ``e2e_nlg``'s names (``COLUMN_ALIASES``).
+
 ``prompt_completion`` (columns ``prompt``, ``completion``) concatenates the two as they
 are: the data carries its own template. ``text`` (column ``text``) has an empty prompt,
 so every token is a target (plain language modelling).
@@ -23,11 +26,14 @@ so every token is a target (plain language modelling).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 E2E_INSTRUCTION = "Describe this restaurant in one sentence: "
+# other names of a column: Hugging Face e2e_nlg's, and the E2E challenge's own CSVs' header
+COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
+    "mr": ("meaning_representation",), "ref": ("reference", "human_reference")}
 
 
 class MalformedRow(ValueError):
@@ -41,6 +47,21 @@ class MalformedRow(ValueError):
 def chatml_user_turn(text: str) -> str:
     """A ChatML user turn followed by the opening of the assistant's answer."""
     return f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def find_columns(columns: Sequence[str], names: Sequence[str]) -> dict[str, str | None]:
+    """For each of ``names``, the column of ``columns`` holding it, or None.
+
+    The same name if present; else the first column that equals the name or one of its
+    ``COLUMN_ALIASES`` once case, surrounding spaces and a byte-order mark are ignored.
+
+    >>> find_columns(["\ufeffMR", "human_reference", "other"], ["mr", "ref", "text"])
+    {'mr': '\ufeffMR', 'ref': 'human_reference', 'text': None}
+    """
+    by_key = {c.lstrip("\ufeff").strip().lower(): c for c in columns}
+    return {name: name if name in columns else
+            next((by_key[k] for k in (name, *COLUMN_ALIASES.get(name, ())) if k in by_key), None)
+            for name in names}
 
 
 def is_missing(value: Any) -> bool:
