@@ -203,6 +203,17 @@ def test_shipped_experiment_configs_load(path):
     assert cfg.methods and all(m.learning_rates or m.name == "zero-shot" for m in cfg.methods)
 
 
+def test_the_quick_table_runs_the_full_tables_methods_at_rates_of_their_grids():
+    experiments = REPO_ROOT / "configs" / "experiments"
+    full = {m.name: m for m in load_experiment(experiments / "e2e_table.yaml").methods}
+    quick = load_experiment(experiments / "e2e_table_quick.yaml")
+    assert [m.name for m in quick.methods] == list(full)
+    for method in quick.methods:
+        assert method.overrides == full[method.name].overrides and not method.seeds
+        assert set(method.learning_rates) <= set(full[method.name].learning_rates)
+        assert len(method.learning_rates) == (1 if full[method.name].learning_rates else 0)
+
+
 def test_choose_by_bleu_breaks_ties_on_loss_and_by_loss_ignores_bleu():
     candidates = {1e-3: {"validation_loss": 1.5, "validation_bleu": 60.0},
                   3e-3: {"validation_loss": 1.4, "validation_bleu": 60.0},
