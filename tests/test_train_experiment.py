@@ -214,6 +214,18 @@ def test_the_quick_table_runs_the_full_tables_methods_at_rates_of_their_grids():
         assert len(method.learning_rates) == (1 if full[method.name].learning_rates else 0)
 
 
+def test_an_experiment_extends_another_replacing_only_what_it_sets(tmp_path):
+    parent = REPO_ROOT / "configs" / "experiments" / "e2e_table.yaml"
+    child = tmp_path / "child.yaml"
+    child.write_text(f"extends: {parent}\noutput_dir: elsewhere\nmethods: [{{name: zero-shot}}]\n")
+    base, extended = load_experiment(parent), load_experiment(child)
+    assert extended.output_dir == "elsewhere" and [m.name for m in extended.methods] == ["zero-shot"]
+    assert (extended.overrides, extended.eval, extended.data) == (base.overrides, base.eval, base.data)
+    child.write_text(f"extends: {tmp_path / 'none.yaml'}\n")
+    with pytest.raises(ConfigError, match="none.yaml, which does not exist"):
+        load_experiment(child)
+
+
 def test_choose_by_bleu_breaks_ties_on_loss_and_by_loss_ignores_bleu():
     candidates = {1e-3: {"validation_loss": 1.5, "validation_bleu": 60.0},
                   3e-3: {"validation_loss": 1.4, "validation_bleu": 60.0},

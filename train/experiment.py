@@ -3,7 +3,8 @@
     lora-jax experiment configs/experiments/e2e_table.yaml [key=value ...] [--fresh]
 
 An experiment config (:class:`ExperimentConfig`, YAML) names a base run config, an E2E
-CSV and a list of methods. The command
+CSV and a list of methods; with ``extends: OTHER.yaml`` it takes every key it does not set
+from another experiment config. The command
 
 1. splits the CSV by MR into ``trainval.csv`` and ``test.csv`` in the output directory
    (``test_fraction`` of the distinct MRs, seeded; no MR on both sides, asserted); each
@@ -55,7 +56,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from benchmarks.common import machine
@@ -129,7 +130,7 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> Experime
                          for p in REPO_ROOT.glob("configs/experiments/*.yaml"))
         raise ConfigError(f"experiment config {path} does not exist; pass one of {shipped}")
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), OmegaConf.load(path),
+        merged = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), _experiment_yaml(path),
                                  OmegaConf.from_dotlist(list(overrides)))
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
@@ -152,6 +153,18 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> Experime
                               f"{list(method.seeds)}; they must be distinct, differ from the "
                               f"run config's seed ({seed}) and come with learning_rates")
     return cfg
+
+
+def _experiment_yaml(path: Path) -> DictConfig:
+    """The YAML at ``path`` merged over the experiment config it ``extends`` (a path, relative
+    to the repository root), if any: its keys replace the parent's, lists (``methods``) whole."""
+    text = OmegaConf.load(path)
+    parent = text.pop("extends", None)
+    if parent is None:
+        return text
+    if not resolve_path(parent).is_file():
+        raise ConfigError(f"experiment config {path} extends {parent}, which does not exist")
+    return OmegaConf.merge(_experiment_yaml(resolve_path(parent)), text)
 
 
 def run_config(cfg: ExperimentConfig, method: MethodSpec, learning_rate: float,
@@ -215,9 +228,11 @@ def validation_split(trainval: Path, seed: int, fraction: float, out: Path) -> V
     return ValidationSet(path, *_write_e2e(path, [groups[i] for i in val_idx]))
 
 
-def check_validation_split(validation: ValidationSet, run_dir: Path) -> None:
-    """ExperimentError unless the run held out as many MRs and rows as ``validation``."""
-    reported = json.loads((run_dir / RUN_INFO_FILE).read_text()).get("data")
+def check_validation_split(validation: ValidationSet, summary: dict[str, Any],
+                           run_dir: Path) -> None:
+    """ExperimentError unless the run in ``run_dir`` (its :func:`run_summary`) held out as many
+    MRs and rows as ``validation``."""
+    reported = summary.get("data")
     ours = {"validation_groups": validation.mrs, "validation_examples": validation.rows}
     if reported is not None and {k: reported[k] for k in ours} != ours:
         raise ExperimentError(f"{run_dir} held out {reported['validation_groups']} MRs "
@@ -323,17 +338,18 @@ def run_experiment(cfg: ExperimentConfig, *, source: str, log=print) -> dict[str
     for method in cfg.methods:
         row: dict[str, Any] = {"method": method.name, "overrides": list(method.overrides)}
         if method.learning_rates:
+            # the rates of a method differ in nothing else: one seed, one validation split
+            method_cfg = run_config(cfg, method, method.learning_rates[0], trainval, out)
+            split = (method_cfg.seed, method_cfg.data.validation_fraction)
+            if cfg.select == "validation_bleu" and split not in validation_sets:
+                validation_sets[split] = validation_split(trainval, *split, out)
             candidates = {}
             for lr in method.learning_rates:
                 log(f"[{method.name}] learning rate {lr:g}")
                 run_dir = out / "runs" / method.name / f"lr_{lr:g}"
                 candidates[lr], reused = train_run(cfg, method, lr, trainval, run_dir)
                 if cfg.select == "validation_bleu":
-                    run_cfg = run_config(cfg, method, lr, trainval, run_dir)
-                    split = (run_cfg.seed, run_cfg.data.validation_fraction)
-                    if split not in validation_sets:
-                        validation_sets[split] = validation_split(trainval, *split, out)
-                    check_validation_split(validation_sets[split], run_dir)
+                    check_validation_split(validation_sets[split], candidates[lr], run_dir)
                     candidates[lr]["validation_bleu"] = eval_run(
                         cfg, run_dir, validation_sets[split].path, run_dir / "validation_eval",
                         every_mr=True)["scores"]["BLEU"]
@@ -346,7 +362,7 @@ def run_experiment(cfg: ExperimentConfig, *, source: str, log=print) -> dict[str
             row |= {**candidates[chosen], "method": method.name}  # not run_info's method
             chosen_dir = out / "runs" / method.name / f"lr_{chosen:g}"
             row |= {"learning_rate": chosen, "run_dir": str(chosen_dir),
-                    "seed": run_config(cfg, method, chosen, trainval, chosen_dir).seed,
+                    "seed": method_cfg.seed,
                     "learning_rate_grid": {f"{lr:g}": c["validation_loss"]
                                            for lr, c in candidates.items()},
                     "learning_rate_grid_bleu": {f"{lr:g}": c.get("validation_bleu")
