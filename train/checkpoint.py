@@ -14,7 +14,9 @@ at the saved position continues the run exactly (bitwise on CPU).
 
 A checkpoint that cannot be read raises :class:`CheckpointError` before anything is
 written, and resuming under a config that changes the run (anything but
-:data:`MAY_CHANGE_ON_RESUME`) is refused unless forced.
+:data:`MAY_CHANGE_ON_RESUME`) is refused unless forced. A numbered folder in the
+checkpoint directory that is not a checkpoint of ours (no ``state``/``meta`` items) is
+refused before orbax may read it or prune it as one of its steps.
 """
 
 from __future__ import annotations
@@ -55,11 +57,32 @@ def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list
             if old.get(k) != new.get(k) and not k.startswith(MAY_CHANGE_ON_RESUME)]
 
 
+ITEMS = ("state", "meta")
+
+
+def check_no_foreign_steps(directory: Path) -> None:
+    """Raise CheckpointError if a step-numbered folder in ``directory`` is not ours.
+
+    orbax takes every folder named by an integer for a step: it would try to restore a
+    foreign one as the latest, or delete it when pruning to ``keep_last``.
+    """
+    if not directory.is_dir():
+        return
+    for child in sorted(directory.iterdir()):
+        if child.name.isdigit() and not (child.is_dir()
+                                         and all((child / item).is_dir() for item in ITEMS)):
+            raise CheckpointError(
+                f"{child} is not a lora-jax checkpoint (a checkpoint holds {' and '.join(ITEMS)}"
+                f"/ folders), but orbax would read or prune it as step {int(child.name)}; move it "
+                f"out of {directory} and rerun. Nothing was changed")
+
+
 class Checkpoints:
     """The checkpoints of one run directory (every process of a run makes one)."""
 
     def __init__(self, directory: str | Path, *, keep_last: int, async_save: bool):
         self.directory = Path(directory).resolve()
+        check_no_foreign_steps(self.directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep_last,
                                                enable_async_checkpointing=async_save)
         self._manager = ocp.CheckpointManager(self.directory, options=options,
@@ -100,10 +123,10 @@ class Checkpoints:
         except Exception as e:  # orbax raises many types for missing or garbled files
             raise CheckpointError(
                 f"checkpoint {self.directory / str(step)} cannot be read ({type(e).__name__}: "
-                f"{str(e)[:300]}); it is truncated or corrupted. Nothing was written. Delete "
-                f"that directory to resume from the previous checkpoint (steps on disk: "
-                f"{sorted(self._manager.all_steps())}), or start a new run with another "
-                f"output_dir") from e
+                f"{_one_line(e)}); it is truncated or corrupted. Nothing was written. Move "
+                f"that directory out of {self.directory} to resume from the previous checkpoint "
+                f"(steps on disk: {sorted(self._manager.all_steps())}), or start a new run with "
+                f"another output_dir") from e
 
     def wait(self) -> None:
         """Block until every pending save is on disk."""
@@ -112,6 +135,11 @@ class Checkpoints:
     def close(self) -> None:
         """Finish pending saves and release the manager."""
         self._manager.close()
+
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+    """``error``'s message on one line, at most ``limit`` characters."""
+    return " ".join(str(error).split())[:limit]
 
 
 def abstract_like(state: Any, shardings: Any) -> Any:

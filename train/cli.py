@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import jax
 
 from lora_jax.peft import PeftFormatError
+from models.loaders.checkpoint import CheckpointError as ModelCheckpointError
 from train.adapter import AdapterError
 from train.checkpoint import CheckpointError
 from train.config import ConfigError, load_config
@@ -30,10 +31,15 @@ from train.e2e_eval import COMMAND as EVAL_COMMAND
 from train.experiment import COMMAND as EXPERIMENT_COMMAND
 from train.experiment import ExperimentError
 from train.export import SUBCOMMANDS as EXPORT_COMMANDS
+from train.metrics import MetricsFileError
+from train.rundir import DirectoryError, DiskFullError
 
-# Errors whose message already says what is wrong and how to fix it: no traceback.
-USER_ERRORS = (ConfigError, DataError, CheckpointError, AdapterError, FloatingPointError,
-               FileNotFoundError, PeftFormatError, ExperimentError)
+# Errors whose message already says what is wrong and how to fix it: one line, exit
+# status 2, no traceback (``--debug`` shows it).
+USER_ERRORS = (ConfigError, DataError, CheckpointError, ModelCheckpointError, AdapterError,
+               FloatingPointError, FileNotFoundError, PeftFormatError, ExperimentError,
+               DirectoryError, DiskFullError, MetricsFileError)
+INTERRUPTED = 130  # exit status after Ctrl-C (128 + SIGINT), as a shell reports it
 
 
 @dataclass(frozen=True)
@@ -73,11 +79,17 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from train.run import train  # after jax.distributed.initialize
+    from train.run import RunStopped, train  # after jax.distributed.initialize
 
     cfg = load_config(args.config, args.overrides)
     initialize_distributed(args)
-    result = train(cfg, force_resume=args.force_resume, stop_after=args.stop_after)
+    try:
+        result = train(cfg, force_resume=args.force_resume, stop_after=args.stop_after)
+    except RunStopped as stopped:
+        if jax.process_index() == 0:
+            print(f"lora-jax train: {stopped} (run directory {stopped.run_dir})",
+                  file=sys.stderr)
+        return INTERRUPTED
     if jax.process_index() != 0:
         return 0
     before, after = result.validation_before, result.validation_after
@@ -103,6 +115,8 @@ COMMANDS: dict[str, Command] = {
 
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="lora-jax", description="LoRA fine-tuning in JAX")
+    top.add_argument("--debug", action="store_true",
+                     help="show the full traceback of an error instead of its one line")
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in COMMANDS.items():
         sub = commands.add_parser(name, help=command.help, description=command.help)
@@ -117,8 +131,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except USER_ERRORS as e:
-        print(f"lora-jax {args.command}: error: {e}", file=sys.stderr)
+        if args.debug:
+            raise
+        message = " ".join(str(e).split())  # one line, whatever the message held
+        print(f"lora-jax {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"lora-jax {args.command}: interrupted; what was written before stays (a train "
+              f"run resumes from its last checkpoint when rerun)", file=sys.stderr)
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ With ``--out DIR``::
     scores.json      {"BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"}: BLEU 0-100, the
                      others on the challenge script's scales; METEOR null without WordNet
     scores.md        the scores as a table (also on the paper's scale), with the settings
+
+DIR must be new, empty or an earlier ``--out`` of ``lora-jax eval`` (train/rundir.py).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 import models
-from train import e2e_metrics
+from train import e2e_metrics, rundir
 from train.adapter import AdapterError
 from train.config import DataConfig, load_config
 from train.data import DataError, load_table, select_columns
@@ -193,6 +195,9 @@ def report(scores: dict[str, float | None], *, description: str, data: str, mrs:
     return "\n".join(lines + ([""] + [f"Note: {n}" for n in notes] if notes else [])) + "\n"
 
 
+EVAL_KIND = "eval"  # the ownership mark of an --out directory (train/rundir.py)
+
+
 def write_outputs(out: str | Path, predictions: list[str], scores: dict[str, float | None],
                   markdown: str) -> Path:
     """``predictions.txt``, ``scores.json`` and ``scores.md`` in ``out`` (created)."""
@@ -226,6 +231,8 @@ def _run(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise DataError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.out:  # before the slow work: a foreign non-empty directory is refused
+        rundir.claim(args.out, EVAL_KIND)
     groups = read_e2e(args.data)[:args.limit]
     decoding = dataclasses.replace(PAPER_DECODING, num_beams=1 if args.greedy else args.num_beams,
                                    max_new_tokens=args.max_new_tokens)

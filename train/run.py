@@ -1,9 +1,19 @@
 """One training run, start to end: :func:`train` (what ``lora-jax train`` calls).
 
+:func:`train` first checks what it can without the model (the output directory can be
+written, the LoRA targets compile), claims the run directory (train/rundir.py: a
+directory that is not empty and not a lora-jax run is refused, untouched) and locks it.
 :func:`setup` loads the model and data, picks the trainable leaves (``method``), places
 everything on the mesh and compiles the steps; :func:`train` then restores the latest
-checkpoint (if any), validates, trains (progress bar, metrics, periodic validation and
-checkpoints), validates again and writes the adapter, the loss curve and greedy samples.
+checkpoint (if any; it must be finite and sane, train/guard.py), validates, trains
+(progress bar, metrics, periodic validation and checkpoints), validates again and writes
+the adapter, the loss curve and greedy samples.
+
+Every update is judged by train/guard.py before it can be saved: a non-finite or
+diverging update stops the run with :class:`DivergenceError` (nothing of that step is
+saved, so the newest checkpoint is the last good one), and a run that ends stuck at ln V
+raises :class:`NoLearningError`. Ctrl-C stops at the next step boundary with a
+checkpoint (:class:`RunStopped`); a full disk becomes one :class:`rundir.DiskFullError`.
 
 The run directory (``output_dir``) ends up holding::
 
@@ -21,7 +31,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +43,7 @@ from typing import Any
 import jax
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from omegaconf import OmegaConf
 from tokenizers import Tokenizer
@@ -38,8 +51,10 @@ from tokenizers import Tokenizer
 import lora_jax as lj
 import models
 from train import adapter as adapter_lib
+from train import guard
 from train import method as method_lib
 from train import mesh as mesh_lib
+from train import rundir
 from train.batching import START, DataPosition, TrainBatches
 from train.checkpoint import CheckpointError, Checkpoints, abstract_like, config_changes
 from train.config import (
@@ -56,7 +71,7 @@ from train.metrics import MetricsLog, progress_bar
 from train.optim import optimizer, schedule, total_steps
 from train.plot import LOSS_CURVE_FILE, plot_loss_curve
 from train.samples import Sample, distinct_prompts, generate_samples
-from train.step import eval_step, init_state, train_step
+from train.step import eval_step, init_state, max_abs, train_step
 
 CONFIG_FILE = "config.yaml"
 ADAPTER_DIR = "adapter"
@@ -64,8 +79,25 @@ CHECKPOINT_DIR = "checkpoints"
 RUN_INFO_FILE = "run_info.json"
 
 
-class NonFiniteLossError(FloatingPointError):
+class DivergenceError(FloatingPointError):
+    """Training diverged (train/guard.py); the message names the step, the sign and what
+    was kept."""
+
+
+class NonFiniteLossError(DivergenceError):
     """The loss or the gradient norm became NaN/inf; the message names the step."""
+
+
+class NoLearningError(FloatingPointError):
+    """The run ended stuck at ln V: it learned nothing and could not."""
+
+
+class RunStopped(Exception):
+    """Ctrl-C stopped the run at a step boundary, with a checkpoint there."""
+
+    def __init__(self, step: int, run_dir: Path):
+        super().__init__(f"stopped at step {step}; rerun the same command to resume")
+        self.step, self.run_dir = step, run_dir
 
 
 @dataclass
@@ -215,41 +247,125 @@ def train(cfg: RunConfig, *, force_resume: bool = False, stop_after: int | None 
     stop_after: stop after this many updates (counted from step 0) with a checkpoint, as on
       a preemption; a later call continues exactly where it stopped.
     """
+    run_dir = resolve_path(cfg.output_dir)
+    own_checkpoint_dir = cfg.checkpoint.dir is not None
+    checkpoint_dir = (resolve_path(cfg.checkpoint.dir) if own_checkpoint_dir
+                      else run_dir / CHECKPOINT_DIR)
+    rundir.check_writable(run_dir)
+    if own_checkpoint_dir:
+        rundir.check_writable(checkpoint_dir, "checkpoint directory")
+    method_lib.check_targets(cfg)
+    try:
+        with contextlib.ExitStack() as cleanup:
+            if jax.process_index() == 0:  # the other processes write only once it holds
+                rundir.claim(run_dir, RUN_KIND)
+                lock = cleanup.enter_context(rundir.RunLock(run_dir))
+                if lock.took_over:
+                    log(f"took over the lock of {run_dir} from process {lock.took_over['pid']}, "
+                        f"which is no longer running")
+                if own_checkpoint_dir:
+                    rundir.claim(checkpoint_dir, "checkpoints", what="checkpoint directory")
+            return _run(cfg, run_dir, checkpoint_dir, cleanup, force_resume, stop_after, log)
+    except Exception as e:
+        if rundir.is_disk_full(e):
+            raise rundir.DiskFullError(
+                f"the disk is full (No space left on device) while writing {run_dir}"
+                f"{'' if not own_checkpoint_dir else ' or ' + str(checkpoint_dir)}. Free space "
+                f"and rerun the same command: it resumes from "
+                f"{_latest_on_disk(checkpoint_dir)}") from e
+        raise
+
+
+RUN_KIND = "run"  # the kind of a run directory's ownership mark (train/rundir.py)
+
+
+def _latest_on_disk(checkpoint_dir: Path) -> str:
+    """"the checkpoint at step N (in DIR)", or "the start" without one."""
+    steps = [int(p.name) for p in checkpoint_dir.glob("*") if p.name.isdigit()]
+    return (f"the checkpoint at step {max(steps)} (in {checkpoint_dir})" if steps
+            else "the start (no checkpoint was complete)")
+
+
+def _run(cfg: RunConfig, run_dir: Path, checkpoint_dir: Path, cleanup: contextlib.ExitStack,
+         force_resume: bool, stop_after: int | None, log: Callable[[str], None]) -> RunResult:
+    """:func:`train` inside a claimed, locked run directory; ``cleanup`` closes what it opens."""
     s = setup(cfg, log)
     main = jax.process_index() == 0
-    run_dir = resolve_path(cfg.output_dir)
-    with contextlib.ExitStack() as cleanup:  # pending saves finish, writers close, on any exit
-        checkpoints = Checkpoints(resolve_path(cfg.checkpoint.dir) if cfg.checkpoint.dir
-                                  else run_dir / CHECKPOINT_DIR,
-                                  keep_last=cfg.checkpoint.keep_last,
-                                  async_save=cfg.checkpoint.async_save)
-        cleanup.callback(checkpoints.close)
-        resolved = config_dict(cfg)
-        state, stream = _restore_latest(s, checkpoints, resolved, force_resume, log)
-        if main:
-            save_config(cfg, run_dir / CONFIG_FILE)
-            (run_dir / RUN_INFO_FILE).write_text(json.dumps(run_info(s), indent=1) + "\n")
-        start = int(state["step"])
-        metrics_log = MetricsLog(run_dir, jsonl=cfg.logging.jsonl,
-                                 tensorboard=cfg.logging.tensorboard, resume_step=start,
-                                 enabled=main)
-        cleanup.callback(metrics_log.close)
-        before = _validate(s, state, start, metrics_log, log)
-        end = s.steps if stop_after is None else min(s.steps, stop_after)
-        state = _loop(s, state, stream, end, checkpoints, resolved, metrics_log, main)
-        checkpoints.wait()
-        step = int(state["step"])
-        after = _validate(s, state, step, metrics_log, log)
-        samples = _finish(s, state, run_dir, log) if step == s.steps else []
-        if main:
-            plot_loss_curve(metrics_log.records, run_dir / LOSS_CURVE_FILE,
-                            f"{cfg.method} fine-tuning of {Path(cfg.model.name).name}")
+    checkpoints = Checkpoints(checkpoint_dir, keep_last=cfg.checkpoint.keep_last,
+                              async_save=cfg.checkpoint.async_save)
+    cleanup.callback(checkpoints.close)  # pending saves finish on any exit
+    resolved = config_dict(cfg)
+    start_max_abs = _max_abs(s.state["params"], s.mesh)
+    state, stream = _restore_latest(s, checkpoints, resolved, force_resume, start_max_abs, log)
+    if main:
+        save_config(cfg, run_dir / CONFIG_FILE)
+        (run_dir / RUN_INFO_FILE).write_text(json.dumps(run_info(s), indent=1) + "\n")
+    start = int(state["step"])
+    metrics_log = MetricsLog(run_dir, jsonl=cfg.logging.jsonl,
+                             tensorboard=cfg.logging.tensorboard, resume_step=start,
+                             enabled=main, log=log)
+    cleanup.callback(metrics_log.close)
+    before = _validate(s, state, start, metrics_log, log)
+    end = s.steps if stop_after is None else min(s.steps, stop_after)
+    with _StopOnSigint() as stop:
+        state, last = _loop(s, state, stream, end, checkpoints, resolved, metrics_log, main,
+                            guard.DivergenceGuard(start_max_abs), stop)
+    checkpoints.wait()
+    step = int(state["step"])
+    if step < end:  # Ctrl-C
+        raise RunStopped(step, run_dir)
+    if step == s.steps and last is not None and guard.never_learned(
+            last["loss"], last["grad_norm"], s.model.config.vocab_size):
+        raise NoLearningError(_no_learning_message(last, s, checkpoints))
+    after = _validate(s, state, step, metrics_log, log)
+    samples = _finish(s, state, run_dir, log) if step == s.steps else []
+    if main:
+        plot_loss_curve(metrics_log.records, run_dir / LOSS_CURVE_FILE,
+                        f"{cfg.method} fine-tuning of {Path(cfg.model.name).name}")
     return RunResult(run_dir, step, before, after, samples, state)
 
 
+def _max_abs(tree: Any, mesh: Mesh) -> float:
+    """max |x| over ``tree`` (global arrays on ``mesh``), as a host float on every process."""
+    return float(jax.jit(max_abs, out_shardings=mesh_lib.replicated(mesh))(tree))
+
+
+class _StopOnSigint:
+    """While inside: the first Ctrl-C asks the loop to stop at the next step boundary (with
+    a checkpoint); a second one interrupts at once. Only the main thread can take signals."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _StopOnSigint:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping at the next step boundary, with a checkpoint (Ctrl-C again to stop "
+              "at once)", file=sys.stderr)
+
+    def everywhere(self) -> bool:
+        """Has any process of the run been asked to stop? (all processes agree on the step)"""
+        if jax.process_count() == 1:
+            return self.requested
+        return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
+
+
 def _restore_latest(s: Setup, checkpoints: Checkpoints, resolved: dict[str, Any], force: bool,
-                    log: Callable[[str], None]) -> tuple[Any, TrainBatches]:
-    """(state, stream) at the latest checkpoint, after checking the config; else the start."""
+                    start_max_abs: float, log: Callable[[str], None]
+                    ) -> tuple[Any, TrainBatches]:
+    """(state, stream) at the latest checkpoint, after checking the config and that its
+    parameters are finite and sane (train/guard.py); else the start."""
     step = checkpoints.latest_step()
     if step is None:
         return s.state, s.stream()
@@ -260,6 +376,12 @@ def _restore_latest(s: Setup, checkpoints: Checkpoints, resolved: dict[str, Any]
             f"run ({'; '.join(changes)}). Restore those values, use a new output_dir, or pass "
             f"--force-resume to continue anyway")
     state, position = checkpoints.restore(step, abstract_like(s.state, s.state_shardings))
+    reason = guard.blow_up(_max_abs(state["params"], s.mesh), start_max_abs)
+    if reason:
+        raise CheckpointError(
+            f"cannot resume from {checkpoints.directory / str(step)}: its {reason}, so training "
+            f"had diverged before it was saved. Move it out of {checkpoints.directory} to "
+            f"resume from an earlier checkpoint, or start a new run with another output_dir")
     log(f"resumed from {checkpoints.directory / str(step)} (next batch: {position})")
     return state, s.stream(position)
 
@@ -275,23 +397,30 @@ def _validate(s: Setup, state: Any, step: int, metrics_log: MetricsLog,
 
 
 def _loop(s: Setup, state: Any, stream: TrainBatches, end: int, checkpoints: Checkpoints,
-          resolved: dict[str, Any], metrics_log: MetricsLog, main: bool) -> Any:
-    """Updates from ``state["step"]`` to ``end``; a checkpoint every ``checkpoint.every_steps``
-    and at ``end``. Raises NonFiniteLossError (nothing saved for that step)."""
+          resolved: dict[str, Any], metrics_log: MetricsLog, main: bool,
+          judge: guard.DivergenceGuard, stop: _StopOnSigint
+          ) -> tuple[Any, dict[str, float] | None]:
+    """Updates from ``state["step"]`` to ``end`` (or to a Ctrl-C); a checkpoint every
+    ``checkpoint.every_steps``, at ``end`` and where stopped. Returns (state, the last
+    update's metrics). Raises DivergenceError (nothing saved for that step)."""
     cfg = s.cfg
     step = int(state["step"])
     bar = progress_bar(s.steps, step, main)
     window: list[float] = []
     window_s: list[float] = []
     clock = time.perf_counter()
+    metrics: dict[str, float] | None = None
     try:
         while step < end:
             local = _stack([next(stream) for _ in range(cfg.optim.grad_accum_steps)])
             state, device_metrics = s.step_fn(state, s.frozen, mesh_lib.put_batch(local, s.mesh))
             metrics = {k: float(np.asarray(v)) for k, v in device_metrics.items()}
             step += 1
-            if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
-                raise NonFiniteLossError(_non_finite_message(metrics, step, checkpoints))
+            reason = judge.check(metrics)
+            if reason:
+                error = (NonFiniteLossError if reason.startswith("the loss is")
+                         else DivergenceError)
+                raise error(_divergence_message(reason, step, checkpoints))
             now = time.perf_counter()
             step_s, clock = max(now - clock, 1e-9), now
             tokens_per_s = metrics["tokens"] / step_s
@@ -308,12 +437,15 @@ def _loop(s: Setup, state: Any, stream: TrainBatches, end: int, checkpoints: Che
                 window, window_s = [], []
             if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < end:
                 _validate(s, state, step, metrics_log, bar.write)
-            if step == end or (cfg.checkpoint.every_steps
-                               and step % cfg.checkpoint.every_steps == 0):
+            stopping = stop.everywhere()
+            if step == end or stopping or (cfg.checkpoint.every_steps
+                                           and step % cfg.checkpoint.every_steps == 0):
                 checkpoints.save(step, state, stream.position, resolved)
+            if stopping:
+                break
     finally:
         bar.close()
-    return state
+    return state, metrics
 
 
 def _stack(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -321,14 +453,24 @@ def _stack(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
 
 
-def _non_finite_message(metrics: dict[str, float], step: int, checkpoints: Checkpoints) -> str:
+def _divergence_message(reason: str, step: int, checkpoints: Checkpoints) -> str:
+    checkpoints.wait()
     latest = checkpoints.latest_step()
-    kept = (f"The last checkpoint (step {latest} in {checkpoints.directory}) is intact; "
-            f"rerunning resumes from it" if latest is not None else "No checkpoint was saved yet")
-    return (f"loss is {metrics['loss']} (gradient norm {metrics['grad_norm']}) at step {step}; "
-            f"training stopped and this step was not saved. {kept}. Lower optim.learning_rate, "
-            f"keep optim.grad_clip set, or check the data (a changed config needs "
-            f"--force-resume to resume)")
+    kept = (f"The last checkpoint (step {latest} in {checkpoints.directory}) was taken before "
+            f"this and passed the same checks; rerunning resumes from it" if latest is not None
+            else "No checkpoint was saved yet")
+    return (f"training diverged at step {step}: {reason}; it stopped and this step was not "
+            f"saved. {kept}. Lower optim.learning_rate, keep optim.grad_clip set, or check the "
+            f"data (a changed config needs --force-resume to resume)")
+
+
+def _no_learning_message(last: dict[str, float], s: Setup, checkpoints: Checkpoints) -> str:
+    vocab = s.model.config.vocab_size
+    return (f"the run learned nothing: its loss ended at {last['loss']:.4f} nats/token, ln V "
+            f"(a uniform guess over the {vocab:,}-token vocabulary), with gradient norm "
+            f"{last['grad_norm']:.2g}, so no learning rate can move it. No adapter was written; "
+            f"the checkpoints in {checkpoints.directory} are kept. Check model.name (is the "
+            f"base model's output head all zeros?) and optim.learning_rate")
 
 
 def _finish(s: Setup, state: Any, run_dir: Path, log: Callable[[str], None]) -> list[Sample]:

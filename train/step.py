@@ -84,7 +84,8 @@ def train_step(forward: Callable[..., Any], tx: optax.GradientTransformation,
     Gradients of the K micro-batches are summed in float32 by a ``lax.scan``, so memory
     is that of one micro-batch. ``metrics`` (float32 []): ``loss`` (nats per target
     token, label smoothing included), ``grad_norm`` (global L2 norm before clipping),
-    ``target_tokens`` and ``tokens`` (non-padding tokens) of the update.
+    ``target_tokens`` and ``tokens`` (non-padding tokens) of the update, and
+    ``param_max_abs``, the largest magnitude of a trainable parameter after it (train/guard.py).
     """
     def step(state: State, frozen: Any, batches: Batch) -> tuple[State, dict]:
         n_targets = batches["loss_mask"][:, :, 1:].sum().astype(jnp.float32)
@@ -107,15 +108,22 @@ def train_step(forward: Callable[..., Any], tx: optax.GradientTransformation,
         micro_count = batches["input_ids"].shape[0]
         grads, values_K = jax.lax.scan(micro, zeros, (jnp.arange(micro_count), batches))
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        new_state = {"step": state["step"] + 1,
-                     "params": optax.apply_updates(state["params"], updates),
+        params = optax.apply_updates(state["params"], updates)
+        new_state = {"step": state["step"] + 1, "params": params,
                      "opt_state": opt_state, "rng": jax.random.key_data(rng)}
         metrics = {"loss": values_K.sum(), "grad_norm": optax.global_norm(grads),
                    "target_tokens": n_targets,
-                   "tokens": (batches["segment_ids"] > 0).sum().astype(jnp.float32)}
+                   "tokens": (batches["segment_ids"] > 0).sum().astype(jnp.float32),
+                   "param_max_abs": max_abs(params)}
         return new_state, metrics
 
     return step
+
+
+def max_abs(tree: Any) -> jax.Array:
+    """float32 []: max |x| over every element of ``tree`` (NaN if any element is NaN)."""
+    return jnp.max(jnp.stack([jnp.max(jnp.abs(x)).astype(jnp.float32)
+                              for x in jax.tree.leaves(tree)]))
 
 
 def eval_step(forward: Callable[..., Any]) -> Callable[[Any, Any, Batch], tuple[Any, Any]]:
