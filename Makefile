@@ -28,11 +28,11 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# LoRA on SmolLM2-135M with E2E, ~10 min on 2 CPU cores, from scratch each time (the run
-# directory runs/e2e_lora is replaced). Overrides go in ARGS: make demo ARGS=data.path=/x.csv
+# LoRA on SmolLM2-135M with E2E, ~10 min on 2 CPU cores, from scratch each time (--fresh
+# empties runs/e2e_lora, and refuses to if lora-jax did not create it). Overrides go in
+# ARGS: make demo ARGS=data.path=/x.csv
 demo: $(STAMP)
-	rm -rf runs/e2e_lora
-	$(BIN)/lora-jax train configs/e2e_lora.yaml $(ARGS)
+	$(BIN)/lora-jax train configs/e2e_lora.yaml --fresh $(ARGS)
 
 # The LoRA paper's E2E table in miniature (docs/results.md, docs/results.png); about
 # 3 h on 2 CPU cores from scratch. Finished runs are reused: rerunning after a stop

@@ -308,3 +308,18 @@ def test_a_run_stuck_at_ln_v_fails(run_files, tmp_path):
         train(cfg, **QUIET)
     assert not (tmp_path / "stuck" / "adapter").exists()
     assert (tmp_path / "stuck" / "checkpoints" / "6").is_dir()
+
+
+def test_fresh_empties_only_a_run_directory_of_ours(run_files, tmp_path, capsys):
+    config, cfg, run_dir = write_config(run_files, "fresh", "optim.max_steps=2")
+    train(cfg, **QUIET)
+    (run_dir / "checkpoints" / "2").rename(run_dir / "checkpoints" / "1")  # a stale step
+    assert main(["train", str(config), "--fresh"]) == 0
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["2"]
+    assert [r["step"] for r in metrics.read_records(run_dir / "metrics.jsonl")] == [0, 1, 2, 2]
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "mine.txt").write_text("mine")
+    assert main(["train", str(config), f"output_dir={foreign}", "--fresh"]) == 2
+    assert "was not created by lora-jax" in error_line(capsys.readouterr().err)
+    assert (foreign / "mine.txt").read_text() == "mine"

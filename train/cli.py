@@ -1,6 +1,6 @@
 """The ``lora-jax`` command line: ``lora-jax <command> ...``.
 
-    lora-jax train CONFIG [key=value ...] [--force-resume] [--stop-after N]
+    lora-jax train CONFIG [key=value ...] [--force-resume] [--fresh] [--stop-after N]
                           [--coordinator HOST:PORT --num-processes N --process-id I]
 
 Commands live in :data:`COMMANDS` (name -> :class:`Command`); a new one (``eval``,
@@ -73,6 +73,9 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dotted overrides, e.g. lora.rank=4 data.path=/x.csv")
     parser.add_argument("--force-resume", action="store_true",
                         help="resume from the latest checkpoint even if the config changed")
+    parser.add_argument("--fresh", action="store_true",
+                        help="start over: empty the run directory first (only one lora-jax "
+                             "created; anything else is refused)")
     parser.add_argument("--stop-after", type=int, metavar="STEPS",
                         help="stop (with a checkpoint) after this many updates; rerun to resume")
     add_distributed_arguments(parser)
@@ -84,7 +87,8 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     initialize_distributed(args)
     try:
-        result = train(cfg, force_resume=args.force_resume, stop_after=args.stop_after)
+        result = train(cfg, force_resume=args.force_resume, stop_after=args.stop_after,
+                       fresh=args.fresh)
     except RunStopped as stopped:
         if jax.process_index() == 0:
             print(f"lora-jax train: {stopped} (run directory {stopped.run_dir})",

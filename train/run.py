@@ -240,12 +240,14 @@ def setup(cfg: RunConfig, log: Callable[[str], None] = print) -> Setup:
 
 
 def train(cfg: RunConfig, *, force_resume: bool = False, stop_after: int | None = None,
-          log: Callable[[str], None] = print) -> RunResult:
+          fresh: bool = False, log: Callable[[str], None] = print) -> RunResult:
     """Train as ``cfg`` says, resuming from the run's latest checkpoint if there is one.
 
     force_resume: resume even if the config changes the run (see train/checkpoint.py).
     stop_after: stop after this many updates (counted from step 0) with a checkpoint, as on
       a preemption; a later call continues exactly where it stopped.
+    fresh: start over: empty the run directory (and ``checkpoint.dir``) first, which must be
+      lora-jax's own (train/rundir.py ``clear``).
     """
     run_dir = resolve_path(cfg.output_dir)
     own_checkpoint_dir = cfg.checkpoint.dir is not None
@@ -264,7 +266,11 @@ def train(cfg: RunConfig, *, force_resume: bool = False, stop_after: int | None 
                     log(f"took over the lock of {run_dir} from process {lock.took_over['pid']}, "
                         f"which is no longer running")
                 if own_checkpoint_dir:
-                    rundir.claim(checkpoint_dir, "checkpoints", what="checkpoint directory")
+                    rundir.claim(checkpoint_dir, CHECKPOINTS_KIND, what="checkpoint directory")
+                if fresh:
+                    rundir.clear(run_dir, RUN_KIND)
+                    if own_checkpoint_dir:
+                        rundir.clear(checkpoint_dir, CHECKPOINTS_KIND)
             return _run(cfg, run_dir, checkpoint_dir, cleanup, force_resume, stop_after, log)
     except Exception as e:
         if rundir.is_disk_full(e):
@@ -277,6 +283,7 @@ def train(cfg: RunConfig, *, force_resume: bool = False, stop_after: int | None 
 
 
 RUN_KIND = "run"  # the kind of a run directory's ownership mark (train/rundir.py)
+CHECKPOINTS_KIND = "checkpoints"  # that of a checkpoint.dir outside the run directory
 
 
 def _latest_on_disk(checkpoint_dir: Path) -> str:

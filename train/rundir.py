@@ -23,6 +23,7 @@ import datetime
 import errno
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,25 @@ def claim(directory: str | Path, kind: str, *, what: str = "output directory") -
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     (path / MARK_FILE).write_text(json.dumps(mark) + "\n")
     return path
+
+
+def clear(directory: str | Path, kind: str) -> None:
+    """Delete everything in a marked ``kind`` directory but its mark and lock (``--fresh``).
+
+    Raises DirectoryError, deleting nothing, unless ``directory`` carries the mark.
+    """
+    path = Path(directory)
+    if not owned(path, kind):
+        raise DirectoryError(f"{path} is not a lora-jax {kind} directory (no {MARK_FILE} of "
+                             f"kind {kind!r}); it is not deleted. Remove it yourself if you "
+                             f"are sure, or choose another directory")
+    for child in path.iterdir():
+        if child.name in (MARK_FILE, LOCK_FILE):
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
 
 
 def _pid_alive(pid: int) -> bool:
