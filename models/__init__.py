@@ -4,16 +4,23 @@ tokenizers and generation.
     model, params, tokenizer = models.load("smollm2-135m")
     logits = model.apply({"params": params}, token_ids)            # (B, L) int32 -> (B, L, V) f32
     new_ids = models.generate(model, params, prompt_ids, max_new_tokens=20)
+    model, shapes = models.abstract_load("smollm2-135m")  # params as ShapeDtypeStructs; reads no weight
 """
 
 from models.config import PRESETS, REMAT_POLICIES, ModelConfig, get_config, with_options
 from models.decoder import Decoder, init_cache, init_params, logical_axes
 from models.generate import generate
-from models.loaders import CheckpointError, UnsupportedArchitectureError, embedded_gguf, load
+from models.loaders import (
+    CheckpointError,
+    UnsupportedArchitectureError,
+    abstract_load,
+    embedded_gguf,
+    load,
+)
 
 __all__ = [
     "PRESETS", "REMAT_POLICIES", "ModelConfig", "get_config", "with_options",
     "Decoder", "init_cache", "init_params", "logical_axes",
     "generate",
-    "CheckpointError", "UnsupportedArchitectureError", "embedded_gguf", "load",
+    "CheckpointError", "UnsupportedArchitectureError", "abstract_load", "embedded_gguf", "load",
 ]

@@ -11,6 +11,19 @@ Length rules for a row of ``max_length`` tokens (:func:`fit_example`):
   (a malformed row, handled by ``data.on_malformed``);
 * ``prompt + target + 1 > max_length``: ``too_long``, handled by ``data.on_too_long``;
   truncation keeps the whole prompt and cuts the *end* of the target (the EOS goes first).
+
+Before tokenising, a prompt or target text longer than :func:`char_limit` characters is cut
+to that many (``train/data.py`` counts it in ``DataReport.cut``): such a text holds far more
+than ``max_length`` tokens, so the example is too long either way, and the tokenizer never
+has to encode (and hold the offsets of) a 10 MB field only for all but its start to be
+dropped. The limit is ``CUT_MARGIN * (max_length + 1) * longest``, where ``longest`` is the
+length of the tokenizer's longest vocabulary entry: a token covers at most that many
+characters (a byte-level token's entry has one character per byte, and a character is at
+least a byte), so the cut text still yields more than ``CUT_MARGIN * (max_length + 1)``
+tokens, and its first ``max_length`` are those of the whole text (the cut only changes the
+tokens of the last pre-tokenised word). A normaliser that deletes characters, or BPE over
+one word of more than ``limit`` characters, could in principle break that; the margin of 4
+covers contractions such as NFC's.
 """
 
 from __future__ import annotations
@@ -20,6 +33,9 @@ from typing import NamedTuple
 
 import numpy as np
 from tokenizers import Tokenizer
+
+
+CUT_MARGIN = 4  # tokens the cut text may yield, as a multiple of max_length + 1 (at least)
 
 
 class Example(NamedTuple):
@@ -33,6 +49,12 @@ def encode_pairs(tokenizer: Tokenizer, prompts: Sequence[str], targets: Sequence
     prompt_ids = tokenizer.encode_batch(list(prompts), add_special_tokens=False)
     target_ids = tokenizer.encode_batch(list(targets), add_special_tokens=False)
     return [(p.ids, t.ids + [eos_id]) for p, t in zip(prompt_ids, target_ids, strict=True)]
+
+
+def char_limit(tokenizer: Tokenizer, max_length: int) -> int:
+    """Characters of a prompt or target text kept before tokenising (module docstring)."""
+    longest = max(map(len, tokenizer.get_vocab(with_added_tokens=True)), default=1)
+    return CUT_MARGIN * (max_length + 1) * max(longest, 1)
 
 
 def length_status(n_prompt: int, n_target: int, max_length: int) -> str:

@@ -9,6 +9,12 @@
   have no biases: load them with ``model.add_biases=true`` (zero biases on every attention
   and MLP projection, Hugging Face's ``attention_bias``/``mlp_bias``), else BitFit is refused.
 
+:func:`check_targets` checks the ``lora`` section against the model before anything is
+loaded: every regex compiles, every ``lora.targets`` regex matches a weight of the model,
+every ``rank_pattern``/``alpha_pattern`` key matches an adapted weight, and ``lj.init``
+accepts the lot (ranks that fit, ...), all on the model's abstract parameter tree
+(``models.abstract_load``: shapes from the checkpoint's config, no weights read).
+
 The train step differentiates only the trainable half of :func:`partition` (the
 optimizer sees nothing else, so frozen weights get no gradient, no update and no
 optimizer state) and rebuilds the full tree with ``lj.combine``, which also checks
@@ -18,19 +24,100 @@ that every LoRA factor fits its weight.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import traverse_util
 
 import lora_jax as lj
-from train.config import ConfigError, LoraSection
+import models
+from train.config import ADDED_BIASES, ConfigError, LoraSection, ModelConfig, RunConfig
+
+TARGETS_EXAMPLE = "lora.targets=['.*/(q_proj|v_proj)/kernel']"
 
 
 def lora_config(section: LoraSection) -> lj.LoraConfig:
     """The ``lj.LoraConfig`` of a config's ``lora`` section."""
     return lj.LoraConfig(**dataclasses.asdict(section))
+
+
+def model_options(cfg: ModelConfig) -> dict[str, Any]:
+    """The ``models.load`` / ``models.abstract_load`` options of a config's ``model`` section:
+    numerics, layer scan, remat and the biases ``model.add_biases`` adds."""
+    return dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, scan_layers=cfg.scan_layers,
+                remat_policy=cfg.remat, **(ADDED_BIASES if cfg.add_biases else {}))
+
+
+def check_targets(cfg: RunConfig) -> None:
+    """Raise ConfigError (one line naming the key, the regex and the fix) when the ``lora``
+    section cannot adapt ``cfg.model``: a regex of ``lora.targets``, ``lora.rank_pattern`` or
+    ``lora.alpha_pattern`` that does not compile; a target regex that matches no weight (a
+    leaf with two or more axes) of the model, or a pattern key that matches none of the
+    weights the targets adapt (the message shows some of the model's weight paths); or
+    anything else ``lj.init`` would refuse (a rank larger than a weight allows).
+
+    Only the model's config is read (``models.abstract_load``); nothing is checked unless
+    ``method`` is ``lora``. Errors of the model itself (an unknown name, an unsupported
+    config) are raised as ``models.load`` raises them.
+    """
+    if cfg.method != "lora":
+        return
+    lora = cfg.lora
+    for pattern in lora.targets:
+        _compile(pattern, "lora.targets", f"a regex over parameter paths, e.g. "
+                                          f"{TARGETS_EXAMPLE}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        for pattern in getattr(lora, key) or {}:
+            _compile(pattern, f"lora.{key}", "a regex matching a path or its trailing segments, "
+                                             f"e.g. 'lora.{key}={{q_proj: 4}}'")
+    try:
+        config = lora_config(lora)
+    except ValueError as e:
+        raise ConfigError(f"lora: {_one_line(e)}") from None
+    _, shapes = models.abstract_load(cfg.model.name, **model_options(cfg.model))
+    weights = [path for path, leaf in traverse_util.flatten_dict(shapes, sep="/").items()
+               if len(leaf.shape) >= 2 and jnp.issubdtype(leaf.dtype, jnp.floating)]
+    for pattern in lora.targets:
+        if not any(re.search(pattern, path) for path in weights):
+            raise ConfigError(f"lora.targets: {pattern!r} matches no weight of model "
+                              f"{cfg.model.name!r}; the regex is searched in slash-joined "
+                              f"parameter paths, and only leaves with two or more axes (kernels, "
+                              f"embeddings) can be adapted; the model's weights are "
+                              f"{_examples(weights)}; e.g. {TARGETS_EXAMPLE}")
+    adapted = [path for path in weights if config.is_target(path)]
+    for key in ("rank_pattern", "alpha_pattern"):
+        for pattern in getattr(lora, key) or {}:
+            probe = lj.LoraConfig(rank=1, alpha=1.0, targets=".", rank_pattern={pattern: 2})
+            if not any(probe.rank_for(path) == 2 for path in adapted):  # lj's matching rule
+                raise ConfigError(f"lora.{key}: key {pattern!r} matches none of the weights that "
+                                  f"lora.targets adapts ({_examples(adapted)}); a key matches a "
+                                  f"whole path or its trailing segments, e.g. 'q_proj'")
+    try:
+        jax.eval_shape(lambda key, params: lj.init(key, params, config), jax.random.key(0), shapes)
+    except ValueError as e:
+        raise ConfigError(f"lora: {_one_line(e)}") from None
+
+
+def _compile(pattern: str, key: str, fix: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ConfigError(f"{key}: {pattern!r} is not a valid regex ({e}); give {fix}") from None
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+def _examples(paths: Sequence[str], shown: int = 12) -> str:
+    """Some of ``paths``, those of every layer shown once as ``layers_0``'s, on one line."""
+    distinct = list(dict.fromkeys(re.sub(r"(^|/)layers_\d+/", r"\1layers_0/", p) for p in paths))
+    more = f", ... ({len(distinct) - shown} more)" if len(distinct) > shown else ""
+    alike = " (every layers_N alike)" if len(distinct) < len(paths) else ""
+    return f"{', '.join(distinct[:shown])}{more}{alike}" if paths else "none"
 
 
 def prepare(method: str, params: Any, lora: LoraSection, key: jax.Array) -> tuple[Any, Any]:

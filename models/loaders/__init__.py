@@ -1,4 +1,5 @@
-"""`load`: one entry point for embedded models, GGUF files and Hugging Face checkpoint dirs."""
+"""`load`: one entry point for embedded models, GGUF files and Hugging Face checkpoint dirs;
+`abstract_load`: the same model and its parameter shapes, from the config alone."""
 
 from __future__ import annotations
 
@@ -6,12 +7,14 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
+import jax
+from flax import linen as nn
 from tokenizers import Tokenizer
 
-from models.decoder import Decoder
+from models.decoder import Decoder, abstract_variables
 from models.loaders.checkpoint import CheckpointError
-from models.loaders.gguf import load_gguf
-from models.loaders.hf import UnsupportedArchitectureError, load_hf
+from models.loaders.gguf import gguf_config, load_gguf
+from models.loaders.hf import UnsupportedArchitectureError, hf_config, load_hf
 from models.tokenizer import tokenizer_from_dir, tokenizer_from_gguf
 
 # name -> (Python package that ships the file, file name, pip requirement)
@@ -31,6 +34,38 @@ def embedded_gguf(name: str) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing from package {package!r}; {hint}")
     return path
+
+
+def _source(name_or_path: str | Path) -> Path:
+    """The file or directory behind an embedded model name, a .gguf file or a checkpoint dir."""
+    if isinstance(name_or_path, str) and name_or_path in EMBEDDED:
+        return embedded_gguf(name_or_path)
+    path = Path(name_or_path)
+    if path.suffix == ".gguf" or path.is_dir():
+        return path
+    raise FileNotFoundError(
+        f"cannot load {str(name_or_path)!r}: not an embedded model {sorted(EMBEDDED)}, "
+        "not a .gguf file, and not a checkpoint directory"
+    )
+
+
+def abstract_load(name_or_path: str | Path, **options: Any) -> tuple[Decoder, dict[str, Any]]:
+    """`model, shapes = abstract_load(...)`: the model `load` would return and its params as a
+    tree of `jax.ShapeDtypeStruct` (same paths, shapes and dtypes as `load`'s unboxed params,
+    `options` honoured: scan_layers, attention_bias, ...), without reading any weight.
+
+    Only the checkpoint's config is read (config.json, or a GGUF file's metadata and tensor
+    names), so it is cheap and works even where the weights are missing or broken: use it to
+    check anything that depends on parameter paths (e.g. LoRA targets) before loading.
+    Raises what `load` raises for a name or config it cannot use.
+    """
+    path = _source(name_or_path)
+    config = gguf_config(path, **options) if path.suffix == ".gguf" else hf_config(path, **options)
+    model = Decoder(config)
+    boxed = abstract_variables(model, 1, 1, decode=False)["params"]
+    shapes = jax.tree.map(lambda p: p.value if isinstance(p, nn.meta.AxisMetadata) else p, boxed,
+                          is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+    return model, shapes
 
 
 def load(name_or_path: str | Path, **options: Any) -> tuple[Decoder, dict[str, Any], Tokenizer | None]:
@@ -62,4 +97,5 @@ def load(name_or_path: str | Path, **options: Any) -> tuple[Decoder, dict[str, A
     )
 
 
-__all__ = ["CheckpointError", "UnsupportedArchitectureError", "embedded_gguf", "load"]
+__all__ = ["CheckpointError", "UnsupportedArchitectureError", "abstract_load", "embedded_gguf",
+           "load"]

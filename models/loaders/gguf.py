@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import mmap
+import struct
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +23,75 @@ from models.loaders.checkpoint import (
 from models.loaders.hf import UnsupportedArchitectureError
 
 
-def field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
-    """The decoded value of metadata `key` (str, number or list), or `default` when absent."""
+def field(reader: gguf.GGUFReader | Mapping[str, Any], key: str, default: Any = None) -> Any:
+    """The decoded value of metadata `key` (str, number or list), or `default` when absent;
+    `reader` may also be the metadata dict of `read_metadata`."""
+    if isinstance(reader, Mapping):
+        return reader.get(key, default)
     f = reader.fields.get(key)
     return default if f is None else f.contents()
 
 
-def config_from_gguf(reader: gguf.GGUFReader, has_output: bool) -> ModelConfig:
+# GGUF value types (gguf.GGUFValueType) -> struct format; 8 is a string, 9 an array
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q",
+            12: "d"}
+_STRING, _ARRAY = 8, 9
+
+
+def read_metadata(path: str | Path) -> tuple[dict[str, Any], list[str]]:
+    """(metadata {key: value}, tensor names) of a GGUF file (version 2 or 3), values decoded as
+    `GGUFReader`'s `contents()` decodes them. Reads only the header, in plain Python: a
+    `GGUFReader` builds a numpy view of every array element (SmolLM2's 100k vocabulary
+    strings: seconds), which a config does not need."""
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        if data[:4] != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file (no GGUF magic)")
+        order = "<" if struct.unpack_from("<I", data, 4)[0] < 0x10000 else ">"
+        version = struct.unpack_from(order + "I", data, 4)[0]
+        if version < 2:
+            raise ValueError(f"{path}: GGUF version {version} is not supported (2 or 3 are)")
+        offset = 8
+
+        def unpack(fmt: str) -> Any:
+            nonlocal offset
+            value = struct.unpack_from(order + fmt, data, offset)[0]
+            offset += struct.calcsize(order + fmt)
+            return value
+
+        def string() -> str:
+            nonlocal offset
+            size = unpack("Q")
+            offset += size
+            return str(data[offset - size:offset], encoding="utf-8")
+
+        def value(kind: int) -> Any:
+            nonlocal offset
+            if kind == _STRING:
+                return string()
+            if kind == _ARRAY:
+                item, count = unpack("I"), unpack("Q")
+                if item in _SCALARS:
+                    fmt = f"{order}{count}{_SCALARS[item]}"
+                    items = list(struct.unpack_from(fmt, data, offset))
+                    offset += struct.calcsize(fmt)
+                    return items
+                return [value(item) for _ in range(count)]
+            return unpack(_SCALARS[kind])
+
+        n_tensors, n_fields = unpack("Q"), unpack("Q")
+        metadata = {}
+        for _ in range(n_fields):
+            key = string()
+            metadata[key] = value(unpack("I"))
+        names = []
+        for _ in range(n_tensors):
+            names.append(string())
+            n_dims = unpack("I")
+            offset += 8 * n_dims + 4 + 8  # dims (u64 each), type (u32), data offset (u64)
+    return metadata, names
+
+
+def config_from_gguf(reader: gguf.GGUFReader | Mapping[str, Any], has_output: bool) -> ModelConfig:
     """ModelConfig from GGUF metadata; the LM head is tied when there is no `output.weight`."""
     arch = field(reader, "general.architecture")
     if arch != "llama":
@@ -88,6 +153,17 @@ def _rules(config: ModelConfig) -> list[Rule]:
 def dequantize(tensor: gguf.ReaderTensor) -> np.ndarray:
     """float32 array of a GGUF tensor, shaped like torch (out, in) for matrices."""
     return np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32)
+
+
+def gguf_config(path: str | Path, **options: Any) -> ModelConfig:
+    """The config `load_gguf` would give, from the file's header alone (`read_metadata`: the
+    metadata and tensor names; no tensor data is read or dequantised)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    metadata, names = read_metadata(path)
+    config, _ = configure(config_from_gguf(metadata, "output.weight" in names), options, str(path))
+    return config
 
 
 def load_gguf(path: str | Path, **options: Any) -> tuple[ModelConfig, dict[str, Any], gguf.GGUFReader]:

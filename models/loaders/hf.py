@@ -143,6 +143,17 @@ def read_safetensors(directory: Path) -> dict[str, np.ndarray]:
     return tensors
 
 
+def hf_config(directory: str | Path, **options: Any) -> ModelConfig:
+    """The config `load_hf` would give, from config.json alone: no tensor is read."""
+    directory = Path(directory)
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{directory} has no config.json; is it a Hugging Face checkpoint?")
+    config, _ = configure(config_from_hf(json.loads(config_file.read_text())), options,
+                          str(directory))
+    return config
+
+
 def load_hf(directory: str | Path, **options: Any) -> tuple[ModelConfig, dict[str, Any]]:
     """(config with `options` applied, params) from a Hugging Face checkpoint directory.
 
