@@ -58,7 +58,6 @@ from train import rundir
 from train.batching import START, DataPosition, TrainBatches
 from train.checkpoint import CheckpointError, Checkpoints, abstract_like, config_changes
 from train.config import (
-    ADDED_BIASES,
     ConfigError,
     ModelConfig,
     RunConfig,
@@ -176,11 +175,9 @@ def config_dict(cfg: RunConfig) -> dict[str, Any]:
 
 
 def load_model(cfg: ModelConfig) -> tuple[models.Decoder, Any, Tokenizer]:
-    """``models.load`` with the config's numerics and ``add_biases`` (Llama only); the
-    tokenizer must exist."""
-    model, params, tokenizer = models.load(
-        cfg.name, dtype=cfg.dtype, param_dtype=cfg.param_dtype, scan_layers=cfg.scan_layers,
-        remat_policy=cfg.remat, **(ADDED_BIASES if cfg.add_biases else {}))
+    """``models.load`` with the config's options (train/method.py ``model_options``, as
+    ``check_targets`` reads them); the tokenizer must exist."""
+    model, params, tokenizer = models.load(cfg.name, **method_lib.model_options(cfg))
     if cfg.add_biases and model.config.family != "llama":
         raise ConfigError(f"model.add_biases=true adds biases to a bias-free Llama model, but "
                           f"{cfg.name!r} is {model.config.family}, which has biases on every "
