@@ -37,7 +37,7 @@ import collections
 import json
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -53,6 +53,9 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
 KINDS = ("linear", "conv1d", "embedding")
 BASE_HASH_KEY = "lora_jax.base_sha256"  # safetensors metadata: a hash of the adapted base weights
+# How error messages tell the caller to skip the base-weight checks; a command line that
+# spells it as a flag replaces this text in the message (train/export.py: --skip-base-check).
+SKIP_BASE_CHECK = "pass check_base=False"
 
 _MODULE_NAME = r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*"
 _TENSOR_KEY = re.compile(rf"{re.escape(KEY_PREFIX)}(?P<module>{_MODULE_NAME})\."
@@ -418,14 +421,17 @@ def _read_tensors(directory: Path) -> tuple[dict[str, Any], dict[str, str]]:
 
 def from_peft(directory: str | Path, params: Any, module_map: ModuleMap = default_module_map, *,
               tied: Mapping[str, str | None] | None = None,
-              layout: Mapping[str, _init.Layout] | None = None, check_base: bool = True) -> Any:
+              layout: Mapping[str, _init.Layout] | None = None, check_base: bool = True,
+              base_name: str | None = None) -> Any:
   """The base `params` with a PEFT LoRA adapter added as lora-jax leaves.
 
-  Strict where PEFT is lenient: every tensor must belong to a module the map names, no
-  targeted module may lack a tensor, and every shape must be the one the config and the
-  base weight imply (r, fan_in) / (fan_out, r); errors name the key. Modules of a stacked
-  weight that the adapter skips get zero factors; different ranks along a stack are
-  padded with zero columns. Factors are float32 for low-precision weights.
+  Strict where PEFT is lenient: every tensor must belong to a module the map names and
+  the config targets, no targeted module may lack a tensor, every shape must be the one
+  the config and the base weight imply (r, fan_in) / (fan_out, r), and every factor must
+  be finite; errors name the key (and, for an adapter that does not fit, the base it
+  records and this one). Modules of a stacked weight that the adapter skips get zero
+  factors; different ranks along a stack are padded with zero columns. Factors are
+  float32 for low-precision weights.
 
   Args:
     directory: holds ``adapter_config.json`` and ``adapter_model.safetensors`` (a pickled
@@ -438,6 +444,7 @@ def from_peft(directory: str | Path, params: Any, module_map: ModuleMap = defaul
     check_base: compare the base weights with what the adapter carries about its base (an
       embedding's ``base_layer.weight``, lora-jax's sampled hash); False skips that check,
       not the shape checks.
+    base_name: what to call `params`' model in error messages (e.g. its path).
 
   Returns:
     The adapted tree (run it through `lj.apply`, or `lj.merge` it).
@@ -445,6 +452,7 @@ def from_peft(directory: str | Path, params: Any, module_map: ModuleMap = defaul
   directory = Path(directory)
   config = read_config(directory)
   tensors, metadata = _read_tensors(directory)
+  bases = _Bases(config.get("base_model_name_or_path"), base_name)
   flat = _tree.flatten(params)
   if any(_tree.is_lora_leaf(p) for p in flat):
     raise ValueError("params already hold LoRA leaves; from_peft takes the base tree "
@@ -453,9 +461,9 @@ def from_peft(directory: str | Path, params: Any, module_map: ModuleMap = defaul
   sites = _sites(flat, module_map, layouts)
   kinds = {name: group[0].module.kind for name, group in sites.items()}
   outputs = {out: emb for emb, out in (tied or {}).items() if out is not None}
-  found = _group_tensors(tensors, {**kinds, **{out: "linear" for out in outputs}})
+  found = _group_tensors(tensors, {**kinds, **{out: "linear" for out in outputs}}, bases)
   _untie(found, tied or {}, config)
-  _check_targets(config, sites, found)
+  _check_targets(config, sites, found, bases)
 
   blocks: dict[_tree.Path, dict[int | None, tuple]] = collections.defaultdict(dict)
   for name, parts in found.items():
@@ -465,8 +473,8 @@ def from_peft(directory: str | Path, params: Any, module_map: ModuleMap = defaul
     scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
     fan_in, fan_out = sites[name][0].fan_in, sum(site.fan_out for site in sites[name])
     key_a, key_b = _tensor_keys(module)
-    a_RxI = _checked(key_a, parts["A"], (rank, fan_in), name)
-    b_OxR = _checked(key_b, parts["B"], (fan_out, rank), name)
+    a_RxI = _checked(key_a, parts["A"], (rank, fan_in), name, bases)
+    b_OxR = _checked(key_b, parts["B"], (fan_out, rank), name, bases)
     if check_base and "base" in parts:
       _check_base_layer(name, parts["base"], flat, sites[name])
     start = 0
@@ -478,8 +486,9 @@ def from_peft(directory: str | Path, params: Any, module_map: ModuleMap = defaul
   if check_base and BASE_HASH_KEY in metadata:
     if _base_digest(flat, sites, found) != metadata[BASE_HASH_KEY]:
       raise PeftFormatError(f"{directory}: the adapter was exported from a base with other weights "
-                            "(same shapes, different sampled values); load the base it was "
-                            "trained on, or pass check_base=False to apply it anyway")
+                            f"than {bases.this} (same shapes, different sampled values of the "
+                            f"adapted modules); load {bases.theirs}, or {SKIP_BASE_CHECK} to "
+                            "apply it anyway")
   new = dict(flat)
   for path, layers in blocks.items():
     new.update(_leaves(path, flat[path], layouts[path], layers))
@@ -487,7 +496,29 @@ def from_peft(directory: str | Path, params: Any, module_map: ModuleMap = defaul
   return _tree.unflatten_like(params, new)
 
 
-def _group_tensors(tensors: Mapping[str, Any], kinds: Mapping[str, str]) -> dict[str, dict]:
+class _Bases(NamedTuple):
+  """Names for error messages: the base an adapter records, and the one given."""
+
+  recorded: str | None  # adapter_config.json's base_model_name_or_path
+  given: str | None
+
+  @property
+  def this(self) -> str:
+    return f"this base ({self.given})" if self.given else "this base"
+
+  @property
+  def theirs(self) -> str:
+    return f"the base it was made for ({self.recorded})" if self.recorded else \
+        "the base it was made for"
+
+  def mismatch(self) -> str:
+    """'the adapter does not fit <this base>' (+ the one it records)."""
+    made = f" (it records base_model_name_or_path {self.recorded!r})" if self.recorded else ""
+    return f"the adapter does not fit {self.this}{made}"
+
+
+def _group_tensors(tensors: Mapping[str, Any], kinds: Mapping[str, str],
+                   bases: _Bases = _Bases(None, None)) -> dict[str, dict]:
   """{module: {"A", "B", optionally "base"}} from the tensor keys, given {module: kind} of the
   modules that may appear; unexpected keys raise."""
   found: dict[str, dict] = collections.defaultdict(dict)
@@ -500,9 +531,9 @@ def _group_tensors(tensors: Mapping[str, Any], kinds: Mapping[str, str]) -> dict
                             "removed as save_pretrained does)")
     name, what = match["module"], match["what"]
     if name not in kinds:
-      raise PeftFormatError(f"unexpected key {key!r}: no weight of the model maps to module "
-                            f"{name!r}; the adapter is for another model, or the module map "
-                            "(or tied) misses it")
+      raise PeftFormatError(f"unexpected key {key!r}: no weight of {bases.this} maps to module "
+                            f"{name!r}; {bases.mismatch()}: load {bases.theirs}, or (calling "
+                            "from_peft) give a module map (or tied) that names it")
     if what == "base_layer.weight":
       found[name]["base"] = array
       continue
@@ -536,30 +567,68 @@ def _untie(found: dict, tied: Mapping[str, str | None], config: Mapping) -> None
                                 "though the two modules share one table")
 
 
-def _check_targets(config: Mapping, sites: Mapping[str, list[_Site]], found: Mapping) -> None:
-  """Every module the config targets (among those the map names) must have tensors."""
+def _targeted(targets: str | Sequence[str], name: str) -> bool:
+  """PEFT's target_modules rule: a regex matching the whole name, or a list of names and
+  dotted suffixes."""
+  if isinstance(targets, str):
+    return re.fullmatch(targets, name) is not None
+  return name in targets or any(name.endswith(f".{t}") for t in targets)
+
+
+def _layer(name: str) -> int | None:
+  """The layer index in a module name (``model.layers.3.mlp.up_proj`` -> 3), or None."""
+  match = re.search(r"\.(\d+)\.", name)
+  return None if match is None else int(match[1])
+
+
+def _check_targets(config: Mapping, sites: Mapping[str, list[_Site]], found: Mapping,
+                   bases: _Bases = _Bases(None, None)) -> None:
+  """Every module with tensors must be one the config targets (PEFT ignores the others), and
+  every module the config targets (among those the map names) must have tensors."""
   targets = config.get("target_modules")
-  if not targets or targets == "all-linear" or config.get("layers_to_transform") is not None \
-      or config.get("exclude_modules"):
+  if not targets or targets == "all-linear":
     return  # PEFT's other selection rules: the tensors themselves say what is adapted
-  for name, group in sites.items():
-    if isinstance(targets, str):
-      targeted = re.fullmatch(targets, name) is not None
-    else:
-      targeted = name in targets or any(name.endswith(f".{t}") for t in targets)
-    if targeted and name not in found:
-      raise PeftFormatError(f"missing tensor {_tensor_keys(group[0].module)[0]!r} in "
-                            f"{WEIGHTS_FILE}: target_modules {targets} selects module {name!r}")
+  for name in sorted(found):
+    if not _targeted(targets, name):
+      key = _tensor_keys(sites[name][0].module)[0]
+      raise PeftFormatError(f"tensor {key!r} adapts module {name!r}, which target_modules "
+                            f"{targets} does not select: PEFT would ignore it. Remove that "
+                            "module's tensors from the file, or add it to target_modules")
+  if config.get("layers_to_transform") is not None or config.get("exclude_modules"):
+    return  # fewer modules than target_modules selects may be adapted
+  missing = sorted((name for name in sites if _targeted(targets, name) and name not in found),
+                   key=lambda name: (_layer(name) or 0, name))
+  if not missing:
+    return
+  key = _tensor_keys(sites[missing[0]][0].module)[0]
+  found_layers = [layer for layer in map(_layer, found) if layer is not None]
+  missing_layers = [_layer(name) for name in missing]
+  if found_layers and None not in missing_layers and min(missing_layers) > max(found_layers):
+    raise PeftFormatError(f"{bases.mismatch()}: it adapts layers 0-{max(found_layers)} but "
+                          f"target_modules {targets} selects {len(missing)} modules of later "
+                          f"layers of this base (first: {missing[0]!r}, no tensor {key!r}); load "
+                          f"{bases.theirs}")
+  raise PeftFormatError(f"missing tensor {key!r} in {WEIGHTS_FILE}: target_modules {targets} "
+                        f"selects module {missing[0]!r} of {bases.this}"
+                        + (f" ({len(missing)} such modules)" if len(missing) > 1 else "")
+                        + f"; the file is incomplete (export it again), or {bases.mismatch()}")
 
 
-def _checked(key: str, array, shape: tuple[int, int], module: str):
-  if tuple(array.shape) == shape:
-    return array
-  hint = ("it is transposed; PEFT stores lora_A (r, fan_in) and lora_B (fan_out, r)"
-          if tuple(array.shape) == shape[::-1] else
-          "the adapter was made for another base model or its r/rank_pattern is wrong")
-  raise PeftFormatError(f"{key}: shape {tuple(array.shape)}, but module {module!r} of this base "
-                        f"with its configured rank needs {shape}; {hint}")
+def _checked(key: str, array, shape: tuple[int, int], module: str,
+             bases: _Bases = _Bases(None, None)):
+  """`array` if it has `shape` and only finite values; else PeftFormatError naming `key`."""
+  if tuple(array.shape) != shape:
+    hint = ("it is transposed; PEFT stores lora_A (r, fan_in) and lora_B (fan_out, r)"
+            if tuple(array.shape) == shape[::-1] else
+            f"{bases.mismatch()} (another base model), or its r/rank_pattern is wrong")
+    raise PeftFormatError(f"{key}: shape {tuple(array.shape)}, but module {module!r} of "
+                          f"{bases.this} with its configured rank needs {shape}; {hint}")
+  bad = int(np.size(array) - np.count_nonzero(np.isfinite(np.asarray(array))))
+  if bad:
+    raise PeftFormatError(f"{key}: {bad} of {np.size(array)} values are NaN or infinite; the "
+                          "adapter is damaged (or was saved from a diverged training run): "
+                          "export it again from a good checkpoint")
+  return array
 
 
 def _check_base_layer(name: str, saved, flat: Mapping, sites: list[_Site]) -> None:
@@ -575,7 +644,7 @@ def _check_base_layer(name: str, saved, flat: Mapping, sites: list[_Site]) -> No
     raise PeftFormatError(f"{KEY_PREFIX}{name}.base_layer.weight differs from the base weight "
                           f"{_tree.path_str(site.path)} (shape {saved.shape} vs "
                           f"{expected.shape}): the adapter was trained on another base (or with "
-                          "a resized vocabulary); pass check_base=False to ignore it")
+                          f"a resized vocabulary); {SKIP_BASE_CHECK} to ignore it")
 
 
 def _leaves(path: _tree.Path, leaf, lay: _init.Layout, layers: Mapping[int | None, tuple]):

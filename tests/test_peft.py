@@ -264,6 +264,46 @@ def test_a_base_with_other_weights_is_refused_unless_asked(small):
     assert "kernel_lora_a" in forced["layers_0"]["self_attn"]["q_proj"]
 
 
+K0 = "base_model.model.model.layers.0.self_attn.k_proj"
+
+
+def test_an_untargeted_module_is_named_not_called_another_base(small, tmp_path):
+    def add_k_proj(tensors):
+        tensors[f"{K0}.lora_A.weight"] = np.ones((4, 32), np.float32)
+        tensors[f"{K0}.lora_B.weight"] = np.ones((16, 4), np.float32)
+    directory = _copy(small, tmp_path, edit_tensors=add_k_proj)
+    with pytest.raises(PeftFormatError, match=rf"tensor '{K0}.lora_A.weight' adapts module "
+                                              r"'model.layers.0.self_attn.k_proj', which "
+                                              r"target_modules .* does not select") as e:
+        lj.from_peft(directory, small[1], **_maps(small[0]))
+    assert "other weights" not in str(e.value)
+
+
+def test_an_adapter_for_a_shallower_base_says_it_does_not_fit(small, tmp_path_factory):
+    _, _, directory = small
+    config = json.loads((directory / "adapter_config.json").read_text())
+    deeper, base, _ = _base(tmp_path_factory, "llama", num_hidden_layers=4)
+    message = r"the adapter does not fit this base \(deep\).*adapts layers 0-1 but .* later layers"
+    with pytest.raises(PeftFormatError, match=message):
+        lj.from_peft(directory, base, base_name="deep", **_maps(deeper))
+    config["base_model_name_or_path"] = "org/two-layers"
+    edited = tmp_path_factory.mktemp("named")
+    shutil.copytree(directory, edited, dirs_exist_ok=True)
+    (edited / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(PeftFormatError, match=r"records base_model_name_or_path 'org/two-layers'"):
+        lj.from_peft(edited, base, **_maps(deeper))
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_factors_are_refused_naming_the_tensor(small, tmp_path, value):
+    def poison(tensors):
+        tensors[f"{Q0}.lora_B.weight"][3, 1] = value
+    directory = _copy(small, tmp_path, edit_tensors=poison)
+    with pytest.raises(PeftFormatError, match=rf"{Q0}.lora_B.weight: 1 of 128 values are NaN or "
+                                              r"infinite; the adapter is damaged"):
+        lj.from_peft(directory, small[1], **_maps(small[0]))
+
+
 def test_a_truncated_file_is_a_clear_error(small, tmp_path):
     directory = _copy(small, tmp_path)
     file = directory / "adapter_model.safetensors"

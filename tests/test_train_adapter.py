@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import jax
@@ -11,8 +12,10 @@ import pytest
 import models
 import train_fixtures as tf
 from train import adapter as adapter_lib
+from train import cli, rundir
 from train import method as method_lib
 from train.config import LoraSection
+from train.rundir import DirectoryError
 
 SECTION = LoraSection(rank=4, targets=(".*/(q_proj|v_proj)/kernel",))
 
@@ -76,3 +79,102 @@ def test_damaged_adapter_directories_are_refused(trained, tmp_path):
     (broken / adapter_lib.META_FILE).unlink()
     with pytest.raises(adapter_lib.AdapterError, match="adapter.json is missing"):
         adapter_lib.load_adapter(broken, base)
+
+
+# ---------------------------------------------------------------------------- trust
+
+
+def _save(directory, trained):
+    base, params, _ = trained
+    mask = method_lib.prepare("lora", base, SECTION, jax.random.key(0))[1]
+    return adapter_lib.save_adapter(
+        directory, adapter_lib.artifact(params, mask, base), method="lora", model_name="tiny",
+        lora=method_lib.lora_config(SECTION).to_dict(),
+        base_fingerprint=adapter_lib.fingerprint(base))
+
+
+def test_save_adapter_never_writes_over_files_it_did_not_write(trained, tmp_path):
+    foreign = tmp_path / "foreign"
+    (foreign / adapter_lib.WEIGHTS_DIR).mkdir(parents=True)
+    (foreign / adapter_lib.WEIGHTS_DIR / "mine.txt").write_text("keep")
+    (foreign / adapter_lib.META_FILE).write_text("{\"mine\": true}")
+    with pytest.raises(DirectoryError, match="not empty and was not created by lora-jax") as e:
+        _save(foreign, trained)
+    assert "\n" not in str(e.value)
+    assert (foreign / adapter_lib.WEIGHTS_DIR / "mine.txt").read_text() == "keep"
+    assert (foreign / adapter_lib.META_FILE).read_text() == "{\"mine\": true}"
+    assert sorted(p.name for p in foreign.iterdir()) == [adapter_lib.META_FILE,
+                                                          adapter_lib.WEIGHTS_DIR]
+    # a new directory is claimed; saving into it again (its own mark) replaces its weights
+    own = _save(tmp_path / "own", trained)
+    assert rundir.owned(own, adapter_lib.KIND)
+    assert _save(own, trained) == own
+    base, params, _ = trained
+    loaded = adapter_lib.load_adapter(own, base)
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # another lora-jax kind (a run directory) is not an adapter directory
+    run = rundir.claim(tmp_path / "run", "run")
+    with pytest.raises(DirectoryError, match="for a run, not a adapter"):
+        _save(run, trained)
+
+
+def _with_meta(directory, tmp_path, edit):
+    copy = shutil.copytree(directory, tmp_path / "copy")
+    file = copy / adapter_lib.META_FILE
+    file.write_text(edit(file.read_text()))
+    return copy
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda text: text[:len(text) // 2],
+     r"adapter.json is damaged: not valid JSON \(.*\); restore"),
+    (lambda text: "", r"adapter.json is damaged: not valid JSON"),
+    (lambda text: "[1, 2]", r"adapter.json is damaged: it holds a JSON list, not an object"),
+    (lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "leaves"}),
+     r"adapter.json is damaged: 'leaves' is missing"),
+    (lambda text: text.replace('"float32"', '"float99"', 1),
+     r"adapter.json is damaged: leaves\[.*'dtype': 'float99'"),
+    (lambda text: text.replace('"sample_sha256"', '"sample"', 1),
+     r"'base_fingerprint.sample_sha256' is missing"),
+])
+def test_a_damaged_adapter_json_is_one_line_naming_the_file_and_the_fix(trained, tmp_path, edit,
+                                                                          message):
+    base, _, directory = trained
+    broken = _with_meta(directory, tmp_path, edit)
+    for call in (lambda: adapter_lib.read_meta(broken),
+                 lambda: adapter_lib.load_adapter(broken, base)):
+        with pytest.raises(adapter_lib.AdapterError, match=message) as e:
+            call()
+        assert "\n" not in str(e.value) and "lora-jax train" in str(e.value)
+
+
+def test_an_adapter_json_that_changes_a_leaf_is_refused_not_cast(trained, tmp_path):
+    base, _, directory = trained
+    leaf = "layers_0/self_attn/q_proj/kernel_lora_a"
+
+    def retype(text, key, value):
+        meta = json.loads(text)
+        meta["leaves"][leaf][key] = value
+        return json.dumps(meta)
+
+    recast = _with_meta(directory, tmp_path, lambda t: retype(t, "dtype", "bfloat16"))
+    with pytest.raises(adapter_lib.AdapterError,
+                       match=rf"records leaf '{leaf}' as bfloat16\[32, 4\], but .*weights holds "
+                             r"float32\[32, 4\]; nothing is cast") as e:
+        adapter_lib.load_adapter(recast, base)
+    assert "\n" not in str(e.value)
+    shutil.rmtree(recast)
+    reshaped = _with_meta(directory, tmp_path, lambda t: retype(t, "shape", [4, 32]))
+    with pytest.raises(adapter_lib.AdapterError, match=r"as float32\[4, 32\], but"):
+        adapter_lib.load_adapter(reshaped, base)
+
+
+def test_the_merge_command_reports_a_damaged_adapter_json_in_one_line(trained, tmp_path, capsys):
+    _, _, directory = trained
+    broken = _with_meta(directory, tmp_path, lambda text: text[:100])
+    out = tmp_path / "merged"
+    assert cli.main(["merge", str(broken), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "adapter.json is damaged: not valid JSON" in err
+    assert not out.exists()  # the failed command takes back the directory it created

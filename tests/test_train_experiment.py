@@ -9,10 +9,13 @@ import re
 import pytest
 
 import train_fixtures as tf
+from train import experiment as experiment_lib
+from train import rundir
 from train.cli import main
 from train.config import REPO_ROOT, ConfigError, config_to_yaml, load_config
-from train.experiment import (_edge, across_seeds, choose, load_experiment, ratios, split_test,
-                              table)
+from train.experiment import (_edge, across_seeds, check_outputs, choose, fresh_start,
+                              load_experiment, ratios, split_test, table)
+from train.rundir import DirectoryError
 
 RANK, LAYERS, HIDDEN = 2, tf.LAYERS, tf.HIDDEN
 
@@ -240,3 +243,91 @@ def test_a_rate_at_the_edge_of_its_grid_is_flagged():
     assert "larger rate may be better" in _edge(0.01, grid)
     assert "smaller rate may be better" in _edge(0.001, grid)
     assert _edge(0.001, {"0.001": 1.5}) == ""
+
+
+# ---------------------------------------------------------------------------- trust
+
+
+def _quick_experiment(tmp_path, **extra) -> str:
+    """An experiment config that fails or is refused before any training would start."""
+    base = tmp_path / "base.yaml"
+    base.write_text(config_to_yaml(load_config(None)))
+    experiment = {"base_config": str(base), "data": str(tf.write_csv(tmp_path / "e2e.csv")),
+                  "output_dir": str(tmp_path / "out"),
+                  "report": str(tmp_path / "docs" / "results.md"),
+                  "plot": str(tmp_path / "docs" / "results.png"),
+                  "methods": [{"name": "zero-shot"}], **extra}
+    path = tmp_path / "experiment.yaml"
+    path.write_text(json.dumps(experiment))
+    return str(path)
+
+
+def _refused(argv, capsys) -> str:
+    """The one-line error of a refused command (whether the CLI prints it or raises it)."""
+    try:
+        status = main(argv)
+    except DirectoryError as e:
+        return str(e)
+    assert status == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    return err
+
+
+@pytest.mark.parametrize("name", ["../../x", "a/b", "..", ".hidden", "x y", "/abs", ""])
+def test_method_names_are_safe_directory_names(tmp_path, name):
+    path = _quick_experiment(tmp_path, methods=[{"name": name, "learning_rates": [1e-3]}])
+    with pytest.raises(ConfigError, match=re.escape(f"method name {name!r} is used as a "
+                                                     "directory name")):
+        load_experiment(path)
+
+
+def test_fresh_deletes_only_an_experiments_own_output_dir(tmp_path, capsys):
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "thesis.tex").write_text("years of work")
+    config = _quick_experiment(tmp_path, output_dir=str(user))
+    for fresh in (["--fresh"], []):
+        message = _refused(["experiment", config, *fresh], capsys)
+        assert "not empty and it was not created by lora-jax experiment" in message
+        assert ("--fresh deletes only" in message) == bool(fresh)
+        assert [p.name for p in user.iterdir()] == ["thesis.tex"]  # nothing deleted or added
+    run = rundir.claim(tmp_path / "run", "run")
+    (run / "adapter").mkdir()
+    message = _refused(["experiment", _quick_experiment(tmp_path, output_dir=str(run)),
+                        "--fresh"], capsys)
+    assert "created by lora-jax for a run" in message and (run / "adapter").is_dir()
+
+    # the experiment's own directory: a bad config is found before --fresh deletes anything
+    own = rundir.claim(tmp_path / "own", "experiment")
+    (own / "results.json").write_text("{}")
+    config = _quick_experiment(tmp_path, output_dir=str(own), data=str(tmp_path / "none.csv"))
+    assert main(["experiment", config, "--fresh"]) == 2
+    assert "none.csv does not exist" in capsys.readouterr().err
+    assert (own / "results.json").is_file()
+    cfg = load_experiment(_quick_experiment(tmp_path, output_dir=str(own)))
+    check_outputs(cfg, fresh=True)
+    fresh_start(cfg)
+    assert not own.exists()
+
+
+def test_the_report_and_plot_replace_only_a_report_and_plot(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    cfg = load_experiment(_quick_experiment(tmp_path, report=str(tmp_path / "README.md")))
+    (tmp_path / "README.md").write_text("# My project\n")
+    with pytest.raises(ConfigError, match=r"report .*README.md exists and is not a report"):
+        check_outputs(cfg)
+    assert (tmp_path / "README.md").read_text() == "# My project\n"
+    cfg = load_experiment(_quick_experiment(tmp_path))
+    (docs / "results.md").write_text(experiment_lib.REPORT_TITLE + "\n\nold table\n")
+    (docs / "results.png").write_bytes(b"\x89PNG\r\n\x1a\n my own drawing")
+    with pytest.raises(ConfigError, match=r"plot .*results.png exists and is not a plot"):
+        check_outputs(cfg)
+    experiment_lib.plot([{"method": "zero-shot", "scores": {"BLEU": 0.5}}], docs / "results.png")
+    check_outputs(cfg)  # an earlier report and plot: replaced
+
+
+def test_the_experiment_marks_run_and_eval_directories_as_their_commands_do():
+    from train import e2e_eval, run
+    assert (experiment_lib.RUN_KIND, experiment_lib.EVAL_KIND) == (run.RUN_KIND, e2e_eval.EVAL_KIND)

@@ -12,6 +12,12 @@ The fingerprint is the path, shape and dtype of every base parameter plus a SHA-
 over a fixed sample of each one's values (``lora_jax.fingerprint``: 64 evenly spaced
 elements): cheap to compute, and it tells a different checkpoint of the same
 architecture apart. :func:`load_adapter` refuses a base whose fingerprint differs.
+
+:func:`save_adapter` claims its directory (``train/rundir.py``, kind ``"adapter"``): it
+writes into a new or empty directory, or one it marked before (a re-save), and refuses
+anything else, so it never overwrites files it did not write. :func:`read_meta` refuses a
+damaged ``adapter.json`` and :func:`load_adapter` one that disagrees with the weights on
+disk (a shape or dtype), each with one line naming the file, the problem and the fix.
 """
 
 from __future__ import annotations
@@ -28,9 +34,15 @@ from flax import traverse_util
 
 import lora_jax as lj
 from lora_jax import fingerprint as lj_fingerprint
+from train import rundir
 
 META_FILE = "adapter.json"
 WEIGHTS_DIR = "weights"
+KIND = "adapter"  # the ownership mark of an adapter directory (train/rundir.py)
+# how to get a damaged adapter directory back
+REWRITE = ("restore it from a copy, or write it again (a run's: rerun `lora-jax train` on its "
+           "config.yaml, which rewrites the adapter from the final checkpoint; an imported one: "
+           "rerun `lora-jax import-peft`)")
 
 
 class AdapterError(ValueError):
@@ -68,13 +80,21 @@ def artifact(params: Any, trainable_mask: Any, base_params: Any) -> Any:
 
 def save_adapter(directory: str | Path, tree: Any, *, method: str, model_name: str,
                  lora: Mapping[str, Any] | None, base_fingerprint: Mapping[str, Any],
-                 model_options: Mapping[str, Any] | None = None) -> Path:
+                 model_options: Mapping[str, Any] | None = None,
+                 extra: Mapping[str, Any] | None = None) -> Path:
     """Write ``tree`` (from :func:`artifact`) and its metadata; every process calls this.
 
     ``model_options``: how the base was loaded (the run config's ``model`` section:
     dtype, param_dtype, scan_layers, remat), recorded for whoever loads it again.
+    ``extra``: further adapter.json entries (``lora-jax import-peft``: where it came from).
+
+    ``directory`` is claimed as an ``"adapter"`` directory first (process 0; the others
+    write only after it, inside orbax's save): a new or empty one, or an adapter directory
+    saved before. Raises ``rundir.DirectoryError`` for anything else, writing nothing.
     """
     directory = Path(directory).resolve()
+    if jax.process_index() == 0:
+        rundir.claim(directory, KIND, what="adapter directory")
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(directory / WEIGHTS_DIR, tree, force=True)
     if jax.process_index() == 0:
@@ -83,18 +103,67 @@ def save_adapter(directory: str | Path, tree: Any, *, method: str, model_name: s
                 "lora": dict(lora) if lora else None,
                 "leaves": {p: {"shape": list(v.shape), "dtype": str(v.dtype)}
                            for p, v in _flat(tree).items()},
-                "base_fingerprint": dict(base_fingerprint)}
+                "base_fingerprint": dict(base_fingerprint), **(extra or {})}
         (directory / META_FILE).write_text(json.dumps(meta, indent=1))
     return directory
 
 
 def read_meta(directory: str | Path) -> dict[str, Any]:
-    """The adapter's ``adapter.json``."""
+    """The adapter's ``adapter.json``, checked for the fields loading it needs.
+
+    Raises AdapterError (one line: the file, what is wrong, the fix) for a missing,
+    truncated or garbled file.
+    """
     file = Path(directory) / META_FILE
     if not file.is_file():
         raise AdapterError(f"{directory} is not an adapter directory: {META_FILE} is missing; "
                            f"pass the 'adapter' directory of a finished run")
-    return json.loads(file.read_text())
+    try:
+        meta = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise AdapterError(f"{file} is damaged: not valid JSON ({reason}); {REWRITE}") from None
+    problem = _meta_problem(meta)
+    if problem:
+        raise AdapterError(f"{file} is damaged: {problem}; {REWRITE}")
+    return meta
+
+
+def _meta_problem(meta: Any) -> str | None:
+    """What makes ``meta`` unusable as an adapter.json, or None."""
+    if not isinstance(meta, dict):
+        return f"it holds a JSON {type(meta).__name__}, not an object"
+    for key, kind in (("method", str), ("model", str), ("leaves", dict),
+                      ("base_fingerprint", dict)):
+        if not isinstance(meta.get(key), kind):
+            return (f"{key!r} is missing" if key not in meta else
+                    f"{key!r} is {type(meta[key]).__name__}, expected {kind.__name__}")
+    if not meta["leaves"]:
+        return "'leaves' is empty"
+    for label, leaves in (("leaves", meta["leaves"]),
+                          ("base_fingerprint.leaves", meta["base_fingerprint"].get("leaves"))):
+        if not isinstance(leaves, dict):
+            return f"{label!r} is missing"
+        for path, leaf in leaves.items():
+            if not _leaf_spec_ok(leaf):
+                return f"{label}[{path!r}] is {leaf!r}, expected {{'shape': [ints], 'dtype': name}}"
+    if not isinstance(meta["base_fingerprint"].get("sample_sha256"), str):
+        return "'base_fingerprint.sample_sha256' is missing"
+    return None
+
+
+def _leaf_spec_ok(leaf: Any) -> bool:
+    """``{"shape": [non-negative ints], "dtype": a NumPy/ml_dtypes name}``?"""
+    if not (isinstance(leaf, dict) and isinstance(leaf.get("shape"), list)
+            and isinstance(leaf.get("dtype"), str)):
+        return False
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in leaf["shape"]):
+        return False
+    try:
+        jax.numpy.dtype(leaf["dtype"])
+    except TypeError:
+        return False
+    return True
 
 
 def check_base(meta: Mapping[str, Any], base_params: Any, *, same_weights: bool = True) -> None:
@@ -132,11 +201,37 @@ def load_adapter(directory: str | Path, base_params: Any, *, check_weights: bool
                     for p, v in meta["leaves"].items()})
     try:
         with ocp.StandardCheckpointer() as checkpointer:
+            on_disk = _flat(checkpointer.metadata(directory / WEIGHTS_DIR).item_metadata.tree)
+            _check_leaves(directory, meta["leaves"], on_disk)
             tree = checkpointer.restore(directory / WEIGHTS_DIR, like)
+    except AdapterError:
+        raise
     except Exception as e:
+        reason = " ".join(str(e).split())[:300]
         raise AdapterError(f"the weights in {directory / WEIGHTS_DIR} cannot be read "
-                           f"({type(e).__name__}: {str(e)[:300]}); the directory is truncated or "
+                           f"({type(e).__name__}: {reason}); the directory is truncated or "
                            f"corrupted: re-export it from the run's checkpoints") from e
     replaced = _flat(tree)
     frozen = {p: v for p, v in _flat(base_params).items() if p not in replaced}
     return lj.combine(_unflat(frozen), tree)
+
+
+def _check_leaves(directory: Path, recorded: Mapping[str, Any],
+                  on_disk: Mapping[str, Any]) -> None:
+    """AdapterError unless adapter.json records the leaves, shapes and dtypes the weights have
+    (orbax would otherwise cast a leaf to the recorded dtype, or fail with a traceback)."""
+    file = directory / META_FILE
+    for path in sorted(recorded.keys() | on_disk.keys()):
+        if path not in on_disk:
+            raise AdapterError(f"{file} lists leaf {path!r}, which {directory / WEIGHTS_DIR} does "
+                               f"not hold: the two do not belong together; {REWRITE}")
+        if path not in recorded:
+            raise AdapterError(f"{directory / WEIGHTS_DIR} holds leaf {path!r}, which {file} does "
+                               f"not list: the two do not belong together; {REWRITE}")
+        want = recorded[path]
+        got = {"shape": list(on_disk[path].shape), "dtype": str(np.dtype(on_disk[path].dtype))}
+        if [want["shape"], str(np.dtype(jax.numpy.dtype(want["dtype"])))] != \
+                [got["shape"], got["dtype"]]:
+            raise AdapterError(f"{file} records leaf {path!r} as {want['dtype']}{want['shape']}, "
+                               f"but {directory / WEIGHTS_DIR} holds {got['dtype']}"
+                               f"{got['shape']}; nothing is cast or reshaped on load: {REWRITE}")

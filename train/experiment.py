@@ -32,6 +32,12 @@ from another experiment config. The command
    Markdown: the table, the learning-rate choice, the command and this config) and the
    plot of each metric against trainable parameters (``plot``, PNG).
 
+The output directory is claimed first (``train/rundir.py``, kind ``experiment``): a new or
+empty directory, or this experiment's own, so results are resumed, never written over
+someone else's files; ``--fresh`` deletes it only when it carries that mark. Method names
+become directory names, so they are limited to letters, digits, ``.``, ``_`` and ``-``.
+The report and the plot overwrite only a report and a plot written before.
+
 Per method, the table holds: trainable parameters and their share of the base's, the
 size on disk of what the run saves (the adapter directory: LoRA factors, BitFit biases,
 or every parameter for full fine-tuning, i.e. a full checkpoint), the optimizer-state
@@ -46,6 +52,7 @@ import csv
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -60,7 +67,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from benchmarks.common import machine
-from train import e2e_metrics
+from train import e2e_metrics, rundir
 from train.adapter import META_FILE
 from train.config import REPO_ROOT, ConfigError, load_config, resolve_path, save_config
 from train.e2e_eval import PREDICTIONS_FILE, SCORES_FILE, read_e2e
@@ -72,6 +79,14 @@ RESULTS_FILE = "results.json"
 PROCESS_FILE = "process.json"  # peak RSS and wall time of a run's training process
 EVAL_ARGS_FILE = "eval_args.json"
 LOG_FILE = "log.txt"
+KIND = "experiment"  # the ownership mark of an experiment's output_dir (train/rundir.py)
+# the marks `lora-jax train` and `lora-jax eval` put on their directories (train/run.py
+# RUN_KIND, train/e2e_eval.py EVAL_KIND): the experiment claims one as that command will
+# before it writes the command's log there
+RUN_KIND, EVAL_KIND = "run", "eval"
+REPORT_TITLE = "# E2E NLG: LoRA vs full fine-tuning vs BitFit on SmolLM2-135M"
+# a method's name is a directory name under output_dir: no separators, no '..'
+METHOD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 class ExperimentError(RuntimeError):
@@ -142,6 +157,11 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> Experime
     names = [m.name for m in cfg.methods]
     if not names or len(set(names)) != len(names):
         raise ConfigError(f"experiment config {path}: methods need distinct names, got {names}")
+    for name in names:
+        if not METHOD_NAME.fullmatch(name):
+            raise ConfigError(f"experiment config {path}: method name {name!r} is used as a "
+                              f"directory name under output_dir; use letters, digits, '.', '_' "
+                              f"and '-' only, starting with a letter or digit (at most 100)")
     if not 0 < cfg.test_fraction < 1:
         raise ConfigError(f"experiment config {path}: test_fraction must be in (0, 1), "
                           f"got {cfg.test_fraction}")
@@ -270,7 +290,8 @@ def train_run(cfg: ExperimentConfig, method: MethodSpec, learning_rate: float,
                               f"experiment config changed. Use a new output_dir, or --fresh "
                               f"to delete the old results")
     if not finished:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        # the run directory is `lora-jax train`'s: marked as such before anything goes in
+        rundir.claim(run_dir, RUN_KIND, what="run directory")
         requested = save_config(wanted, run_dir / "requested.yaml")
         process = _run_process(["train", str(requested)], run_dir / LOG_FILE)
         (run_dir / PROCESS_FILE).write_text(json.dumps(process) + "\n")
@@ -278,7 +299,9 @@ def train_run(cfg: ExperimentConfig, method: MethodSpec, learning_rate: float,
 
 
 def _dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    """What the files under ``path`` take, less lora-jax's ownership mark."""
+    return sum(f.stat().st_size for f in path.rglob("*")
+               if f.is_file() and f.name != rundir.MARK_FILE)
 
 
 def run_summary(run_dir: Path) -> dict[str, Any]:
@@ -308,7 +331,7 @@ def eval_run(cfg: ExperimentConfig, target: Path, test_csv: Path, out: Path,
     done = out / EVAL_ARGS_FILE
     if not (done.is_file() and json.loads(done.read_text()) == args
             and (out / SCORES_FILE).is_file()):
-        out.mkdir(parents=True, exist_ok=True)
+        rundir.claim(out, EVAL_KIND, what="eval output directory")
         process = _run_process(args, out / LOG_FILE)
         done.write_text(json.dumps(args) + "\n")
         (out / PROCESS_FILE).write_text(json.dumps(process) + "\n")
@@ -330,7 +353,7 @@ def choose(candidates: dict[float, dict[str, Any]], select: str) -> float:
 
 def run_experiment(cfg: ExperimentConfig, *, source: str, log=print) -> dict[str, Any]:
     """Steps 1-5 of the module docstring; returns what ``results.json`` holds."""
-    out = resolve_path(cfg.output_dir)
+    out = rundir.claim(resolve_path(cfg.output_dir), KIND, what="experiment output_dir")
     trainval, test, counts = split_test(cfg.data, cfg.test_fraction, cfg.seed, out)
     log(f"data: {counts}")
     validation_sets: dict[tuple[int, float], ValidationSet] = {}  # one per (seed, fraction)
@@ -516,7 +539,7 @@ def report(results: dict[str, Any], cfg: ExperimentConfig, config_text: str,
     """docs/results.md: the table, the learning-rate choice, the machine, the config."""
     rows = results["rows"]
     data, machine = results["data"], results["machine"]
-    lines = ["# E2E NLG: LoRA vs full fine-tuning vs BitFit on SmolLM2-135M", "",
+    lines = [REPORT_TITLE, "",
              "Produced by", "", "```", command, "```", "",
              f"on {machine['cpu']} ({machine['cores']} cores; {machine['devices'][0]}), "
              f"versions {json.dumps(machine['versions'])}.", "",
@@ -613,10 +636,63 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
                              "are reused and interrupted ones resume)")
 
 
+def check_outputs(cfg: ExperimentConfig, *, fresh: bool = False) -> None:
+    """Before anything is written or deleted: the data exists, the output directory can be
+    claimed (or, with ``fresh``, deleted: only an experiment's own, marked one), and the
+    report and plot paths hold nothing but an earlier report and plot.
+
+    Raises ConfigError or rundir.DirectoryError, one line each; changes nothing.
+    """
+    data = resolve_path(cfg.data)
+    if not data.is_file():
+        raise ConfigError(f"experiment data {data} does not exist (key 'data'); point it at an "
+                          f"E2E CSV with columns mr, ref")
+    out = rundir.check_writable(resolve_path(cfg.output_dir), "experiment output_dir")
+    if out.is_dir() and any(out.iterdir()) and not rundir.owned(out, KIND):
+        mark = rundir.read_mark(out)
+        whose = (f"it was created by lora-jax for a {mark['kind']}" if mark else
+                 f"it was not created by lora-jax experiment (no {rundir.MARK_FILE} in it)")
+        action = ("--fresh deletes only an experiment's own output_dir" if fresh else
+                  "the experiment writes only into its own output_dir")
+        raise rundir.DirectoryError(f"experiment output_dir {out} is not empty and {whose}; "
+                                    f"nothing was changed ({action}). Set output_dir to a new or "
+                                    f"empty directory")
+    report_path, plot_path = resolve_path(cfg.report), resolve_path(cfg.plot)
+    if report_path == plot_path:
+        raise ConfigError(f"report and plot are the same file {report_path}; give each its own")
+    for key, path, ours in (("report", report_path, _is_report), ("plot", plot_path, _is_plot)):
+        rundir.check_writable(path.parent, f"the directory of {key}")
+        if path.exists() and not (path.is_file() and ours(path)):
+            raise ConfigError(f"{key} {path} exists and is not a {key} written by lora-jax "
+                              f"experiment; it is left as it is. Set {key} to another path, or "
+                              f"move that file away")
+
+
+def _is_report(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(len(REPORT_TITLE.encode())) == REPORT_TITLE.encode()
+
+
+def _is_plot(path: Path) -> bool:
+    """A PNG that Matplotlib wrote (its Software text chunk comes first)."""
+    with path.open("rb") as f:
+        head = f.read(256)
+    return head.startswith(b"\x89PNG\r\n\x1a\n") and b"Matplotlib" in head
+
+
+def fresh_start(cfg: ExperimentConfig) -> None:
+    """Delete the experiment's output_dir if it carries the experiment mark (else nothing
+    of it: :func:`check_outputs` refuses an unmarked, non-empty one first)."""
+    out = resolve_path(cfg.output_dir)
+    if rundir.owned(out, KIND):
+        shutil.rmtree(out)
+
+
 def _run(args: argparse.Namespace) -> int:
     cfg = load_experiment(args.config, args.overrides)
+    check_outputs(cfg, fresh=args.fresh)
     if args.fresh:
-        shutil.rmtree(resolve_path(cfg.output_dir), ignore_errors=True)
+        fresh_start(cfg)
     results = run_experiment(cfg, source=args.config)
     command = " ".join(["lora-jax experiment", args.config, *args.overrides])
     config_text = Path(args.config).read_text()

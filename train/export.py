@@ -14,12 +14,20 @@
 RUN_OR_ADAPTER_DIR is a run's ``output_dir`` or its ``adapter/``. The base model is the
 one the adapter names, loaded as recorded (``model_options``: dtypes, layer stacking,
 added biases) and checked against its fingerprint.
+
+Every ``--out DIR`` is claimed before any work (``train/rundir.py``; kinds ``merged``,
+``peft``, ``adapter``): a new or empty directory, or one the same command wrote before.
+A directory holding anything else is refused with one line and left untouched, so no
+command overwrites a file it did not write; a command that fails before writing takes
+back the directory (and mark) it created.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -29,12 +37,16 @@ from tokenizers import Tokenizer
 
 import lora_jax as lj
 import models
+from lora_jax.peft import SKIP_BASE_CHECK, PeftFormatError
 from models.hf_export import save_hf
 from models.hf_names import peft_module_map, tied_modules
 from train import adapter as adapter_lib
+from train import rundir
 from train.config import ADDED_BIASES
 
 PARAMS_DIR = "params"
+MERGED_KIND, PEFT_KIND = "merged", "peft"  # ownership marks of --out (train/rundir.py)
+IMPORTED_FROM = "imported_from"  # adapter.json: the PEFT directory an adapter came from
 
 
 class Adapted(NamedTuple):
@@ -85,47 +97,114 @@ def _load_options(meta: dict[str, Any]) -> dict[str, Any]:
             "param_dtype": leaves["embed_tokens/embedding"]["dtype"]}
 
 
+@contextlib.contextmanager
+def claimed(directory: str | Path, kind: str, what: str) -> Iterator[Path]:
+    """``rundir.claim`` ``directory`` for the block; if the block raises before writing
+    anything there, the mark and the directories the claim created are removed again."""
+    path = Path(directory).expanduser().absolute()
+    created = path  # the topmost directory the claim creates, if any
+    while not created.parent.exists():
+        created = created.parent
+    existed, marked = path.exists(), rundir.read_mark(path) is not None
+    path = rundir.claim(path, kind, what=what)
+    try:
+        yield path
+    except BaseException:
+        if not marked and [p.name for p in path.iterdir()] == [rundir.MARK_FILE]:
+            with contextlib.suppress(OSError):  # the original error matters more
+                (path / rundir.MARK_FILE).unlink()
+                if not existed:
+                    for empty in (path, *path.parents):
+                        empty.rmdir()
+                        if empty == created:
+                            break
+        raise
+
+
 def merge(run_or_adapter: str | Path, out: str | Path, *, check_base: bool = True) -> Path:
-    """Write the merged model to `out` as a Hugging Face checkpoint and an orbax tree."""
-    adapted = load_adapted(run_or_adapter, check_base=check_base)
-    merged = lj.merge(adapted.params) if adapted.meta["method"] == "lora" else adapted.params
-    out = save_hf(out, adapted.model.config, merged, adapted.tokenizer)
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(out.resolve() / PARAMS_DIR, merged, force=True)
-    return out
+    """Write the merged model to `out` as a Hugging Face checkpoint and an orbax tree.
+
+    `out` must be new, empty, or a directory ``merge`` wrote before (rundir.DirectoryError).
+    """
+    with claimed(out, MERGED_KIND, "--out directory") as directory:
+        adapted = load_adapted(run_or_adapter, check_base=check_base)
+        merged = lj.merge(adapted.params) if adapted.meta["method"] == "lora" else adapted.params
+        save_hf(directory, adapted.model.config, merged, adapted.tokenizer)
+        with ocp.StandardCheckpointer() as checkpointer:
+            # force: replaces params/ only in a directory merge claimed (and so wrote)
+            checkpointer.save(directory / PARAMS_DIR, merged, force=True)
+    return Path(out)
 
 
 def export_peft(run_or_adapter: str | Path, out: str | Path, *, check_base: bool = True) -> Path:
-    """Write a LoRA run's adapter to `out` as a PEFT adapter."""
-    adapted = load_adapted(run_or_adapter, check_base=check_base)
-    if adapted.meta["method"] != "lora":
-        raise adapter_lib.AdapterError(f"the adapter was trained with method "
-                                       f"{adapted.meta['method']!r}; only LoRA adapters export to "
-                                       "PEFT (use lora-jax merge for a full checkpoint)")
-    config = adapted.model.config
-    lora = adapted.meta.get("lora") or {}
-    return lj.to_peft(out, adapted.params, peft_module_map(config), tied=tied_modules(config),
-                      use_rslora=lora.get("use_rslora", False), dropout=lora.get("dropout", 0.0),
-                      base_model_name_or_path=adapted.meta["model"])
+    """Write a LoRA run's adapter to `out` as a PEFT adapter.
+
+    `out` must be new, empty, or a directory ``export`` wrote before (rundir.DirectoryError).
+    """
+    with claimed(out, PEFT_KIND, "--out directory") as directory:
+        adapted = load_adapted(run_or_adapter, check_base=check_base)
+        if adapted.meta["method"] != "lora":
+            raise adapter_lib.AdapterError(f"the adapter was trained with method "
+                                           f"{adapted.meta['method']!r}; only LoRA adapters "
+                                           "export to PEFT (use lora-jax merge for a full "
+                                           "checkpoint)")
+        config = adapted.model.config
+        lora = adapted.meta.get("lora") or {}
+        lj.to_peft(directory, adapted.params, peft_module_map(config),
+                   tied=tied_modules(config), use_rslora=lora.get("use_rslora", False),
+                   dropout=lora.get("dropout", 0.0), base_model_name_or_path=adapted.meta["model"])
+    return Path(out)
 
 
 def import_peft(peft_dir: str | Path, model_name: str, out: str | Path, *,
                 check_base: bool = True) -> Path:
-    """Write a PEFT LoRA adapter for `model_name` as a lora-jax adapter directory."""
-    model, base, _ = models.load(model_name)
-    config = model.config
-    params = lj.from_peft(peft_dir, base, peft_module_map(config), tied=tied_modules(config),
-                          check_base=check_base)
-    peft_config = lj.peft.read_config(peft_dir)
-    adapter = lj.adapter(params)
-    targets = sorted({"/".join(p[:-1]) for p in traverse_util.flatten_dict(adapter)})
-    lora = lj.LoraConfig(rank=peft_config["r"], alpha=peft_config["lora_alpha"],
-                         targets=tuple(f"^{re.escape(t)}/" for t in targets),
-                         dropout=peft_config.get("lora_dropout", 0.0),
-                         use_rslora=bool(peft_config.get("use_rslora")))
-    return adapter_lib.save_adapter(out, adapter, method="lora", model_name=model_name,
-                                    lora=lora.to_dict(),
-                                    base_fingerprint=adapter_lib.fingerprint(base))
+    """Write a PEFT LoRA adapter for `model_name` as a lora-jax adapter directory.
+
+    `out` must be new, empty, or an adapter directory ``import-peft`` wrote before: a
+    trained run's adapter, or anything else, is refused (rundir.DirectoryError).
+    """
+    with claimed(out, adapter_lib.KIND, "--out directory") as directory:
+        _check_not_trained(directory)
+        model, base, _ = models.load(model_name)
+        config = model.config
+        params = lj.from_peft(peft_dir, base, peft_module_map(config),
+                              tied=tied_modules(config), check_base=check_base,
+                              base_name=str(model_name))
+        peft_config = lj.peft.read_config(peft_dir)
+        adapter = lj.adapter(params)
+        targets = sorted({"/".join(p[:-1]) for p in traverse_util.flatten_dict(adapter)})
+        lora = lj.LoraConfig(rank=peft_config["r"], alpha=peft_config["lora_alpha"],
+                             targets=tuple(f"^{re.escape(t)}/" for t in targets),
+                             dropout=peft_config.get("lora_dropout", 0.0),
+                             use_rslora=bool(peft_config.get("use_rslora")))
+        return adapter_lib.save_adapter(directory, adapter, method="lora", model_name=model_name,
+                                        lora=lora.to_dict(),
+                                        base_fingerprint=adapter_lib.fingerprint(base),
+                                        extra={IMPORTED_FROM: str(Path(peft_dir).absolute())})
+
+
+def _check_not_trained(directory: Path) -> None:
+    """DirectoryError if ``directory`` holds an adapter that no import wrote (a run's)."""
+    if not (directory / adapter_lib.META_FILE).is_file():
+        return
+    try:
+        meta = adapter_lib.read_meta(directory)
+    except adapter_lib.AdapterError:
+        meta = {}
+    if IMPORTED_FROM not in meta:
+        raise rundir.DirectoryError(f"--out directory {directory} holds an adapter that "
+                                    f"import-peft did not write (a training run's); nothing was "
+                                    f"changed. Choose a new or empty directory")
+
+
+@contextlib.contextmanager
+def _command_line_errors() -> Iterator[None]:
+    """PeftFormatError messages with the command line's flag for the Python argument."""
+    try:
+        yield
+    except PeftFormatError as e:
+        text = str(e).replace(SKIP_BASE_CHECK, "pass --skip-base-check")
+        raise PeftFormatError(text) from None
 
 
 def _merge_arguments(parser: argparse.ArgumentParser) -> None:
@@ -152,18 +231,23 @@ def _import_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_merge(args: argparse.Namespace) -> int:
-    print(f"merged model: {merge(args.adapter, args.out, check_base=not args.skip_base_check)}")
+    with _command_line_errors():
+        out = merge(args.adapter, args.out, check_base=not args.skip_base_check)
+    print(f"merged model: {out}")
     return 0
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    out = export_peft(args.adapter, args.out, check_base=not args.skip_base_check)
+    with _command_line_errors():
+        out = export_peft(args.adapter, args.out, check_base=not args.skip_base_check)
     print(f"PEFT adapter: {out}")
     return 0
 
 
 def _run_import(args: argparse.Namespace) -> int:
-    out = import_peft(args.peft_dir, args.model, args.out, check_base=not args.skip_base_check)
+    with _command_line_errors():
+        out = import_peft(args.peft_dir, args.model, args.out,
+                          check_base=not args.skip_base_check)
     print(f"adapter: {out}")
     return 0
 

@@ -19,7 +19,16 @@ Rule = tuple[str, Callable[[re.Match, np.ndarray], dict[str, np.ndarray]]]
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model: missing/unexpected tensors or wrong shapes."""
+    """A checkpoint that does not fit the model: missing/unexpected tensors or wrong shapes.
+
+    The message is one line: the checkpoint, what does not fit, and the fix.
+    """
+
+
+def _some(names: list[str], shown: int = 5) -> str:
+    """The first `shown` names, and how many more: keeps a message one line."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return f"{names[:shown]}{more}"
 
 
 def linear(template: str) -> Callable[[re.Match, np.ndarray], dict[str, np.ndarray]]:
@@ -70,7 +79,8 @@ def configure(
     for flag in flags:
         if getattr(checkpoint, flag) and not getattr(config, flag):
             raise CheckpointError(f"{source} has biases ({flag}=true) that the option "
-                                  f"{flag}=False would drop; leave the option out")
+                                  f"{flag}=False would drop; leave the option out (or set it "
+                                  f"true)")
     if all(getattr(config, flag) == getattr(checkpoint, flag) for flag in flags):
         return config, {}
     present = expected_shapes(with_options(config, **{f: getattr(checkpoint, f) for f in flags}))
@@ -93,15 +103,20 @@ def build_params(
     unexpected = sorted(unmatched + sorted(set(named) - set(expected)))
     if missing or unexpected:
         raise CheckpointError(
-            f"{source} does not match the {config.family} model:"
-            + (f"\n  missing parameters: {missing}" if missing else "")
-            + (f"\n  unexpected checkpoint tensors: {unexpected}" if unexpected else "")
+            f"{source} does not match the {config.family} model its config describes ("
+            + "; ".join(([f"{len(missing)} parameters missing: {_some(missing)}"] if missing
+                         else [])
+                        + ([f"{len(unexpected)} unexpected tensors: {_some(unexpected)}"]
+                           if unexpected else []))
+            + "); the checkpoint is incomplete or of another architecture: download or save it "
+              "again, or load the model it belongs to"
         )
     for name, shape in expected.items():
         if tuple(named[name].shape) != shape:
             raise CheckpointError(
                 f"{source}: parameter {name} has shape {tuple(named[name].shape)} in the checkpoint "
-                f"but the model expects {shape}"
+                f"but its config describes a model that needs {shape}; the weights and the config "
+                f"do not belong together: download or save the checkpoint again"
             )
     return _unflatten(_device_arrays(named, config))
 
