@@ -43,8 +43,6 @@ from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
-from safetensors import SafetensorError, safe_open
-from safetensors.flax import save_file
 
 from lora_jax import _init, _merge, _partition, _tree, fingerprint
 
@@ -276,6 +274,8 @@ def to_peft(directory: str | Path, params: Any, module_map: ModuleMap = default_
       "modules_to_save": None,
   }
 
+  from safetensors.flax import save_file  # the [peft] extra; `import lora_jax` needs no more
+
   directory = Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   metadata = {"format": "pt", BASE_HASH_KEY: _base_digest(base, sites, blocks)}
@@ -405,6 +405,8 @@ def read_config(directory: str | Path) -> dict[str, Any]:
 
 
 def _read_tensors(directory: Path) -> tuple[dict[str, Any], dict[str, str]]:
+  from safetensors import SafetensorError, safe_open  # the [peft] extra
+
   file = directory / WEIGHTS_FILE
   if not file.is_file():
     hint = (" (adapter_model.bin is a pickle and is never loaded; re-save the adapter with "
@@ -504,7 +506,7 @@ class _Bases(NamedTuple):
 
   @property
   def this(self) -> str:
-    return f"this base ({self.given})" if self.given else "this base"
+    return f"this base {self.given!r}" if self.given else "this base"
 
   @property
   def theirs(self) -> str:
