@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-fast demo paper-table paper-table-quick bench bench-quick bench-gpu clean
+.PHONY: venv test test-fast check-core demo paper-table paper-table-quick bench bench-quick bench-gpu clean
 
 venv: $(STAMP)
 
@@ -22,8 +22,20 @@ $(STAMP): pyproject.toml
 	  "METEOR will be null until it is installed"
 	touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) check-core
 	$(BIN)/python -m pytest -q
+
+# The library on a core-only install (jax, flax, optax, numpy), in a venv of its own,
+# installed as a user would (not editable): it imports and works, and brings none of the
+# pipeline's packages. Prints the size of that install.
+CORE := .venv-core
+check-core:
+	rm -rf $(CORE) && $(PY) -m venv $(CORE)
+	$(CORE)/bin/pip install -q --upgrade pip
+	$(CORE)/bin/pip install -q . 2>&1 | grep -v "ignored: it is neither a file" || true
+	cd .ci && ../$(CORE)/bin/python core_check.py
+	@echo "core install: $$(du -sh $(CORE)/lib/python3*/site-packages | cut -f1) in" \
+	  "$$($(CORE)/bin/pip list --format=freeze | wc -l) packages"
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
