@@ -33,6 +33,7 @@ check-core:
 	rm -rf $(CORE) && $(PY) -m venv $(CORE)
 	$(CORE)/bin/pip install -q --upgrade pip
 	$(CORE)/bin/pip install -q . 2>&1 | grep -v "ignored: it is neither a file" || true
+	rm -rf build
 	cd .ci && ../$(CORE)/bin/python core_check.py
 	@echo "core install: $$(du -sh $(CORE)/lib/python3*/site-packages | cut -f1) in" \
 	  "$$($(CORE)/bin/pip list --format=freeze | wc -l) packages"

@@ -56,7 +56,8 @@ def child(method: str, steps: int, output_dir: Path, extra: list[str]) -> dict:
   from train import mesh as mesh_lib
   from train import run
   from train.config import load_config
-  from train.metrics import METRICS_FILE, read_records
+  from train import layout
+  from train.metrics import read_records
 
   jax.config.update("jax_compilation_cache_dir", str(output_dir / "jax_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -75,7 +76,7 @@ def child(method: str, steps: int, output_dir: Path, extra: list[str]) -> dict:
   counts_Sx2 = np.array([[int((b["segment_ids"] > 0).sum()), int(b["loss_mask"][:, 1:].sum())]
                          for b in (next(stream) for _ in range(steps * accum))])
   counts_Sx2 = counts_Sx2.reshape(steps, accum, 2).sum(axis=1)
-  records = [r for r in read_records(output_dir / METRICS_FILE) if r["split"] == "train"]
+  records = [r for r in read_records(output_dir / layout.METRICS_FILE) if r["split"] == "train"]
   step_s_S = counts_Sx2[:, 0] / np.array([r["tokens_per_s"] for r in records])
   timed = slice(1, None)  # the first update compiles
 

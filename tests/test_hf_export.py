@@ -18,7 +18,7 @@ import train_fixtures as tf
 from models.hf_export import save_hf
 from test_peft import hf_model
 from train import adapter as adapter_lib
-from train import cli, export
+from train import cli, export, layout
 
 IDS = np.random.default_rng(0).integers(3, 96, size=(2, 7)).astype(np.int32)
 TARGETS = r"(q_proj|v_proj|up_proj)/kernel|embed_tokens"
@@ -113,7 +113,7 @@ def test_merge_writes_a_transformers_checkpoint_and_orbax_params(run, tmp_path):
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     assert hf_tokenizer("name[The Eagle] food")["input_ids"] == ids[0].tolist()
     with ocp.StandardCheckpointer() as checkpointer:
-        restored = checkpointer.restore(out.resolve() / export.PARAMS_DIR)
+        restored = checkpointer.restore(out.resolve() / layout.MERGED_PARAMS_DIR)
     np.testing.assert_allclose(np.asarray(model.apply({"params": restored}, ids)), ours, atol=1e-5)
 
 

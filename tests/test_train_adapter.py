@@ -12,7 +12,7 @@ import pytest
 import models
 import train_fixtures as tf
 from train import adapter as adapter_lib
-from train import cli, rundir
+from train import cli, layout, rundir
 from train import method as method_lib
 from train.config import LoraSection
 from train.rundir import DirectoryError
@@ -73,10 +73,10 @@ def test_a_base_of_another_shape_is_refused_naming_the_parameter(trained):
 def test_damaged_adapter_directories_are_refused(trained, tmp_path):
     base, _, directory = trained
     broken = shutil.copytree(directory, tmp_path / "broken")
-    shutil.rmtree(broken / adapter_lib.WEIGHTS_DIR / "d")
+    shutil.rmtree(broken / layout.ADAPTER_WEIGHTS_DIR / "d")
     with pytest.raises(adapter_lib.AdapterError, match="truncated or corrupted"):
         adapter_lib.load_adapter(broken, base)
-    (broken / adapter_lib.META_FILE).unlink()
+    (broken / layout.ADAPTER_META_FILE).unlink()
     with pytest.raises(adapter_lib.AdapterError, match="adapter.json is missing"):
         adapter_lib.load_adapter(broken, base)
 
@@ -95,19 +95,19 @@ def _save(directory, trained):
 
 def test_save_adapter_never_writes_over_files_it_did_not_write(trained, tmp_path):
     foreign = tmp_path / "foreign"
-    (foreign / adapter_lib.WEIGHTS_DIR).mkdir(parents=True)
-    (foreign / adapter_lib.WEIGHTS_DIR / "mine.txt").write_text("keep")
-    (foreign / adapter_lib.META_FILE).write_text("{\"mine\": true}")
+    (foreign / layout.ADAPTER_WEIGHTS_DIR).mkdir(parents=True)
+    (foreign / layout.ADAPTER_WEIGHTS_DIR / "mine.txt").write_text("keep")
+    (foreign / layout.ADAPTER_META_FILE).write_text("{\"mine\": true}")
     with pytest.raises(DirectoryError, match="not empty and was not created by lora-jax") as e:
         _save(foreign, trained)
     assert "\n" not in str(e.value)
-    assert (foreign / adapter_lib.WEIGHTS_DIR / "mine.txt").read_text() == "keep"
-    assert (foreign / adapter_lib.META_FILE).read_text() == "{\"mine\": true}"
-    assert sorted(p.name for p in foreign.iterdir()) == [adapter_lib.META_FILE,
-                                                          adapter_lib.WEIGHTS_DIR]
+    assert (foreign / layout.ADAPTER_WEIGHTS_DIR / "mine.txt").read_text() == "keep"
+    assert (foreign / layout.ADAPTER_META_FILE).read_text() == "{\"mine\": true}"
+    assert sorted(p.name for p in foreign.iterdir()) == [layout.ADAPTER_META_FILE,
+                                                          layout.ADAPTER_WEIGHTS_DIR]
     # a new directory is claimed; saving into it again (its own mark) replaces its weights
     own = _save(tmp_path / "own", trained)
-    assert rundir.owned(own, adapter_lib.KIND)
+    assert rundir.owned(own, layout.Kind.ADAPTER)
     assert _save(own, trained) == own
     base, params, _ = trained
     loaded = adapter_lib.load_adapter(own, base)
@@ -121,7 +121,7 @@ def test_save_adapter_never_writes_over_files_it_did_not_write(trained, tmp_path
 
 def _with_meta(directory, tmp_path, edit):
     copy = shutil.copytree(directory, tmp_path / "copy")
-    file = copy / adapter_lib.META_FILE
+    file = copy / layout.ADAPTER_META_FILE
     file.write_text(edit(file.read_text()))
     return copy
 

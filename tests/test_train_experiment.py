@@ -326,8 +326,3 @@ def test_the_report_and_plot_replace_only_a_report_and_plot(tmp_path):
         check_outputs(cfg)
     experiment_lib.plot([{"method": "zero-shot", "scores": {"BLEU": 0.5}}], docs / "results.png")
     check_outputs(cfg)  # an earlier report and plot: replaced
-
-
-def test_the_experiment_marks_run_and_eval_directories_as_their_commands_do():
-    from train import e2e_eval, run
-    assert (experiment_lib.RUN_KIND, experiment_lib.EVAL_KIND) == (run.RUN_KIND, e2e_eval.EVAL_KIND)

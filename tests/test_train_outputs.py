@@ -12,9 +12,9 @@ import pytest
 import lora_jax as lj
 import models
 import train_fixtures as tf
-from models.loaders.checkpoint import CheckpointError, build_params, expected_shapes
+from models.loaders.checkpoint import ModelFileError, build_params, expected_shapes
 from train import adapter as adapter_lib
-from train import cli, export, rundir
+from train import cli, export, layout, rundir
 from train.rundir import DirectoryError
 
 CONFIG = lj.LoraConfig(4, 8, r"(q_proj|v_proj)/kernel")
@@ -80,8 +80,8 @@ def test_merge_writes_only_into_its_own_directory(run, tmp_path, capsys):
     with pytest.raises(DirectoryError):  # not into the run itself either
         export.merge(run_dir, run_dir)
     merged = export.merge(run_dir, tmp_path / "merged")
-    assert rundir.owned(merged, export.MERGED_KIND)
-    assert (merged / "model.safetensors").is_file() and (merged / export.PARAMS_DIR).is_dir()
+    assert rundir.owned(merged, layout.Kind.MERGED)
+    assert (merged / "model.safetensors").is_file() and (merged / layout.MERGED_PARAMS_DIR).is_dir()
     export.merge(run_dir, merged)  # again into its own directory: replaced
     with pytest.raises(DirectoryError, match="for a merged, not a peft"):
         export.export_peft(run_dir, merged)
@@ -95,7 +95,7 @@ def test_export_peft_writes_only_into_its_own_directory(run, tmp_path):
         export.export_peft(run_dir, user)
     _intact(user, kept)
     out = export.export_peft(run_dir, tmp_path / "peft")
-    assert rundir.owned(out, export.PEFT_KIND) and (out / "adapter_config.json").is_file()
+    assert rundir.owned(out, layout.Kind.PEFT) and (out / "adapter_config.json").is_file()
     assert export.export_peft(run_dir, out) == out
 
 
@@ -107,10 +107,10 @@ def test_import_peft_writes_only_into_its_own_directory(run, tmp_path):
         export.import_peft(peft_dir, str(model_dir), user)
     _intact(user, kept)
     # a training run's adapter is an adapter directory, but not import-peft's to replace
-    trained = (run_dir / "adapter" / adapter_lib.META_FILE).read_text()
+    trained = (run_dir / "adapter" / layout.ADAPTER_META_FILE).read_text()
     with pytest.raises(DirectoryError, match=r"holds an adapter that import-peft did not write"):
         export.import_peft(peft_dir, str(model_dir), run_dir / "adapter")
-    assert (run_dir / "adapter" / adapter_lib.META_FILE).read_text() == trained
+    assert (run_dir / "adapter" / layout.ADAPTER_META_FILE).read_text() == trained
     out = export.import_peft(peft_dir, str(model_dir), tmp_path / "imported")
     assert adapter_lib.read_meta(out)[export.IMPORTED_FROM] == str(peft_dir.absolute())
     assert export.import_peft(peft_dir, str(model_dir), out) == out  # its own: replaced
@@ -128,12 +128,12 @@ def test_the_command_line_names_its_flag_and_takes_back_a_failed_out(run, tmp_pa
     assert "pass --skip-base-check" in err and "check_base" not in err
     assert not (tmp_path / "new").exists()  # created by the failed command: removed again
     assert cli.main([*argv, "--skip-base-check"]) == 0
-    assert rundir.owned(out, adapter_lib.KIND)
+    assert rundir.owned(out, layout.Kind.ADAPTER)
 
 
 def test_checkpoint_errors_are_one_line_with_the_fix():
     config = models.get_config("tiny-gpt2")
-    with pytest.raises(CheckpointError) as e:
+    with pytest.raises(ModelFileError) as e:
         build_params({}, [f"h.{i}.extra" for i in range(9)], config, "ckpt")
     message = str(e.value)
     assert "\n" not in message and "parameters missing" in message and "and 4 more" in message
@@ -141,6 +141,6 @@ def test_checkpoint_errors_are_one_line_with_the_fix():
     named = {name: np.zeros(shape, np.float32) for name, shape in expected_shapes(config).items()}
     name = sorted(named)[0]
     named[name] = np.zeros((3,), np.float32)
-    with pytest.raises(CheckpointError, match=rf"{name} has shape \(3,\).*do not belong") as e:
+    with pytest.raises(ModelFileError, match=rf"{name} has shape \(3,\).*do not belong") as e:
         build_params(named, [], config, "ckpt")
     assert "\n" not in str(e.value)

@@ -34,11 +34,8 @@ from flax import traverse_util
 
 import lora_jax as lj
 from lora_jax import fingerprint as lj_fingerprint
-from train import rundir
+from train import layout, rundir
 
-META_FILE = "adapter.json"
-WEIGHTS_DIR = "weights"
-KIND = "adapter"  # the ownership mark of an adapter directory (train/rundir.py)
 # how to get a damaged adapter directory back
 REWRITE = ("restore it from a copy, or write it again (a run's: rerun `lora-jax train` on its "
            "config.yaml, which rewrites the adapter from the final checkpoint; an imported one: "
@@ -94,9 +91,9 @@ def save_adapter(directory: str | Path, tree: Any, *, method: str, model_name: s
     """
     directory = Path(directory).resolve()
     if jax.process_index() == 0:
-        rundir.claim(directory, KIND, what="adapter directory")
+        rundir.claim(directory, layout.Kind.ADAPTER, what="adapter directory")
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(directory / WEIGHTS_DIR, tree, force=True)
+        checkpointer.save(directory / layout.ADAPTER_WEIGHTS_DIR, tree, force=True)
     if jax.process_index() == 0:
         meta = {"method": method, "model": model_name,
                 "model_options": dict(model_options) if model_options else None,
@@ -104,7 +101,7 @@ def save_adapter(directory: str | Path, tree: Any, *, method: str, model_name: s
                 "leaves": {p: {"shape": list(v.shape), "dtype": str(v.dtype)}
                            for p, v in _flat(tree).items()},
                 "base_fingerprint": dict(base_fingerprint), **(extra or {})}
-        (directory / META_FILE).write_text(json.dumps(meta, indent=1))
+        (directory / layout.ADAPTER_META_FILE).write_text(json.dumps(meta, indent=1))
     return directory
 
 
@@ -114,9 +111,9 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
     Raises AdapterError (one line: the file, what is wrong, the fix) for a missing,
     truncated or garbled file.
     """
-    file = Path(directory) / META_FILE
+    file = Path(directory) / layout.ADAPTER_META_FILE
     if not file.is_file():
-        raise AdapterError(f"{directory} is not an adapter directory: {META_FILE} is missing; "
+        raise AdapterError(f"{directory} is not an adapter directory: {layout.ADAPTER_META_FILE} is missing; "
                            f"pass the 'adapter' directory of a finished run")
     try:
         meta = json.loads(file.read_text())
@@ -201,14 +198,14 @@ def load_adapter(directory: str | Path, base_params: Any, *, check_weights: bool
                     for p, v in meta["leaves"].items()})
     try:
         with ocp.StandardCheckpointer() as checkpointer:
-            on_disk = _flat(checkpointer.metadata(directory / WEIGHTS_DIR).item_metadata.tree)
+            on_disk = _flat(checkpointer.metadata(directory / layout.ADAPTER_WEIGHTS_DIR).item_metadata.tree)
             _check_leaves(directory, meta["leaves"], on_disk)
-            tree = checkpointer.restore(directory / WEIGHTS_DIR, like)
+            tree = checkpointer.restore(directory / layout.ADAPTER_WEIGHTS_DIR, like)
     except AdapterError:
         raise
     except Exception as e:
         reason = " ".join(str(e).split())[:300]
-        raise AdapterError(f"the weights in {directory / WEIGHTS_DIR} cannot be read "
+        raise AdapterError(f"the weights in {directory / layout.ADAPTER_WEIGHTS_DIR} cannot be read "
                            f"({type(e).__name__}: {reason}); the directory is truncated or "
                            f"corrupted: re-export it from the run's checkpoints") from e
     replaced = _flat(tree)
@@ -220,18 +217,18 @@ def _check_leaves(directory: Path, recorded: Mapping[str, Any],
                   on_disk: Mapping[str, Any]) -> None:
     """AdapterError unless adapter.json records the leaves, shapes and dtypes the weights have
     (orbax would otherwise cast a leaf to the recorded dtype, or fail with a traceback)."""
-    file = directory / META_FILE
+    file = directory / layout.ADAPTER_META_FILE
     for path in sorted(recorded.keys() | on_disk.keys()):
         if path not in on_disk:
-            raise AdapterError(f"{file} lists leaf {path!r}, which {directory / WEIGHTS_DIR} does "
+            raise AdapterError(f"{file} lists leaf {path!r}, which {directory / layout.ADAPTER_WEIGHTS_DIR} does "
                                f"not hold: the two do not belong together; {REWRITE}")
         if path not in recorded:
-            raise AdapterError(f"{directory / WEIGHTS_DIR} holds leaf {path!r}, which {file} does "
+            raise AdapterError(f"{directory / layout.ADAPTER_WEIGHTS_DIR} holds leaf {path!r}, which {file} does "
                                f"not list: the two do not belong together; {REWRITE}")
         want = recorded[path]
         got = {"shape": list(on_disk[path].shape), "dtype": str(np.dtype(on_disk[path].dtype))}
         if [want["shape"], str(np.dtype(jax.numpy.dtype(want["dtype"])))] != \
                 [got["shape"], got["dtype"]]:
             raise AdapterError(f"{file} records leaf {path!r} as {want['dtype']}{want['shape']}, "
-                               f"but {directory / WEIGHTS_DIR} holds {got['dtype']}"
+                               f"but {directory / layout.ADAPTER_WEIGHTS_DIR} holds {got['dtype']}"
                                f"{got['shape']}; nothing is cast or reshaped on load: {REWRITE}")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import jax
 
 from lora_jax.peft import PeftFormatError
-from models.loaders.checkpoint import CheckpointError as ModelCheckpointError
+from models.loaders.checkpoint import ModelFileError
 from train.adapter import AdapterError
 from train.checkpoint import CheckpointError
 from train.config import ConfigError, load_config
@@ -36,7 +36,7 @@ from train.rundir import DirectoryError, DiskFullError
 
 # Errors whose message already says what is wrong and how to fix it: one line, exit
 # status 2, no traceback (``--debug`` shows it).
-USER_ERRORS = (ConfigError, DataError, CheckpointError, ModelCheckpointError, AdapterError,
+USER_ERRORS = (ConfigError, DataError, CheckpointError, ModelFileError, AdapterError,
                FloatingPointError, FileNotFoundError, PeftFormatError, ExperimentError,
                DirectoryError, DiskFullError, MetricsFileError)
 INTERRUPTED = 130  # exit status after Ctrl-C (128 + SIGINT), as a shell reports it

@@ -49,14 +49,14 @@ from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 import models
-from train import e2e_metrics, rundir
+from train import e2e_metrics, layout, rundir
 from train.adapter import AdapterError
 from train.config import DataConfig, load_config
 from train.data import DataError, load_table, select_columns
 from train.examples import Example
 from train.export import adapter_dir, load_adapted
 from train.formats import MalformedRow, e2e_prompt, find_columns, text_field
-from train.run import CONFIG_FILE, load_model
+from train.run import load_model
 from train.samples import decode_text, left_padded_prompts
 
 PREDICTIONS_FILE = "predictions.txt"
@@ -115,7 +115,7 @@ def read_e2e(path: str | Path) -> list[tuple[str, list[str]]]:
 
 def _run_eos_token(adapter_dir: Path) -> str:
     """``data.eos_token`` of the run that wrote ``adapter_dir``; the default without its config."""
-    for config in (adapter_dir / CONFIG_FILE, adapter_dir.parent / CONFIG_FILE):
+    for config in (adapter_dir / layout.CONFIG_FILE, adapter_dir.parent / layout.CONFIG_FILE):
         if config.is_file():
             return load_config(config).data.eos_token
     return DataConfig().eos_token
@@ -195,9 +195,6 @@ def report(scores: dict[str, float | None], *, description: str, data: str, mrs:
     return "\n".join(lines + ([""] + [f"Note: {n}" for n in notes] if notes else [])) + "\n"
 
 
-EVAL_KIND = "eval"  # the ownership mark of an --out directory (train/rundir.py)
-
-
 def write_outputs(out: str | Path, predictions: list[str], scores: dict[str, float | None],
                   markdown: str) -> Path:
     """``predictions.txt``, ``scores.json`` and ``scores.md`` in ``out`` (created)."""
@@ -232,7 +229,7 @@ def _run(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             raise DataError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.out:  # before the slow work: a foreign non-empty directory is refused
-        rundir.claim(args.out, EVAL_KIND)
+        rundir.claim(args.out, layout.Kind.EVAL)
     groups = read_e2e(args.data)[:args.limit]
     decoding = dataclasses.replace(PAPER_DECODING, num_beams=1 if args.greedy else args.num_beams,
                                    max_new_tokens=args.max_new_tokens)

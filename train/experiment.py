@@ -67,23 +67,17 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from benchmarks.common import machine
-from train import e2e_metrics, rundir
-from train.adapter import META_FILE
+from train import e2e_metrics, layout, rundir
 from train.config import REPO_ROOT, ConfigError, load_config, resolve_path, save_config
 from train.e2e_eval import PREDICTIONS_FILE, SCORES_FILE, read_e2e
-from train.metrics import METRICS_FILE, read_records
+from train.metrics import read_records
 from train.ordering import split_by_group
-from train.run import ADAPTER_DIR, CONFIG_FILE, RUN_INFO_FILE
+from train.plot import pyplot
 
 RESULTS_FILE = "results.json"
 PROCESS_FILE = "process.json"  # peak RSS and wall time of a run's training process
 EVAL_ARGS_FILE = "eval_args.json"
 LOG_FILE = "log.txt"
-KIND = "experiment"  # the ownership mark of an experiment's output_dir (train/rundir.py)
-# the marks `lora-jax train` and `lora-jax eval` put on their directories (train/run.py
-# RUN_KIND, train/e2e_eval.py EVAL_KIND): the experiment claims one as that command will
-# before it writes the command's log there
-RUN_KIND, EVAL_KIND = "run", "eval"
 REPORT_TITLE = "# E2E NLG: LoRA vs full fine-tuning vs BitFit on SmolLM2-135M"
 # a method's name is a directory name under output_dir: no separators, no '..'
 METHOD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -284,14 +278,14 @@ def train_run(cfg: ExperimentConfig, method: MethodSpec, learning_rate: float,
     Returns the run's :func:`run_summary` and whether the finished run was reused.
     """
     wanted = run_config(cfg, method, learning_rate, data, run_dir, seed)
-    finished = (run_dir / ADAPTER_DIR / META_FILE).is_file() and (run_dir / PROCESS_FILE).is_file()
-    if finished and load_config(run_dir / CONFIG_FILE) != wanted:
+    finished = (run_dir / layout.ADAPTER_DIR / layout.ADAPTER_META_FILE).is_file() and (run_dir / PROCESS_FILE).is_file()
+    if finished and load_config(run_dir / layout.CONFIG_FILE) != wanted:
         raise ExperimentError(f"{run_dir} holds a finished run with another config; the "
                               f"experiment config changed. Use a new output_dir, or --fresh "
                               f"to delete the old results")
     if not finished:
         # the run directory is `lora-jax train`'s: marked as such before anything goes in
-        rundir.claim(run_dir, RUN_KIND, what="run directory")
+        rundir.claim(run_dir, layout.Kind.RUN, what="run directory")
         requested = save_config(wanted, run_dir / "requested.yaml")
         process = _run_process(["train", str(requested)], run_dir / LOG_FILE)
         (run_dir / PROCESS_FILE).write_text(json.dumps(process) + "\n")
@@ -306,12 +300,12 @@ def _dir_bytes(path: Path) -> int:
 
 def run_summary(run_dir: Path) -> dict[str, Any]:
     """Figures of a finished run: run_info, process peak RSS, step time, validation loss."""
-    records = read_records(run_dir / METRICS_FILE)
+    records = read_records(run_dir / layout.METRICS_FILE)
     validation = [r for r in records if r["split"] == "validation"]
     step_s = [r["step_s"] for r in records if r["split"] == "train" and "step_s" in r]
-    return {**json.loads((run_dir / RUN_INFO_FILE).read_text()),
+    return {**json.loads((run_dir / layout.RUN_INFO_FILE).read_text()),
             **json.loads((run_dir / PROCESS_FILE).read_text()),
-            "adapter_bytes": _dir_bytes(run_dir / ADAPTER_DIR),
+            "adapter_bytes": _dir_bytes(run_dir / layout.ADAPTER_DIR),
             # the first window holds the compilation: leave it out when there are others
             "step_s": float(np.median(step_s[1:] or step_s)) if step_s else None,
             "validation_loss_before": validation[0]["loss"] if validation else None,
@@ -331,7 +325,7 @@ def eval_run(cfg: ExperimentConfig, target: Path, test_csv: Path, out: Path,
     done = out / EVAL_ARGS_FILE
     if not (done.is_file() and json.loads(done.read_text()) == args
             and (out / SCORES_FILE).is_file()):
-        rundir.claim(out, EVAL_KIND, what="eval output directory")
+        rundir.claim(out, layout.Kind.EVAL, what="eval output directory")
         process = _run_process(args, out / LOG_FILE)
         done.write_text(json.dumps(args) + "\n")
         (out / PROCESS_FILE).write_text(json.dumps(process) + "\n")
@@ -353,7 +347,7 @@ def choose(candidates: dict[float, dict[str, Any]], select: str) -> float:
 
 def run_experiment(cfg: ExperimentConfig, *, source: str, log=print) -> dict[str, Any]:
     """Steps 1-5 of the module docstring; returns what ``results.json`` holds."""
-    out = rundir.claim(resolve_path(cfg.output_dir), KIND, what="experiment output_dir")
+    out = rundir.claim(resolve_path(cfg.output_dir), layout.Kind.EXPERIMENT, what="experiment output_dir")
     trainval, test, counts = split_test(cfg.data, cfg.test_fraction, cfg.seed, out)
     log(f"data: {counts}")
     validation_sets: dict[tuple[int, float], ValidationSet] = {}  # one per (seed, fraction)
@@ -393,7 +387,7 @@ def run_experiment(cfg: ExperimentConfig, *, source: str, log=print) -> dict[str
             target = chosen_dir
         else:  # zero-shot: the base model as the shared overrides load it
             target = save_config(run_config(cfg, method, 0.0, trainval, out / method.name),
-                                 out / method.name / CONFIG_FILE)
+                                 out / method.name / layout.CONFIG_FILE)
         log(f"[{method.name}] decoding {counts['test_mrs']} test MRs")
         row |= eval_run(cfg, target, test, out / "eval" / method.name)
         log(f"[{method.name}] {row['scores']}")
@@ -490,11 +484,7 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
 def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     """PNG: each metric against trainable parameters (log axis), with a bar of one standard
     deviation for rows trained with several seeds; zero-shot as a line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = [m for m in e2e_metrics.METRICS
              if all(r.get("scores", {}).get(m) is not None for r in rows)]
     figure, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.4), dpi=100,
@@ -648,7 +638,7 @@ def check_outputs(cfg: ExperimentConfig, *, fresh: bool = False) -> None:
         raise ConfigError(f"experiment data {data} does not exist (key 'data'); point it at an "
                           f"E2E CSV with columns mr, ref")
     out = rundir.check_writable(resolve_path(cfg.output_dir), "experiment output_dir")
-    if out.is_dir() and any(out.iterdir()) and not rundir.owned(out, KIND):
+    if out.is_dir() and any(out.iterdir()) and not rundir.owned(out, layout.Kind.EXPERIMENT):
         mark = rundir.read_mark(out)
         whose = (f"it was created by lora-jax for a {mark['kind']}" if mark else
                  f"it was not created by lora-jax experiment (no {rundir.MARK_FILE} in it)")
@@ -684,7 +674,7 @@ def fresh_start(cfg: ExperimentConfig) -> None:
     """Delete the experiment's output_dir if it carries the experiment mark (else nothing
     of it: :func:`check_outputs` refuses an unmarked, non-empty one first)."""
     out = resolve_path(cfg.output_dir)
-    if rundir.owned(out, KIND):
+    if rundir.owned(out, layout.Kind.EXPERIMENT):
         shutil.rmtree(out)
 
 

@@ -41,11 +41,9 @@ from lora_jax.peft import SKIP_BASE_CHECK, PeftFormatError
 from models.hf_export import save_hf
 from models.hf_names import peft_module_map, tied_modules
 from train import adapter as adapter_lib
-from train import rundir
+from train import layout, rundir
 from train.config import ADDED_BIASES
 
-PARAMS_DIR = "params"
-MERGED_KIND, PEFT_KIND = "merged", "peft"  # ownership marks of --out (train/rundir.py)
 IMPORTED_FROM = "imported_from"  # adapter.json: the PEFT directory an adapter came from
 
 
@@ -61,11 +59,11 @@ class Adapted(NamedTuple):
 def adapter_dir(run_or_adapter: str | Path) -> Path:
     """The adapter directory of a run directory, or the adapter directory itself."""
     path = Path(run_or_adapter)
-    for candidate in (path, path / "adapter"):
-        if (candidate / adapter_lib.META_FILE).is_file():
+    for candidate in (path, path / layout.ADAPTER_DIR):
+        if (candidate / layout.ADAPTER_META_FILE).is_file():
             return candidate
     raise adapter_lib.AdapterError(f"{path} is neither a run directory nor an adapter directory: "
-                                   f"no {adapter_lib.META_FILE} in it or in its adapter/")
+                                   f"no {layout.ADAPTER_META_FILE} in it or in its adapter/")
 
 
 def load_adapted(run_or_adapter: str | Path, *, check_base: bool = True) -> Adapted:
@@ -126,13 +124,13 @@ def merge(run_or_adapter: str | Path, out: str | Path, *, check_base: bool = Tru
 
     `out` must be new, empty, or a directory ``merge`` wrote before (rundir.DirectoryError).
     """
-    with claimed(out, MERGED_KIND, "--out directory") as directory:
+    with claimed(out, layout.Kind.MERGED, "--out directory") as directory:
         adapted = load_adapted(run_or_adapter, check_base=check_base)
         merged = lj.merge(adapted.params) if adapted.meta["method"] == "lora" else adapted.params
         save_hf(directory, adapted.model.config, merged, adapted.tokenizer)
         with ocp.StandardCheckpointer() as checkpointer:
             # force: replaces params/ only in a directory merge claimed (and so wrote)
-            checkpointer.save(directory / PARAMS_DIR, merged, force=True)
+            checkpointer.save(directory / layout.MERGED_PARAMS_DIR, merged, force=True)
     return Path(out)
 
 
@@ -141,7 +139,7 @@ def export_peft(run_or_adapter: str | Path, out: str | Path, *, check_base: bool
 
     `out` must be new, empty, or a directory ``export`` wrote before (rundir.DirectoryError).
     """
-    with claimed(out, PEFT_KIND, "--out directory") as directory:
+    with claimed(out, layout.Kind.PEFT, "--out directory") as directory:
         adapted = load_adapted(run_or_adapter, check_base=check_base)
         if adapted.meta["method"] != "lora":
             raise adapter_lib.AdapterError(f"the adapter was trained with method "
@@ -163,7 +161,7 @@ def import_peft(peft_dir: str | Path, model_name: str, out: str | Path, *,
     `out` must be new, empty, or an adapter directory ``import-peft`` wrote before: a
     trained run's adapter, or anything else, is refused (rundir.DirectoryError).
     """
-    with claimed(out, adapter_lib.KIND, "--out directory") as directory:
+    with claimed(out, layout.Kind.ADAPTER, "--out directory") as directory:
         _check_not_trained(directory)
         model, base, _ = models.load(model_name)
         config = model.config
@@ -185,7 +183,7 @@ def import_peft(peft_dir: str | Path, model_name: str, out: str | Path, *,
 
 def _check_not_trained(directory: Path) -> None:
     """DirectoryError if ``directory`` holds an adapter that no import wrote (a run's)."""
-    if not (directory / adapter_lib.META_FILE).is_file():
+    if not (directory / layout.ADAPTER_META_FILE).is_file():
         return
     try:
         meta = adapter_lib.read_meta(directory)

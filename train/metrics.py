@@ -23,8 +23,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-METRICS_FILE = "metrics.jsonl"
-TENSORBOARD_DIR = "tensorboard"
+from train import layout
+
 
 
 class MetricsFileError(ValueError):
@@ -88,7 +88,7 @@ class MetricsLog:
 
     def __init__(self, run_dir: Path, *, jsonl: bool, tensorboard: bool, resume_step: int,
                  enabled: bool = True, log: Callable[[str], None] = print):
-        self._path = run_dir / METRICS_FILE
+        self._path = run_dir / layout.METRICS_FILE
         torn: list[str] = []
         on_disk = read_records(self._path, on_torn=torn.append) if enabled else []
         self.records = [r for r in on_disk if r["step"] <= resume_step]
@@ -98,7 +98,7 @@ class MetricsLog:
             for message in torn:
                 log(message)
             _write_atomic(self._path, "".join(json.dumps(r) + "\n" for r in self.records))
-        self._tb = (_summary_writer(run_dir / TENSORBOARD_DIR)
+        self._tb = (_summary_writer(run_dir / layout.TENSORBOARD_DIR)
                     if tensorboard and enabled else None)
 
     def write(self, step: int, split: str, values: Mapping[str, float]) -> None:

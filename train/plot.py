@@ -6,16 +6,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 
-matplotlib.use("Agg")  # files only; no display needed
-import matplotlib.pyplot as plt  # noqa: E402
 
-LOSS_CURVE_FILE = "loss_curve.png"
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` drawing to files only (imported on first use: it is slow)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def plot_loss_curve(records: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
     """Save a PNG of the ``loss`` of every record, one line per split; returns ``path``."""
+    plt = pyplot()
     figure, axes = plt.subplots(figsize=(7, 4), dpi=100)
     for split, style in (("train", "-"), ("validation", "o-")):
         points = [(r["step"], r["loss"]) for r in records if r["split"] == split]

@@ -15,15 +15,7 @@ saved, so the newest checkpoint is the last good one), and a run that ends stuck
 raises :class:`NoLearningError`. Ctrl-C stops at the next step boundary with a
 checkpoint (:class:`RunStopped`); a full disk becomes one :class:`rundir.DiskFullError`.
 
-The run directory (``output_dir``) ends up holding::
-
-    config.yaml        the resolved config
-    metrics.jsonl      train/validation records (train/metrics.py)
-    tensorboard/       TensorBoard event files
-    loss_curve.png     train and validation loss against the step
-    run_info.json      parameter counts and optimizer-state bytes (:func:`run_info`)
-    checkpoints/       resumable checkpoints (unless checkpoint.dir points elsewhere)
-    adapter/           the final artifact (train/adapter.py)
+The run directory (``output_dir``) ends up as train/layout.py describes.
 """
 
 from __future__ import annotations
@@ -51,7 +43,7 @@ from tokenizers import Tokenizer
 import lora_jax as lj
 import models
 from train import adapter as adapter_lib
-from train import guard
+from train import guard, layout
 from train import method as method_lib
 from train import mesh as mesh_lib
 from train import rundir
@@ -68,14 +60,10 @@ from train.data import Splits, build_splits, train_batches, validation_batches
 from train.evaluate import evaluate
 from train.metrics import MetricsLog, progress_bar
 from train.optim import optimizer, schedule, total_steps
-from train.plot import LOSS_CURVE_FILE, plot_loss_curve
+from train.plot import plot_loss_curve
 from train.samples import Sample, distinct_prompts, generate_samples
 from train.step import eval_step, init_state, max_abs, train_step
 
-CONFIG_FILE = "config.yaml"
-ADAPTER_DIR = "adapter"
-CHECKPOINT_DIR = "checkpoints"
-RUN_INFO_FILE = "run_info.json"
 
 
 class DivergenceError(FloatingPointError):
@@ -249,7 +237,7 @@ def train(cfg: RunConfig, *, force_resume: bool = False, stop_after: int | None 
     run_dir = resolve_path(cfg.output_dir)
     own_checkpoint_dir = cfg.checkpoint.dir is not None
     checkpoint_dir = (resolve_path(cfg.checkpoint.dir) if own_checkpoint_dir
-                      else run_dir / CHECKPOINT_DIR)
+                      else run_dir / layout.CHECKPOINT_DIR)
     rundir.check_writable(run_dir)
     if own_checkpoint_dir:
         rundir.check_writable(checkpoint_dir, "checkpoint directory")
@@ -257,17 +245,17 @@ def train(cfg: RunConfig, *, force_resume: bool = False, stop_after: int | None 
     try:
         with contextlib.ExitStack() as cleanup:
             if jax.process_index() == 0:  # the other processes write only once it holds
-                rundir.claim(run_dir, RUN_KIND)
+                rundir.claim(run_dir, layout.Kind.RUN)
                 lock = cleanup.enter_context(rundir.RunLock(run_dir))
                 if lock.took_over:
                     log(f"took over the lock of {run_dir} from process {lock.took_over['pid']}, "
                         f"which is no longer running")
                 if own_checkpoint_dir:
-                    rundir.claim(checkpoint_dir, CHECKPOINTS_KIND, what="checkpoint directory")
+                    rundir.claim(checkpoint_dir, layout.Kind.CHECKPOINTS, what="checkpoint directory")
                 if fresh:
-                    rundir.clear(run_dir, RUN_KIND)
+                    rundir.clear(run_dir, layout.Kind.RUN)
                     if own_checkpoint_dir:
-                        rundir.clear(checkpoint_dir, CHECKPOINTS_KIND)
+                        rundir.clear(checkpoint_dir, layout.Kind.CHECKPOINTS)
             return _run(cfg, run_dir, checkpoint_dir, cleanup, force_resume, stop_after, log)
     except Exception as e:
         if rundir.is_disk_full(e):
@@ -279,8 +267,6 @@ def train(cfg: RunConfig, *, force_resume: bool = False, stop_after: int | None 
         raise
 
 
-RUN_KIND = "run"  # the kind of a run directory's ownership mark (train/rundir.py)
-CHECKPOINTS_KIND = "checkpoints"  # that of a checkpoint.dir outside the run directory
 
 
 def _latest_on_disk(checkpoint_dir: Path) -> str:
@@ -302,8 +288,8 @@ def _run(cfg: RunConfig, run_dir: Path, checkpoint_dir: Path, cleanup: contextli
     start_max_abs = _max_abs(s.state["params"], s.mesh)
     state, stream = _restore_latest(s, checkpoints, resolved, force_resume, start_max_abs, log)
     if main:
-        save_config(cfg, run_dir / CONFIG_FILE)
-        (run_dir / RUN_INFO_FILE).write_text(json.dumps(run_info(s), indent=1) + "\n")
+        save_config(cfg, run_dir / layout.CONFIG_FILE)
+        (run_dir / layout.RUN_INFO_FILE).write_text(json.dumps(run_info(s), indent=1) + "\n")
     start = int(state["step"])
     metrics_log = MetricsLog(run_dir, jsonl=cfg.logging.jsonl,
                              tensorboard=cfg.logging.tensorboard, resume_step=start,
@@ -324,7 +310,7 @@ def _run(cfg: RunConfig, run_dir: Path, checkpoint_dir: Path, cleanup: contextli
     after = _validate(s, state, step, metrics_log, log)
     samples = _finish(s, state, run_dir, log) if step == s.steps else []
     if main:
-        plot_loss_curve(metrics_log.records, run_dir / LOSS_CURVE_FILE,
+        plot_loss_curve(metrics_log.records, run_dir / layout.LOSS_CURVE_FILE,
                         f"{cfg.method} fine-tuning of {Path(cfg.model.name).name}")
     return RunResult(run_dir, step, before, after, samples, state)
 
@@ -482,7 +468,7 @@ def _finish(s: Setup, state: Any, run_dir: Path, log: Callable[[str], None]) -> 
     cfg = s.cfg
     final = lj.combine(s.frozen, state["params"])
     lora = method_lib.lora_config(cfg.lora).to_dict() if cfg.method == "lora" else None
-    saved = adapter_lib.save_adapter(run_dir / ADAPTER_DIR,
+    saved = adapter_lib.save_adapter(run_dir / layout.ADAPTER_DIR,
                                      adapter_lib.artifact(final, s.mask, s.base),
                                      method=cfg.method, model_name=cfg.model.name, lora=lora,
                                      base_fingerprint=adapter_lib.fingerprint(s.base),

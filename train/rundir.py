@@ -30,6 +30,7 @@ from typing import Any
 
 MARK_FILE = ".lora-jax.json"
 LOCK_FILE = ".lora-jax.lock"
+_MARK_TEMPORARY = MARK_FILE + ".tmp"
 
 
 class DirectoryError(ValueError):
@@ -88,14 +89,18 @@ def claim(directory: str | Path, kind: str, *, what: str = "output directory") -
         if mark is not None:
             raise DirectoryError(f"{what} {path} was created by lora-jax for a {mark['kind']}, "
                                  f"not a {kind}; choose a new or empty directory")
-        if any(path.iterdir()):
+        if any(child.name != _MARK_TEMPORARY for child in path.iterdir()):
             raise DirectoryError(f"{what} {path} is not empty and was not created by lora-jax "
                                  f"(no {MARK_FILE} in it); nothing was changed. Choose a new or "
-                                 f"empty directory")
+                                 f"empty directory (if it is a lora-jax {kind} directory from "
+                                 f"before these marks, adopt it: echo '{{\"kind\": \"{kind}\"}}' "
+                                 f"> {path / MARK_FILE})")
     path.mkdir(parents=True, exist_ok=True)
-    mark = {"kind": kind,
+    mark = {"kind": str(kind),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    (path / MARK_FILE).write_text(json.dumps(mark) + "\n")
+    temporary = path / _MARK_TEMPORARY  # then a rename: a kill never leaves half a mark
+    temporary.write_text(json.dumps(mark) + "\n")
+    os.replace(temporary, path / MARK_FILE)
     return path
 
 
