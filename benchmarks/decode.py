@@ -22,6 +22,7 @@ import transformers
 
 import models
 from benchmarks import common
+from train.machine import machine
 
 QUESTIONS = [
     "What is the capital of France?", "Write a haiku about autumn.", "Explain photosynthesis briefly.",
@@ -115,7 +116,7 @@ def main() -> None:
                ("decode_tok_s", "decode tok/s", ".1f")]
     print(common.table(rows, columns))
     payload = {"benchmark": "decode", "model": "smollm2-135m (GGUF Q4_1 dequantised, float32)",
-               "command": common.command("benchmarks.decode"), "machine": common.machine(), "matmul_gflops_before": probe_before,
+               "command": common.command("benchmarks.decode"), "machine": machine(), "matmul_gflops_before": probe_before,
                "matmul_gflops_after": common.matmul_rate(), "rows": rows}
     print(f"wrote {common.write_json(args.out, payload)}")
 

@@ -16,7 +16,8 @@ CPU (here) has little parallel work to hide extra sequential layers in. Two meas
     unmerged  the adapted tree through `lj.apply` (factored: y = x·W + s·(x·A)·B, two thin
               matmuls more per target), as training and `models.generate` run it.
     adapter   Houlsby et al. 2019 bottleneck adapters after the attention and the MLP of
-              every layer (`ModelConfig.bottleneck_adapter`), up-projections non-zero. The
+              every layer (`houlsby`: built here around the unmodified model with
+              `flax.linen.intercept_methods`), up-projections non-zero. The
               bottleneck size (`--bottleneck`) defaults to the one whose parameter count is
               closest to the LoRA's (SmolLM2-135M, r=8 on q,v: LoRA 460,800, bottleneck 6:
               449,640). The paper's Table 1 (GPT-2 medium, 0.5M and 11M adapter parameters)
@@ -33,15 +34,21 @@ flagged, when none do), with their min-max as the spread.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
+from typing import Any
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import lora_jax as lj
 import models
 from benchmarks import common
+from models.layers import MLP, Attention
+from train.machine import machine
 
 VARIANTS = ("base", "merged", "unmerged", "adapter")
 TARGETS = r".*/self_attn/(q_proj|v_proj)/kernel"
@@ -67,6 +74,51 @@ def graft(base, extra):
           for k, v in extra.items()}
 
 
+class Houlsby(nn.Module):
+  """Houlsby et al. 2019 bottleneck adapter on a sublayer's output h: h + up(gelu(down(h))).
+
+  down: (D, m) and up: (m, D) Dense layers with biases, m = `bottleneck`, GELU (tanh) between
+  them. `up` starts at zero, so an adapted model starts as its base model. A sequential extra
+  layer that, unlike LoRA, cannot be merged away.
+  """
+
+  bottleneck: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, h_BxLxD):
+    dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
+    down_BxLxM = dense(self.bottleneck, kernel_init=nn.initializers.normal(0.02), name="down")(h_BxLxD)
+    up_BxLxD = dense(h_BxLxD.shape[-1], kernel_init=nn.initializers.zeros_init(), name="up")(
+        jax.nn.gelu(down_BxLxM, approximate=True))
+    return h_BxLxD + up_BxLxD
+
+
+def houlsby(fn, bottleneck: int):
+  """`fn` (`model.apply` or `model.init` of a `models.Decoder`) with a `Houlsby` adapter on the
+  output of every layer's attention and MLP, before its residual addition: the model becomes
+  x + adapter(attn(norm(x))), then + adapter(mlp(norm(.))). The model is not changed: the
+  adapters are added by `nn.intercept_methods` while `fn` runs, each with its own params
+  (`.../self_attn/adapter/{down,up}`, `.../mlp/adapter/{down,up}`)."""
+  if bottleneck < 1:
+    raise ValueError(f"the adapter bottleneck must be >= 1; got {bottleneck}")
+
+  def interceptor(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if context.method_name != "__call__" or not isinstance(context.module, (Attention, MLP)):
+      return out
+    config = context.module.config
+    return Houlsby(bottleneck, config.dtype, config.param_dtype, name="adapter")(out)
+
+  @functools.wraps(fn)
+  def adapted(*args, **kwargs):
+    with nn.intercept_methods(interceptor):
+      return fn(*args, **kwargs)
+
+  return adapted
+
+
 def adapter_params(config, bottleneck: int) -> int:
   """Parameters of the bottleneck adapters: two per layer, each 2·D·m + m + D."""
   D = config.hidden_size
@@ -80,7 +132,8 @@ def matched_bottleneck(config, lora_params: int) -> int:
 
 
 def variants(args):
-  """{name: (model, params, jitted forward)} and facts about them."""
+  """{name: (params, jitted forward, `apply_fn` for `models.generate`)}, the model, and facts
+  about them."""
   config = models.get_config(args.model)
   model = models.Decoder(config)
   base = models.init_params(config, jax.random.key(0))
@@ -91,23 +144,23 @@ def variants(args):
     raise AssertionError("lj.merge changed the shapes of the base tree")
   lora_params = sum(x.size for x in jax.tree.leaves(lj.split(adapted)[1]))
   bottleneck = args.bottleneck or matched_bottleneck(config, lora_params)
-  adapter_config = models.with_options(config, bottleneck_adapter=bottleneck)
-  adapter_model = models.Decoder(adapter_config)
-  with_adapter = graft(base, models.init_params(adapter_config, jax.random.key(3)))
-  with_adapter = randomize(with_adapter, lambda p: "_adapter/up/" in p, jax.random.key(4))
+  adapter_apply = houlsby(model.apply, bottleneck)
+  init = houlsby(model.init, bottleneck)(jax.random.key(3), np.zeros((1, 1), np.int32))
+  with_adapter = graft(base, nn.unbox(init["params"]))
+  with_adapter = randomize(with_adapter, lambda p: "/adapter/up/" in p, jax.random.key(4))
 
   plain = jax.jit(model.apply)  # base and merged: one function, hence one executable
   found = {
-      "base": (model, base, plain),
-      "merged": (model, merged, plain),
-      "unmerged": (model, adapted, jax.jit(lj.apply(model.apply))),
-      "adapter": (adapter_model, with_adapter, jax.jit(adapter_model.apply)),
+      "base": (base, plain, model.apply),
+      "merged": (merged, plain, model.apply),
+      "unmerged": (adapted, jax.jit(lj.apply(model.apply)), model.apply),
+      "adapter": (with_adapter, jax.jit(adapter_apply), adapter_apply),
   }
   facts = {"total_params": sum(x.size for x in jax.tree.leaves(base)), "lora_params": lora_params,
-           "bottleneck": bottleneck, "adapter_params": adapter_params(adapter_config, bottleneck),
+           "bottleneck": bottleneck, "adapter_params": adapter_params(config, bottleneck),
            "extra_params": {"base": 0, "merged": 0, "unmerged": lora_params,
-                            "adapter": adapter_params(adapter_config, bottleneck)}}
-  return found, facts
+                            "adapter": adapter_params(config, bottleneck)}}
+  return found, model, facts
 
 
 def _timed(fn, reps: int) -> list[float]:
@@ -171,20 +224,20 @@ def main(argv=None) -> dict:
   parser.add_argument("--out", default="benchmarks/results/latency.json")
   args = common.parse_args(parser, argv, QUICK)
 
-  found, facts = variants(args)
+  found, model, facts = variants(args)
   rng = np.random.default_rng(0)
-  vocab = found["base"][0].config.vocab_size
+  vocab = model.config.vocab_size
   seq_1xS = rng.integers(0, vocab, (1, args.seq), dtype=np.int32)
   prompt_1xP = rng.integers(0, vocab, (1, args.prompt), dtype=np.int32)
 
   calls, compile_s, outputs = {}, {}, {}
-  for name, (model, params, forward) in found.items():
+  for name, (params, forward, apply_fn) in found.items():
     def fwd(forward=forward, params=params):
       return forward({"params": params}, seq_1xS).block_until_ready()
 
-    def gen(model=model, params=params):
+    def gen(params=params, apply_fn=apply_fn):
       return models.generate(model, params, prompt_1xP, max_new_tokens=args.new_tokens,
-                             eos_token_id=-1).block_until_ready()
+                             eos_token_id=-1, apply_fn=apply_fn).block_until_ready()
 
     start = time.perf_counter()
     outputs[name] = np.asarray(fwd())
@@ -215,7 +268,7 @@ def main(argv=None) -> dict:
       "seq": args.seq, "prompt": args.prompt, "new_tokens": args.new_tokens, "rank": args.rank,
       "targets": TARGETS, **facts, "rounds": args.rounds, "forward_reps": args.forward_reps,
       "generate_reps": args.generate_reps, "command": common.command("benchmarks.latency", argv),
-      "machine": common.machine(), "probe_gflops": {"min": min(probes), "max": max(probes)},
+      "machine": machine(), "probe_gflops": {"min": min(probes), "max": max(probes)},
       "valid_rounds": valid, "ratios_from_all_rounds": not any_valid,
       "compile_s": compile_s, "merged_vs_unmerged_max_abs_logit_diff": merge_error,
       "target_merged_within_2pct": merged_ok, "paper": PAPER, "variants": rows, "raw": rounds,

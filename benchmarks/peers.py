@@ -54,6 +54,7 @@ import zipfile
 from pathlib import Path
 
 from benchmarks import common
+from train.machine import machine
 
 WORKERS = ("jax-lora", "torch-peft", "jax-full", "torch-full")
 LIBRARY = {"jax-lora": "lora-jax", "jax-full": "lora-jax", "torch-peft": "torch + PEFT",
@@ -329,7 +330,7 @@ def main(argv=None) -> dict | None:
       "remat": args.remat, "ratio_bound": bound,
       "targets_regex": args.targets, "rounds": args.rounds, "steps": args.steps,
       "warmup": args.warmup, "command": common.command("benchmarks.peers", argv),
-      "machine": common.machine(), "probe_gflops": {"min": min(probes), "max": max(probes)},
+      "machine": machine(), "probe_gflops": {"min": min(probes), "max": max(probes)},
       "targets": targets, "jax_lorax": lorax, "workers": rows, "raw": rounds}
   print(f"{args.model} shape, batch {args.batch}x{args.seq}, float32, AdamW, LoRA r={args.rank} "
         f"alpha {2 * args.rank} on q,v; {args.rounds} rounds; {result['machine']['cpu']} "

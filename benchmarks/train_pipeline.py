@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import common
+from train.machine import machine
 
 METHODS = {"lora": "configs/e2e_lora.yaml", "full": "configs/e2e_full.yaml"}
 
@@ -164,7 +165,7 @@ def main(argv=None) -> dict | None:
   result = {"benchmark": "train_pipeline", "configs": METHODS,
             "overrides": overrides(args.steps, Path("<tmp>"), args.set),
             "rounds": args.rounds, "command": common.command("benchmarks.train_pipeline", argv),
-            "machine": common.machine(),
+            "machine": machine(),
             "probe_gflops": {"min": min(all_probes), "max": max(all_probes)}, "methods": rows}
   print(f"{rows[0]['runs'][0]['model']} through train.run.train, {args.steps} updates per run "
         f"(first not timed), {args.rounds} rounds, {result['machine']['cpu']} "

@@ -50,6 +50,7 @@ import optax
 import lora_jax as lj
 import models
 from benchmarks import common
+from train.machine import machine
 from train.step import token_losses
 
 METHODS = ("full", "lora_apply", "lora_materialize")
@@ -206,7 +207,7 @@ def main(argv=None) -> dict:
       "rank": args.rank, "targets": args.targets, "dtype": args.dtype, "base_dtype": base_dtype,
       "remat": args.remat,
       "total_params": total, "command": common.command("benchmarks.train_step", argv),
-      "machine": common.machine() | {"device_kind": device_kind}, "peak_flops": peak,
+      "machine": machine() | {"device_kind": device_kind}, "peak_flops": peak,
       "flops_formula": "full 6*N*P, LoRA 4*N*P + 6*N*P_r; + 12*layers*heads*head_dim*seq*N "
                        "attention; N = batch*seq, P = base params in matmuls",
       "probe_gflops": {"min": min(probes), "max": max(probes)},

@@ -142,6 +142,6 @@ def test_export_peft_runs_in_peft_and_imports_back(run, tmp_path):
 def test_the_commands_parse_and_name_a_missing_adapter(tmp_path, capsys):
     args = cli.parser().parse_args(["export", "--format", "peft", "runs/x", "--out", "y"])
     assert (args.run, args.adapter, args.out, args.format) == (
-        export.SUBCOMMANDS["export"][2], "runs/x", "y", "peft")
+        "train.export:run_export", "runs/x", "y", "peft")
     assert cli.main(["merge", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     assert "neither a run directory nor an adapter directory" in capsys.readouterr().err

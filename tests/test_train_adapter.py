@@ -115,7 +115,7 @@ def test_save_adapter_never_writes_over_files_it_did_not_write(trained, tmp_path
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # another lora-jax kind (a run directory) is not an adapter directory
     run = rundir.claim(tmp_path / "run", "run")
-    with pytest.raises(DirectoryError, match="for a run, not a adapter"):
+    with pytest.raises(DirectoryError, match="is a lora-jax 'run' directory, not an? 'adapter' one"):
         _save(run, trained)
 
 

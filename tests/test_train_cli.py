@@ -47,3 +47,20 @@ def test_errors_name_the_problem_and_exit_with_status_2(tmp_path, capsys):
     assert "did you mean 'lora.rank'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["fly"])
+
+
+def test_help_of_every_command_imports_no_jax():
+    """``lora-jax --help`` and each ``COMMAND --help`` build the parser from the command
+    tables alone (train/cli.py): in a fresh interpreter, nothing heavy gets imported."""
+    import subprocess
+    import sys
+
+    probe = ("import sys\nfrom train.cli import commands, parser\n"
+             "for argv in [['--help']] + [[name, '--help'] for name in commands()]:\n"
+             "    try:\n        parser().parse_args(argv)\n    except SystemExit:\n        pass\n"
+             "heavy = sorted({'jax', 'flax', 'orbax', 'datasets', 'torch', 'models', 'lora_jax'}"
+             " & {name.split('.')[0] for name in sys.modules})\n"
+             "print('heavy:', heavy)\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip().endswith("heavy: []")

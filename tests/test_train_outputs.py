@@ -83,7 +83,7 @@ def test_merge_writes_only_into_its_own_directory(run, tmp_path, capsys):
     assert rundir.owned(merged, layout.Kind.MERGED)
     assert (merged / "model.safetensors").is_file() and (merged / layout.MERGED_PARAMS_DIR).is_dir()
     export.merge(run_dir, merged)  # again into its own directory: replaced
-    with pytest.raises(DirectoryError, match="for a merged, not a peft"):
+    with pytest.raises(DirectoryError, match="is a lora-jax 'merged' directory, not a 'peft' one"):
         export.export_peft(run_dir, merged)
 
 

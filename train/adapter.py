@@ -35,6 +35,8 @@ from flax import traverse_util
 import lora_jax as lj
 from lora_jax import fingerprint as lj_fingerprint
 from train import layout, rundir
+from train.orbax_loops import settled_restore
+from train.errors import UserError
 
 # how to get a damaged adapter directory back
 REWRITE = ("restore it from a copy, or write it again (a run's: rerun `lora-jax train` on its "
@@ -42,7 +44,7 @@ REWRITE = ("restore it from a copy, or write it again (a run's: rerun `lora-jax 
            "rerun `lora-jax import-peft`)")
 
 
-class AdapterError(ValueError):
+class AdapterError(UserError, ValueError):
     """An adapter directory that cannot be used with the given base; names the fix."""
 
 
@@ -197,7 +199,8 @@ def load_adapter(directory: str | Path, base_params: Any, *, check_weights: bool
     like = _unflat({p: jax.ShapeDtypeStruct(tuple(v["shape"]), v["dtype"], sharding=device)
                     for p, v in meta["leaves"].items()})
     try:
-        with ocp.StandardCheckpointer() as checkpointer:
+        # settled_restore: a failed restore leaves no orphaned reads behind
+        with settled_restore(), ocp.StandardCheckpointer() as checkpointer:
             on_disk = _flat(checkpointer.metadata(directory / layout.ADAPTER_WEIGHTS_DIR).item_metadata.tree)
             _check_leaves(directory, meta["leaves"], on_disk)
             tree = checkpointer.restore(directory / layout.ADAPTER_WEIGHTS_DIR, like)

@@ -29,13 +29,15 @@ import jax
 import orbax.checkpoint as ocp
 
 from train.batching import DataPosition
+from train.orbax_loops import settled_restore
+from train.errors import UserError
 
 # Dotted config keys (or section prefixes) that may differ between a run and its resume.
 MAY_CHANGE_ON_RESUME = ("output_dir", "optim.max_steps", "optim.epochs", "checkpoint.", "eval.",
                         "logging.")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used; the message names the directory and the fix."""
 
 
@@ -116,7 +118,8 @@ class Checkpoints:
 
     def _read(self, step: int, **items: ocp.args.CheckpointArgs) -> Any:
         try:
-            restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+            with settled_restore():  # a failed restore leaves no orphaned reads behind
+                restored = self._manager.restore(step, args=ocp.args.Composite(**items))
             if "meta" in items:
                 DataPosition.from_dict(restored["meta"]["data_position"])
             return restored

@@ -2,9 +2,19 @@
 
     lora-jax train CONFIG [key=value ...] [--force-resume] [--fresh] [--stop-after N]
                           [--coordinator HOST:PORT --num-processes N --process-id I]
+    lora-jax merge | export | import-peft ...     (train/export.py)
+    lora-jax eval | experiment ...                (the E2E study, studies/e2e/)
 
-Commands live in :data:`COMMANDS` (name -> :class:`Command`); a new one (``eval``,
-``merge``, ``export``) adds an entry with its own ``add_arguments`` and ``run``.
+The command line is assembled from command tables: a ``COMMANDS`` dict (name ->
+:class:`Command`) in each module of :data:`TABLES`, this one's (the pipeline's) and each
+study's. A table's module imports nothing heavy, and a command's ``run`` names its
+function as ``"module:function"``, imported only when that command runs: ``lora-jax
+--help`` and every ``--help`` answer without importing JAX. The study's table is named
+here by module, never imported by the pipeline's code.
+
+A user error (train/errors.py ``UserError``, and the library's and models' own file
+errors) is one line on stderr and exit status 2; ``--debug`` shows its traceback. Ctrl-C
+is exit status 130.
 
 Multi-process runs start one ``lora-jax`` per process with the same arguments plus
 ``--coordinator`` (process 0's address), ``--num-processes`` and ``--process-id``;
@@ -15,38 +25,23 @@ other JAX call.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import jax
-
-from lora_jax.peft import PeftFormatError
-from models.loaders.checkpoint import ModelFileError
-from train.adapter import AdapterError
-from train.checkpoint import CheckpointError
-from train.config import ConfigError, load_config
-from train.data import DataError
-from train.e2e_eval import COMMAND as EVAL_COMMAND
-from train.experiment import COMMAND as EXPERIMENT_COMMAND
-from train.experiment import ExperimentError
-from train.export import SUBCOMMANDS as EXPORT_COMMANDS
-from train.metrics import MetricsFileError
-from train.rundir import DirectoryError, DiskFullError
-
-# Errors whose message already says what is wrong and how to fix it: one line, exit
-# status 2, no traceback (``--debug`` shows it).
-USER_ERRORS = (ConfigError, DataError, CheckpointError, ModelFileError, AdapterError,
-               FloatingPointError, FileNotFoundError, PeftFormatError, ExperimentError,
-               DirectoryError, DiskFullError, MetricsFileError)
+TABLES = ("train.cli", "studies.e2e.commands")  # modules with a COMMANDS table, in order
 INTERRUPTED = 130  # exit status after Ctrl-C (128 + SIGINT), as a shell reports it
+# Errors of the layers below train/ whose messages name the fix: (module, class name).
+LIBRARY_ERRORS = (("lora_jax.peft", "PeftFormatError"), ("models.loaders.checkpoint",
+                                                         "ModelFileError"))
 
 
 @dataclass(frozen=True)
 class Command:
     help: str
-    add_arguments: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int]
+    arguments: Callable[[argparse.ArgumentParser], None]
+    run: str  # "module:function": takes the parsed arguments, returns the exit status
 
 
 def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,6 +56,8 @@ def initialize_distributed(args: argparse.Namespace) -> None:
     """``jax.distributed.initialize`` when ``--coordinator`` is given (CPU: gloo)."""
     if args.coordinator is None:
         return
+    import jax
+
     if jax.config.jax_platforms in (None, "", "cpu"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(args.coordinator, num_processes=args.num_processes,
@@ -81,11 +78,16 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     add_distributed_arguments(parser)
 
 
-def _train(args: argparse.Namespace) -> int:
-    from train.run import RunStopped, train  # after jax.distributed.initialize
+def run_train(args: argparse.Namespace) -> int:
+    """``lora-jax train``: prints validation losses, samples and the run directory."""
+    from train.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     initialize_distributed(args)
+    import jax
+
+    from train.run import RunStopped, train  # after jax.distributed.initialize
+
     try:
         result = train(cfg, force_resume=args.force_resume, stop_after=args.stop_after,
                        fresh=args.fresh)
@@ -108,44 +110,98 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _adapter_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("adapter", metavar="RUN_OR_ADAPTER_DIR")
+    parser.add_argument("--out", required=True, metavar="DIR")
+    _skip_base_check_argument(parser)
+
+
+def _skip_base_check_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--skip-base-check", action="store_true",
+                        help="apply the adapter even if it records a base with other weights")
+
+
+def _export_arguments(parser: argparse.ArgumentParser) -> None:
+    _adapter_arguments(parser)
+    parser.add_argument("--format", required=True, choices=["peft"])
+
+
+def _import_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("peft_dir", metavar="PEFT_DIR")
+    parser.add_argument("--model", required=True, help="the base: a preset or checkpoint path")
+    parser.add_argument("--out", required=True, metavar="ADAPTER_DIR")
+    _skip_base_check_argument(parser)
+
+
 COMMANDS: dict[str, Command] = {
     "train": Command("fine-tune a model (LoRA, full or BitFit) as a config says",
-                     _train_arguments, _train),
-    **{name: Command(*spec) for name, spec in EXPORT_COMMANDS.items()},  # merge, export, import-peft
-    "eval": Command(*EVAL_COMMAND),
-    "experiment": Command(*EXPERIMENT_COMMAND),
+                     _train_arguments, "train.cli:run_train"),
+    "merge": Command("merge an adapter into its base: Hugging Face checkpoint + orbax params",
+                     _adapter_arguments, "train.export:run_merge"),
+    "export": Command("export an adapter in another format (peft)", _export_arguments,
+                      "train.export:run_export"),
+    "import-peft": Command("convert a PEFT LoRA adapter into a lora-jax adapter directory",
+                           _import_arguments, "train.export:run_import"),
 }
+
+
+def commands() -> dict[str, Command]:
+    """Every command of every table in :data:`TABLES`."""
+    table: dict[str, Command] = {}
+    for module in TABLES:
+        table.update(importlib.import_module(module).COMMANDS)
+    return table
 
 
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="lora-jax", description="LoRA fine-tuning in JAX")
     top.add_argument("--debug", action="store_true",
                      help="show the full traceback of an error instead of its one line")
-    commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, command in COMMANDS.items():
-        sub = commands.add_parser(name, help=command.help, description=command.help)
-        command.add_arguments(sub)
+    subparsers = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, command in commands().items():
+        sub = subparsers.add_parser(name, help=command.help, description=command.help)
+        command.arguments(sub)
         sub.set_defaults(run=command.run)
     return top
+
+
+def _function(reference: str) -> Callable[[argparse.Namespace], int]:
+    module, _, name = reference.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def is_user_error(error: BaseException) -> bool:
+    """Does ``error``'s message name the problem and the fix (no traceback wanted)?
+
+    The lower layers' error classes are looked up only where their module is loaded
+    already: an error cannot be of a class that was never imported.
+    """
+    from train.errors import UserError
+
+    if isinstance(error, (UserError, FileNotFoundError)):
+        return True
+    loaded = [getattr(sys.modules[module], name) for module, name in LIBRARY_ERRORS
+              if module in sys.modules]
+    return isinstance(error, tuple(loaded))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lora-jax`` console script; returns the exit status."""
     args = parser().parse_args(argv)
     try:
-        return args.run(args)
-    except USER_ERRORS as e:
-        if args.debug:
-            raise
-        message = " ".join(str(e).split())  # one line, whatever the message held
-        print(f"lora-jax {args.command}: error: {message}", file=sys.stderr)
-        return 2
+        return _function(args.run)(args)
     except KeyboardInterrupt:
         if args.debug:
             raise
         print(f"lora-jax {args.command}: interrupted; what was written before stays (a train "
               f"run resumes from its last checkpoint when rerun)", file=sys.stderr)
         return INTERRUPTED
+    except Exception as e:
+        if args.debug or not is_user_error(e):
+            raise
+        message = " ".join(str(e).split())  # one line, whatever the message held
+        print(f"lora-jax {args.command}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -51,13 +51,14 @@ from train.config import REPO_ROOT, DataConfig, resolve_path
 from train.examples import Example, char_limit, encode_pairs, fit_example, length_status
 from train.formats import COLUMN_ALIASES, FORMATS, MalformedRow, find_columns, is_missing
 from train.ordering import split_by_group
+from train.errors import UserError
 
 LOCAL_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 _LONE_CR = re.compile(r"(?<=\r)(?!\n)")  # the end of a line ended by \r alone
 CSV_FIELD_LIMIT = 2**31 - 1  # csv's default is 131072 characters; sys.maxsize overflows a C long
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Data that cannot be used; the message names the file or row and the fix."""
 
 

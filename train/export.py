@@ -205,56 +205,23 @@ def _command_line_errors() -> Iterator[None]:
         raise PeftFormatError(text) from None
 
 
-def _merge_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("adapter", metavar="RUN_OR_ADAPTER_DIR")
-    parser.add_argument("--out", required=True, metavar="DIR")
-    _skip_base_check_argument(parser)
-
-
-def _skip_base_check_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--skip-base-check", action="store_true",
-                        help="apply the adapter even if it records a base with other weights")
-
-
-def _export_arguments(parser: argparse.ArgumentParser) -> None:
-    _merge_arguments(parser)
-    parser.add_argument("--format", required=True, choices=["peft"])
-
-
-def _import_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("peft_dir", metavar="PEFT_DIR")
-    parser.add_argument("--model", required=True, help="the base: a preset or checkpoint path")
-    parser.add_argument("--out", required=True, metavar="ADAPTER_DIR")
-    _skip_base_check_argument(parser)
-
-
-def _run_merge(args: argparse.Namespace) -> int:
+def run_merge(args: argparse.Namespace) -> int:
     with _command_line_errors():
         out = merge(args.adapter, args.out, check_base=not args.skip_base_check)
     print(f"merged model: {out}")
     return 0
 
 
-def _run_export(args: argparse.Namespace) -> int:
+def run_export(args: argparse.Namespace) -> int:
     with _command_line_errors():
         out = export_peft(args.adapter, args.out, check_base=not args.skip_base_check)
     print(f"PEFT adapter: {out}")
     return 0
 
 
-def _run_import(args: argparse.Namespace) -> int:
+def run_import(args: argparse.Namespace) -> int:
     with _command_line_errors():
         out = import_peft(args.peft_dir, args.model, args.out,
                           check_base=not args.skip_base_check)
     print(f"adapter: {out}")
     return 0
-
-
-# name -> (help, add_arguments, run): train/cli.py makes each a Command.
-SUBCOMMANDS = {
-    "merge": ("merge an adapter into its base: Hugging Face checkpoint + orbax params",
-              _merge_arguments, _run_merge),
-    "export": ("export an adapter in another format (peft)", _export_arguments, _run_export),
-    "import-peft": ("convert a PEFT LoRA adapter into a lora-jax adapter directory",
-                    _import_arguments, _run_import),
-}

@@ -24,10 +24,11 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from train import layout
+from train.errors import UserError
 
 
 
-class MetricsFileError(ValueError):
+class MetricsFileError(UserError, ValueError):
     """A metrics.jsonl that lora-jax did not write as it is; names the file, line and fix."""
 
 

@@ -56,6 +56,7 @@ from train.config import (
     resolve_path,
     save_config,
 )
+from train.errors import UserError
 from train.data import Splits, build_splits, train_batches, validation_batches
 from train.evaluate import evaluate
 from train.metrics import MetricsLog, progress_bar
@@ -66,7 +67,7 @@ from train.step import eval_step, init_state, max_abs, train_step
 
 
 
-class DivergenceError(FloatingPointError):
+class DivergenceError(UserError, FloatingPointError):
     """Training diverged (train/guard.py); the message names the step, the sign and what
     was kept."""
 
@@ -75,7 +76,7 @@ class NonFiniteLossError(DivergenceError):
     """The loss or the gradient norm became NaN/inf; the message names the step."""
 
 
-class NoLearningError(FloatingPointError):
+class NoLearningError(UserError, FloatingPointError):
     """The run ended stuck at ln V: it learned nothing and could not."""
 
 

@@ -27,17 +27,18 @@ import shutil
 import socket
 from pathlib import Path
 from typing import Any
+from train.errors import UserError
 
 MARK_FILE = ".lora-jax.json"
 LOCK_FILE = ".lora-jax.lock"
 _MARK_TEMPORARY = MARK_FILE + ".tmp"
 
 
-class DirectoryError(ValueError):
+class DirectoryError(UserError, ValueError):
     """A directory a command may not write into; the message names it and the fix."""
 
 
-class DiskFullError(OSError):
+class DiskFullError(UserError, OSError):
     """The disk filled up mid-command; the message says what is kept and how to go on."""
 
 
@@ -87,8 +88,8 @@ def claim(directory: str | Path, kind: str, *, what: str = "output directory") -
         if mark is not None and mark["kind"] == kind:
             return path
         if mark is not None:
-            raise DirectoryError(f"{what} {path} was created by lora-jax for a {mark['kind']}, "
-                                 f"not a {kind}; choose a new or empty directory")
+            raise DirectoryError(f"{what} {path} is a lora-jax {mark['kind']!r} directory, not "
+                                 f"a {str(kind)!r} one; choose a new or empty directory")
         if any(child.name != _MARK_TEMPORARY for child in path.iterdir()):
             raise DirectoryError(f"{what} {path} is not empty and was not created by lora-jax "
                                  f"(no {MARK_FILE} in it); nothing was changed. Choose a new or "

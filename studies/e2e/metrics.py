@@ -33,7 +33,7 @@ METEOR    ``nltk.translate.meteor_score``         METEOR 1.5 (Java, ``-norm``) a
           (exact, Porter-stem and WordNet-        paraphrase matches and tuned weights and
           synonym matches; max over references)  aggregates statistics over the corpus;
           on COCO-style tokens, averaged over     nltk's is the original METEOR with
-          outputs; WordNet: ``train/wordnet.py``  alpha 0.9, beta 3, gamma 0.5, averaged
+          outputs; WordNet: ``studies/e2e/wordnet.py``  alpha 0.9, beta 3, gamma 0.5, averaged
                                                   per output; null when no WordNet is found
 ROUGE_L   ``rouge_score`` ``RougeScorer           COCO's ROUGE-L takes the best precision
           (['rougeL']).score_multi``: F1 of the   and the best recall over references
@@ -65,8 +65,8 @@ from pycocoevalcap.cider.cider import Cider
 from rouge_score.rouge_scorer import RougeScorer
 from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 
-from train.wordnet import MISSING as WORDNET_MISSING
-from train.wordnet import wordnet
+from studies.e2e.wordnet import MISSING as WORDNET_MISSING
+from studies.e2e.wordnet import wordnet
 
 METRICS = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
 # Factor from these scores to the LoRA paper's Table 3 (BLEU is already 0-100 here).

@@ -22,7 +22,7 @@ repeated 4-gram); ``--greedy`` keeps one beam (and the 4-gram ban) for quick run
 in batches of ``--batch-size``, every batch padded to the same shape so that one
 compiled program serves them all.
 
-The outputs are scored against all references of their MR (train/e2e_metrics.py, whose
+The outputs are scored against all references of their MR (studies/e2e/metrics.py, whose
 docstring says which implementations and how they differ from the challenge's scripts).
 With ``--out DIR``::
 
@@ -49,7 +49,9 @@ from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 import models
-from train import e2e_metrics, layout, rundir
+from studies.e2e import metrics as e2e_metrics
+from studies.e2e.decoding import PAPER_DECODING, Decoding
+from train import layout, rundir
 from train.adapter import AdapterError
 from train.config import DataConfig, load_config
 from train.data import DataError, load_table, select_columns
@@ -65,17 +67,6 @@ REPORT_FILE = "scores.md"
 CONFIG_SUFFIXES = (".yaml", ".yml")
 
 
-@dataclass(frozen=True)
-class Decoding:
-    """How outputs are decoded (``models.generate`` arguments)."""
-
-    num_beams: int = 10
-    length_penalty: float = 0.9
-    no_repeat_ngram_size: int = 4
-    max_new_tokens: int = 64
-
-
-PAPER_DECODING = Decoding()  # the LoRA paper's E2E decoding (its examples/NLG)
 
 
 class Target(NamedTuple):
@@ -186,7 +177,7 @@ def report(scores: dict[str, float | None], *, description: str, data: str, mrs:
 
     lines = ["# E2E evaluation", "", f"- model: {description}", f"- data: {data} ({mrs} MRs)",
              f"- decoding: {json.dumps(dataclasses.asdict(decoding))}",
-             "- implementations: train/e2e_metrics.py", "",
+             "- implementations: studies/e2e/metrics.py", "",
              "| metric | score | LoRA paper's scale |", "|---|---|---|"]
     lines += [f"| {name} | {cell(scores[name])} | "
               f"{cell(scores[name], e2e_metrics.PAPER_SCALE[name])} |"
@@ -206,24 +197,8 @@ def write_outputs(out: str | Path, predictions: list[str], scores: dict[str, flo
     return out
 
 
-def _arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("target", metavar="CONFIG_OR_RUN_DIR",
-                        help="YAML run config (its base model), run/adapter directory (LoRA "
-                             "unmerged), or a model directory such as lora-jax merge's output")
-    parser.add_argument("--data", required=True, metavar="PATH",
-                        help="E2E CSV with columns mr, ref (several rows per MR)")
-    parser.add_argument("--out", metavar="DIR",
-                        help="write predictions.txt, scores.json and scores.md here")
-    beams = parser.add_mutually_exclusive_group()
-    beams.add_argument("--greedy", action="store_true", help="one beam, for quick runs")
-    beams.add_argument("--num-beams", type=int, default=PAPER_DECODING.num_beams, metavar="N")
-    parser.add_argument("--limit", type=int, metavar="N", help="only the first N distinct MRs")
-    parser.add_argument("--batch-size", type=int, default=8, metavar="N", help="MRs per batch")
-    parser.add_argument("--max-new-tokens", type=int, default=PAPER_DECODING.max_new_tokens,
-                        metavar="N")
-
-
-def _run(args: argparse.Namespace) -> int:
+def run_command(args: argparse.Namespace) -> int:
+    """``lora-jax eval`` (arguments: studies/e2e/commands.py)."""
     for name in ("num_beams", "limit", "batch_size", "max_new_tokens"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -242,8 +217,3 @@ def _run(args: argparse.Namespace) -> int:
     if args.out:
         print(f"written: {write_outputs(args.out, predictions, scores, markdown)}")
     return 0
-
-
-# (help, add_arguments, run): train/cli.py makes it the ``eval`` Command.
-COMMAND = ("decode the MRs of an E2E CSV and score them (BLEU, NIST, METEOR, ROUGE-L, CIDEr)",
-           _arguments, _run)

@@ -21,7 +21,7 @@ from another experiment config. The command
    for validation, decoded as the test MRs are) or the lowest final validation loss
    (``validation_loss``). The test MRs play no part in the choice. The two can disagree:
    a high rate can lower the teacher-forced loss and still end outputs early;
-4. decodes and scores the test MRs with ``lora-jax eval`` (train/e2e_eval.py) for the
+4. decodes and scores the test MRs with ``lora-jax eval`` (studies/e2e/evaluation.py) for the
    chosen run of each method, and for the base model untrained (a method without
    learning rates: zero-shot);
    a method with ``seeds`` is trained again at its chosen rate with each of those
@@ -66,13 +66,15 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from benchmarks.common import machine
-from train import e2e_metrics, layout, rundir
+from studies.e2e import metrics as e2e_metrics
+from studies.e2e.evaluation import PREDICTIONS_FILE, SCORES_FILE, read_e2e
+from train import layout, rundir
 from train.config import REPO_ROOT, ConfigError, load_config, resolve_path, save_config
-from train.e2e_eval import PREDICTIONS_FILE, SCORES_FILE, read_e2e
+from train.machine import machine
 from train.metrics import read_records
 from train.ordering import split_by_group
 from train.plot import pyplot
+from train.errors import UserError
 
 RESULTS_FILE = "results.json"
 PROCESS_FILE = "process.json"  # peak RSS and wall time of a run's training process
@@ -83,7 +85,7 @@ REPORT_TITLE = "# E2E NLG: LoRA vs full fine-tuning vs BitFit on SmolLM2-135M"
 METHOD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
-class ExperimentError(RuntimeError):
+class ExperimentError(UserError, RuntimeError):
     """A run of the experiment failed; the message names it and where its log is."""
 
 
@@ -539,7 +541,7 @@ def report(results: dict[str, Any], cfg: ExperimentConfig, config_text: str,
              f"{f' (the first {cfg.eval.limit} decoded)' if cfg.eval.limit else ''}. Decoding: "
              f"{'greedy' if cfg.eval.greedy else 'beam search, 10 beams, length penalty 0.9'}"
              f", no repeated 4-gram, at most {cfg.eval.max_new_tokens} new tokens. Metrics: "
-             f"train/e2e_metrics.py, on the paper's scales (BLEU, METEOR, ROUGE-L x100).", "",
+             f"studies/e2e/metrics.py, on the paper's scales (BLEU, METEOR, ROUGE-L x100).", "",
              *table(rows), "",
              "Columns: *trainable params* and *% of base* count what the optimizer updates; "
              "*saved on disk* is the run's adapter directory (for full fine-tuning: every "
@@ -617,15 +619,6 @@ def ratios(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="experiment YAML, e.g. configs/experiments/e2e_table.yaml")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="dotted overrides of the experiment config, e.g. eval.limit=20")
-    parser.add_argument("--fresh", action="store_true",
-                        help="delete the experiment's output_dir first (else finished runs "
-                             "are reused and interrupted ones resume)")
-
-
 def check_outputs(cfg: ExperimentConfig, *, fresh: bool = False) -> None:
     """Before anything is written or deleted: the data exists, the output directory can be
     claimed (or, with ``fresh``, deleted: only an experiment's own, marked one), and the
@@ -678,7 +671,8 @@ def fresh_start(cfg: ExperimentConfig) -> None:
         shutil.rmtree(out)
 
 
-def _run(args: argparse.Namespace) -> int:
+def run_command(args: argparse.Namespace) -> int:
+    """``lora-jax experiment`` (arguments: studies/e2e/commands.py)."""
     cfg = load_experiment(args.config, args.overrides)
     check_outputs(cfg, fresh=args.fresh)
     if args.fresh:
@@ -696,8 +690,3 @@ def _run(args: argparse.Namespace) -> int:
     print(f"\nwritten: {report_path}, {resolve_path(cfg.plot)}, "
           f"{resolve_path(cfg.output_dir) / RESULTS_FILE}")
     return 0
-
-
-# (help, add_arguments, run): train/cli.py makes it the ``experiment`` Command.
-COMMAND = ("train and evaluate several methods on E2E and write the comparison table",
-           _arguments, _run)

@@ -1,0 +1,1 @@
+"""Task studies built on the generic pipeline (train/): one folder per study."""
