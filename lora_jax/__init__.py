@@ -12,7 +12,8 @@
 
 from lora_jax._apply import apply, infer_layout
 from lora_jax._config import LoraConfig
-from lora_jax._init import Layout, init
+from lora_jax._init import init
+from lora_jax._layout import Layout
 from lora_jax._merge import materialize, merge, unmerge
 from lora_jax._partition import adapter, combine, optimizer, split, trainable_mask
 from lora_jax._summary import summary

@@ -28,9 +28,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lora_jax import _tree
-from lora_jax._init import Layout
-from lora_jax._merge import check_fits
+from lora_jax import _layout, _tree
+from lora_jax._layout import Layout
 
 _KERNEL_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Einsum)
 
@@ -96,8 +95,8 @@ def _lora_interceptor(next_fun, args, kwargs, context, *, dropout: float):
     elif isinstance(module, _KERNEL_LAYERS) and method == "__call__":
       x = _dropout(module, args[0], dropout)
       x_sub, k_sub, y_sub = _einsum_spec(module, args, kwargs)
-      split = _check_layout(module, own[weight].shape, factors, where)
-      y = y + _factored_term(x_sub, k_sub, y_sub, x, split, *factors, y.dtype)
+      lay = _check_layout(module, own[weight].shape, factors, where)
+      y = y + _factored_term(x_sub, k_sub, y_sub, x, lay, *factors, y.dtype)
     else:
       raise TypeError(
           f"lj.apply: {where}/{weight} is adapted, but {type(module).__name__} is not a layer "
@@ -116,7 +115,7 @@ def _dropout(module: nn.Module, x: jax.Array, rate: float) -> jax.Array:
 
 
 def _embed_term(method, x, table, a, b, s, dtype, where):
-  check_fits(f"{where}/embedding", table.shape, a.shape, b.shape, s.shape)
+  _layout.check_fits(f"{where}/embedding", table.shape, a.shape, b.shape, s.shape)
   if table.ndim != 2:
     raise ValueError(f"lj.apply: {where}/embedding has stacked factors {a.shape}; an "
                      "nn.Embed table adapts as (vocab, features).")
@@ -165,29 +164,28 @@ def _normalize(axes, ndim) -> tuple[int, ...]:
   return tuple(a % ndim for a in _as_tuple(axes))
 
 
-def _check_layout(module, w_shape, factors, where) -> tuple[int, int]:
-  """(stacked axes, input axes) of the factors; a DenseGeneral must agree with them."""
+def _check_layout(module, w_shape, factors, where) -> Layout:
+  """The layout of the factors; a DenseGeneral must agree with it."""
   a, b, s = factors
-  n_stack, n_in = check_fits(f"{where}/kernel", w_shape, a.shape, b.shape, s.shape)
+  lay = _layout.check_fits(f"{where}/kernel", w_shape, a.shape, b.shape, s.shape)
   if isinstance(module, nn.DenseGeneral):
     expected = (len(_as_tuple(module.batch_dims)), len(_as_tuple(module.axis)))
-    if (n_stack, n_in) != expected:
+    if lay != expected:
       raise ValueError(
           f"lj.apply: the factors of {where}/kernel {tuple(w_shape)} were made with layout "
-          f"(stack={n_stack}, fan_in={n_in}), but this nn.DenseGeneral contracts "
+          f"(stack={lay.stack}, fan_in={lay.fan_in}), but this nn.DenseGeneral contracts "
           f"{expected[1]} input axes over {expected[0]} batch axes. Create them with "
           "lj.init(key, params, config, layout=lj.infer_layout(model.apply, variables, *args)).")
-  return n_stack, n_in
+  return lay
 
 
-def _factored_term(x_sub, k_sub, y_sub, x, split, a, b, s, dtype):
+def _factored_term(x_sub, k_sub, y_sub, x, lay, a, b, s, dtype):
   """s·(x·A)·B for a layer computing einsum(x_sub,k_sub->y_sub)(x, W).
 
-  `split` is (stacked axes, input axes) of the kernel's subscripts `k_sub`.
+  `lay` splits the kernel's subscripts `k_sub` into stacked, input and output axes.
   """
-  n_stack, n_in = split
   rank = next(c for c in string.ascii_letters if c not in x_sub + k_sub + y_sub)
-  stack, ins, outs = k_sub[:n_stack], k_sub[n_stack:n_stack + n_in], k_sub[n_stack + n_in:]
+  stack, ins, outs = _layout.split(k_sub, lay)
   a_sub, b_sub = stack + ins + rank, stack + rank + outs
   # Keep every index that B or the output still needs; contract the rest.
   t_sub = "".join(dict.fromkeys(c for c in x_sub + a_sub if c in b_sub + y_sub))

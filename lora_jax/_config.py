@@ -6,6 +6,7 @@ import dataclasses
 import math
 import re
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 INITS = ("gaussian", "kaiming_uniform")
 BIAS_MODES = ("none", "all", "lora_only")
@@ -38,8 +39,9 @@ class LoraConfig:
       named ``bias``) or ``"lora_only"`` (biases of the adapted modules). A
       trained bias is a zero-initialised delta beside the frozen bias.
     rank_pattern: per-path rank overrides, ``{regex: rank}``; a key matches a
-      path or one of its trailing segments, as in PEFT (``"q_proj"`` matches
-      ``".../q_proj/kernel"``). The first matching key wins.
+      path, its module's path or a trailing run of their segments, as in PEFT
+      (`pattern_matches`: ``"q_proj"`` matches ``".../q_proj/kernel"``). The
+      first matching key wins.
     alpha_pattern: per-path alpha overrides, same matching rule.
   """
 
@@ -88,17 +90,15 @@ class LoraConfig:
 
   def rank_for(self, path: str) -> int:
     """The rank of the adapter at `path`, after `rank_pattern`."""
-    return _lookup(self.rank_pattern, path, self.rank)
+    return pattern_value(self.rank_pattern, self.rank, path, path.rsplit("/", 1)[0])
 
   def alpha_for(self, path: str) -> float:
     """The alpha of the adapter at `path`, after `alpha_pattern`."""
-    return _lookup(self.alpha_pattern, path, self.alpha)
+    return pattern_value(self.alpha_pattern, self.alpha, path, path.rsplit("/", 1)[0])
 
   def scale_for(self, path: str) -> float:
     """s = alpha/r (or alpha/sqrt(r) with rsLoRA) for the adapter at `path`."""
-    rank = self.rank_for(path)
-    denominator = math.sqrt(rank) if self.use_rslora else rank
-    return self.alpha_for(path) / denominator
+    return scale(self.alpha_for(path), self.rank_for(path), self.use_rslora)
 
   def to_dict(self) -> dict:
     """A JSON-serialisable dict; `LoraConfig(**d)` rebuilds the config."""
@@ -115,11 +115,21 @@ def _compile(pattern: str, where: str) -> re.Pattern:
     raise ValueError(f"{where}: {pattern!r} is not a valid regex ({e}).") from None
 
 
-def _lookup(pattern_map, path, default):
-  """PEFT's rule: a key matches the path or a trailing run of its segments."""
-  module_path = path.rsplit("/", 1)[0]
-  for key, value in (pattern_map or {}).items():
-    regex = rf"(.*/)?(?:{key})"
-    if re.fullmatch(regex, path) or re.fullmatch(regex, module_path):
-      return value
-  return default
+def scale(alpha: float, rank: int, use_rslora: bool) -> float:
+  """The scale s of ΔW = s·A·B: alpha/rank, or alpha/sqrt(rank) with rsLoRA."""
+  return alpha / (math.sqrt(rank) if use_rslora else rank)
+
+
+def pattern_matches(key: str, name: str, sep: str = "/") -> bool:
+  """PEFT's rank_pattern / alpha_pattern rule: the regex `key` matches all of `name` or a
+  trailing run of its `sep`-separated segments (``"q_proj"`` matches ``"layers_0/q_proj"``
+  and, with ``sep="."``, ``"model.layers.0.q_proj"``; it does not match ``"xq_proj"``)."""
+  return re.fullmatch(rf"(.*{re.escape(sep)})?(?:{key})", name) is not None
+
+
+def pattern_value(patterns: Mapping[str, Any] | None, default: Any, *names: str,
+                  sep: str = "/") -> Any:
+  """The value of the first key of `patterns` that `pattern_matches` one of `names`, else
+  `default`."""
+  return next((value for key, value in (patterns or {}).items()
+               if any(pattern_matches(key, name, sep) for name in names)), default)

@@ -1,65 +1,22 @@
 """`init`: add LoRA factors beside the targeted weights of a parameter tree.
 
-Flattening rule. LoRA is a rank-r update of a *matrix*; a weight is read as
-``(*stack, *in_axes, *out_axes)``, with A (*stack, *in_axes, r) and
-B (*stack, r, *out_axes); fan_in and fan_out are the products of the input and
-output axes. Without an explicit layout:
-
-* a 2-D weight is (in, out) — ``nn.Dense`` kernels, and ``nn.Embed`` tables
-  (vocab, features);
-* a weight with more axes has one leading *stacked* axis (``nn.scan`` over
-  layers) when every leaf of its enclosing block (the parent of its module)
-  has at least two axes and the same leading size — a scan stacks all of them;
-* of the remaining axes, the output axes are those of the module's bias (a
-  ``nn.DenseGeneral`` (embed, heads, head_dim) kernel with bias (heads,
-  head_dim) has one input axis; (heads, head_dim, embed) with bias (embed,)
-  has two); without a bias, one input axis (DenseGeneral's default ``axis=-1``).
-
-Anything else — nested scans, bias-free multi-axis outputs, ``nn.Einsum`` with
-its own axis order — takes an explicit layout:
-``lj.infer_layout(model.apply, variables, *args)`` reads every layout off the
-model by tracing it once, or give ``{regex: Layout(stack, fan_in)}``.
+Which axes of a weight are stacked, input and output — and so the factors'
+shapes — is the layout rule of `lora_jax._layout`.
 """
 
 from __future__ import annotations
 
 import math
-import re
 import zlib
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from lora_jax import _tree
+from lora_jax import _layout, _tree
 from lora_jax._config import LoraConfig
-
-
-class Layout(NamedTuple):
-  """How a weight's axes split: `stack` leading stacked axes, then `fan_in`
-  input axes; the remaining axes are outputs."""
-
-  stack: int
-  fan_in: int
-
-
-def default_layout(path: _tree.Path, flat: Mapping[_tree.Path, Any]) -> Layout:
-  """The layout of the weight at `path` by the flattening rule (module docstring)."""
-  shape = _tree.value(flat[path]).shape
-  if len(shape) == 2:
-    return Layout(0, 1)
-  block = path[:-2]
-  siblings = [_tree.value(v).shape for p, v in flat.items() if p[:len(block)] == block]
-  stack = int(all(len(s) >= 2 and s[0] == shape[0] for s in siblings))
-  bias = flat.get(_tree.sibling(path, "bias"))
-  if bias is not None:
-    out_shape = _tree.value(bias).shape[stack:]
-    n_out = len(out_shape)
-    if 0 < n_out < len(shape) - stack and tuple(shape[len(shape) - n_out:]) == tuple(out_shape):
-      return Layout(stack, len(shape) - stack - n_out)
-  return Layout(stack, 1)
+from lora_jax._layout import Layout
 
 
 def init(key: jax.Array, params: Any, config: LoraConfig, *,
@@ -82,7 +39,7 @@ def init(key: jax.Array, params: Any, config: LoraConfig, *,
       ``nnx.State``, any nest of mappings).
     config: the `LoraConfig`.
     layout: optional ``{path or regex: Layout}``; paths not listed follow
-      the flattening rule (`default_layout`).
+      the flattening rule (`lora_jax._layout.default_layout`).
 
   Example:
     >>> import jax, jax.numpy as jnp, lora_jax as lj
@@ -96,7 +53,7 @@ def init(key: jax.Array, params: Any, config: LoraConfig, *,
     raise ValueError("params already hold LoRA factors; call lj.init on the base tree "
                      "(lj.merge(params) folds an existing adapter in first).")
   targets = [p for p, leaf in flat.items()
-             if _is_matrix(leaf) and config.is_target(_tree.path_str(p))]
+             if _layout.is_matrix(leaf) and config.is_target(_tree.path_str(p))]
   if not targets:
     raise ValueError(_no_match_message(config, flat))
 
@@ -104,57 +61,31 @@ def init(key: jax.Array, params: Any, config: LoraConfig, *,
   for path in targets:
     leaf = flat[path]
     w = _tree.value(leaf)
-    lay = _resolve_layout(layout, path, flat)
+    lay = _layout.resolve(layout, path, flat)
     path_key = jax.random.fold_in(key, zlib.crc32(_tree.path_str(path).encode()))
     factors = _factors(path_key, path, w, lay, config)
     for suffix, array in factors.items():
-      new[_tree.sibling(path, _tree.leaf_name(path) + suffix)] = _tree.new_leaf_like(leaf, array)
+      new[_tree.lora_path(path, suffix)] = _tree.new_leaf_like(leaf, array)
   for path in _trained_biases(flat, targets, config.bias):
     b = _tree.value(flat[path])
     new[_tree.sibling(path, "bias" + _tree.DELTA_SUFFIX)] = _tree.new_leaf_like(
-        flat[path], jnp.zeros(b.shape, _factor_dtype(b.dtype)))
+        flat[path], jnp.zeros(b.shape, _layout.factor_dtype(b.dtype)))
   return _tree.unflatten_like(params, new)
 
 
-def _is_matrix(leaf) -> bool:
-  w = _tree.value(leaf)
-  return getattr(w, "ndim", 0) >= 2 and jnp.issubdtype(w.dtype, jnp.floating)
-
-
-def _factor_dtype(dtype) -> np.dtype:
-  return jnp.promote_types(dtype, jnp.float32)
-
-
-def _resolve_layout(layout, path, flat) -> Layout:
-  name = _tree.path_str(path)
-  shape = _tree.value(flat[path]).shape
-  lay = None
-  for pattern, candidate in (layout or {}).items():
-    if pattern == name or re.fullmatch(pattern, name):
-      lay = Layout(*candidate)
-      break
-  lay = lay or default_layout(path, flat)
-  if lay.stack < 0 or lay.fan_in < 1 or lay.stack + lay.fan_in >= len(shape):
-    raise ValueError(
-        f"{name}: layout {lay} does not fit a weight of shape {shape}: it needs "
-        "0 <= stack, 1 <= fan_in and at least one output axis.")
-  return lay
-
-
 def _factors(key, path, w, lay: Layout, config: LoraConfig) -> dict[str, jax.Array]:
+  """{suffix: factor} of W (*stack, *in, *out): A (*stack, *in, r), B (*stack, r, *out),
+  s (*stack,)."""
   name = _tree.path_str(path)
-  stack = w.shape[: lay.stack]
-  ins = w.shape[lay.stack: lay.stack + lay.fan_in]
-  outs = w.shape[lay.stack + lay.fan_in:]
-  fan_in, fan_out = math.prod(ins), math.prod(outs)
+  fan_in, fan_out = _layout.fans(w.shape, lay)
   rank = config.rank_for(name)
   if rank > min(fan_in, fan_out):
     raise ValueError(
         f"{name}: rank {rank} exceeds min(fan_in, fan_out) = min({fan_in}, {fan_out}) "
         f"of a weight of shape {w.shape} (layout {lay}); lower LoraConfig.rank or "
         "set a smaller one for this path with rank_pattern.")
-  dtype = _factor_dtype(w.dtype)
-  a_shape, b_shape = stack + ins + (rank,), stack + (rank,) + outs
+  dtype = _layout.factor_dtype(w.dtype)
+  a_shape, b_shape, s_shape = _layout.factor_shapes(w.shape, lay, rank)
   if _tree.leaf_name(path) == "embedding":
     a = jnp.zeros(a_shape, dtype)
     b = jax.random.normal(key, b_shape, dtype)
@@ -165,7 +96,7 @@ def _factors(key, path, w, lay: Layout, config: LoraConfig) -> dict[str, jax.Arr
     bound = 1.0 / math.sqrt(fan_in)
     a = jax.random.uniform(key, a_shape, dtype, -bound, bound)
     b = jnp.zeros(b_shape, dtype)
-  scale = jnp.full(stack, config.scale_for(name), jnp.float32)
+  scale = jnp.full(s_shape, config.scale_for(name), jnp.float32)
   return {_tree.A_SUFFIX: a, _tree.B_SUFFIX: b, _tree.SCALE_SUFFIX: scale}
 
 
@@ -180,7 +111,7 @@ def _trained_biases(flat, targets, mode: str) -> list:
 
 
 def _no_match_message(config: LoraConfig, flat) -> str:
-  eligible = [_tree.path_str(p) for p, leaf in flat.items() if _is_matrix(leaf)]
+  eligible = [_tree.path_str(p) for p, leaf in flat.items() if _layout.is_matrix(leaf)]
   shown = ", ".join(eligible[:12]) + (" ..." if len(eligible) > 12 else "")
   return (f"LoraConfig.targets {config.targets!r} matches no weight (a leaf with two or "
           f"more axes) of the tree; the pattern is searched in slash-joined paths. "

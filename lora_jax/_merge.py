@@ -2,49 +2,21 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from lora_jax import _tree
-
-
-def check_fits(name: str, w_shape, a_shape, b_shape, s_shape) -> tuple[int, int]:
-  """Checks that A, B and s fit a weight; returns (stacked axes, input axes).
-
-  The factors of a weight (*stack, *in, *out) are A (*stack, *in, r),
-  B (*stack, r, *out) and s (*stack,).
-  """
-  n_stack = len(a_shape) + len(b_shape) - 2 - len(w_shape)
-  n_in = len(a_shape) - 1 - n_stack
-  stack = tuple(w_shape[:max(n_stack, 0)])
-  fits = (n_stack >= 0 and n_in >= 1 and len(b_shape) >= n_stack + 2
-          and tuple(a_shape[:n_stack]) == stack and tuple(b_shape[:n_stack]) == stack
-          and tuple(s_shape) == stack
-          and tuple(a_shape[n_stack:-1]) == tuple(w_shape[n_stack:n_stack + n_in])
-          and tuple(b_shape[n_stack + 1:]) == tuple(w_shape[n_stack + n_in:])
-          and a_shape[-1] == b_shape[n_stack])
-  if not fits:
-    raise ValueError(
-        f"{name}: the adapter does not fit the base weight: A {tuple(a_shape)}, "
-        f"B {tuple(b_shape)}, scale {tuple(s_shape)} against W {tuple(w_shape)} "
-        "(expected A (*stack, *in, r), B (*stack, r, *out), scale (*stack,)). "
-        "The adapter was made for another base model or another layout.")
-  return n_stack, n_in
+from lora_jax import _layout, _tree
 
 
 def delta(name: str, w_shape, a: jax.Array, b: jax.Array, s: jax.Array,
           dtype=jnp.float32) -> jax.Array:
-  """ΔW = s·A·B in `dtype`, shaped like the weight (this does materialise it)."""
-  n_stack, n_in = check_fits(name, w_shape, a.shape, b.shape, s.shape)
-  stack = math.prod(w_shape[:n_stack])
-  fan_in = math.prod(w_shape[n_stack:n_stack + n_in])
-  rank = a.shape[-1]
-  a_SxIxR = a.astype(dtype).reshape(stack, fan_in, rank)
-  b_SxRxO = b.astype(dtype).reshape(stack, rank, -1)
-  s_S = s.astype(dtype).reshape(stack)
+  """ΔW = s·A·B in `dtype`, shaped like the weight W (*stack, *in, *out) (this does
+  materialise it) from A (*stack, *in, r), B (*stack, r, *out) and s (*stack,)."""
+  lay = _layout.check_fits(name, w_shape, a.shape, b.shape, s.shape)
+  a_SxIxR, b_SxRxO, s_S = _layout.flatten_factors(a.astype(dtype), b.astype(dtype),
+                                                  s.astype(dtype), lay)
   dw_SxIxO = jnp.einsum("sir,sro->sio", a_SxIxR * s_S[:, None, None], b_SxRxO)
   return dw_SxIxO.reshape(w_shape)
 
@@ -66,7 +38,7 @@ def _fold(params: Any, sign: int, adapter_flat: dict | None = None) -> dict:
     w = _tree.value(out[path])
 
     def get(suffix):
-      part = _tree.sibling(path, _tree.leaf_name(path) + suffix)
+      part = _tree.lora_path(path, suffix)
       if part not in lora:
         raise ValueError(f"{_tree.path_str(part)} is missing: the adapter is incomplete. Pass "
                          "lj.adapter(params) or the adapted params (the scales are frozen leaves, "

@@ -11,7 +11,7 @@ from typing import Any
 
 import optax
 
-from lora_jax import _merge, _tree
+from lora_jax import _layout, _tree
 
 
 def split(params: Any) -> tuple[Any, Any]:
@@ -67,13 +67,12 @@ def check_adapter_fits(flat: dict) -> None:
                        "and the base come from different models.")
     if _tree.leaf_name(path).endswith(_tree.A_SUFFIX):
       get = lambda p: _tree.value(flat[p]).shape
-      stem = _tree.leaf_name(base)
-      parts = [_tree.sibling(path, stem + s) for s in (_tree.B_SUFFIX, _tree.SCALE_SUFFIX)]
+      parts = [_tree.lora_path(base, s) for s in (_tree.B_SUFFIX, _tree.SCALE_SUFFIX)]
       missing = [_tree.path_str(p) for p in parts if p not in flat]
       if missing:
         raise ValueError(f"{name}: its partner leaves {missing} are missing; the adapter "
                          "is incomplete.")
-      _merge.check_fits(_tree.path_str(base), get(base), get(path), *map(get, parts))
+      _layout.check_fits(_tree.path_str(base), get(base), get(path), *map(get, parts))
     elif _tree.leaf_name(path).endswith(_tree.DELTA_SUFFIX):
       if _tree.value(flat[path]).shape != _tree.value(flat[base]).shape:
         raise ValueError(f"{name}: shape {_tree.value(flat[path]).shape} does not fit the "

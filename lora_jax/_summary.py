@@ -19,8 +19,7 @@ def summary(params: Any) -> str:
   base_total = sum(size(p) for p in flat if not _tree.is_lora_leaf(p))
   rows = []
   for path in _tree.adapted_weights(flat):
-    stem = _tree.leaf_name(path)
-    a, b, s = (_tree.sibling(path, stem + x)
+    a, b, s = (_tree.lora_path(path, x)
                for x in (_tree.A_SUFFIX, _tree.B_SUFFIX, _tree.SCALE_SUFFIX))
     scale = _tree.value(flat[s]).reshape(-1)
     rows.append((_tree.path_str(path), str(tuple(_tree.value(flat[path]).shape)),

@@ -13,9 +13,8 @@ module, named after the weight (for a leaf ``kernel``)::
   kernel_lora_scale  s, shape (*stack,), float32         frozen
   bias_lora_delta    a bias update, the bias's shape     trainable
 
-so the tree describes itself: the number of stacked (``nn.scan``) axes is
-``A.ndim + B.ndim - 2 - W.ndim`` and the number of input axes
-``A.ndim - 1 - stacked``.
+so the tree describes itself: `lora_jax._layout.check_fits` reads the
+number of stacked (``nn.scan``) and input axes off the shapes.
 """
 
 from __future__ import annotations
@@ -55,6 +54,12 @@ def is_trainable_leaf(path: Path) -> bool:
 
 def sibling(path: Path, name: str) -> Path:
   return path[:-1] + (name,)
+
+
+def lora_path(path: Path, suffix: str) -> Path:
+  """The path of a LoRA leaf of the weight at `path`: (``kernel``, ``_lora_a``) →
+  ``kernel_lora_a``; the inverse of `base_of`."""
+  return sibling(path, leaf_name(path) + suffix)
 
 
 def base_of(path: Path) -> Path:

@@ -44,7 +44,7 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax import _init, _merge, _partition, _tree, fingerprint
+from lora_jax import _config, _layout, _partition, _tree, fingerprint
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -117,18 +117,17 @@ class _Site(NamedTuple):
 
 
 def _sites(flat_base: Mapping, module_map: ModuleMap,
-           layouts: Mapping[_tree.Path, _init.Layout]) -> dict[str, list[_Site]]:
+           layouts: Mapping[_tree.Path, _layout.Layout]) -> dict[str, list[_Site]]:
   """{module name: its sites by part} for every matrix of the base tree the map names."""
   by_module: dict[str, list[_Site]] = collections.defaultdict(list)
   for path, leaf in flat_base.items():
-    if not _init._is_matrix(leaf):
+    if not _layout.is_matrix(leaf):
       continue
     shape = _tree.value(leaf).shape
-    lay = layouts.get(path) or _init._resolve_layout(None, path, flat_base)
+    lay = layouts.get(path) or _layout.resolve(None, path, flat_base)
     if lay.stack > 1:
       continue  # nested scans have no per-layer module name; refused if adapted
-    fan_in = math.prod(shape[lay.stack:lay.stack + lay.fan_in])
-    fan_out = math.prod(shape[lay.stack + lay.fan_in:])
+    fan_in, fan_out = _layout.fans(shape, lay)
     for layer in range(shape[0]) if lay.stack else [None]:
       module = module_map(_tree.path_str(path), layer)
       if module is not None:
@@ -153,16 +152,6 @@ def _check_module(module: HFModule, path: _tree.Path, layer: int | None) -> None
   if module.kind not in KINDS or not 0 <= module.part < module.parts:
     raise PeftFormatError(f"the module map gives {module!r} for {where}; kind must be one of "
                           f"{KINDS} and 0 <= part < parts")
-
-
-def _matches(key: str, module: str) -> bool:
-  """PEFT's rank/alpha pattern rule: `key` matches the module name or a dotted suffix of it."""
-  return re.match(rf"(.*\.)?({key})$", module) is not None
-
-
-def _pattern_value(patterns: Mapping[str, Any] | None, default: Any, module: str) -> Any:
-  """The value of the first key of `patterns` that matches `module`, else `default`."""
-  return next((v for key, v in (patterns or {}).items() if _matches(key, module)), default)
 
 
 def _base_digest(flat_base: Mapping, sites: Mapping[str, list[_Site]], modules) -> str:
@@ -306,17 +295,15 @@ def _tie(tensors: dict, ranks: dict, alphas: dict, tied: Mapping[str, str | None
 def _factors(flat: Mapping, path: _tree.Path):
   """(A (S, fan_in, r), B (S, r, fan_out), s (S,), layout) of an adapted weight; S = 1 unstacked."""
   name = _tree.path_str(path)
-  get = lambda suffix: _tree.value(flat[_tree.sibling(path, _tree.leaf_name(path) + suffix)])
+  get = lambda suffix: _tree.value(flat[_tree.lora_path(path, suffix)])
   w, a, b, s = (_tree.value(flat[path]), get(_tree.A_SUFFIX), get(_tree.B_SUFFIX),
                 get(_tree.SCALE_SUFFIX))
-  n_stack, n_in = _merge.check_fits(name, w.shape, a.shape, b.shape, s.shape)
-  if n_stack > 1:
-    raise PeftFormatError(f"{name}: {n_stack} stacked axes (nested scans) have no per-layer "
+  lay = _layout.check_fits(name, w.shape, a.shape, b.shape, s.shape)
+  if lay.stack > 1:
+    raise PeftFormatError(f"{name}: {lay.stack} stacked axes (nested scans) have no per-layer "
                           "PyTorch module; unstack the tree first")
-  stack = w.shape[0] if n_stack else 1
-  rank = a.shape[-1]
-  return (jnp.reshape(a, (stack, -1, rank)), jnp.reshape(b, (stack, rank, -1)),
-          np.asarray(s, np.float32).reshape(stack), _init.Layout(n_stack, n_in))
+  a_SxIxR, b_SxRxO, s_S = _layout.flatten_factors(a, b, s, lay)
+  return a_SxIxR, b_SxRxO, np.asarray(s_S, np.float32), lay
 
 
 def _fuse(sites: list[_Site], parts: Mapping[int, tuple]):
@@ -352,7 +339,7 @@ def _patterns(values: Mapping[str, Any], default: Any) -> dict[str, Any]:
     if value == default:
       continue
     short = name.rsplit(".", 1)[-1]
-    same = all(v == value for m, v in values.items() if _matches(short, m))
+    same = all(v == value for m, v in values.items() if _config.pattern_matches(short, m, "."))
     patterns[short if same else name] = value
   return patterns
 
@@ -423,7 +410,7 @@ def _read_tensors(directory: Path) -> tuple[dict[str, Any], dict[str, str]]:
 
 def from_peft(directory: str | Path, params: Any, module_map: ModuleMap = default_module_map, *,
               tied: Mapping[str, str | None] | None = None,
-              layout: Mapping[str, _init.Layout] | None = None, check_base: bool = True,
+              layout: Mapping[str, _layout.Layout] | None = None, check_base: bool = True,
               base_name: str | None = None) -> Any:
   """The base `params` with a PEFT LoRA adapter added as lora-jax leaves.
 
@@ -459,7 +446,7 @@ def from_peft(directory: str | Path, params: Any, module_map: ModuleMap = defaul
   if any(_tree.is_lora_leaf(p) for p in flat):
     raise ValueError("params already hold LoRA leaves; from_peft takes the base tree "
                      "(lj.merge(params) folds an existing adapter in first)")
-  layouts = {p: _init._resolve_layout(layout, p, flat) for p in flat if _init._is_matrix(flat[p])}
+  layouts = {p: _layout.resolve(layout, p, flat) for p in flat if _layout.is_matrix(flat[p])}
   sites = _sites(flat, module_map, layouts)
   kinds = {name: group[0].module.kind for name, group in sites.items()}
   outputs = {out: emb for emb, out in (tied or {}).items() if out is not None}
@@ -470,9 +457,9 @@ def from_peft(directory: str | Path, params: Any, module_map: ModuleMap = defaul
   blocks: dict[_tree.Path, dict[int | None, tuple]] = collections.defaultdict(dict)
   for name, parts in found.items():
     module = sites[name][0].module
-    rank = _pattern_value(config.get("rank_pattern"), config["r"], name)
-    alpha = _pattern_value(config.get("alpha_pattern"), config["lora_alpha"], name)
-    scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+    rank = _config.pattern_value(config.get("rank_pattern"), config["r"], name, sep=".")
+    alpha = _config.pattern_value(config.get("alpha_pattern"), config["lora_alpha"], name, sep=".")
+    s = _config.scale(alpha, rank, config.get("use_rslora"))
     fan_in, fan_out = sites[name][0].fan_in, sum(site.fan_out for site in sites[name])
     key_a, key_b = _tensor_keys(module)
     a_RxI = _checked(key_a, parts["A"], (rank, fan_in), name, bases)
@@ -483,7 +470,7 @@ def from_peft(directory: str | Path, params: Any, module_map: ModuleMap = defaul
     for site in sites[name]:
       b_block_OxR = b_OxR[start:start + site.fan_out]
       start += site.fan_out
-      blocks[site.path][site.layer] = (a_RxI.T, b_block_OxR.T, scale)
+      blocks[site.path][site.layer] = (a_RxI.T, b_block_OxR.T, s)
 
   if check_base and BASE_HASH_KEY in metadata:
     if _base_digest(flat, sites, found) != metadata[BASE_HASH_KEY]:
@@ -649,30 +636,27 @@ def _check_base_layer(name: str, saved, flat: Mapping, sites: list[_Site]) -> No
                           f"a resized vocabulary); {SKIP_BASE_CHECK} to ignore it")
 
 
-def _leaves(path: _tree.Path, leaf, lay: _init.Layout, layers: Mapping[int | None, tuple]):
-  """{leaf path: leaf} of A, B, s for one weight from its per-layer (A (I, r), B (r, O), s)."""
+def _leaves(path: _tree.Path, leaf, lay: _layout.Layout, layers: Mapping[int | None, tuple]):
+  """{leaf path: leaf} of A (*stack, *in, r), B (*stack, r, *out), s (*stack,) for one weight
+  from its per-layer (A (fan_in, r), B (r, fan_out), s); the layer is None when unstacked.
+
+  Layers the adapter skips get zero factors; lower ranks are padded with zero columns.
+  """
   w = _tree.value(leaf)
-  dtype = _init._factor_dtype(w.dtype)
-  ins = w.shape[lay.stack:lay.stack + lay.fan_in]
-  outs = w.shape[lay.stack + lay.fan_in:]
-  if None in layers:
-    a_IxR, b_RxO, s = layers[None]
-    rank = a_IxR.shape[-1]
-    a, b = a_IxR.reshape(*ins, rank), b_RxO.reshape(rank, *outs)
-    s_S = jnp.asarray(s, jnp.float32)
-  else:
-    rank = max(a.shape[-1] for a, _, _ in layers.values())
-    fill = next(iter(layers.values()))[2]
-    a_list, b_list, s_list = [], [], []
-    for layer in range(w.shape[0]):
-      a_IxR, b_RxO, s = layers.get(layer, (jnp.zeros((math.prod(ins), rank)),
-                                           jnp.zeros((rank, math.prod(outs))), fill))
-      pad = rank - a_IxR.shape[-1]
-      a_list.append(jnp.pad(a_IxR, ((0, 0), (0, pad))).reshape(*ins, rank))
-      b_list.append(jnp.pad(b_RxO, ((0, pad), (0, 0))).reshape(rank, *outs))
-      s_list.append(s)
-    a, b, s_S = jnp.stack(a_list), jnp.stack(b_list), jnp.asarray(s_list, jnp.float32)
-  stem = _tree.leaf_name(path)
-  return {_tree.sibling(path, stem + _tree.A_SUFFIX): _tree.new_leaf_like(leaf, a.astype(dtype)),
-          _tree.sibling(path, stem + _tree.B_SUFFIX): _tree.new_leaf_like(leaf, b.astype(dtype)),
-          _tree.sibling(path, stem + _tree.SCALE_SUFFIX): _tree.new_leaf_like(leaf, s_S)}
+  fan_in, fan_out = _layout.fans(w.shape, lay)
+  rank = max(a.shape[-1] for a, _, _ in layers.values())
+  fill = next(iter(layers.values()))[2]
+  skipped = (jnp.zeros((fan_in, rank)), jnp.zeros((rank, fan_out)), fill)
+  a_list, b_list, s_list = [], [], []
+  for layer in [None] if None in layers else range(w.shape[0]):
+    a_IxR, b_RxO, s = layers.get(layer, skipped)
+    pad = rank - a_IxR.shape[-1]
+    a_list.append(jnp.pad(a_IxR, ((0, 0), (0, pad))))
+    b_list.append(jnp.pad(b_RxO, ((0, pad), (0, 0))))
+    s_list.append(s)
+  a, b, s = _layout.unflatten_factors(jnp.stack(a_list), jnp.stack(b_list),
+                                      jnp.asarray(s_list, jnp.float32), w.shape, lay)
+  dtype = _layout.factor_dtype(w.dtype)
+  return {_tree.lora_path(path, _tree.A_SUFFIX): _tree.new_leaf_like(leaf, a.astype(dtype)),
+          _tree.lora_path(path, _tree.B_SUFFIX): _tree.new_leaf_like(leaf, b.astype(dtype)),
+          _tree.lora_path(path, _tree.SCALE_SUFFIX): _tree.new_leaf_like(leaf, s)}

@@ -18,8 +18,7 @@ from typing import Any
 
 from jax.sharding import PartitionSpec
 
-from lora_jax import _tree
-from lora_jax._merge import check_fits
+from lora_jax import _layout, _tree
 
 
 def partition_specs(base_specs: Any, params: Any) -> Any:
@@ -55,13 +54,12 @@ def partition_specs(base_specs: Any, params: Any) -> Any:
     if not _tree.is_lora_leaf(path) or _tree.leaf_name(path).endswith(_tree.DELTA_SUFFIX):
       out[path] = spec
       continue
-    stem = _tree.leaf_name(base)
-    a, b, s = (_tree.value(flat[_tree.sibling(path, stem + x)]).shape
+    a, b, s = (_tree.value(flat[_tree.lora_path(base, x)]).shape
                for x in (_tree.A_SUFFIX, _tree.B_SUFFIX, _tree.SCALE_SUFFIX))
     w_shape = _tree.value(flat[base]).shape
-    n_stack, n_in = check_fits(_tree.path_str(base), w_shape, a, b, s)
+    lay = _layout.check_fits(_tree.path_str(base), w_shape, a, b, s)
     axes = tuple(spec) + (None,) * (len(w_shape) - len(tuple(spec)))
-    stack, ins, outs = axes[:n_stack], axes[n_stack:n_stack + n_in], axes[n_stack + n_in:]
+    stack, ins, outs = _layout.split(axes, lay)
     make = PartitionSpec if isinstance(spec, PartitionSpec) else (lambda *xs: xs)
     name = _tree.leaf_name(path)
     if name.endswith(_tree.A_SUFFIX):

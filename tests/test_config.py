@@ -41,3 +41,14 @@ def test_frozen_and_serialisable():
   assert lj.LoraConfig(**cfg.to_dict()) == dataclasses.replace(cfg, targets=["a", "b"])
   assert cfg.is_target("x/b/kernel") and not cfg.is_target("x/c/kernel")
   assert not lj.LoraConfig(rank=8, alpha=16, targets="^b$").is_target("ab")
+
+
+def test_one_pattern_rule_for_parameter_paths_and_peft_module_names():
+  from lora_jax._config import pattern_matches, pattern_value
+  assert pattern_matches("q_proj", "layers_0/attn/q_proj")
+  assert pattern_matches("q_proj", "model.layers.0.self_attn.q_proj", sep=".")
+  assert pattern_matches(r"layers\.0\..*", "model.layers.0.self_attn.q_proj", sep=".")
+  assert not pattern_matches("q_proj", "model.layers.0.self_attn.xq_proj", sep=".")
+  assert not pattern_matches("q_proj", "layers_0/attn/q_proj", sep=".")  # other separator
+  assert pattern_value({"v_proj": 1, "q_proj": 2, "proj": 3}, 8, "a.q_proj", sep=".") == 2
+  assert pattern_value(None, 8, "a/q_proj/kernel", "a/q_proj") == 8
