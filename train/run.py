@@ -239,6 +239,7 @@ def train(cfg: RunConfig, *, force_resume: bool = False, stop_after: int | None 
     own_checkpoint_dir = cfg.checkpoint.dir is not None
     checkpoint_dir = (resolve_path(cfg.checkpoint.dir) if own_checkpoint_dir
                       else run_dir / layout.CHECKPOINT_DIR)
+    log(f"{cfg.method} fine-tuning of {cfg.model.name} into {run_dir}")
     rundir.check_writable(run_dir)
     if own_checkpoint_dir:
         rundir.check_writable(checkpoint_dir, "checkpoint directory")
