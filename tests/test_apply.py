@@ -8,15 +8,17 @@ import optax
 import pytest
 
 import lora_jax as lj
+import tolerances as tol
 from flax_fixtures import MLP, Attention, EinsumNet, ScannedLM, init_variables, perturb_factors
 
-F32 = dict(rtol=1e-5, atol=1e-5)  # float32: only summation order differs
+RANK = 4
+E = tol.ELEMENTWISE
 
 
 def _setup(model, x, targets, layout=False, key=0, **config):
   variables = init_variables(model, x, key)
   lay = lj.infer_layout(model.apply, variables, x) if layout else None
-  cfg = lj.LoraConfig(rank=config.pop("rank", 4), alpha=8.0, targets=targets, **config)
+  cfg = lj.LoraConfig(rank=config.pop("rank", RANK), alpha=8.0, targets=targets, **config)
   adapted = lj.init(jax.random.key(key + 1), variables["params"], cfg, layout=lay)
   return variables["params"], adapted
 
@@ -34,6 +36,18 @@ CASES = {
         jnp.linspace(-1, 1, 2 * 5 * 24).reshape(2, 5, 24), r"(query|value|out)/kernel", False),
     "einsum": (EinsumNet(), jnp.linspace(-1, 1, 2 * 5 * 24).reshape(2, 5, 24),
                r".*/kernel", True),
+}
+# n of tolerances.chain_atol for each case's output: reductions (+ RANK for an adapter beside a
+# projection) and element-wise functions on the longest path through the model.
+SCANNED_LM = tol.decoder_depth(layers=3, hidden=24, mlp=40, head_dim=6, keys=7, rank=RANK)
+ATTENTION = 24 + RANK + 6 + 2 * 5 + 24 + RANK + 4 * E  # q/k/v, scores, softmax over 5, o_proj
+DEPTHS = {
+    "mlp": 24 + RANK + 40 + RANK + 4 * E,  # fc1, gelu, fc2, bias adds
+    "dense_general_attention": ATTENTION,
+    "scanned_transformer": SCANNED_LM,
+    "embedding": SCANNED_LM,
+    "flax_multi_head_attention": ATTENTION,
+    "einsum": 24 + RANK + 10 + RANK + 2 * E,
 }
 
 
@@ -54,9 +68,11 @@ def test_factored_equals_materialize_equals_merge(case):
   materialized = model.apply({"params": lj.materialize(adapted)}, x)
   merged = model.apply({"params": lj.merge(adapted)}, x)
   base_out = model.apply({"params": base}, x)
-  assert not np.allclose(factored, base_out, atol=1e-3)  # the adapter does something
-  np.testing.assert_allclose(factored, materialized, **F32)
-  np.testing.assert_allclose(factored, merged, **F32)
+  # float32 paths that differ in rounding only: within chain_atol of each other.
+  atol = tol.chain_atol(DEPTHS[case], tol.scale_of(factored))
+  assert not tol.close(base_out, factored, atol)  # the adapter does something, beyond rounding
+  tol.assert_close(materialized, factored, atol)
+  tol.assert_close(merged, factored, atol)
 
 
 def test_bias_deltas_take_effect_in_every_path():
@@ -64,13 +80,14 @@ def test_bias_deltas_take_effect_in_every_path():
   _, adapted = _setup(model, x, r"fc1/kernel", bias="all")
   adapted = perturb_factors(adapted, jax.random.key(3))
   factored = lj.apply(model.apply)({"params": adapted}, x)
-  np.testing.assert_allclose(factored, model.apply({"params": lj.merge(adapted)}, x), **F32)
+  atol = tol.chain_atol(DEPTHS["mlp"], tol.scale_of(factored))
+  tol.assert_close(model.apply({"params": lj.merge(adapted)}, x), factored, atol)
   # Second code path, by hand: fc2(gelu(x(W1 + sA1B1) + b1 + d1)) + b2 + d2.
   p = adapted
   w1 = p["fc1"]["kernel"] + p["fc1"]["kernel_lora_scale"] * p["fc1"]["kernel_lora_a"] @ p["fc1"]["kernel_lora_b"]
   h = nn.gelu(x @ w1 + p["fc1"]["bias"] + p["fc1"]["bias_lora_delta"])
   by_hand = h @ p["fc2"]["kernel"] + p["fc2"]["bias"] + p["fc2"]["bias_lora_delta"]
-  np.testing.assert_allclose(factored, by_hand, **F32)
+  tol.assert_close(by_hand, factored, atol)
 
 
 def test_bfloat16_merged_matches_unmerged():
@@ -83,9 +100,10 @@ def test_bfloat16_merged_matches_unmerged():
   merged = lj.merge(adapted)
   assert all(w.dtype == jnp.bfloat16 for w in jax.tree.leaves(merged))
   factored = lj.apply(model.apply)({"params": adapted}, x).astype(jnp.float32)
-  # bfloat16 keeps 8 bits of mantissa: merging rounds W + ΔW once more, ~1e-2.
-  np.testing.assert_allclose(factored, model.apply({"params": merged}, x).astype(jnp.float32),
-                             rtol=2e-2, atol=2e-2)
+  # bfloat16 rounds each op's output (dots accumulate in float32): per layer the dot, the
+  # adapter's x·A, ·s, ·B and sum (merged: s·A·B, W + ΔW), the bias add and the activation.
+  atol = tol.chain_atol(2 * (6 + E), tol.scale_of(factored), jnp.bfloat16)
+  tol.assert_close(model.apply({"params": merged}, x).astype(jnp.float32), factored, atol)
 
 
 def _loss_fns(model, x):
@@ -94,23 +112,55 @@ def _loss_fns(model, x):
   return loss
 
 
-def test_gradients_reach_every_factor_and_only_factors():
-  model, x = ScannedLM(), (jnp.arange(14).reshape(2, 7) * 5) % 56
+GRAD_X = (jnp.arange(14).reshape(2, 7) * 5) % 56
+# The gradient's chain: ScannedLM's forward, its backward, and the sum over the 14 tokens.
+GRAD_DEPTH = tol.grad_depth(SCANNED_LM, tokens=GRAD_X.size)
+
+
+def _gradients(bug=lambda frozen, t: (frozen, t)):
+  """(factored gradients, gradients through materialize of `bug(frozen, trainable)`)."""
+  model, x = ScannedLM(), GRAD_X
   _, adapted = _setup(model, x, r"layers/(q_proj|v_proj)/kernel|embed_tokens/embedding")
-  adapted = perturb_factors(adapted, jax.random.key(4))
-  frozen, trainable = lj.split(adapted)
+  frozen, trainable = lj.split(perturb_factors(adapted, jax.random.key(4)))
   loss = _loss_fns(model, x)
   grads = jax.grad(lambda t: loss(lj.combine(frozen, t)))(trainable)
-  assert jax.tree.structure(grads) == jax.tree.structure(trainable)
+  via_materialize = jax.grad(lambda t: jnp.mean(jnp.square(model.apply(
+      {"params": lj.materialize(lj.combine(*bug(frozen, t)))}, x))))(trainable)
+  return grads, via_materialize
+
+
+def _gradient_atol(g):
+  return tol.chain_atol(GRAD_DEPTH, tol.scale_of(g))
+
+
+def test_gradients_reach_every_factor_and_only_factors():
+  grads, via_materialize = _gradients()
+  assert jax.tree.structure(grads) == jax.tree.structure(via_materialize)
   names = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(grads)]
   assert all("_lora_a" in n or "_lora_b" in n for n in names)
   for name, g in zip(names, jax.tree.leaves(grads)):
     assert float(jnp.abs(g).max()) > 0, f"zero gradient for {name}"
-  # A second code path: gradients through materialize agree.
-  via_materialize = jax.grad(lambda t: jnp.mean(jnp.square(model.apply(
-      {"params": lj.materialize(lj.combine(frozen, t))}, x))))(trainable)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-               grads, via_materialize)
+  # A second code path: gradients through materialize agree, leaf by leaf, to within the
+  # chain's rounding at that leaf's scale.
+  tol.tree_assert_close(via_materialize, grads, _gradient_atol)
+
+
+def _scaled(frozen, t, factor=1.01):
+  return jax.tree_util.tree_map_with_path(
+      lambda p, w: w * factor if "_lora_scale" in jax.tree_util.keystr(p) else w, frozen), t
+
+
+def _first_layer_everywhere(frozen, t):
+  q = t["layers"]["q_proj"]
+  first = {k: jnp.broadcast_to(v[:1], v.shape) for k, v in q.items()}
+  return frozen, {**t, "layers": {**t["layers"], "q_proj": first}}
+
+
+@pytest.mark.parametrize("bug", [_scaled, _first_layer_everywhere],
+                         ids=["scale off by 1%", "layer 0's q factors in every layer"])
+def test_the_gradient_tolerance_fails_for_a_planted_bug(bug):
+  grads, buggy = _gradients(bug)
+  assert not tol.tree_close(buggy, grads, _gradient_atol)
 
 
 def test_dropout_uses_the_dropout_stream_and_is_off_without_it():
@@ -124,11 +174,13 @@ def test_dropout_uses_the_dropout_stream_and_is_off_without_it():
   drop1_again = apply({"params": adapted}, x, rngs={"dropout": jax.random.key(1)})
   drop2 = apply({"params": adapted}, x, rngs={"dropout": jax.random.key(2)})
   np.testing.assert_array_equal(drop1, drop1_again)
-  assert not np.allclose(drop1, deterministic) and not np.allclose(drop1, drop2)
-  # Only the adapter's input is dropped: with B = 0 the output is the base's.
+  atol = tol.chain_atol(DEPTHS["mlp"], tol.scale_of(deterministic))
+  assert not tol.close(drop1, deterministic, atol) and not tol.close(drop1, drop2, atol)
+  # Only the adapter's input is dropped: with B = 0 the output is the base's, exactly (the
+  # adapter adds x·A·0 = 0, as in test_adapted_model_starts_equal_to_base).
   _, fresh = _setup(model, x, r".*/kernel")
-  np.testing.assert_allclose(apply({"params": fresh}, x, rngs={"dropout": jax.random.key(1)}),
-                             model.apply({"params": base}, x), **F32)
+  np.testing.assert_array_equal(apply({"params": fresh}, x, rngs={"dropout": jax.random.key(1)}),
+                                model.apply({"params": base}, x))
 
 
 def test_dense_general_with_an_unreadable_layout_is_a_clear_error():

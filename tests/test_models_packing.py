@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import models
+import tolerances as tol
 from models import decoder
 
 LENGTHS = [(5, 7, 4), (9, 6)]  # examples packed into each of two rows
@@ -53,6 +54,23 @@ def _alone(model, params, examples):
     return [logits[i, :len(ids_n)] for i, ids_n in enumerate(flat)]
 
 
+def _atol(model, expected):
+    """Packed and alone differ in rounding only (attention over L keys, mostly masked, vs
+    over the example's own): the logits' chain of tolerances.py at their scale."""
+    return tol.logits_atol(model.config, np.concatenate(expected), keys=L)
+
+
+def _as_packed(logits, examples):
+    """Each example's rows of packed `logits` (rows, L, vocab), in order."""
+    spans = []
+    for r, row in enumerate(examples):
+        start = 0
+        for ids_n in row:
+            spans.append(logits[r, start:start + len(ids_n)])
+            start += len(ids_n)
+    return spans
+
+
 def test_packed_rows_give_each_example_its_own_logits(model_params):
     model, params = model_params
     examples = _examples()
@@ -61,17 +79,44 @@ def test_packed_rows_give_each_example_its_own_logits(model_params):
     packed = np.asarray(apply({"params": params}, ids, positions=positions, segment_ids=segments))
     leaked = np.asarray(apply({"params": params}, ids, positions=positions))
     assert np.isfinite(packed).all()  # padding (segment 0) sees no key and stays finite
-    alone = iter(_alone(model, params, examples))
-    worst_leak = 0.0
-    for r, row in enumerate(examples):
-        start = 0
-        for ids_n in row:
-            expected = next(alone)
-            span = slice(start, start + len(ids_n))
-            np.testing.assert_allclose(packed[r, span], expected, rtol=0, atol=1e-5)
-            worst_leak = max(worst_leak, np.abs(leaked[r, span] - expected).max())
-            start = span.stop
-    assert worst_leak > 1e-2  # without segments the examples see each other: the test can fail
+    alone = _alone(model, params, examples)
+    atol = _atol(model, alone)
+    for got, expected in zip(_as_packed(packed, examples), alone, strict=True):
+        tol.assert_close(got, expected, atol)
+    # Without segments the examples see each other: the tolerance can fail.
+    assert not all(tol.close(got, expected, atol)
+                   for got, expected in zip(_as_packed(leaked, examples), alone))
+
+
+def _boundary_off_by_one(segments, positions):
+    """The second example's first token counted in the first example's segment."""
+    segments = segments.copy()
+    segments[0, 5] = segments[0, 4]
+    return segments, positions
+
+
+def _positions_restart_late(segments, positions):
+    """The second example's first token still numbered on from the first example.
+
+    (Not restarting a whole example's positions would be no bug for Llama: RoPE attention
+    sees relative positions only.)"""
+    positions = positions.copy()
+    positions[0, 5] = positions[0, 4] + 1
+    return segments, positions
+
+
+@pytest.mark.parametrize("bug", [_boundary_off_by_one, _positions_restart_late],
+                         ids=["segment boundary one token late", "positions restart one token late"])
+def test_the_packing_tolerance_fails_for_a_planted_bug(model_params, bug):
+    model, params = model_params
+    examples = _examples()
+    ids, segments, positions = _packed(examples)
+    segments, positions = bug(segments, positions)
+    buggy = np.asarray(jax.jit(model.apply)({"params": params}, ids, positions=positions,
+                                            segment_ids=segments))
+    alone = _alone(model, params, examples)
+    assert not all(tol.close(got, expected, _atol(model, alone))
+                   for got, expected in zip(_as_packed(buggy, examples), alone))
 
 
 def test_attention_mask_still_hides_keys_within_a_segment(model_params):
@@ -82,8 +127,8 @@ def test_attention_mask_still_hides_keys_within_a_segment(model_params):
     mask[0, 2] = 0
     apply = jax.jit(model.apply)
     both = apply({"params": params}, ids, mask, positions, segment_ids=segments)
-    expected = apply({"params": params}, ids[:1, :5], mask[:1, :5])
-    np.testing.assert_allclose(np.asarray(both)[0, :5], np.asarray(expected)[0], atol=1e-5)
+    expected = np.asarray(apply({"params": params}, ids[:1, :5], mask[:1, :5]))[0]
+    tol.assert_close(np.asarray(both)[0, :5], expected, _atol(model, [expected]))
 
 
 def test_segment_ids_are_refused_when_decoding_or_misshapen():
