@@ -12,7 +12,7 @@ import train_fixtures as tf
 from studies.e2e import experiment as experiment_lib
 from train import rundir
 from train.cli import main
-from train.config import REPO_ROOT, ConfigError, config_to_yaml, load_config
+from train.config import ConfigError, config_to_yaml, load_config
 from studies.e2e.experiment import (_edge, across_seeds, check_outputs, choose, fresh_start,
                               load_experiment, ratios, split_test, table)
 from train.rundir import DirectoryError
@@ -199,7 +199,7 @@ def test_seeds_must_be_new_runs(tmp_path, seeds, problem):
         load_experiment(path)
 
 
-@pytest.mark.parametrize("path", sorted(REPO_ROOT.glob("configs/experiments/*.yaml")),
+@pytest.mark.parametrize("path", sorted(tf.REPO_ROOT.glob("configs/experiments/*.yaml")),
                          ids=lambda p: p.name)
 def test_shipped_experiment_configs_load(path):
     cfg = load_experiment(path)
@@ -207,7 +207,7 @@ def test_shipped_experiment_configs_load(path):
 
 
 def test_the_quick_table_runs_the_full_tables_methods_at_rates_of_their_grids():
-    experiments = REPO_ROOT / "configs" / "experiments"
+    experiments = tf.REPO_ROOT / "configs" / "experiments"
     full = {m.name: m for m in load_experiment(experiments / "e2e_table.yaml").methods}
     quick = load_experiment(experiments / "e2e_table_quick.yaml")
     assert [m.name for m in quick.methods] == list(full)
@@ -218,7 +218,7 @@ def test_the_quick_table_runs_the_full_tables_methods_at_rates_of_their_grids():
 
 
 def test_an_experiment_extends_another_replacing_only_what_it_sets(tmp_path):
-    parent = REPO_ROOT / "configs" / "experiments" / "e2e_table.yaml"
+    parent = tf.REPO_ROOT / "configs" / "experiments" / "e2e_table.yaml"
     child = tmp_path / "child.yaml"
     child.write_text(f"extends: {parent}\noutput_dir: elsewhere\nmethods: [{{name: zero-shot}}]\n")
     base, extended = load_experiment(parent), load_experiment(child)

@@ -25,7 +25,7 @@ import train_fixtures as tf
 from train import guard, metrics, rundir
 from train.checkpoint import CheckpointError, Checkpoints
 from train.cli import INTERRUPTED, main
-from train.config import REPO_ROOT, config_to_yaml
+from train.config import config_to_yaml
 from train.run import DivergenceError, NoLearningError, train
 
 DRIVER = Path(__file__).with_name("fault_driver.py")
@@ -73,7 +73,7 @@ def write_config(run_files, name: str, *overrides: str):
 def drive(fault: str, *args: str, cache: Path, **env: str) -> subprocess.Popen:
     """``lora-jax ARGS`` in a new process with ``fault`` planted (tests/fault_driver.py)."""
     env = dict(os.environ, FAULT_JAX_CACHE=str(cache), JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+               PYTHONPATH=os.pathsep.join([str(tf.REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
                **env)
     return subprocess.Popen([sys.executable, str(DRIVER), fault, *args], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)

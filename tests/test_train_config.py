@@ -4,7 +4,9 @@ import dataclasses
 
 import pytest
 
-from train.config import (REPO_ROOT, ConfigError, RunConfig, config_to_yaml, load_config,
+from train_fixtures import REPO_ROOT
+
+from train.config import (ConfigError, RunConfig, config_to_yaml, load_config,
                           resolve_path, save_config)
 
 CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
@@ -15,7 +17,7 @@ def test_shipped_configs_load(path):
     cfg = load_config(path)
     assert isinstance(cfg, RunConfig)
     assert cfg.method in {"lora", "full", "bitfit"}
-    assert resolve_path(cfg.data.path) == (REPO_ROOT / "../shared/data/e2e/devset.csv").resolve()
+    assert resolve_path(cfg.data.path).resolve() == (REPO_ROOT / "../shared/data/e2e/devset.csv").resolve()
 
 
 def test_shipped_configs_are_the_lora_and_full_demo():
@@ -124,7 +126,8 @@ def test_config_is_frozen():
         cfg.lora.rank = 3
 
 
-def test_relative_paths_resolve_against_the_repo_not_the_cwd(tmp_path, monkeypatch):
+def test_relative_paths_resolve_against_the_current_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert resolve_path("../shared/x.csv") == (REPO_ROOT / "../shared/x.csv").resolve()
+    assert resolve_path("../shared/x.csv") == tmp_path / "../shared/x.csv"
+    assert resolve_path("runs/a") == tmp_path / "runs/a"
     assert resolve_path("/abs/x.csv").as_posix() == "/abs/x.csv"

@@ -8,10 +8,12 @@ from collections import Counter
 import datasets
 import numpy as np
 import pytest
+
+from train_fixtures import REPO_ROOT
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from train.batching import START, DataPosition, TrainBatches, assemble, eval_batches
-from train.config import REPO_ROOT, DataConfig
+from train.config import DataConfig
 from train.data import DataError, build_splits, train_batches, validation_batches
 from train.examples import Example
 from train.formats import E2E_INSTRUCTION, MalformedRow, chatml_user_turn, text_field
@@ -362,7 +364,7 @@ def test_empty_table_is_an_error(tmp_path, tokenizer):
 
 
 def test_missing_file_and_missing_eos_are_clear_errors(tmp_path, tokenizer):
-    with pytest.raises(DataError, match=r"does not exist .*repository root.*data.path="):
+    with pytest.raises(DataError, match=r"does not exist .*current directory.*data.path="):
         build_splits(DataConfig(path=str(tmp_path / "nope.csv")), tokenizer, seed=0)
     with pytest.raises(DataError, match="data.eos_token"):
         build_splits(DataConfig(eos_token="</s>"), tokenizer, seed=0)

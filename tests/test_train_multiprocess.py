@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import train_fixtures as tf
-from train.config import REPO_ROOT, config_to_yaml
+from train.config import config_to_yaml
 from train.run import train
 
 
@@ -42,7 +42,7 @@ def test_two_processes_match_one(tmp_path):
         [sys.executable, "-m", "train.cli", "train", str(config), "mesh.data=-1",
          f"output_dir={tmp_path / 'two'}", "--coordinator", address, "--num-processes", "2",
          "--process-id", str(i)],
-        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cwd=tf.REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for i in range(2)]
     try:
         outputs = [w.communicate(timeout=300)[0] for w in workers]

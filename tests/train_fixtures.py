@@ -16,6 +16,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from train.config import RunConfig, load_config
 from train.formats import E2E_INSTRUCTION, chatml_user_turn
 
+REPO_ROOT = Path(__file__).resolve().parents[1]  # the shipped configs/ live here
 EOS = "<|im_end|>"
 NAMES = ["Zizzi", "Wildwood", "Loch Fyne", "The Eagle", "Aromi", "Cotto", "Giraffe", "Strada"]
 FOODS = ["Italian", "Japanese", "French", "English"]

@@ -25,8 +25,9 @@ Override values are parsed as YAML: ``lora.targets=[q_proj,v_proj]``,
 ``checkpoint.dir=${output_dir}/ckpt`` are resolved before the dataclasses are built.
 
 Relative paths in a config (``data.path``, ``output_dir``, ``checkpoint.dir``) are
-relative to the repository root, never to the current directory: resolve them
-with :func:`resolve_path`.
+relative to the current directory, as every path on a command line is (the shipped
+configs assume the repository root, where ``make`` runs): resolve them with
+:func:`resolve_path`.
 """
 
 from __future__ import annotations
@@ -41,9 +42,6 @@ from typing import Any, Literal
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from train.errors import UserError
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
 
 class ConfigError(UserError, ValueError):
     """A configuration that cannot be used; the message names the key and the fix."""
@@ -303,8 +301,9 @@ def config_from_layers(layers: Sequence[tuple[str, DictConfig]]) -> RunConfig:
 def _read_yaml(path: str | Path) -> DictConfig:
     path = Path(path)
     if not path.is_file():
-        shipped = sorted(str(p.relative_to(REPO_ROOT)) for p in REPO_ROOT.glob("configs/*.yaml"))
-        raise ConfigError(f"config file {path} does not exist; pass one of {shipped}")
+        shipped = sorted(str(p) for p in Path("configs").glob("*.yaml"))
+        hint = f"pass one of {shipped}" if shipped else "pass the path of a run config YAML"
+        raise ConfigError(f"config file {path} does not exist; {hint}")
     loaded = OmegaConf.load(path)
     if not isinstance(loaded, DictConfig):
         raise ConfigError(f"config file {path} must hold a mapping of sections, got a list")
@@ -331,6 +330,5 @@ def save_config(cfg: RunConfig, path: str | Path) -> Path:
 
 
 def resolve_path(path: str | Path) -> Path:
-    """An absolute path: ``path`` itself if absolute, else relative to the repository root."""
-    path = Path(path).expanduser()
-    return path if path.is_absolute() else (REPO_ROOT / path).resolve()
+    """An absolute path: ``path`` itself if absolute, else relative to the current directory."""
+    return Path(path).expanduser().absolute()

@@ -47,7 +47,7 @@ import datasets
 from tokenizers import Tokenizer
 
 from train.batching import START, Batch, DataPosition, TrainBatches, eval_batches
-from train.config import REPO_ROOT, DataConfig, resolve_path
+from train.config import DataConfig, resolve_path
 from train.examples import Example, char_limit, encode_pairs, fit_example, length_status
 from train.formats import COLUMN_ALIASES, FORMATS, MalformedRow, find_columns, is_missing
 from train.ordering import split_by_group
@@ -148,7 +148,7 @@ def load_table(path: str, source_split: str = "train",
                             f"pass data.path=/path/to/file{local.suffix}")
         if not local.is_file():
             raise DataError(f"data file {local} does not exist (data.path={path!r}; relative paths "
-                            f"are resolved against the repository root {REPO_ROOT}); pass "
+                            f"are resolved against the current directory {Path.cwd()}); pass "
                             f"data.path=/path/to/file{local.suffix}")
         if builder == "csv":
             return read_csv(local, on_malformed)

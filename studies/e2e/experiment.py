@@ -69,7 +69,7 @@ from omegaconf.errors import OmegaConfBaseException
 from studies.e2e import metrics as e2e_metrics
 from studies.e2e.evaluation import PREDICTIONS_FILE, SCORES_FILE, read_e2e
 from train import layout, rundir
-from train.config import REPO_ROOT, ConfigError, load_config, resolve_path, save_config
+from train.config import ConfigError, load_config, resolve_path, save_config
 from train.machine import machine
 from train.metrics import read_records
 from train.ordering import split_by_group
@@ -137,9 +137,9 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> Experime
     """The experiment config at ``path`` with dotted ``overrides`` (e.g. ``eval.limit=20``)."""
     path = Path(path)
     if not path.is_file():
-        shipped = sorted(str(p.relative_to(REPO_ROOT))
-                         for p in REPO_ROOT.glob("configs/experiments/*.yaml"))
-        raise ConfigError(f"experiment config {path} does not exist; pass one of {shipped}")
+        shipped = sorted(str(p) for p in Path("configs/experiments").glob("*.yaml"))
+        hint = f"pass one of {shipped}" if shipped else "pass the path of an experiment YAML"
+        raise ConfigError(f"experiment config {path} does not exist; {hint}")
     try:
         merged = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), _experiment_yaml(path),
                                  OmegaConf.from_dotlist(list(overrides)))
@@ -262,7 +262,7 @@ def _run_process(args: list[str], log: Path) -> dict[str, float]:
     """Run ``python -m train.cli ARGS`` (output to ``log``); its peak RSS and wall time."""
     start = time.perf_counter()
     with log.open("w") as out:
-        process = subprocess.Popen([sys.executable, "-m", "train.cli", *args], cwd=REPO_ROOT,
+        process = subprocess.Popen([sys.executable, "-m", "train.cli", *args],
                                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
@@ -633,7 +633,7 @@ def check_outputs(cfg: ExperimentConfig, *, fresh: bool = False) -> None:
     out = rundir.check_writable(resolve_path(cfg.output_dir), "experiment output_dir")
     if out.is_dir() and any(out.iterdir()) and not rundir.owned(out, layout.Kind.EXPERIMENT):
         mark = rundir.read_mark(out)
-        whose = (f"it was created by lora-jax for a {mark['kind']}" if mark else
+        whose = (f"it is a lora-jax {mark['kind']!r} directory" if mark else
                  f"it was not created by lora-jax experiment (no {rundir.MARK_FILE} in it)")
         action = ("--fresh deletes only an experiment's own output_dir" if fresh else
                   "the experiment writes only into its own output_dir")
