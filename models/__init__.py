@@ -11,7 +11,7 @@ from models.config import PRESETS, REMAT_POLICIES, ModelConfig, get_config, with
 from models.decoder import Decoder, init_cache, init_params, logical_axes
 from models.generate import generate
 from models.loaders import (
-    CheckpointError,
+    ModelFileError,
     UnsupportedArchitectureError,
     abstract_load,
     embedded_gguf,
@@ -22,5 +22,5 @@ __all__ = [
     "PRESETS", "REMAT_POLICIES", "ModelConfig", "get_config", "with_options",
     "Decoder", "init_cache", "init_params", "logical_axes",
     "generate",
-    "CheckpointError", "UnsupportedArchitectureError", "abstract_load", "embedded_gguf", "load",
+    "ModelFileError", "UnsupportedArchitectureError", "abstract_load", "embedded_gguf", "load",
 ]

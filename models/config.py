@@ -29,10 +29,6 @@ class ModelConfig:
     is set, as in Hugging Face's LlamaConfig; both are ignored for "gpt2", which has them all.
     `dtype` is the compute dtype, `param_dtype` the storage dtype of parameters; both accept a
     dtype or its name ("bfloat16").
-    `bottleneck_adapter` > 0 adds a Houlsby et al. 2019 bottleneck adapter (down-projection to
-    this size, GELU, up-projection, residual) after the attention and after the MLP of each
-    layer (0: none); it exists for the LoRA paper's adapter-latency comparison
-    (benchmarks/latency.py).
     """
 
     family: str
@@ -47,7 +43,6 @@ class ModelConfig:
     tie_word_embeddings: bool
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
-    bottleneck_adapter: int = 0
     scan_layers: bool = False
     remat_policy: str = "none"
     dtype: Any = jnp.float32
@@ -68,8 +63,6 @@ class ModelConfig:
             raise ValueError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
             )
-        if self.bottleneck_adapter < 0:
-            raise ValueError(f"bottleneck_adapter must be >= 0; got {self.bottleneck_adapter}")
         object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
         object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype))
 

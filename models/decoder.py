@@ -9,24 +9,11 @@ import jax
 import jax.numpy as jnp
 
 from models.config import REMAT_POLICIES, ModelConfig
-from models.layers import (
-    MLP,
-    Attention,
-    BottleneckAdapter,
-    dense,
-    embed,
-    norm,
-    visibility,
-)
+from models.layers import MLP, Attention, dense, embed, norm, visibility
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(.)). Returns (x_BxLxD, None) for nn.scan.
-
-    With `config.bottleneck_adapter`, each sublayer's output passes through a
-    `BottleneckAdapter` (`attn_adapter`, `mlp_adapter`) before its residual addition, as in
-    Houlsby et al. 2019: x + adapter(attn(norm(x))), then + adapter(mlp(norm(.))).
-    """
+    """Pre-norm block: x + attn(norm(x)), then + mlp(norm(.)). Returns (x_BxLxD, None) for nn.scan."""
 
     config: ModelConfig
 
@@ -34,17 +21,11 @@ class DecoderLayer(nn.Module):
     def __call__(self, x_BxLxD, visible_BxLxS, positions_BxL, cache_offset, decode: bool):
         cfg = self.config
         h_BxLxD = norm(cfg, "input_layernorm")(x_BxLxD)
-        attn_BxLxD = Attention(cfg, name="self_attn")(
+        x_BxLxD = x_BxLxD + Attention(cfg, name="self_attn")(
             h_BxLxD, visible_BxLxS, positions_BxL, cache_offset, decode
         )
-        if cfg.bottleneck_adapter:
-            attn_BxLxD = BottleneckAdapter(cfg, name="attn_adapter")(attn_BxLxD)
-        x_BxLxD = x_BxLxD + attn_BxLxD
         h_BxLxD = norm(cfg, "post_attention_layernorm")(x_BxLxD)
-        mlp_BxLxD = MLP(cfg, name="mlp")(h_BxLxD)
-        if cfg.bottleneck_adapter:
-            mlp_BxLxD = BottleneckAdapter(cfg, name="mlp_adapter")(mlp_BxLxD)
-        return x_BxLxD + mlp_BxLxD, None
+        return x_BxLxD + MLP(cfg, name="mlp")(h_BxLxD), None
 
 
 class Decoder(nn.Module):

@@ -166,34 +166,3 @@ class MLP(nn.Module):
             gate_BxLxF = dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "gate_proj", bias)(x_BxLxD)
             h_BxLxF = jax.nn.silu(gate_BxLxF) * up_BxLxF
         return dense(cfg, cfg.hidden_size, ("mlp", "embed"), "down_proj", bias)(h_BxLxF)
-
-
-class BottleneckAdapter(nn.Module):
-    """Houlsby et al. 2019 bottleneck adapter on a sublayer's output h: h + up(gelu(down(h))).
-
-    down: (D, A) and up: (A, D) Dense layers with biases, A = `config.bottleneck_adapter`, GELU
-    (tanh) between them. `up` starts at zero, so an adapted model starts as its base model. It
-    exists for the LoRA paper's adapter-latency comparison (benchmarks/latency.py): a
-    sequential extra layer that, unlike LoRA, cannot be merged away.
-    """
-
-    config: ModelConfig
-
-    @nn.compact
-    def __call__(self, h_BxLxD):
-        cfg = self.config
-
-        def layer(features, axes, kernel_init, name):
-            return nn.Dense(
-                features, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                kernel_init=nn.with_logical_partitioning(kernel_init, axes),
-                bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[1:]),
-                name=name,
-            )
-
-        zeros = nn.initializers.zeros_init()
-        down_BxLxA = layer(cfg.bottleneck_adapter, ("embed", "adapter"), nn.initializers.normal(_INIT_STD),
-                           "down")(h_BxLxD)
-        up_BxLxD = layer(h_BxLxD.shape[-1], ("adapter", "embed"), zeros, "up")(
-            jax.nn.gelu(down_BxLxA, approximate=True))
-        return h_BxLxD + up_BxLxD

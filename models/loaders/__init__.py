@@ -12,9 +12,10 @@ from flax import linen as nn
 from tokenizers import Tokenizer
 
 from models.decoder import Decoder, abstract_variables
-from models.loaders.checkpoint import CheckpointError
+from models.families import UnsupportedArchitectureError
+from models.loaders.checkpoint import ModelFileError
 from models.loaders.gguf import gguf_config, load_gguf
-from models.loaders.hf import UnsupportedArchitectureError, hf_config, load_hf
+from models.loaders.hf import hf_config, load_hf
 from models.tokenizer import tokenizer_from_dir, tokenizer_from_gguf
 
 # name -> (Python package that ships the file, file name, pip requirement)
@@ -77,25 +78,18 @@ def load(name_or_path: str | Path, **options: Any) -> tuple[Decoder, dict[str, A
     A Llama checkpoint's biases follow its config.json (`attention_bias`, `mlp_bias`; a GGUF file
     has none); `attention_bias=True` / `mlp_bias=True` add the ones it lacks as zeros, so the
     model computes exactly the checkpoint's function (trainable biases for BitFit). Setting
-    either False for a checkpoint that has those biases raises CheckpointError.
+    either False for a checkpoint that has those biases raises ModelFileError.
     Returns the Flax module, UNBOXED params (plain arrays in `param_dtype`; logical axis names via
     `models.logical_axes(model)`), and a `tokenizers.Tokenizer` (None for a checkpoint directory
     without tokenizer.json).
     """
-    if isinstance(name_or_path, str) and name_or_path in EMBEDDED:
-        name_or_path = embedded_gguf(name_or_path)
-    path = Path(name_or_path)
+    path = _source(name_or_path)
     if path.suffix == ".gguf":
         config, params, reader = load_gguf(path, **options)
         return Decoder(config), params, tokenizer_from_gguf(reader)
-    if path.is_dir():
-        config, params = load_hf(path, **options)
-        return Decoder(config), params, tokenizer_from_dir(path)
-    raise FileNotFoundError(
-        f"cannot load {str(name_or_path)!r}: not an embedded model {sorted(EMBEDDED)}, "
-        "not a .gguf file, and not a checkpoint directory"
-    )
+    config, params = load_hf(path, **options)
+    return Decoder(config), params, tokenizer_from_dir(path)
 
 
-__all__ = ["CheckpointError", "UnsupportedArchitectureError", "abstract_load", "embedded_gguf",
+__all__ = ["ModelFileError", "UnsupportedArchitectureError", "abstract_load", "embedded_gguf",
            "load"]

@@ -1,25 +1,26 @@
-"""Checkpoint-format-independent half of loading: renaming tensors by rules, then checking the
-result against the model's parameter shapes and building the (unboxed) params tree."""
+"""Checkpoint-format-independent half of loading: naming tensors by the family's table
+(models/families.py), then checking the result against the model's parameter shapes and
+building the (unboxed) params tree."""
 
 from __future__ import annotations
 
-import re
+import collections
+import functools
+import types
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import numpy as np
 
+from models import families
 from models.config import ModelConfig, with_options
 from models.decoder import Decoder, abstract_variables
 
-# A rule maps a checkpoint tensor name (full regex match) to model parameters:
-# the converter receives the regex match and the array, and returns {"a/b/kernel": array}.
-Rule = tuple[str, Callable[[re.Match, np.ndarray], dict[str, np.ndarray]]]
 
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model: missing/unexpected tensors or wrong shapes.
+class ModelFileError(ValueError):
+    """A model checkpoint that cannot be loaded: it does not fit the model its config
+    describes (missing/unexpected tensors, wrong shapes) or the options asked of it.
 
     The message is one line: the checkpoint, what does not fit, and the fix.
     """
@@ -31,38 +32,43 @@ def _some(names: list[str], shown: int = 5) -> str:
     return f"{names[:shown]}{more}"
 
 
-def linear(template: str) -> Callable[[re.Match, np.ndarray], dict[str, np.ndarray]]:
-    """Converter for a torch nn.Linear weight (out, in): stored transposed as kernel (in, out)."""
-    return lambda m, w: {m.expand(template): np.asarray(w).T}
-
-
-def same(template: str) -> Callable[[re.Match, np.ndarray], dict[str, np.ndarray]]:
-    """Converter that keeps the array as is."""
-    return lambda m, w: {m.expand(template): np.asarray(w)}
-
-
-def rename(tensors: Mapping[str, Any], rules: list[Rule]) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Apply the first matching rule to every tensor; returns (named params, unmatched names)."""
-    compiled = [(re.compile(pattern), convert) for pattern, convert in rules]
+def rename(
+    tensors: Mapping[str, Any],
+    config: ModelConfig,
+    fmt: str,
+    convert: Callable[[families.Place, Any], np.ndarray],
+    prefix: str = "",
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """(our params {"a/b/kernel": array}, names of the tensors that no parameter has) of
+    checkpoint `tensors` named in format `fmt` ("hf" or "gguf"): each parameter of the model
+    finds its tensor by the family's table, and `convert(place, tensor)` gives its value.
+    Tensors `families.dropped` names are skipped; `prefix` is one that some checkpoints leave
+    out of their tensor names."""
+    wanted = collections.defaultdict(list)
+    for name in expected_shapes(config):
+        place = families.locate(config, name)
+        if place is not None and getattr(place, fmt) is not None:
+            wanted[place.tensor(fmt)].append((name, place))
+    skip = families.dropped(config, fmt)
     named, unmatched = {}, []
     for key, array in tensors.items():
-        for pattern, convert in compiled:
-            match = pattern.fullmatch(key)
-            if match:
-                named.update(convert(match, array))
-                break
-        else:
+        found = next((k for k in (key, prefix + key) if k in wanted or k in skip), None)
+        if found is None:
             unmatched.append(key)
+        for name, place in wanted.get(found, ()):
+            named[name] = convert(place, array)
     return named, unmatched
 
 
-def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """{"layers_0/self_attn/q_proj/kernel": shape, ...} of the unscanned model."""
+@functools.lru_cache(maxsize=8)
+def expected_shapes(config: ModelConfig) -> Mapping[str, tuple[int, ...]]:
+    """{"layers_0/self_attn/q_proj/kernel": shape, ...} of the unscanned model (read-only)."""
     abstract = abstract_variables(Decoder(with_options(config, scan_layers=False)), 1, 1, decode=False)
     flat = jax.tree_util.tree_flatten_with_path(
         abstract["params"], is_leaf=lambda x: hasattr(x, "names")
     )[0]
-    return {"/".join(k.key for k in path): tuple(leaf.value.shape) for path, leaf in flat}
+    return types.MappingProxyType(
+        {"/".join(k.key for k in path): tuple(leaf.value.shape) for path, leaf in flat})
 
 
 def configure(
@@ -72,13 +78,13 @@ def configure(
 
     `attention_bias` / `mlp_bias` options may give a Llama checkpoint biases it lacks: the
     missing ones are zeros, so the model computes exactly the checkpoint's function. Options
-    that would drop biases the checkpoint has raise CheckpointError.
+    that would drop biases the checkpoint has raise ModelFileError.
     """
     config = with_options(checkpoint, **options)
     flags = ("attention_bias", "mlp_bias")
     for flag in flags:
         if getattr(checkpoint, flag) and not getattr(config, flag):
-            raise CheckpointError(f"{source} has biases ({flag}=true) that the option "
+            raise ModelFileError(f"{source} has biases ({flag}=true) that the option "
                                   f"{flag}=False would drop; leave the option out (or set it "
                                   f"true)")
     if all(getattr(config, flag) == getattr(checkpoint, flag) for flag in flags):
@@ -95,14 +101,14 @@ def build_params(
     stacked along a leading layer axis under "layers" when `config.scan_layers`. `named` is
     consumed (emptied); callers pass a dict they hold no other reference to its arrays by.
 
-    Raises CheckpointError listing missing and unexpected tensors, or naming a parameter whose
+    Raises ModelFileError listing missing and unexpected tensors, or naming a parameter whose
     shape differs.
     """
     expected = expected_shapes(config)
     missing = sorted(set(expected) - set(named))
     unexpected = sorted(unmatched + sorted(set(named) - set(expected)))
     if missing or unexpected:
-        raise CheckpointError(
+        raise ModelFileError(
             f"{source} does not match the {config.family} model its config describes ("
             + "; ".join(([f"{len(missing)} parameters missing: {_some(missing)}"] if missing
                          else [])
@@ -113,7 +119,7 @@ def build_params(
         )
     for name, shape in expected.items():
         if tuple(named[name].shape) != shape:
-            raise CheckpointError(
+            raise ModelFileError(
                 f"{source}: parameter {name} has shape {tuple(named[name].shape)} in the checkpoint "
                 f"but its config describes a model that needs {shape}; the weights and the config "
                 f"do not belong together: download or save the checkpoint again"

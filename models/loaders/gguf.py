@@ -1,26 +1,20 @@
-"""GGUF files (llama.cpp) of the Llama architecture, dequantised with the `gguf` package."""
+"""GGUF files (llama.cpp) of the families with GGUF names in models/families.py (Llama),
+dequantised with the `gguf` package."""
 
 from __future__ import annotations
 
 import mmap
 import struct
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
 import gguf
 import numpy as np
 
+from models import families
 from models.config import ModelConfig
-from models.loaders.checkpoint import (
-    Rule,
-    build_params,
-    configure,
-    linear,
-    rename,
-    same,
-)
-from models.loaders.hf import UnsupportedArchitectureError
+from models.loaders.checkpoint import build_params, configure, rename
 
 
 def field(reader: gguf.GGUFReader | Mapping[str, Any], key: str, default: Any = None) -> Any:
@@ -92,30 +86,10 @@ def read_metadata(path: str | Path) -> tuple[dict[str, Any], list[str]]:
 
 
 def config_from_gguf(reader: gguf.GGUFReader | Mapping[str, Any], has_output: bool) -> ModelConfig:
-    """ModelConfig from GGUF metadata; the LM head is tied when there is no `output.weight`."""
-    arch = field(reader, "general.architecture")
-    if arch != "llama":
-        raise UnsupportedArchitectureError(
-            f"unsupported GGUF architecture {arch!r}; supported: ('llama',)"
-        )
-    heads = field(reader, "llama.attention.head_count")
-    hidden = field(reader, "llama.embedding_length")
-    return ModelConfig(
-        family="llama",
-        vocab_size=field(reader, "llama.vocab_size") or len(field(reader, "tokenizer.ggml.tokens")),
-        hidden_size=hidden,
-        intermediate_size=field(reader, "llama.feed_forward_length"),
-        num_layers=field(reader, "llama.block_count"),
-        num_heads=heads,
-        num_kv_heads=field(reader, "llama.attention.head_count_kv", heads),
-        head_dim=field(reader, "llama.rope.dimension_count", hidden // heads),
-        max_position_embeddings=field(reader, "llama.context_length"),
-        tie_word_embeddings=not has_output,
-        rope_theta=field(reader, "llama.rope.freq_base", 10000.0),
-        norm_eps=field(reader, "llama.attention.layer_norm_rms_epsilon"),
-        eos_token_id=field(reader, "tokenizer.ggml.eos_token_id"),
-        pad_token_id=field(reader, "tokenizer.ggml.padding_token_id"),
-    )
+    """ModelConfig from GGUF metadata; the LM head is tied unless `has_output` (the file has
+    the output head's tensor, `output.weight` in Llama)."""
+    family = families.gguf_family(field(reader, "general.architecture"))
+    return family.config_from_gguf(lambda key, default=None: field(reader, key, default), has_output)
 
 
 def unpermute_rope_rows(w_OxI: np.ndarray, num_heads: int) -> np.ndarray:
@@ -123,31 +97,15 @@ def unpermute_rope_rows(w_OxI: np.ndarray, num_heads: int) -> np.ndarray:
 
     llama.cpp stores rows of head h as (head_dim/2, 2) pairs; Hugging Face as (2, head_dim/2).
     """
-    O, I = w_OxI.shape
-    return w_OxI.reshape(num_heads, O // num_heads // 2, 2, I).swapaxes(1, 2).reshape(O, I)
+    O, *rest = w_OxI.shape
+    return w_OxI.reshape(num_heads, O // num_heads // 2, 2, *rest).swapaxes(1, 2).reshape(w_OxI.shape)
 
 
-def _rope_linear(template: str, num_heads: int):
-    to_kernel = linear(template)
-    return lambda m, w: to_kernel(m, unpermute_rope_rows(w, num_heads))
-
-
-def _rules(config: ModelConfig) -> list[Rule]:
-    blk = r"blk\.(\d+)\."
-    return [
-        (r"token_embd\.weight", same("embed_tokens/embedding")),
-        (blk + r"attn_q\.weight", _rope_linear(r"layers_\1/self_attn/q_proj/kernel", config.num_heads)),
-        (blk + r"attn_k\.weight", _rope_linear(r"layers_\1/self_attn/k_proj/kernel", config.num_kv_heads)),
-        (blk + r"attn_v\.weight", linear(r"layers_\1/self_attn/v_proj/kernel")),
-        (blk + r"attn_output\.weight", linear(r"layers_\1/self_attn/o_proj/kernel")),
-        (blk + r"ffn_gate\.weight", linear(r"layers_\1/mlp/gate_proj/kernel")),
-        (blk + r"ffn_up\.weight", linear(r"layers_\1/mlp/up_proj/kernel")),
-        (blk + r"ffn_down\.weight", linear(r"layers_\1/mlp/down_proj/kernel")),
-        (blk + r"attn_norm\.weight", same(r"layers_\1/input_layernorm/scale")),
-        (blk + r"ffn_norm\.weight", same(r"layers_\1/post_attention_layernorm/scale")),
-        (r"output_norm\.weight", same("norm/scale")),
-        (r"output\.weight", linear("lm_head/kernel")),
-    ]
+def _to_ours(config: ModelConfig, place: families.Place, w: np.ndarray) -> np.ndarray:
+    """Our value of a parameter from its dequantised tensor (every matrix (out, in))."""
+    if place.module.rope_heads:
+        w = unpermute_rope_rows(w, getattr(config, place.module.rope_heads))
+    return families.to_ours(place, w, out_in=True)
 
 
 def dequantize(tensor: gguf.ReaderTensor) -> np.ndarray:
@@ -155,26 +113,34 @@ def dequantize(tensor: gguf.ReaderTensor) -> np.ndarray:
     return np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32)
 
 
-def gguf_config(path: str | Path, **options: Any) -> ModelConfig:
-    """The config `load_gguf` would give, from the file's header alone (`read_metadata`: the
-    metadata and tensor names; no tensor data is read or dequantised)."""
+def _has_output(reader: gguf.GGUFReader | Mapping[str, Any], names: Collection[str]) -> bool:
+    """Whether the file has its family's output-head tensor (else the head is tied)."""
+    family = families.gguf_family(field(reader, "general.architecture"))
+    return any(f"{m.gguf}.weight" in names for m in family.modules if m.ours == "lm_head")
+
+
+def _file(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
-    metadata, names = read_metadata(path)
-    config, _ = configure(config_from_gguf(metadata, "output.weight" in names), options, str(path))
+    return path
+
+
+def gguf_config(path: str | Path, **options: Any) -> ModelConfig:
+    """The config `load_gguf` would give, from the file's header alone (`read_metadata`: the
+    metadata and tensor names; no tensor data is read or dequantised)."""
+    metadata, names = read_metadata(_file(path))
+    config, _ = configure(config_from_gguf(metadata, _has_output(metadata, names)), options, str(path))
     return config
 
 
 def load_gguf(path: str | Path, **options: Any) -> tuple[ModelConfig, dict[str, Any], gguf.GGUFReader]:
     """(config with `options` applied, params, reader) from a GGUF file; the reader carries the
     tokenizer metadata. Biases that `options` add (`attention_bias`, `mlp_bias`) are zeros."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"GGUF file not found: {path}")
-    reader = gguf.GGUFReader(path)
+    reader = gguf.GGUFReader(_file(path))
     names = {t.name for t in reader.tensors}
-    config, zeros = configure(config_from_gguf(reader, "output.weight" in names), options, str(path))
-    named, unmatched = rename({t.name: dequantize(t) for t in reader.tensors}, _rules(config))
+    config, zeros = configure(config_from_gguf(reader, _has_output(reader, names)), options, str(path))
+    named, unmatched = rename({t.name: dequantize(t) for t in reader.tensors}, config, "gguf",
+                              lambda place, w: _to_ours(config, place, w))
     named.update(zeros)  # build_params empties it, freeing each dequantised array once converted
     return config, build_params(named, unmatched, config, str(path)), reader

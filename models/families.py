@@ -1,0 +1,309 @@
+"""One table per model family: our parameter paths <-> Hugging Face (transformers) module
+names <-> GGUF (llama.cpp) tensor names, and the family's config mappings.
+
+Every format reads its names here, in both directions: loading safetensors
+(loaders/hf.py) and GGUF (loaders/gguf.py), exporting transformers checkpoints
+(hf_export.py) and PEFT adapters (hf_names.py). Adding a family is a `Family`
+(its `Module` table and config functions) in `FAMILIES`.
+
+A module's parameters and its checkpoint tensors pair up by leaf: ``kernel``, ``embedding``
+and ``scale`` are ``<name>.weight``, ``bias`` is ``<name>.bias``. Our kernels are (in, out);
+a checkpoint stores a ``linear`` weight (out, in) (torch ``nn.Linear``; GGUF stores every
+matrix so) and a ``conv1d`` one (in, out) (transformers ``Conv1D``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from models.config import ModelConfig
+
+LEAVES = ("kernel", "embedding", "scale", "bias")  # the parameter names of a models.Decoder
+
+
+class UnsupportedArchitectureError(ValueError):
+    """A checkpoint whose architecture (or an option of it) this decoder does not implement."""
+
+
+class Module(NamedTuple):
+    """One row of a family's table; "{i}" in a name stands for the layer index.
+
+    kind: "linear", "conv1d", "embedding" or "norm" (stored as it is; LoRA never adapts it).
+    part, parts: the module is output block `part` of `parts` of a fused checkpoint module
+      (GPT-2's ``c_attn`` holds q, k, v as parts 0, 1, 2 of 3).
+    rope_heads: the config field counting this projection's heads, whose rows llama.cpp
+      permutes for its interleaved RoPE (GGUF only).
+    """
+
+    ours: str
+    hf: str
+    kind: str
+    gguf: str | None = None
+    part: int = 0
+    parts: int = 1
+    rope_heads: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A decoder family; `name` is its ModelConfig.family, transformers model_type and GGUF
+    general.architecture.
+
+    config_from_hf: ModelConfig from a transformers config.json dict.
+    config_to_hf: the family's part of a config.json (`hf_config` adds the common fields).
+    config_from_gguf: (metadata getter `get(key, default)`, has an output tensor) ->
+      ModelConfig; None when the family has no GGUF names.
+    hf_buffers: transformers tensors that are not parameters (skipped when loading).
+    hf_optional_prefix: a prefix of transformers names that some checkpoints leave out.
+    peft_ties_head: whether PEFT ties an embedding adapter to the output module.
+    """
+
+    name: str
+    modules: tuple[Module, ...]
+    config_from_hf: Callable[[dict[str, Any]], ModelConfig]
+    config_to_hf: Callable[[ModelConfig], dict[str, Any]]
+    config_from_gguf: Callable[[Callable[..., Any], bool], ModelConfig] | None = None
+    hf_buffers: tuple[str, ...] = ()
+    hf_optional_prefix: str = ""
+    peft_ties_head: bool = True
+
+
+def _reject(condition: bool, what: str) -> None:
+    if condition:
+        raise UnsupportedArchitectureError(f"unsupported checkpoint option: {what}")
+
+
+def _first(token_id: int | list[int] | None) -> int | None:
+    return token_id[0] if isinstance(token_id, list) else token_id
+
+
+# ----------------------------------------------------------------------------------- GPT-2
+
+
+def _gpt2_from_hf(hf: dict[str, Any]) -> ModelConfig:
+    _reject(hf.get("activation_function", "gelu_new") != "gelu_new", "GPT-2 activation other than gelu_new")
+    _reject(hf.get("scale_attn_by_inverse_layer_idx", False), "scale_attn_by_inverse_layer_idx")
+    hidden, heads = hf["n_embd"], hf["n_head"]
+    return ModelConfig(
+        family="gpt2", vocab_size=hf["vocab_size"], hidden_size=hidden,
+        intermediate_size=hf.get("n_inner") or 4 * hidden, num_layers=hf["n_layer"],
+        num_heads=heads, num_kv_heads=heads, head_dim=hidden // heads,
+        max_position_embeddings=hf["n_positions"],
+        tie_word_embeddings=hf.get("tie_word_embeddings", True),
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        eos_token_id=hf.get("eos_token_id"), pad_token_id=hf.get("pad_token_id"),
+    )
+
+
+def _gpt2_to_hf(config: ModelConfig) -> dict[str, Any]:
+    if config.num_kv_heads != config.num_heads or config.head_dim * config.num_heads != config.hidden_size:
+        raise ValueError("a GPT-2 checkpoint needs num_kv_heads == num_heads and "
+                         "head_dim * num_heads == hidden_size")
+    return dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", n_embd=config.hidden_size,
+                n_layer=config.num_layers, n_head=config.num_heads,
+                n_inner=config.intermediate_size, n_positions=config.max_position_embeddings,
+                layer_norm_epsilon=config.norm_eps, activation_function="gelu_new",
+                bos_token_id=config.eos_token_id)
+
+
+_H = "transformer.h.{i}."
+GPT2 = Family(
+    name="gpt2",
+    modules=(
+        Module("embed_tokens", "transformer.wte", "embedding"),
+        Module("embed_positions", "transformer.wpe", "embedding"),
+        Module("layers_{i}/input_layernorm", _H + "ln_1", "norm"),
+        Module("layers_{i}/post_attention_layernorm", _H + "ln_2", "norm"),
+        Module("layers_{i}/self_attn/q_proj", _H + "attn.c_attn", "conv1d", part=0, parts=3),
+        Module("layers_{i}/self_attn/k_proj", _H + "attn.c_attn", "conv1d", part=1, parts=3),
+        Module("layers_{i}/self_attn/v_proj", _H + "attn.c_attn", "conv1d", part=2, parts=3),
+        Module("layers_{i}/self_attn/o_proj", _H + "attn.c_proj", "conv1d"),
+        Module("layers_{i}/mlp/up_proj", _H + "mlp.c_fc", "conv1d"),
+        Module("layers_{i}/mlp/down_proj", _H + "mlp.c_proj", "conv1d"),
+        Module("norm", "transformer.ln_f", "norm"),
+        Module("lm_head", "lm_head", "linear"),
+    ),
+    config_from_hf=_gpt2_from_hf,
+    config_to_hf=_gpt2_to_hf,
+    hf_buffers=(_H + "attn.bias", _H + "attn.masked_bias"),  # causal masks of old checkpoints
+    hf_optional_prefix="transformer.",  # absent from checkpoints of a bare GPT2Model
+    peft_ties_head=False,  # PEFT does not tie wte's adapter to lm_head
+)
+
+# ----------------------------------------------------------------------------------- Llama
+
+
+def _llama_from_hf(hf: dict[str, Any]) -> ModelConfig:
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    _reject(rope.get("rope_type", rope.get("type", "default")) != "default", f"RoPE scaling {rope}")
+    _reject(hf.get("hidden_act", "silu") != "silu", f"Llama activation {hf.get('hidden_act')}")
+    heads = hf["num_attention_heads"]
+    return ModelConfig(
+        family="llama", vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
+        num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        max_position_embeddings=hf["max_position_embeddings"],
+        tie_word_embeddings=hf.get("tie_word_embeddings", False),
+        rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        eos_token_id=_first(hf.get("eos_token_id")), pad_token_id=hf.get("pad_token_id"),
+        attention_bias=hf.get("attention_bias", False), mlp_bias=hf.get("mlp_bias", False),
+    )
+
+
+def _llama_to_hf(config: ModelConfig) -> dict[str, Any]:
+    rope = {"rope_type": "default", "rope_theta": config.rope_theta}
+    return dict(architectures=["LlamaForCausalLM"], model_type="llama",
+                hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+                num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
+                num_key_value_heads=config.num_kv_heads, head_dim=config.head_dim,
+                max_position_embeddings=config.max_position_embeddings,
+                rms_norm_eps=config.norm_eps, rope_theta=config.rope_theta, rope_parameters=rope,
+                hidden_act="silu", attention_bias=config.attention_bias,
+                mlp_bias=config.mlp_bias, bos_token_id=None)
+
+
+def _llama_from_gguf(get: Callable[..., Any], has_output: bool) -> ModelConfig:
+    heads, hidden = get("llama.attention.head_count"), get("llama.embedding_length")
+    return ModelConfig(
+        family="llama",
+        vocab_size=get("llama.vocab_size") or len(get("tokenizer.ggml.tokens")),
+        hidden_size=hidden,
+        intermediate_size=get("llama.feed_forward_length"),
+        num_layers=get("llama.block_count"),
+        num_heads=heads,
+        num_kv_heads=get("llama.attention.head_count_kv", heads),
+        head_dim=get("llama.rope.dimension_count", hidden // heads),
+        max_position_embeddings=get("llama.context_length"),
+        tie_word_embeddings=not has_output,
+        rope_theta=get("llama.rope.freq_base", 10000.0),
+        norm_eps=get("llama.attention.layer_norm_rms_epsilon"),
+        eos_token_id=get("tokenizer.ggml.eos_token_id"),
+        pad_token_id=get("tokenizer.ggml.padding_token_id"),
+    )
+
+
+_L, _B = "model.layers.{i}.", "blk.{i}."
+LLAMA = Family(
+    name="llama",
+    modules=(
+        Module("embed_tokens", "model.embed_tokens", "embedding", "token_embd"),
+        Module("layers_{i}/input_layernorm", _L + "input_layernorm", "norm", _B + "attn_norm"),
+        Module("layers_{i}/post_attention_layernorm", _L + "post_attention_layernorm", "norm",
+               _B + "ffn_norm"),
+        Module("layers_{i}/self_attn/q_proj", _L + "self_attn.q_proj", "linear", _B + "attn_q",
+               rope_heads="num_heads"),
+        Module("layers_{i}/self_attn/k_proj", _L + "self_attn.k_proj", "linear", _B + "attn_k",
+               rope_heads="num_kv_heads"),
+        Module("layers_{i}/self_attn/v_proj", _L + "self_attn.v_proj", "linear", _B + "attn_v"),
+        Module("layers_{i}/self_attn/o_proj", _L + "self_attn.o_proj", "linear", _B + "attn_output"),
+        Module("layers_{i}/mlp/gate_proj", _L + "mlp.gate_proj", "linear", _B + "ffn_gate"),
+        Module("layers_{i}/mlp/up_proj", _L + "mlp.up_proj", "linear", _B + "ffn_up"),
+        Module("layers_{i}/mlp/down_proj", _L + "mlp.down_proj", "linear", _B + "ffn_down"),
+        Module("norm", "model.norm", "norm", "output_norm"),
+        Module("lm_head", "lm_head", "linear", "output"),
+    ),
+    config_from_hf=_llama_from_hf,
+    config_to_hf=_llama_to_hf,
+    config_from_gguf=_llama_from_gguf,
+)
+
+FAMILIES = {f.name: f for f in (GPT2, LLAMA)}
+
+# ------------------------------------------------------------------------------ the lookups
+
+
+def family(config: ModelConfig) -> Family:
+    return FAMILIES[config.family]
+
+
+def hf_family(hf: dict[str, Any]) -> Family:
+    """The family of a transformers config.json dict (its model_type)."""
+    model_type = hf.get("model_type")
+    if model_type not in FAMILIES:
+        raise UnsupportedArchitectureError(
+            f"unsupported architecture model_type={model_type!r} "
+            f"(architectures={hf.get('architectures')}); supported: {tuple(FAMILIES)}"
+        )
+    return FAMILIES[model_type]
+
+
+def gguf_family(arch: str | None) -> Family:
+    """The family of a GGUF file's general.architecture."""
+    supported = tuple(name for name, f in FAMILIES.items() if f.config_from_gguf)
+    if arch not in supported:
+        raise UnsupportedArchitectureError(f"unsupported GGUF architecture {arch!r}; supported: {supported}")
+    return FAMILIES[arch]
+
+
+def hf_config(config: ModelConfig) -> dict[str, Any]:
+    """The transformers ``config.json`` dict of `config` (what `Family.config_from_hf` reads)."""
+    return dict(family(config).config_to_hf(config), vocab_size=config.vocab_size,
+                tie_word_embeddings=config.tie_word_embeddings, eos_token_id=config.eos_token_id,
+                pad_token_id=config.pad_token_id, dtype=str(config.param_dtype))
+
+
+class Place(NamedTuple):
+    """Where one of our parameters lives in a checkpoint: its table row and its names there."""
+
+    module: Module
+    hf: str  # transformers module name, "model.layers.3.mlp.up_proj"
+    gguf: str | None  # GGUF tensor name without its leaf, "blk.3.ffn_up"
+    leaf: str  # our parameter's name in its module: "kernel", "bias", ...
+
+    def tensor(self, fmt: str) -> str:
+        """The checkpoint tensor's name in format `fmt` ("hf" or "gguf")."""
+        return f"{getattr(self, fmt)}.{'bias' if self.leaf == 'bias' else 'weight'}"
+
+
+_LAYER = re.compile(r"layers_(\d+)/")
+
+
+def locate(config: ModelConfig, path: str, layer: int | None = None) -> Place | None:
+    """Where our parameter `path` lives (``"layers_0/mlp/up_proj/kernel"``, or a scanned
+    ``"layers/mlp/up_proj/kernel"`` with its `layer` index); None if no module holds it."""
+    module_path, _, leaf = path.rpartition("/")
+    if layer is not None:
+        module_path = re.sub(r"^layers/", f"layers_{layer}/", module_path)
+    match = _LAYER.match(module_path)
+    index = int(match[1]) if match else None
+    key = _LAYER.sub("layers_{i}/", module_path, count=1)
+    for row in family(config).modules:
+        if row.ours == key:
+            gguf = None if row.gguf is None else row.gguf.format(i=index)
+            return Place(row, row.hf.format(i=index), gguf, leaf)
+    return None
+
+
+def to_ours(place: Place, array: Any, out_in: bool) -> np.ndarray:
+    """Our value of `place`'s parameter from its checkpoint tensor `array`, whose matrices are
+    (out, in) if `out_in`: a kernel is transposed, a fused module's part cut out."""
+    value = np.asarray(array)
+    if out_in and place.leaf == "kernel":
+        value = value.T
+    module = place.module
+    return np.split(value, module.parts, axis=-1)[module.part] if module.parts > 1 else value
+
+
+def to_hf(place: Place, value: Any) -> Any:
+    """The transformers tensor of `place` from our value (of all the parts of a fused module,
+    concatenated in order along the last axis)."""
+    return value.T if place.module.kind == "linear" and place.leaf == "kernel" else value
+
+
+def dropped(config: ModelConfig, fmt: str) -> set[str]:
+    """Checkpoint tensors that loading skips: buffers, and a tied output head (it is the
+    embedding; some checkpoints save it anyway)."""
+    names = set()
+    if fmt == "hf":
+        names = {b.format(i=i) for b in family(config).hf_buffers for i in range(config.num_layers)}
+    head = locate(config, "lm_head/kernel")
+    if config.tie_word_embeddings and head is not None and getattr(head, fmt) is not None:
+        names.add(head.tensor(fmt))
+    return names
