@@ -14,6 +14,7 @@ import transformers
 
 import lora_jax as lj
 import models
+import tolerances as tol
 import train_fixtures as tf
 from models.hf_export import save_hf
 from test_peft import hf_model
@@ -31,6 +32,12 @@ def _bumped(params):
             return x + 0.1 * jax.random.normal(jax.random.key(x.size), x.shape)
         return x
     return jax.tree_util.tree_map_with_path(bump, params)
+
+
+def _atol(model, expected, rank=0):
+    """Two float32 evaluations of the logits (ours and torch's, factored and merged): the
+    decoder's chain of tolerances.py, with a rank-`rank` adapter beside the projections."""
+    return tol.logits_atol(model.config, expected, keys=expected.shape[-2], rank=rank)
 
 
 def _torch_logits(directory, ids=IDS) -> np.ndarray:
@@ -51,7 +58,7 @@ def test_a_merged_checkpoint_loads_in_transformers_with_our_logits(family, scan,
     merged = lj.merge(_bumped(lj.init(jax.random.key(1), base, lj.LoraConfig(4, 8, targets))))
     save_hf(tmp_path / "merged", model.config, merged)
     ours = np.asarray(model.apply({"params": merged}, IDS))
-    np.testing.assert_allclose(_torch_logits(tmp_path / "merged"), ours, atol=1e-4)
+    tol.assert_close(_torch_logits(tmp_path / "merged"), ours, _atol(model, ours))
     _, loaded, _ = models.load(tmp_path / "merged", scan_layers=scan)  # the inverse of load
     for mine, theirs in zip(jax.tree.leaves(loaded), jax.tree.leaves(merged), strict=True):
         np.testing.assert_array_equal(np.asarray(mine), np.asarray(theirs))
@@ -69,7 +76,7 @@ def test_llama_biases_export_to_transformers_with_our_logits(tmp_path):
     hf_config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert hf_config["attention_bias"] is True and hf_config["mlp_bias"] is True
     ours = np.asarray(jax.jit(model.apply)({"params": params}, IDS))
-    np.testing.assert_allclose(_torch_logits(tmp_path / "out"), ours, atol=1e-4)
+    tol.assert_close(_torch_logits(tmp_path / "out"), ours, _atol(model, ours))
 
 
 def test_a_tree_with_lora_leaves_is_refused(tmp_path):
@@ -109,12 +116,13 @@ def test_merge_writes_a_transformers_checkpoint_and_orbax_params(run, tmp_path):
     model, _, _ = models.load(model_dir, scan_layers=True)
     ids = _ids()
     ours = np.asarray(lj.apply(model.apply)({"params": params}, ids))
-    np.testing.assert_allclose(_torch_logits(out, ids), ours, atol=1e-4)
+    atol = _atol(model, ours, rank=4)  # factored against merged
+    tol.assert_close(_torch_logits(out, ids), ours, atol)
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     assert hf_tokenizer("name[The Eagle] food")["input_ids"] == ids[0].tolist()
     with ocp.StandardCheckpointer() as checkpointer:
         restored = checkpointer.restore(out.resolve() / layout.MERGED_PARAMS_DIR)
-    np.testing.assert_allclose(np.asarray(model.apply({"params": restored}, ids)), ours, atol=1e-5)
+    tol.assert_close(model.apply({"params": restored}, ids), ours, atol)
 
 
 def test_export_peft_runs_in_peft_and_imports_back(run, tmp_path):
@@ -130,13 +138,13 @@ def test_export_peft_runs_in_peft_and_imports_back(run, tmp_path):
     with torch.no_grad():
         theirs = peft.PeftModel.from_pretrained(hf, exported).eval()(
             input_ids=torch.tensor(ids, dtype=torch.long)).logits.numpy()
-    np.testing.assert_allclose(theirs, ours, atol=1e-4)
+    atol = _atol(model, ours, rank=4)
+    tol.assert_close(theirs, ours, atol)
 
     imported = export.import_peft(exported, str(model_dir), tmp_path / "imported")
     unscanned, base, _ = models.load(model_dir)  # import-peft loads the base unscanned
     back = adapter_lib.load_adapter(imported, base)
-    np.testing.assert_allclose(np.asarray(lj.apply(unscanned.apply)({"params": back}, ids)), ours,
-                               atol=1e-5)
+    tol.assert_close(lj.apply(unscanned.apply)({"params": back}, ids), ours, atol)
 
 
 def test_the_commands_parse_and_name_a_missing_adapter(tmp_path, capsys):

@@ -118,6 +118,21 @@ def grad_depth(forward: int, tokens: int) -> int:
     return 2 * forward + tokens
 
 
+def train_depth(forward: int, vocab: int, tokens: int, updates: int) -> int:
+    """n for a training loss (or parameters) after ``updates`` optimizer updates: the
+    forward chain and the log-softmax over ``vocab``, plus each update's gradient
+    (:func:`grad_depth` over ``tokens``).
+
+    This takes an update's error to be its gradient's, relative to the gradient's scale.
+    Adam divides each element by its own running magnitude, so an element whose gradient
+    cancels to within rounding of zero could move by up to the learning rate either way;
+    the comparisons using this hold only while no element does (LoRA's B = 0 factors and
+    unseen embedding rows get exactly zero on any device count, not nearly zero).
+    """
+    loss = forward + vocab
+    return loss + updates * grad_depth(loss, tokens)
+
+
 def excess(actual, expected, atol) -> tuple[int, float]:
     """(how many elements differ by more than ``atol``, the largest |difference| − atol)."""
     a, e = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
@@ -160,4 +175,4 @@ def tree_assert_close(actual, expected, atol_of, what: str = "") -> None:
 
 __all__ = ["ELEMENTWISE", "assert_close", "chain_atol", "close", "config_depth",
            "decoder_depth", "dot_error", "excess", "gamma", "grad_depth", "logits_atol", "scale_of",
-           "tree_assert_close", "tree_close", "unit_roundoff"]
+           "train_depth", "tree_assert_close", "tree_close", "unit_roundoff"]
