@@ -1,9 +1,15 @@
 """Test-wide setup: 8 virtual CPU devices, so sharding runs on any machine.
 
 XLA reads this flag once, when JAX first initialises its backend, so it is set
-here — before any test module imports jax.
+here — before any test module imports jax — and added to any other XLA_FLAGS
+given. A device count given in XLA_FLAGS wins; the tests that need 8 devices
+skip, saying so, when there are fewer.
 """
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+DEVICE_COUNT = "--xla_force_host_platform_device_count"
+
+_flags = os.environ.get("XLA_FLAGS", "")
+if DEVICE_COUNT not in _flags:
+    os.environ["XLA_FLAGS"] = f"{_flags} {DEVICE_COUNT}=8".strip()

@@ -12,7 +12,10 @@ import lora_jax as lj
 import tolerances as tol
 from flax_fixtures import ScannedLM, init_variables, perturb_factors
 
-pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (virtual) devices")
+pytestmark = pytest.mark.skipif(
+    jax.device_count() < 8,
+    reason=f"needs 8 (virtual) devices, has {jax.device_count()}: leave the device count in "
+           "XLA_FLAGS to conftest.py")
 
 
 def _scanned():

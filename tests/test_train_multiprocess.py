@@ -9,10 +9,9 @@ import socket
 import subprocess
 import sys
 
-import numpy as np
-import pytest
-
+import tolerances as tol
 import train_fixtures as tf
+from test_train_mesh import run_atol
 from train.config import config_to_yaml
 from train.run import train
 
@@ -55,9 +54,12 @@ def test_two_processes_match_one(tmp_path):
 
     one, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
     assert sorted(two) == sorted(one) == [1, 2, 3]
-    # The 4-device run reduces in another order than the 1-device run: float32 rounding only.
-    np.testing.assert_allclose([two[s] for s in one], list(one.values()), rtol=2e-5)
+    # The 4-device run reduces in another order than the 1-device run: float32 rounding only,
+    # along the chain of the loss at step s, after s - 1 updates (test_train_mesh.run_atol).
+    for step, loss in one.items():
+        tol.assert_close(two[step], loss, run_atol(step - 1, loss), f"step {step}")
     after = json.loads((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()[-1])
     assert after["split"] == "validation"
-    assert after["loss"] == pytest.approx(single.validation_after["loss"], rel=2e-5)
+    expected = single.validation_after["loss"]
+    tol.assert_close(after["loss"], expected, run_atol(3, expected), "validation")
     assert (tmp_path / "two" / "adapter" / "adapter.json").is_file()
