@@ -118,7 +118,8 @@ GRAD_DEPTH = tol.grad_depth(SCANNED_LM, tokens=GRAD_X.size)
 
 
 def _gradients(bug=lambda frozen, t: (frozen, t)):
-  """(factored gradients, gradients through materialize of `bug(frozen, trainable)`)."""
+  """(trainable, its factored gradients, its gradients through materialize of
+  `bug(frozen, trainable)`)."""
   model, x = ScannedLM(), GRAD_X
   _, adapted = _setup(model, x, r"layers/(q_proj|v_proj)/kernel|embed_tokens/embedding")
   frozen, trainable = lj.split(perturb_factors(adapted, jax.random.key(4)))
@@ -126,7 +127,7 @@ def _gradients(bug=lambda frozen, t: (frozen, t)):
   grads = jax.grad(lambda t: loss(lj.combine(frozen, t)))(trainable)
   via_materialize = jax.grad(lambda t: jnp.mean(jnp.square(model.apply(
       {"params": lj.materialize(lj.combine(*bug(frozen, t)))}, x))))(trainable)
-  return grads, via_materialize
+  return trainable, grads, via_materialize
 
 
 def _gradient_atol(g):
@@ -134,8 +135,8 @@ def _gradient_atol(g):
 
 
 def test_gradients_reach_every_factor_and_only_factors():
-  grads, via_materialize = _gradients()
-  assert jax.tree.structure(grads) == jax.tree.structure(via_materialize)
+  trainable, grads, via_materialize = _gradients()
+  assert jax.tree.structure(grads) == jax.tree.structure(trainable)
   names = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(grads)]
   assert all("_lora_a" in n or "_lora_b" in n for n in names)
   for name, g in zip(names, jax.tree.leaves(grads)):
@@ -159,7 +160,7 @@ def _first_layer_everywhere(frozen, t):
 @pytest.mark.parametrize("bug", [_scaled, _first_layer_everywhere],
                          ids=["scale off by 1%", "layer 0's q factors in every layer"])
 def test_the_gradient_tolerance_fails_for_a_planted_bug(bug):
-  grads, buggy = _gradients(bug)
+  _, grads, buggy = _gradients(bug)
   assert not tol.tree_close(buggy, grads, _gradient_atol)
 
 
