@@ -15,8 +15,9 @@ from lora_jax._config import LoraConfig
 from lora_jax._init import init
 from lora_jax._layout import Layout
 from lora_jax._merge import materialize, merge, unmerge
-from lora_jax._partition import adapter, combine, optimizer, split, trainable_mask
+from lora_jax._partition import adapter, bias_mask, combine, optimizer, split, trainable_mask
 from lora_jax._summary import summary
+from lora_jax._tree import flatten_paths, unflatten_paths
 from lora_jax.peft import from_peft, to_peft
 from lora_jax.sharding import partition_specs
 
@@ -25,7 +26,9 @@ __all__ = [
     "LoraConfig",
     "adapter",
     "apply",
+    "bias_mask",
     "combine",
+    "flatten_paths",
     "from_peft",
     "infer_layout",
     "init",
@@ -37,5 +40,6 @@ __all__ = [
     "summary",
     "to_peft",
     "trainable_mask",
+    "unflatten_paths",
     "unmerge",
 ]

@@ -1,8 +1,14 @@
-"""Which leaves train: `split`, `combine`, `adapter`, `trainable_mask`, `optimizer`.
+"""Which leaves train: `split`, `combine`, `adapter`, `trainable_mask`, `bias_mask`, `optimizer`.
 
-Trainable leaves are the LoRA factors A and B and the bias deltas; everything
-else — the base weights and the scales s — is frozen. The tree itself says
-which is which (see `lora_jax._tree`), so none of these needs a config.
+By default the trainable leaves are the LoRA factors A and B and the bias
+deltas; everything else — the base weights and the scales s — is frozen. The
+tree itself says which is which (see `lora_jax._tree`), so none of these needs
+a config. `split` and `optimizer` also take any other *mask*, as optax does: a
+tree of bools shaped like the params, or a function from params to one; e.g.
+`bias_mask` (BitFit: train the base's own biases) or ``lambda p:
+jax.tree.map(lambda _: True, p)`` (full fine-tuning). A mask function that
+reads only the leaves' paths, as these do, fits both the whole tree and the
+trainable half that `split` returns.
 """
 
 from __future__ import annotations
@@ -13,12 +19,16 @@ import optax
 
 from lora_jax import _layout, _tree
 
+Mask = Any  # a tree of bools shaped like the params, or a function params -> such a tree
 
-def split(params: Any) -> tuple[Any, Any]:
-  """Splits an adapted tree into (frozen, trainable) trees with disjoint leaves.
+
+def split(params: Any, mask: Mask | None = None) -> tuple[Any, Any]:
+  """Splits a tree into (frozen, trainable) trees with disjoint leaves.
 
   Differentiate with respect to `trainable` only and no weight gradient of the
-  frozen base is ever formed; `combine` puts the two back together.
+  frozen base is ever formed; `combine` puts the two back together. `mask`
+  says which leaves train (default: `trainable_mask`, the LoRA factors and
+  bias deltas of an adapted tree).
 
   Example:
     >>> import jax, jax.numpy as jnp, lora_jax as lj
@@ -27,14 +37,36 @@ def split(params: Any) -> tuple[Any, Any]:
     >>> frozen, trainable = lj.split(p)
     >>> sorted(trainable["d"]), sorted(frozen["d"])
     (['kernel_lora_a', 'kernel_lora_b'], ['kernel', 'kernel_lora_scale'])
+    >>> frozen, biases = lj.split({"d": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}},
+    ...                           lj.bias_mask)  # BitFit
+    >>> list(biases["d"]), list(frozen["d"])
+    (['bias'], ['kernel'])
   """
   flat = _tree.flatten(params)
-  if not any(_tree.is_trainable_leaf(p) for p in flat):
-    raise ValueError("the tree holds no LoRA adapter, so nothing is trainable; "
-                     "call lj.init(key, params, config) first.")
-  frozen = {p: leaf for p, leaf in flat.items() if not _tree.is_trainable_leaf(p)}
-  trainable = {p: leaf for p, leaf in flat.items() if _tree.is_trainable_leaf(p)}
+  trains = _trains(params, mask)
+  frozen = {p: leaf for p, leaf in flat.items() if not trains[p]}
+  trainable = {p: leaf for p, leaf in flat.items() if trains[p]}
   return _tree.unflatten_like(params, frozen), _tree.unflatten_like(params, trainable)
+
+
+def _trains(params: Any, mask: Mask | None) -> dict:
+  """{path: bool} for every leaf of `params`: does `mask` train it? Raises a
+  ValueError when it trains none."""
+  flat = _tree.flatten(params)
+  if mask is None:
+    trains = {p: _tree.is_trainable_leaf(p) for p in flat}
+  else:
+    flat_mask = _tree.flatten(mask(params) if callable(mask) else mask)
+    missing = [p for p in flat if p not in flat_mask]
+    if missing:
+      raise ValueError(f"the mask has no entry for {_tree.path_str(missing[0])}; give a tree "
+                       "of bools shaped like the params, or a function params -> such a tree.")
+    trains = {p: bool(_tree.value(flat_mask[p])) for p in flat}
+  if not any(trains.values()):
+    raise ValueError("the tree holds no trainable leaf: no LoRA adapter (call lj.init(key, "
+                     "params, config) first, and give the adapted tree)" if mask is None else
+                     "the mask selects no trainable leaf of the tree")
+  return trains
 
 
 def combine(frozen: Any, trainable: Any) -> Any:
@@ -101,12 +133,32 @@ def trainable_mask(params: Any) -> Any:
       lambda p, leaf: _tree.wrap_like(leaf, _tree.is_trainable_leaf(p)), params)
 
 
-def optimizer(tx: optax.GradientTransformation, params: Any) -> optax.GradientTransformation:
+def bias_mask(params: Any) -> Any:
+  """A tree of bools shaped like `params`: True for every leaf named ``bias``.
+
+  BitFit (Ben Zaken et al. 2021) trains exactly these, in place: give it to
+  `split` and `optimizer` as their `mask`. (Not ``LoraConfig(bias="all")``,
+  which adds bias *deltas* beside LoRA factors.)
+
+  Example:
+    >>> import jax.numpy as jnp, lora_jax as lj
+    >>> lj.bias_mask({"d": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}})
+    {'d': {'kernel': False, 'bias': True}}
+  """
+  return _tree.map_with_path(
+      lambda p, leaf: _tree.wrap_like(leaf, _tree.leaf_name(p) == "bias"), params)
+
+
+def optimizer(tx: optax.GradientTransformation, params: Any,
+              mask: Mask | None = None) -> optax.GradientTransformation:
   """Wraps `tx` so that only trainable leaves are updated and hold state.
 
   Frozen leaves get a zero update and **no** optimizer state at all (Adam's two
   moments exist only for A, B and bias deltas). Works on the full adapted tree
-  and on the trainable half from `split` alike.
+  and on the trainable half from `split` alike. `mask` says which leaves train,
+  as in `split` (default: `trainable_mask`); on the trainable half of another
+  mask, give the same mask function (e.g. `bias_mask`), which selects every
+  leaf of it.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, lora_jax as lj
@@ -116,10 +168,7 @@ def optimizer(tx: optax.GradientTransformation, params: Any) -> optax.GradientTr
     >>> sum(x.size for x in jax.tree.leaves(state))  # 2 moments x 2 factors + count
     513
   """
+  trains = _trains(params, mask)
   labels = _tree.map_with_path(
-      lambda p, leaf: _tree.wrap_like(leaf, "trainable" if _tree.is_trainable_leaf(p)
-                                      else "frozen"), params)
-  if "trainable" not in [_tree.value(v) for v in _tree.flatten(labels).values()]:
-    raise ValueError("the tree holds no trainable leaf (no LoRA factors); call lj.init "
-                     "first, or give lj.optimizer the adapted tree.")
+      lambda p, leaf: _tree.wrap_like(leaf, "trainable" if trains[p] else "frozen"), params)
   return optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, labels)

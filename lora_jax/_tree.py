@@ -15,6 +15,9 @@ module, named after the weight (for a leaf ``kernel``)::
 
 so the tree describes itself: `lora_jax._layout.check_fits` reads the
 number of stacked (``nn.scan``) and input axes off the shapes.
+
+`flatten_paths` and `unflatten_paths` are the public flat view: ``{path string:
+leaf}``, the strings that ``LoraConfig.targets`` matches and `summary` prints.
 """
 
 from __future__ import annotations
@@ -138,6 +141,26 @@ def wrap_like(leaf: Any, array: Any) -> Any:
 def new_leaf_like(leaf: Any, array: Any) -> Any:
   """A new LoRA leaf beside `leaf`: an ``nnx.Param`` in an NNX tree, else the array."""
   return nnx.Param(array) if isinstance(leaf, nnx.Variable) else array
+
+
+def flatten_paths(tree: Any) -> dict[str, Any]:
+  """``{"a/b/kernel": leaf}``: every leaf of `tree` by its path string, in tree order.
+
+  Example:
+    >>> import lora_jax as lj
+    >>> lj.flatten_paths({"d": {"kernel": 1, "bias": 2}})
+    {'d/kernel': 1, 'd/bias': 2}
+  """
+  return {path_str(p): leaf for p, leaf in flatten(tree).items()}
+
+
+def unflatten_paths(flat: Mapping[str, Any], like: Any = None) -> Any:
+  """Inverse of `flatten_paths`: the tree of ``{"a/b/kernel": leaf}``, its keys strings.
+
+  Containers that `like` has keep their type (see `unflatten_like`); without it
+  every container is a dict.
+  """
+  return unflatten_like(like, {tuple(p.split("/")): leaf for p, leaf in flat.items()})
 
 
 def map_with_path(fn: Callable[[Path, Any], Any], tree: Any) -> Any:

@@ -77,6 +77,36 @@ def test_optimizer_without_trainable_leaves_is_an_error():
   base, _ = _adapted()
   with pytest.raises(ValueError, match="no trainable leaf"):
     lj.optimizer(optax.adam(1e-3), base)
+  with pytest.raises(ValueError, match="selects no trainable leaf"):
+    lj.optimizer(optax.adam(1e-3), base, jax.tree.map(lambda _: False, base))
+
+
+def test_masks_for_bitfit_and_full_fine_tuning():
+  base, _ = _adapted()
+  frozen, biases = lj.split(base, lj.bias_mask)  # BitFit: a mask function, as in optax
+  assert lj.split(base, lj.bias_mask(base))[1] == biases  # or the mask tree itself
+  assert {k: set(v) for k, v in biases.items()} == {"fc1": {"bias"}, "fc2": {"bias"}}
+  assert lj.combine(frozen, biases) == base
+  # The mask function fits the trainable half too: every leaf of it has state.
+  tx = lj.optimizer(optax.adam(1e-3), biases, lj.bias_mask)
+  assert _nbytes(tx.init(biases)) == 2 * _nbytes(biases) + 4
+  tx = lj.optimizer(optax.adam(1e-3), base, lj.bias_mask)  # or the whole tree
+  assert _nbytes(tx.init(base)) == 2 * _nbytes(biases) + 4
+  everything = jax.tree.map(lambda _: True, base)  # full fine-tuning
+  assert lj.split(base, everything) == ({}, base)
+  with pytest.raises(ValueError, match="selects no trainable leaf"):
+    lj.split(base, jax.tree.map(lambda _: False, base))
+  with pytest.raises(ValueError, match="no entry for fc2/bias"):
+    lj.split(base, {"fc1": everything["fc1"], "fc2": {"kernel": True}})
+
+
+def test_flatten_paths_round_trips_through_path_strings():
+  _, adapted = _adapted()
+  flat = lj.flatten_paths(adapted)
+  assert "fc1/kernel_lora_a" in flat and len(flat) == len(jax.tree.leaves(adapted))
+  assert lj.unflatten_paths(flat) == adapted
+  _, state = nnx.split(NnxMLP(nnx.Rngs(0)))
+  assert isinstance(lj.unflatten_paths(lj.flatten_paths(state), like=state), nnx.State)
 
 
 class NnxMLP(nnx.Module):

@@ -30,7 +30,6 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from flax import traverse_util
 
 import lora_jax as lj
 from lora_jax import fingerprint as lj_fingerprint
@@ -48,22 +47,12 @@ class AdapterError(UserError, ValueError):
     """An adapter directory that cannot be used with the given base; names the fix."""
 
 
-def _flat(tree: Any) -> dict[str, Any]:
-    """``{"a/b/kernel": leaf}``."""
-    return {"/".join(p): v for p, v in traverse_util.flatten_dict(tree).items()}
-
-
-def _unflat(flat: Mapping[str, Any]) -> Any:
-    """Inverse of :func:`_flat`."""
-    return traverse_util.unflatten_dict({tuple(p.split("/")): v for p, v in flat.items()})
-
-
 def fingerprint(base_params: Any) -> dict[str, Any]:
     """``{"leaves": {path: {"shape", "dtype"}}, "sample_sha256": hex}`` of a base tree.
 
     The leaves must be addressable from this process (e.g. fresh from ``models.load``).
     """
-    flat = sorted(_flat(base_params).items())
+    flat = sorted(lj.flatten_paths(base_params).items())
     leaves = {path: {"shape": list(np.shape(leaf)), "dtype": str(np.asarray(leaf).dtype)}
               for path, leaf in flat}
     return {"leaves": leaves, "sample_sha256": lj_fingerprint.sha256(flat)}
@@ -71,10 +60,10 @@ def fingerprint(base_params: Any) -> dict[str, Any]:
 
 def artifact(params: Any, trainable_mask: Any, base_params: Any) -> Any:
     """The leaves of ``params`` that are trainable or absent from the base (LoRA scales)."""
-    base = _flat(base_params)
-    mask = _flat(trainable_mask)
-    kept = {p: v for p, v in _flat(params).items() if mask[p] or p not in base}
-    return _unflat(kept)
+    base = lj.flatten_paths(base_params)
+    mask = lj.flatten_paths(trainable_mask)
+    kept = {p: v for p, v in lj.flatten_paths(params).items() if mask[p] or p not in base}
+    return lj.unflatten_paths(kept)
 
 
 def save_adapter(directory: str | Path, tree: Any, *, method: str, model_name: str,
@@ -101,7 +90,7 @@ def save_adapter(directory: str | Path, tree: Any, *, method: str, model_name: s
                 "model_options": dict(model_options) if model_options else None,
                 "lora": dict(lora) if lora else None,
                 "leaves": {p: {"shape": list(v.shape), "dtype": str(v.dtype)}
-                           for p, v in _flat(tree).items()},
+                           for p, v in lj.flatten_paths(tree).items()},
                 "base_fingerprint": dict(base_fingerprint), **(extra or {})}
         (directory / layout.ADAPTER_META_FILE).write_text(json.dumps(meta, indent=1))
     return directory
@@ -196,14 +185,16 @@ def load_adapter(directory: str | Path, base_params: Any, *, check_weights: bool
     meta = read_meta(directory)
     check_base(meta, base_params, same_weights=check_weights)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    like = _unflat({p: jax.ShapeDtypeStruct(tuple(v["shape"]), v["dtype"], sharding=device)
-                    for p, v in meta["leaves"].items()})
+    like = lj.unflatten_paths({p: jax.ShapeDtypeStruct(tuple(v["shape"]), v["dtype"],
+                                                       sharding=device)
+                               for p, v in meta["leaves"].items()})
     try:
         # settled_restore: a failed restore leaves no orphaned reads behind
         with settled_restore(), ocp.StandardCheckpointer() as checkpointer:
-            on_disk = _flat(checkpointer.metadata(directory / layout.ADAPTER_WEIGHTS_DIR).item_metadata.tree)
+            weights = directory / layout.ADAPTER_WEIGHTS_DIR
+            on_disk = lj.flatten_paths(checkpointer.metadata(weights).item_metadata.tree)
             _check_leaves(directory, meta["leaves"], on_disk)
-            tree = checkpointer.restore(directory / layout.ADAPTER_WEIGHTS_DIR, like)
+            tree = checkpointer.restore(weights, like)
     except AdapterError:
         raise
     except Exception as e:
@@ -211,9 +202,9 @@ def load_adapter(directory: str | Path, base_params: Any, *, check_weights: bool
         raise AdapterError(f"the weights in {directory / layout.ADAPTER_WEIGHTS_DIR} cannot be read "
                            f"({type(e).__name__}: {reason}); the directory is truncated or "
                            f"corrupted: re-export it from the run's checkpoints") from e
-    replaced = _flat(tree)
-    frozen = {p: v for p, v in _flat(base_params).items() if p not in replaced}
-    return lj.combine(_unflat(frozen), tree)
+    replaced = lj.flatten_paths(tree)
+    frozen = {p: v for p, v in lj.flatten_paths(base_params).items() if p not in replaced}
+    return lj.combine(lj.unflatten_paths(frozen), tree)
 
 
 def _check_leaves(directory: Path, recorded: Mapping[str, Any],

@@ -13,9 +13,10 @@ The device mesh has three named axes, sized by ``mesh`` in the config:
 The model names every parameter axis (``models.logical_axes``); :data:`LOGICAL_RULES`
 maps those names onto mesh axes. LoRA factors follow the weight they adapt
 (``lj.partition_specs``: A takes the kernel's input axes, B its output axes, the
-rank is replicated), the optimizer state follows the parameter it belongs to, and
-a batch ``[rows, L]`` (``[micro, rows, L]`` with gradient accumulation) is split
-over ``data`` x ``fsdp`` along its rows.
+rank is replicated), the optimizer state follows the parameter it belongs to
+(:func:`state_shardings`), and a batch ``[rows, L]`` (``[micro, rows, L]`` with
+gradient accumulation) is split over ``data`` x ``fsdp`` along its rows.
+:func:`place` and :func:`put_batch` put host arrays onto the mesh.
 
 A mesh axis that does not divide a dimension is dropped for that dimension (the
 dimension is replicated instead), so odd sizes work on any mesh, only less sharded.
@@ -118,13 +119,25 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def opt_state_shardings(tx: optax.GradientTransformation, params: Any,
-                        shardings: Any, mesh: Mesh) -> Any:
-    """Shardings for ``tx.init(params)``: a moment is sharded like its parameter, any
-    other leaf (step counts) is replicated."""
+def state_shardings(tx: optax.GradientTransformation, params: Any, shardings: Any,
+                    mesh: Mesh) -> dict[str, Any]:
+    """Shardings of the train state of ``params`` (train/step.py ``init_state``), given
+    the parameters' ``shardings``: a moment of ``tx`` is sharded like its parameter; the
+    step, the RNG key and any other leaf of the optimizer state (step counts) are
+    replicated."""
     state_shapes = jax.eval_shape(tx.init, params)
-    return optax.tree_map_params(tx, lambda _, sharding: sharding, state_shapes, shardings,
-                                 transform_non_params=lambda _: replicated(mesh))
+    opt_state = optax.tree_map_params(tx, lambda _, sharding: sharding, state_shapes, shardings,
+                                      transform_non_params=lambda _: replicated(mesh))
+    return {"step": replicated(mesh), "params": shardings, "opt_state": opt_state,
+            "rng": replicated(mesh)}
+
+
+def place(tree: Any, shardings: Any) -> Any:
+    """Host arrays -> global arrays with ``shardings`` (every process holds the same values)."""
+    def put(x, sharding):
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+    return jax.tree.map(put, tree, shardings)
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

@@ -1,13 +1,18 @@
-"""What trains: ``method: lora | full | bitfit`` as a boolean mask over the parameter tree.
+"""What trains: ``method: lora | full | bitfit`` as a trainable mask over the parameter tree.
 
 * ``lora``: ``lj.init`` adds the factors A, B (and bias deltas for ``lora.bias``) beside
   the target weights; the mask is ``lj.trainable_mask`` (A, B, deltas).
 * ``full``: every parameter.
-* ``bitfit`` (Ben Zaken et al. 2021): every leaf named ``bias``, the base's own biases
-  trained in place. Not ``lj.init(bias="all")``: that adds bias *deltas* beside LoRA
-  factors and needs targets, while BitFit has no factors at all. Llama-family models
-  have no biases: load them with ``model.add_biases=true`` (zero biases on every attention
-  and MLP projection, Hugging Face's ``attention_bias``/``mlp_bias``), else BitFit is refused.
+* ``bitfit`` (Ben Zaken et al. 2021): every leaf named ``bias`` (``lj.bias_mask``), the
+  base's own biases trained in place. Not ``lj.init(bias="all")``: that adds bias *deltas*
+  beside LoRA factors and needs targets, while BitFit has no factors at all. Llama-family
+  models have no biases: load them with ``model.add_biases=true`` (zero biases on every
+  attention and MLP projection, Hugging Face's ``attention_bias``/``mlp_bias``), else
+  BitFit is refused.
+
+Each mask is a function of the tree's paths only (:data:`MASKS`), so it fits both the
+whole tree and the trainable half ``lj.split`` cuts with it: train/run.py gives it to
+``lj.optimizer`` with that half.
 
 :func:`check_targets` checks the ``lora`` section against the model before anything is
 loaded: every regex compiles, every ``lora.targets`` regex matches a weight of the model,
@@ -15,7 +20,7 @@ every ``rank_pattern``/``alpha_pattern`` key matches an adapted weight, and ``lj
 accepts the lot (ranks that fit, ...), all on the model's abstract parameter tree
 (``models.abstract_load``: shapes from the checkpoint's config, no weights read).
 
-The train step differentiates only the trainable half of :func:`partition` (the
+The train step differentiates only the trainable half of ``lj.split(params, mask)`` (the
 optimizer sees nothing else, so frozen weights get no gradient, no update and no
 optimizer state) and rebuilds the full tree with ``lj.combine``, which also checks
 that every LoRA factor fits its weight.
@@ -30,13 +35,19 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import traverse_util
 
 import lora_jax as lj
 import models
 from train.config import ADDED_BIASES, ConfigError, LoraSection, ModelConfig, RunConfig
 
 TARGETS_EXAMPLE = "lora.targets=['.*/(q_proj|v_proj)/kernel']"
+
+# method -> its trainable mask, a function of a parameter tree (of its paths only)
+MASKS: dict[str, Callable[[Any], Any]] = {
+    "lora": lj.trainable_mask,
+    "full": lambda params: jax.tree.map(lambda _: True, params),
+    "bitfit": lj.bias_mask,
+}
 
 
 def lora_config(section: LoraSection) -> lj.LoraConfig:
@@ -78,7 +89,7 @@ def check_targets(cfg: RunConfig) -> None:
     except ValueError as e:
         raise ConfigError(f"lora: {_one_line(e)}") from None
     _, shapes = models.abstract_load(cfg.model.name, **model_options(cfg.model))
-    weights = [path for path, leaf in traverse_util.flatten_dict(shapes, sep="/").items()
+    weights = [path for path, leaf in lj.flatten_paths(shapes).items()
                if len(leaf.shape) >= 2 and jnp.issubdtype(leaf.dtype, jnp.floating)]
     for pattern in lora.targets:
         if not any(re.search(pattern, path) for path in weights):
@@ -123,32 +134,19 @@ def _examples(paths: Sequence[str], shown: int = 12) -> str:
 def prepare(method: str, params: Any, lora: LoraSection, key: jax.Array) -> tuple[Any, Any]:
     """(params to train from, trainable mask): adapted params for LoRA, else ``params``.
 
-    The mask is a tree of bools shaped like the returned params.
+    The mask is a tree of bools shaped like the returned params (:data:`MASKS`).
     """
+    if method not in MASKS:
+        raise ConfigError(f"unknown method {method!r}; use lora, full or bitfit")
     if method == "lora":
-        adapted = lj.init(key, params, lora_config(lora))
-        return adapted, lj.trainable_mask(adapted)
-    if method == "full":
-        return params, jax.tree.map(lambda _: True, params)
-    if method == "bitfit":
-        mask = traverse_util.path_aware_map(lambda path, _: path[-1] == "bias", params)
-        if not any(jax.tree.leaves(mask)):
-            raise ConfigError("method=bitfit trains the model's biases, but this model has none "
-                              "(Llama-family models have no biases); set model.add_biases=true "
-                              "to give every attention and MLP projection a zero-initialised "
-                              "bias to train (the loaded model computes the same function)")
-        return params, mask
-    raise ConfigError(f"unknown method {method!r}; use lora, full or bitfit")
-
-
-def partition(params: Any, mask: Any) -> tuple[Any, Any]:
-    """(frozen, trainable): the leaves of ``params`` where ``mask`` is False / True."""
-    flat = traverse_util.flatten_dict(params)
-    flat_mask = traverse_util.flatten_dict(mask)
-    frozen = {p: v for p, v in flat.items() if not flat_mask[p]}
-    trainable = {p: v for p, v in flat.items() if flat_mask[p]}
-    return traverse_util.unflatten_dict(frozen), traverse_util.unflatten_dict(trainable)
-
+        params = lj.init(key, params, lora_config(lora))
+    mask = MASKS[method](params)
+    if method == "bitfit" and not any(jax.tree.leaves(mask)):
+        raise ConfigError("method=bitfit trains the model's biases, but this model has none "
+                          "(Llama-family models have no biases); set model.add_biases=true "
+                          "to give every attention and MLP projection a zero-initialised "
+                          "bias to train (the loaded model computes the same function)")
+    return params, mask
 
 
 def forward(method: str, apply_fn: Callable[..., Any], dropout: float) -> Callable[..., Any]:

@@ -110,15 +110,22 @@ class Setup:
     splits: Splits
     mesh: Mesh
     base: Any  # the base params as loaded (host)
-    params: Any  # the params to train from (adapted for LoRA), host
-    mask: Any  # trainable mask over `params`
+    mask: Any  # trainable mask over the params trained from (adapted for LoRA)
     frozen: Any  # the frozen half, on the mesh
     state: Any  # the initial train state, on the mesh
-    state_shardings: Any
     steps: int  # optimizer updates in the whole run
-    learning_rate: optax.Schedule
     step_fn: Callable[..., Any]  # jitted train_step(state, frozen, batches_KxBxL)
     eval_fn: Callable[..., Any]  # jitted eval_step(trainable, frozen, batch_BxL)
+
+    @property
+    def state_shardings(self) -> Any:
+        """The train state's shardings (train/mesh.py ``state_shardings``)."""
+        return jax.tree.map(lambda x: x.sharding, self.state)
+
+    @property
+    def learning_rate(self) -> optax.Schedule:
+        """The learning rate per update (train/optim.py ``schedule``)."""
+        return schedule(self.cfg.optim, self.steps)
 
     def stream(self, position: DataPosition = START) -> TrainBatches:
         """This process's training stream, from ``position`` (default: the start)."""
@@ -147,15 +154,16 @@ def run_info(s: Setup) -> dict[str, Any]:
     per trainable element, plus step counters); ``data``: what became of the rows and
     how they split (train/data.py ``DataReport``).
     """
-    def count(tree: Any) -> int:
-        return sum(int(np.size(x)) for x in jax.tree.leaves(tree))
-
-    base = count(s.base)
-    return {"method": s.cfg.method, "base_params": base,
-            "trainable_params": count(s.state["params"]),
-            "added_params": count(s.params) - base,
+    base, trainable = _size(s.base), _size(s.state["params"])
+    return {"method": s.cfg.method, "base_params": base, "trainable_params": trainable,
+            "added_params": _size(s.frozen) + trainable - base,
             "optimizer_state_bytes": sum(x.nbytes for x in jax.tree.leaves(s.state["opt_state"])),
             "data": dataclasses.asdict(s.splits.report)}
+
+
+def _size(tree: Any) -> int:
+    """Elements in ``tree``'s arrays."""
+    return sum(int(np.size(x)) for x in jax.tree.leaves(tree))
 
 
 def config_dict(cfg: RunConfig) -> dict[str, Any]:
@@ -177,14 +185,6 @@ def load_model(cfg: ModelConfig) -> tuple[models.Decoder, Any, Tokenizer]:
     return model, params, tokenizer
 
 
-def place(tree: Any, shardings: Any) -> Any:
-    """Host arrays -> global arrays with ``shardings`` (every process holds the same values)."""
-    def put(x, sharding):
-        host = np.asarray(x)
-        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-    return jax.tree.map(put, tree, shardings)
-
-
 def setup(cfg: RunConfig, log: Callable[[str], None] = print) -> Setup:
     """Load, split, place and compile; nothing is written."""
     mesh = mesh_lib.make_mesh(cfg.mesh)
@@ -196,24 +196,22 @@ def setup(cfg: RunConfig, log: Callable[[str], None] = print) -> Setup:
     init_key, dropout_key = jax.random.split(jax.random.key(cfg.seed))
     params, mask = method_lib.prepare(cfg.method, base, cfg.lora, init_key)
     shardings = mesh_lib.param_shardings(models.logical_axes(model), params, mesh)
-    frozen, trainable = method_lib.partition(place(params, shardings), mask)
-    frozen_sh, trainable_sh = method_lib.partition(shardings, mask)
-    n_trainable = sum(x.size for x in jax.tree.leaves(trainable))
-    n_all = sum(x.size for x in jax.tree.leaves(params))
+    frozen, trainable = lj.split(mesh_lib.place(params, shardings), mask)
+    frozen_sh, trainable_sh = lj.split(shardings, mask)
+    n_trainable, n_all = _size(trainable), _size(params)
     log(f"method {cfg.method}: {n_trainable:,} trainable of {n_all:,} parameters "
         f"({100 * n_trainable / n_all:.3f}%); mesh {dict(mesh.shape)}")
 
     batches_per_epoch = train_batches(splits, cfg.data, seed=cfg.seed).steps_in_epoch(0)
     steps = total_steps(cfg.optim, batches_per_epoch)
-    tx = optimizer(cfg.optim, steps)
-    replicated = mesh_lib.replicated(mesh)
-    state_sh = {"step": replicated, "params": trainable_sh,
-                "opt_state": mesh_lib.opt_state_shardings(tx, trainable, trainable_sh, mesh),
-                "rng": replicated}
+    # the method's mask selects every leaf of the trainable half (train/method.py MASKS)
+    tx = lj.optimizer(optimizer(cfg.optim, steps), trainable, method_lib.MASKS[cfg.method])
+    state_sh = mesh_lib.state_shardings(tx, trainable, trainable_sh, mesh)
     state = jax.jit(lambda p, key: init_state(p, tx, key), out_shardings=state_sh)(
         trainable, dropout_key)
 
     forward = method_lib.forward(cfg.method, model.apply, cfg.lora.dropout)
+    replicated = mesh_lib.replicated(mesh)
     batch_sh = mesh_lib.batch_sharding(mesh, 3)
     step_fn = jax.jit(train_step(forward, tx, cfg.optim.label_smoothing),
                       in_shardings=(state_sh, frozen_sh, batch_sh),
@@ -221,8 +219,8 @@ def setup(cfg: RunConfig, log: Callable[[str], None] = print) -> Setup:
     eval_fn = jax.jit(eval_step(forward),
                       in_shardings=(trainable_sh, frozen_sh, mesh_lib.batch_sharding(mesh, 2)),
                       out_shardings=replicated)
-    return Setup(cfg, model, tokenizer, splits, mesh, base, params, mask, frozen, state,
-                 state_sh, steps, schedule(cfg.optim, steps), step_fn, eval_fn)
+    return Setup(cfg, model, tokenizer, splits, mesh, base, mask, frozen, state, steps,
+                 step_fn, eval_fn)
 
 
 def train(cfg: RunConfig, *, force_resume: bool = False, stop_after: int | None = None,

@@ -12,8 +12,9 @@ token.
 The train state is a dict (an orbax-friendly pytree):
 
 ``step``        int32 [], updates done
-``params``      the trainable half of the parameters (train/method.py)
-``opt_state``   the optimizer's state for ``params``
+``params``      the trainable half of the parameters (``lj.split`` by the method's mask,
+                train/method.py)
+``opt_state``   the optimizer's state for ``params`` (``lj.optimizer``)
 ``rng``         uint32 key data [2] of the dropout stream, split once per update
 """
 
