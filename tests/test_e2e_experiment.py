@@ -262,18 +262,6 @@ def _quick_experiment(tmp_path, **extra) -> str:
     return str(path)
 
 
-def _refused(argv, capsys) -> str:
-    """The one-line error of a refused command (whether the CLI prints it or raises it)."""
-    try:
-        status = main(argv)
-    except DirectoryError as e:
-        return str(e)
-    assert status == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1
-    return err
-
-
 @pytest.mark.parametrize("name", ["../../x", "a/b", "..", ".hidden", "x y", "/abs", ""])
 def test_method_names_are_safe_directory_names(tmp_path, name):
     path = _quick_experiment(tmp_path, methods=[{"name": name, "learning_rates": [1e-3]}])
@@ -288,13 +276,13 @@ def test_fresh_deletes_only_an_experiments_own_output_dir(tmp_path, capsys):
     (user / "thesis.tex").write_text("years of work")
     config = _quick_experiment(tmp_path, output_dir=str(user))
     for fresh in (["--fresh"], []):
-        message = _refused(["experiment", config, *fresh], capsys)
+        message = tf.refused(["experiment", config, *fresh], capsys)
         assert "not empty and it was not created by lora-jax experiment" in message
         assert ("--fresh deletes only" in message) == bool(fresh)
         assert [p.name for p in user.iterdir()] == ["thesis.tex"]  # nothing deleted or added
     run = rundir.claim(tmp_path / "run", "run")
     (run / "adapter").mkdir()
-    message = _refused(["experiment", _quick_experiment(tmp_path, output_dir=str(run)),
+    message = tf.refused(["experiment", _quick_experiment(tmp_path, output_dir=str(run)),
                         "--fresh"], capsys)
     assert "is a lora-jax 'run' directory" in message and (run / "adapter").is_dir()
 

@@ -128,14 +128,6 @@ def test_ctrl_c_stops_with_one_line_and_exit_130_and_a_rerun_resumes(run_files, 
     assert train_losses(run_dir) == train_losses(straight.run_dir)
 
 
-def error_line(err: str) -> str:
-    """The one line a user error ends with (after any progress bar), with no traceback."""
-    assert "Traceback" not in err
-    line = err.strip().splitlines()[-1]
-    assert line.startswith("lora-jax train: error: "), err[-2000:]
-    return line
-
-
 def _disk_full(*_args, **_kwargs):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
@@ -158,8 +150,7 @@ def test_a_full_disk_is_one_line_and_a_rerun_resumes(run_files, straight, monkey
         save = Checkpoints.save
         monkeypatch.setattr(Checkpoints, "save", lambda self, step, *a: (
             _disk_full() if step == 4 else save(self, step, *a)))
-    assert main(["train", str(config)]) == 2
-    err = error_line(capsys.readouterr().err)
+    err = tf.refused(["train", str(config)], capsys)
     assert "the disk is full" in err
     assert "resumes from the checkpoint at step 2" in err
     monkeypatch.undo()
@@ -177,8 +168,7 @@ def test_a_second_run_on_a_locked_directory_is_refused(run_files, cache, tmp_pat
         lines = iter(first.stdout.readline, "")
         assert any(line.strip() == "holding at step 1" for line in lines)
         before = snapshot(run_dir)
-        assert main(["train", str(config)]) == 2
-        err = error_line(capsys.readouterr().err)
+        err = tf.refused(["train", str(config)], capsys)
         assert f"is in use by process {first.pid} on host" in err
         assert snapshot(run_dir) == before
     finally:
@@ -196,8 +186,7 @@ def test_a_foreign_folder_is_refused_and_left_untouched(run_files, monkeypatch, 
         (run_dir / name).write_text(text)
     before = snapshot(run_dir)
     monkeypatch.setattr("models.load", _must_not_load)
-    assert main(["train", str(config)]) == 2
-    err = error_line(capsys.readouterr().err)
+    err = tf.refused(["train", str(config)], capsys)
     assert "is not empty and was not created by lora-jax" in err
     assert snapshot(run_dir) == before
 
@@ -212,8 +201,7 @@ def test_foreign_files_inside_an_owned_run_are_named_and_kept(run_files, capsys)
     with (run_dir / "metrics.jsonl").open("a") as f:
         f.write('{"note": "added by hand"}\n')
     before = snapshot(run_dir)
-    assert main(["train", str(config)]) == 2
-    err = error_line(capsys.readouterr().err)
+    err = tf.refused(["train", str(config)], capsys)
     assert "metrics.jsonl line" in err and "is not a lora-jax record" in err
     assert snapshot(run_dir) == before
     (run_dir / "metrics.jsonl").write_text(before["metrics.jsonl"].decode().rsplit(
@@ -221,8 +209,7 @@ def test_foreign_files_inside_an_owned_run_are_named_and_kept(run_files, capsys)
     (run_dir / "checkpoints" / "7").mkdir()
     (run_dir / "checkpoints" / "7" / "notes.txt").write_text("mine")
     before = snapshot(run_dir)
-    assert main(["train", str(config)]) == 2
-    err = error_line(capsys.readouterr().err)
+    err = tf.refused(["train", str(config)], capsys)
     assert "checkpoints/7 is not a lora-jax checkpoint" in err and "move it out" in err
     assert snapshot(run_dir) == before
 
@@ -244,8 +231,7 @@ def test_an_unusable_output_dir_is_found_before_the_model_loads(run_files, tmp_p
     config, _, _ = write_config(run_files, f"unusable_{problem.replace(' ', '_')}",
                                 f"output_dir={target}")
     monkeypatch.setattr("models.load", _must_not_load)
-    assert main(["train", str(config)]) == 2
-    err = error_line(capsys.readouterr().err)
+    err = tf.refused(["train", str(config)], capsys)
     assert str(target) in err
     assert blocker.read_text() == "mine"
 
@@ -320,6 +306,5 @@ def test_fresh_empties_only_a_run_directory_of_ours(run_files, tmp_path, capsys)
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "mine.txt").write_text("mine")
-    assert main(["train", str(config), f"output_dir={foreign}", "--fresh"]) == 2
-    assert "was not created by lora-jax" in error_line(capsys.readouterr().err)
+    assert "was not created by lora-jax" in tf.refused(["train", str(config), f"output_dir={foreign}", "--fresh"], capsys)
     assert (foreign / "mine.txt").read_text() == "mine"

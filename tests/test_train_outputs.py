@@ -55,18 +55,6 @@ def _intact(directory, kept):
     assert {p for p in directory.rglob("*") if p.is_file()} == set(kept)  # nothing added
 
 
-def _refusal(argv, capsys) -> str:
-    """The one-line error of a refused command (whether the CLI prints it or raises it)."""
-    try:
-        status = cli.main(argv)
-    except DirectoryError as e:
-        return str(e)
-    assert status == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1
-    return err
-
-
 def test_merge_writes_only_into_its_own_directory(run, tmp_path, capsys):
     _, run_dir, _, _ = run
     user = tmp_path / "user"
@@ -74,7 +62,7 @@ def test_merge_writes_only_into_its_own_directory(run, tmp_path, capsys):
     with pytest.raises(DirectoryError, match=r"not empty and was not created by lora-jax"):
         export.merge(run_dir, user)
     _intact(user, kept)
-    assert "not empty and was not created by lora-jax" in _refusal(
+    assert "not empty and was not created by lora-jax" in tf.refused(
         ["merge", str(run_dir), "--out", str(user)], capsys)
     _intact(user, kept)
     with pytest.raises(DirectoryError):  # not into the run itself either

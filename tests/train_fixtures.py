@@ -101,6 +101,19 @@ def tiny_config(model_dir: Path, csv: Path, output_dir: Path, *overrides: str) -
         "logging.tensorboard=false", "mesh.data=1", *overrides])
 
 
+def refused(argv: list[str], capsys) -> str:
+    """The one line a refused ``lora-jax ARGV`` prints: exit status 2, no traceback, and the
+    error as the last line of stderr (after any progress bar)."""
+    from train.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"lora-jax {argv[0]}: error: "), err[-2000:]
+    return line
+
+
 @contextlib.contextmanager
 def compilation_cache(directory: Path) -> Iterator[None]:
     """JAX's persistent compilation cache in ``directory`` while inside, then as before.
