@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import train_fixtures as tf
-from train.checkpoint import CheckpointError, config_changes
+from train.checkpoint import FORMAT, CheckpointError, config_changes
 from train.run import train
 
 QUIET = {"log": lambda _: None}
@@ -88,3 +88,21 @@ def test_an_unreadable_checkpoint_is_an_error_and_nothing_is_overwritten(run_fil
     with pytest.raises(CheckpointError, match=r"checkpoints/2 cannot be read.*Move that"):
         train(cfg, **QUIET)
     assert snapshot(run_dir) == before
+
+
+def test_a_checkpoint_of_another_format_is_named_and_kept(run_files):
+    model_dir, csv, root = run_files
+    run_dir = root / "old_format"
+    cfg = tf.tiny_config(model_dir, csv, run_dir, "optim.max_steps=3")
+    train(cfg, stop_after=2, **QUIET)
+    meta = run_dir / "checkpoints" / "2" / "meta" / "metadata"
+    written = json.loads(meta.read_text())
+    assert written.pop("format") == FORMAT
+    meta.write_text(json.dumps(written))  # as a version before formats were recorded
+    before = snapshot(run_dir)
+    with pytest.raises(CheckpointError, match=r"checkpoints/2 was written by another version "
+                                              r"of lora-jax \(checkpoint format 1; this version "
+                                              r"reads format 2"):
+        train(cfg, **QUIET)
+    assert snapshot(run_dir) == before
+

@@ -5,7 +5,8 @@ A checkpoint ``<checkpoint dir>/<step>/`` holds two items:
 ``state``  the train state (train/step.py): trainable params, optimizer state, step, RNG
            key data; saved with ``StandardSave`` (arrays, no pickles), asynchronously
            when ``checkpoint.async_save``;
-``meta``   JSON: the data position (the next batch) and the resolved run config.
+``meta``   JSON: the checkpoint format (:data:`FORMAT`), the data position (the next
+           batch) and the resolved run config.
 
 Only the last ``checkpoint.keep_last`` are kept. Orbax writes into a temporary
 directory and renames it when complete, so a run killed mid-save leaves the previous
@@ -60,6 +61,11 @@ def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list
 
 
 ITEMS = ("state", "meta")
+# The train state's structure, recorded in each checkpoint's meta; a checkpoint of another
+# format is refused by name instead of failing deep inside orbax.
+FORMATS = {1: "no format recorded (lora-jax before 2026-12-03)",
+           2: "every method's optimizer state wrapped by lj.optimizer (optax PartitionState)"}
+FORMAT = 2
 
 
 def check_no_foreign_steps(directory: Path) -> None:
@@ -97,14 +103,23 @@ class Checkpoints:
     def save(self, step: int, state: Any, position: DataPosition,
              config: Mapping[str, Any]) -> None:
         """Start saving (returns once the arrays are copied to host when async)."""
-        meta = {"data_position": position.to_dict(), "config": dict(config)}
+        meta = {"format": FORMAT, "data_position": position.to_dict(), "config": dict(config)}
         self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                          meta=ocp.args.JsonSave(meta)),
                            force=True)
 
     def restore_meta(self, step: int) -> dict[str, Any]:
-        """``{"data_position": ..., "config": ...}`` of checkpoint ``step``."""
-        return self._read(step, meta=ocp.args.JsonRestore())["meta"]
+        """``{"format": ..., "data_position": ..., "config": ...}`` of checkpoint ``step``;
+        CheckpointError if another version's train state is in it (:data:`FORMAT`)."""
+        meta = self._read(step, meta=ocp.args.JsonRestore())["meta"]
+        written = meta.get("format", 1)
+        if written != FORMAT:
+            raise CheckpointError(
+                f"checkpoint {self.directory / str(step)} was written by another version of "
+                f"lora-jax (checkpoint format {written}; this version reads format {FORMAT}: "
+                f"{FORMATS[FORMAT]}). It is kept as it is; start a new run with another "
+                f"output_dir, or resume it with the version that wrote it")
+        return meta
 
     def restore(self, step: int, like: Any) -> tuple[Any, DataPosition]:
         """(state, data position) of checkpoint ``step``.
