@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-fast check-core demo paper-table paper-table-quick bench bench-quick bench-gpu clean
+.PHONY: venv test test-fast lint check-core demo paper-table paper-table-quick bench bench-quick bench-gpu clean
 
 venv: $(STAMP)
 
@@ -22,8 +22,13 @@ $(STAMP): pyproject.toml
 	  "METEOR will be null until it is installed"
 	touch $(STAMP)
 
-test: $(STAMP) check-core
+test: $(STAMP) lint check-core
 	$(BIN)/python -m pytest -q
+
+# One formatter and linter for the whole tree (ruff; settings in pyproject.toml).
+lint: $(STAMP)
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
 
 # The library on a core-only install (jax, flax, optax, numpy), in a venv of its own,
 # installed as a user would (not editable): it imports and works, and brings none of the

@@ -18,8 +18,20 @@ import optax
 import lora_jax as lj
 
 # the [train], [e2e] and [test] extras' packages, and benchmarks/, which is never shipped
-PIPELINE_ONLY = ["datasets", "omegaconf", "tokenizers", "gguf", "safetensors", "tensorboardX",
-                 "matplotlib", "torch", "transformers", "sacrebleu", "nltk", "benchmarks"]
+PIPELINE_ONLY = [
+    "datasets",
+    "omegaconf",
+    "tokenizers",
+    "gguf",
+    "safetensors",
+    "tensorboardX",
+    "matplotlib",
+    "torch",
+    "transformers",
+    "sacrebleu",
+    "nltk",
+    "benchmarks",
+]
 
 
 class MLP(nn.Module):
@@ -50,8 +62,10 @@ def main() -> None:
     assert not np.allclose(factored, model.apply({"params": base}, x))  # B moved off zero
     # float32, reductions of 8 and 16 terms of O(1) values: ~1e-6 apart at most
     np.testing.assert_allclose(factored, merged, rtol=1e-5, atol=1e-5)
-    print(f"lora_jax works on a core install (python {sys.version.split()[0]}, "
-          f"jax {jax.__version__}); none of {PIPELINE_ONLY} installed")
+    print(
+        f"lora_jax works on a core install (python {sys.version.split()[0]}, "
+        f"jax {jax.__version__}); none of {PIPELINE_ONLY} installed"
+    )
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import statistics
 import sys
@@ -14,54 +13,58 @@ import numpy as np
 
 
 def matmul_rate(n: int = 1024, repeats: int = 5) -> float:
-  """GFLOP/s of a numpy n×n float32 matmul: a probe of the CPU regime right now.
+    """GFLOP/s of a numpy n×n float32 matmul: a probe of the CPU regime right now.
 
-  The 2-vCPU machines here sometimes deliver one core's worth of work for
-  minutes; comparing the probe before and after a timed section tells whether
-  the figures between them were taken in one regime.
-  """
-  a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
-  a @ a
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
+    The 2-vCPU machines here sometimes deliver one core's worth of work for
+    minutes; comparing the probe before and after a timed section tells whether
+    the figures between them were taken in one regime.
+    """
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
     a @ a
-    times.append(time.perf_counter() - start)
-  return 2 * n**3 / statistics.median(times) / 1e9
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ a
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times) / 1e9
 
 
 def command(module: str, argv: list[str] | None = None) -> str:
-  """The command line of a benchmark run (`argv` as given to its `main`, else sys.argv)."""
-  return shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
+    """The command line of a benchmark run (`argv` as given to its `main`, else sys.argv)."""
+    return shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
 
 
 def same_regime(probes: list[float], tolerance: float = 1.25) -> bool:
-  """Whether matmul probes (GFLOP/s) agree within `tolerance` (max / min): one CPU regime."""
-  return max(probes) <= tolerance * min(probes)
+    """Whether matmul probes (GFLOP/s) agree within `tolerance` (max / min): one CPU regime."""
+    return max(probes) <= tolerance * min(probes)
 
 
 def parse_args(parser, argv: list[str] | None, quick: dict):
-  """`parser`'s arguments plus `--quick`, which replaces them with `quick` (a smoke check)."""
-  parser.add_argument("--quick", action="store_true", help=f"a smoke check: {quick}")
-  args = parser.parse_args(argv)
-  if args.quick:
-    vars(args).update(quick)
-  return args
+    """`parser`'s arguments plus `--quick`, which replaces them with `quick` (a smoke check)."""
+    parser.add_argument("--quick", action="store_true", help=f"a smoke check: {quick}")
+    args = parser.parse_args(argv)
+    if args.quick:
+        vars(args).update(quick)
+    return args
 
 
 def write_json(path: str | Path, payload: dict) -> Path:
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(payload, indent=2) + "\n")
-  return path
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
 
 
 def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
-  """A plain-text table; `columns` are (key, header, format spec)."""
-  cells = [[h for _, h, _ in columns]]
-  cells += [[format(r[k], f) if r.get(k) is not None else "-" for k, _, f in columns] for r in rows]
-  widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
-  lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
-           for row in cells]
-  lines.insert(1, "  ".join("-" * w for w in widths))
-  return "\n".join(lines)
+    """A plain-text table; `columns` are (key, header, format spec)."""
+    cells = [[h for _, h, _ in columns]]
+    cells += [
+        [format(r[k], f) if r.get(k) is not None else "-" for k, _, f in columns] for r in rows
+    ]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    lines = [
+        "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        for row in cells
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -25,16 +25,23 @@ from benchmarks import common
 from train.machine import machine
 
 QUESTIONS = [
-    "What is the capital of France?", "Write a haiku about autumn.", "Explain photosynthesis briefly.",
-    "Give me three tips for learning Python.", "What is 17 times 23?", "Describe a cat to a child.",
-    "Why is the sky blue?", "Suggest a name for a coffee shop.",
+    "What is the capital of France?",
+    "Write a haiku about autumn.",
+    "Explain photosynthesis briefly.",
+    "Give me three tips for learning Python.",
+    "What is 17 times 23?",
+    "Describe a cat to a child.",
+    "Why is the sky blue?",
+    "Suggest a name for a coffee shop.",
 ]
 
 
 def prompts(tokenizer, batch: int) -> tuple[np.ndarray, np.ndarray]:
     """Left-padded ChatML prompts (ids, mask), (batch, length)."""
     rows = [
-        tokenizer.encode(f"<|im_start|>user\n{QUESTIONS[i % len(QUESTIONS)]}<|im_end|>\n<|im_start|>assistant\n").ids
+        tokenizer.encode(
+            f"<|im_start|>user\n{QUESTIONS[i % len(QUESTIONS)]}<|im_end|>\n<|im_start|>assistant\n"
+        ).ids
         for i in range(batch)
     ]
     length = max(map(len, rows))
@@ -60,8 +67,9 @@ def ours(model, params, ids, mask, new_tokens: int, repeats: int) -> tuple[float
         lambda: forward({"params": params}, ids, mask, positions).block_until_ready(), repeats
     )
     total = median_seconds(
-        lambda: models.generate(model, params, ids, attention_mask=mask, max_new_tokens=new_tokens,
-                                eos_token_id=-1).block_until_ready(),
+        lambda: models.generate(
+            model, params, ids, attention_mask=mask, max_new_tokens=new_tokens, eos_token_id=-1
+        ).block_until_ready(),
         repeats,
     )
     return prefill, total
@@ -76,8 +84,14 @@ def theirs(hf, ids, mask, new_tokens: int, repeats: int) -> tuple[float, float]:
 
     def generate():
         with torch.no_grad():
-            hf.generate(input_ids=ids_t, attention_mask=mask_t, max_new_tokens=new_tokens,
-                        min_new_tokens=new_tokens, do_sample=False, pad_token_id=2)
+            hf.generate(
+                input_ids=ids_t,
+                attention_mask=mask_t,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=2,
+            )
 
     return median_seconds(prefill, repeats), median_seconds(generate, repeats)
 
@@ -103,21 +117,39 @@ def main() -> None:
             ("ours", ours(model, params, ids, mask, args.new_tokens, args.repeats)),
             ("transformers", theirs(hf, ids, mask, args.new_tokens, args.repeats)),
         ]:
-            rows.append({
-                "impl": name, "batch": batch, "prompt_len": ids.shape[1], "new_tokens": args.new_tokens,
-                "prefill_ms": 1e3 * prefill, "generate_s": total,
-                # separate medians can put generation under prefill (noise, --repeats 1):
-                # then there is no decode time to divide by, and no rate
-                "decode_tok_s": (batch * args.new_tokens / (total - prefill)
-                                 if total > prefill else None),
-            })
-    columns = [("impl", "impl", "s"), ("batch", "batch", "d"), ("prompt_len", "prompt", "d"),
-               ("prefill_ms", "prefill ms", ".1f"), ("generate_s", "generate s", ".2f"),
-               ("decode_tok_s", "decode tok/s", ".1f")]
+            rows.append(
+                {
+                    "impl": name,
+                    "batch": batch,
+                    "prompt_len": ids.shape[1],
+                    "new_tokens": args.new_tokens,
+                    "prefill_ms": 1e3 * prefill,
+                    "generate_s": total,
+                    # separate medians can put generation under prefill (noise, --repeats 1):
+                    # then there is no decode time to divide by, and no rate
+                    "decode_tok_s": (
+                        batch * args.new_tokens / (total - prefill) if total > prefill else None
+                    ),
+                }
+            )
+    columns = [
+        ("impl", "impl", "s"),
+        ("batch", "batch", "d"),
+        ("prompt_len", "prompt", "d"),
+        ("prefill_ms", "prefill ms", ".1f"),
+        ("generate_s", "generate s", ".2f"),
+        ("decode_tok_s", "decode tok/s", ".1f"),
+    ]
     print(common.table(rows, columns))
-    payload = {"benchmark": "decode", "model": "smollm2-135m (GGUF Q4_1 dequantised, float32)",
-               "command": common.command("benchmarks.decode"), "machine": machine(), "matmul_gflops_before": probe_before,
-               "matmul_gflops_after": common.matmul_rate(), "rows": rows}
+    payload = {
+        "benchmark": "decode",
+        "model": "smollm2-135m (GGUF Q4_1 dequantised, float32)",
+        "command": common.command("benchmarks.decode"),
+        "machine": machine(),
+        "matmul_gflops_before": probe_before,
+        "matmul_gflops_after": common.matmul_rate(),
+        "rows": rows,
+    }
     print(f"wrote {common.write_json(args.out, payload)}")
 
 

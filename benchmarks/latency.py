@@ -52,240 +52,320 @@ from train.machine import machine
 
 VARIANTS = ("base", "merged", "unmerged", "adapter")
 TARGETS = r".*/self_attn/(q_proj|v_proj)/kernel"
-PAPER = {"setting": "GPT-2 medium, batch 1, sequence 128, single forward, Quadro RTX8000",
-         "adapter_l_vs_base": 1.207, "adapter_h_vs_base": 1.303}
-QUICK = {"model": "tiny-llama", "rounds": 1, "forward_reps": 3, "generate_reps": 2, "seq": 32,
-         "prompt": 16, "new_tokens": 16}
+PAPER = {
+    "setting": "GPT-2 medium, batch 1, sequence 128, single forward, Quadro RTX8000",
+    "adapter_l_vs_base": 1.207,
+    "adapter_h_vs_base": 1.303,
+}
+QUICK = {
+    "model": "tiny-llama",
+    "rounds": 1,
+    "forward_reps": 3,
+    "generate_reps": 2,
+    "seq": 32,
+    "prompt": 16,
+    "new_tokens": 16,
+}
 
 
 def randomize(tree, where, key, std: float = 0.02):
-  """`tree` with the leaves whose '/'-joined path satisfies `where` drawn from N(0, std²)."""
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
-  keys = jax.random.split(key, len(leaves))
-  new = [std * jax.random.normal(k, x.shape, x.dtype)
-         if where("/".join(str(getattr(p, "key", p)) for p in path)) else x
-         for k, (path, x) in zip(keys, leaves)]
-  return jax.tree_util.tree_unflatten(treedef, new)
+    """`tree` with the leaves whose '/'-joined path satisfies `where` drawn from N(0, std²)."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    keys = jax.random.split(key, len(leaves))
+    new = [
+        std * jax.random.normal(k, x.shape, x.dtype)
+        if where("/".join(str(getattr(p, "key", p)) for p in path))
+        else x
+        for k, (path, x) in zip(keys, leaves)
+    ]
+    return jax.tree_util.tree_unflatten(treedef, new)
 
 
 def graft(base, extra):
-  """`extra`'s tree with the leaves of `base` wherever `base` has the same path."""
-  return {k: (graft(base[k], v) if isinstance(v, dict) else base[k]) if k in base else v
-          for k, v in extra.items()}
+    """`extra`'s tree with the leaves of `base` wherever `base` has the same path."""
+    return {
+        k: (graft(base[k], v) if isinstance(v, dict) else base[k]) if k in base else v
+        for k, v in extra.items()
+    }
 
 
 class Houlsby(nn.Module):
-  """Houlsby et al. 2019 bottleneck adapter on a sublayer's output h: h + up(gelu(down(h))).
+    """Houlsby et al. 2019 bottleneck adapter on a sublayer's output h: h + up(gelu(down(h))).
 
-  down: (D, m) and up: (m, D) Dense layers with biases, m = `bottleneck`, GELU (tanh) between
-  them. `up` starts at zero, so an adapted model starts as its base model. A sequential extra
-  layer that, unlike LoRA, cannot be merged away.
-  """
+    down: (D, m) and up: (m, D) Dense layers with biases, m = `bottleneck`, GELU (tanh) between
+    them. `up` starts at zero, so an adapted model starts as its base model. A sequential extra
+    layer that, unlike LoRA, cannot be merged away.
+    """
 
-  bottleneck: int
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
+    bottleneck: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
-  @nn.compact
-  def __call__(self, h_BxLxD):
-    dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
-    down_BxLxM = dense(self.bottleneck, kernel_init=nn.initializers.normal(0.02), name="down")(h_BxLxD)
-    up_BxLxD = dense(h_BxLxD.shape[-1], kernel_init=nn.initializers.zeros_init(), name="up")(
-        jax.nn.gelu(down_BxLxM, approximate=True))
-    return h_BxLxD + up_BxLxD
+    @nn.compact
+    def __call__(self, h_BxLxD):
+        dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
+        down_BxLxM = dense(self.bottleneck, kernel_init=nn.initializers.normal(0.02), name="down")(
+            h_BxLxD
+        )
+        up_BxLxD = dense(h_BxLxD.shape[-1], kernel_init=nn.initializers.zeros_init(), name="up")(
+            jax.nn.gelu(down_BxLxM, approximate=True)
+        )
+        return h_BxLxD + up_BxLxD
 
 
 def houlsby(fn, bottleneck: int):
-  """`fn` (`model.apply` or `model.init` of a `models.Decoder`) with a `Houlsby` adapter on the
-  output of every layer's attention and MLP, before its residual addition: the model becomes
-  x + adapter(attn(norm(x))), then + adapter(mlp(norm(.))). The model is not changed: the
-  adapters are added by `nn.intercept_methods` while `fn` runs, each with its own params
-  (`.../self_attn/adapter/{down,up}`, `.../mlp/adapter/{down,up}`)."""
-  if bottleneck < 1:
-    raise ValueError(f"the adapter bottleneck must be >= 1; got {bottleneck}")
+    """`fn` (`model.apply` or `model.init` of a `models.Decoder`) with a `Houlsby` adapter on the
+    output of every layer's attention and MLP, before its residual addition: the model becomes
+    x + adapter(attn(norm(x))), then + adapter(mlp(norm(.))). The model is not changed: the
+    adapters are added by `nn.intercept_methods` while `fn` runs, each with its own params
+    (`.../self_attn/adapter/{down,up}`, `.../mlp/adapter/{down,up}`)."""
+    if bottleneck < 1:
+        raise ValueError(f"the adapter bottleneck must be >= 1; got {bottleneck}")
 
-  def interceptor(next_fun, args, kwargs, context):
-    out = next_fun(*args, **kwargs)
-    if context.method_name != "__call__" or not isinstance(context.module, (Attention, MLP)):
-      return out
-    config = context.module.config
-    return Houlsby(bottleneck, config.dtype, config.param_dtype, name="adapter")(out)
+    def interceptor(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if context.method_name != "__call__" or not isinstance(context.module, (Attention, MLP)):
+            return out
+        config = context.module.config
+        return Houlsby(bottleneck, config.dtype, config.param_dtype, name="adapter")(out)
 
-  @functools.wraps(fn)
-  def adapted(*args, **kwargs):
-    with nn.intercept_methods(interceptor):
-      return fn(*args, **kwargs)
+    @functools.wraps(fn)
+    def adapted(*args, **kwargs):
+        with nn.intercept_methods(interceptor):
+            return fn(*args, **kwargs)
 
-  return adapted
+    return adapted
 
 
 def adapter_params(config, bottleneck: int) -> int:
-  """Parameters of the bottleneck adapters: two per layer, each 2·D·m + m + D."""
-  D = config.hidden_size
-  return 2 * config.num_layers * (2 * D * bottleneck + bottleneck + D)
+    """Parameters of the bottleneck adapters: two per layer, each 2·D·m + m + D."""
+    D = config.hidden_size
+    return 2 * config.num_layers * (2 * D * bottleneck + bottleneck + D)
 
 
 def matched_bottleneck(config, lora_params: int) -> int:
-  """The bottleneck size whose adapter parameter count is closest to `lora_params`."""
-  return min(range(1, config.hidden_size + 1),
-             key=lambda m: abs(adapter_params(config, m) - lora_params))
+    """The bottleneck size whose adapter parameter count is closest to `lora_params`."""
+    return min(
+        range(1, config.hidden_size + 1), key=lambda m: abs(adapter_params(config, m) - lora_params)
+    )
 
 
 def variants(args):
-  """{name: (params, jitted forward, `apply_fn` for `models.generate`)}, the model, and facts
-  about them."""
-  config = models.get_config(args.model)
-  model = models.Decoder(config)
-  base = models.init_params(config, jax.random.key(0))
-  adapted = lj.init(jax.random.key(1), base, lj.LoraConfig(args.rank, 2 * args.rank, TARGETS))
-  adapted = randomize(adapted, lambda p: p.endswith("_lora_b"), jax.random.key(2))
-  merged = lj.merge(adapted)
-  if jax.tree.map(np.shape, merged) != jax.tree.map(np.shape, base):
-    raise AssertionError("lj.merge changed the shapes of the base tree")
-  lora_params = sum(x.size for x in jax.tree.leaves(lj.split(adapted)[1]))
-  bottleneck = args.bottleneck or matched_bottleneck(config, lora_params)
-  adapter_apply = houlsby(model.apply, bottleneck)
-  init = houlsby(model.init, bottleneck)(jax.random.key(3), np.zeros((1, 1), np.int32))
-  with_adapter = graft(base, nn.unbox(init["params"]))
-  with_adapter = randomize(with_adapter, lambda p: "/adapter/up/" in p, jax.random.key(4))
+    """{name: (params, jitted forward, `apply_fn` for `models.generate`)}, the model, and facts
+    about them."""
+    config = models.get_config(args.model)
+    model = models.Decoder(config)
+    base = models.init_params(config, jax.random.key(0))
+    adapted = lj.init(jax.random.key(1), base, lj.LoraConfig(args.rank, 2 * args.rank, TARGETS))
+    adapted = randomize(adapted, lambda p: p.endswith("_lora_b"), jax.random.key(2))
+    merged = lj.merge(adapted)
+    if jax.tree.map(np.shape, merged) != jax.tree.map(np.shape, base):
+        raise AssertionError("lj.merge changed the shapes of the base tree")
+    lora_params = sum(x.size for x in jax.tree.leaves(lj.split(adapted)[1]))
+    bottleneck = args.bottleneck or matched_bottleneck(config, lora_params)
+    adapter_apply = houlsby(model.apply, bottleneck)
+    init = houlsby(model.init, bottleneck)(jax.random.key(3), np.zeros((1, 1), np.int32))
+    with_adapter = graft(base, nn.unbox(init["params"]))
+    with_adapter = randomize(with_adapter, lambda p: "/adapter/up/" in p, jax.random.key(4))
 
-  plain = jax.jit(model.apply)  # base and merged: one function, hence one executable
-  found = {
-      "base": (base, plain, model.apply),
-      "merged": (merged, plain, model.apply),
-      "unmerged": (adapted, jax.jit(lj.apply(model.apply)), model.apply),
-      "adapter": (with_adapter, jax.jit(adapter_apply), adapter_apply),
-  }
-  facts = {"total_params": sum(x.size for x in jax.tree.leaves(base)), "lora_params": lora_params,
-           "bottleneck": bottleneck, "adapter_params": adapter_params(config, bottleneck),
-           "extra_params": {"base": 0, "merged": 0, "unmerged": lora_params,
-                            "adapter": adapter_params(config, bottleneck)}}
-  return found, model, facts
+    plain = jax.jit(model.apply)  # base and merged: one function, hence one executable
+    found = {
+        "base": (base, plain, model.apply),
+        "merged": (merged, plain, model.apply),
+        "unmerged": (adapted, jax.jit(lj.apply(model.apply)), model.apply),
+        "adapter": (with_adapter, jax.jit(adapter_apply), adapter_apply),
+    }
+    facts = {
+        "total_params": sum(x.size for x in jax.tree.leaves(base)),
+        "lora_params": lora_params,
+        "bottleneck": bottleneck,
+        "adapter_params": adapter_params(config, bottleneck),
+        "extra_params": {
+            "base": 0,
+            "merged": 0,
+            "unmerged": lora_params,
+            "adapter": adapter_params(config, bottleneck),
+        },
+    }
+    return found, model, facts
 
 
 def _timed(fn, reps: int) -> list[float]:
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return times
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def _spread_pct(times: list[float]) -> float:
-  """Interquartile range of a round's times, in % of their median."""
-  q1, _, q3 = statistics.quantiles(times, n=4) if len(times) > 1 else (times[0],) * 3
-  return 100 * (q3 - q1) / statistics.median(times)
+    """Interquartile range of a round's times, in % of their median."""
+    q1, _, q3 = statistics.quantiles(times, n=4) if len(times) > 1 else (times[0],) * 3
+    return 100 * (q3 - q1) / statistics.median(times)
 
 
 def summarise(rounds: list[dict], facts: dict) -> tuple[list[dict], list[int], bool]:
-  """Table rows, the indices of the valid rounds, and whether any round was valid."""
-  valid = [i for i, r in enumerate(rounds)
-           if common.same_regime([p for v in r.values() for p in v["probes"]])]
-  any_valid = bool(valid)
-  use = valid or list(range(len(rounds)))
-  rows = []
-  for name in VARIANTS:
-    row = {"variant": name, "extra_params": facts["extra_params"][name]}
-    for what in ("forward", "generate"):
-      medians = [statistics.median(r[name][f"{what}_s"]) for r in rounds]
-      ratios = [statistics.median(rounds[i][name][f"{what}_s"])
-                / statistics.median(rounds[i]["base"][f"{what}_s"]) for i in use]
-      row |= {f"{what}_ms": 1e3 * statistics.median(medians),
-              f"{what}_spread_pct": statistics.median(_spread_pct(r[name][f"{what}_s"])
-                                                      for r in rounds),
-              f"{what}_vs_base": statistics.median(ratios),
-              f"{what}_vs_base_range": f"{min(ratios):.3f}-{max(ratios):.3f}",
-              f"{what}_vs_base_all": ratios}
-    rows.append(row)
-  return rows, valid, any_valid
+    """Table rows, the indices of the valid rounds, and whether any round was valid."""
+    valid = [
+        i
+        for i, r in enumerate(rounds)
+        if common.same_regime([p for v in r.values() for p in v["probes"]])
+    ]
+    any_valid = bool(valid)
+    use = valid or list(range(len(rounds)))
+    rows = []
+    for name in VARIANTS:
+        row = {"variant": name, "extra_params": facts["extra_params"][name]}
+        for what in ("forward", "generate"):
+            medians = [statistics.median(r[name][f"{what}_s"]) for r in rounds]
+            ratios = [
+                statistics.median(rounds[i][name][f"{what}_s"])
+                / statistics.median(rounds[i]["base"][f"{what}_s"])
+                for i in use
+            ]
+            row |= {
+                f"{what}_ms": 1e3 * statistics.median(medians),
+                f"{what}_spread_pct": statistics.median(
+                    _spread_pct(r[name][f"{what}_s"]) for r in rounds
+                ),
+                f"{what}_vs_base": statistics.median(ratios),
+                f"{what}_vs_base_range": f"{min(ratios):.3f}-{max(ratios):.3f}",
+                f"{what}_vs_base_all": ratios,
+            }
+        rows.append(row)
+    return rows, valid, any_valid
 
 
 COLUMNS = [
-    ("variant", "variant", ""), ("extra_params", "extra params", ",d"),
-    ("forward_ms", "forward ms", ".2f"), ("forward_spread_pct", "IQR %", ".1f"),
-    ("forward_vs_base", "vs base", ".3f"), ("forward_vs_base_range", "rounds", ""),
-    ("generate_ms", "generate ms", ".1f"), ("generate_spread_pct", "IQR %", ".1f"),
-    ("generate_vs_base", "vs base", ".3f"), ("generate_vs_base_range", "rounds", "")]
+    ("variant", "variant", ""),
+    ("extra_params", "extra params", ",d"),
+    ("forward_ms", "forward ms", ".2f"),
+    ("forward_spread_pct", "IQR %", ".1f"),
+    ("forward_vs_base", "vs base", ".3f"),
+    ("forward_vs_base_range", "rounds", ""),
+    ("generate_ms", "generate ms", ".1f"),
+    ("generate_spread_pct", "IQR %", ".1f"),
+    ("generate_vs_base", "vs base", ".3f"),
+    ("generate_vs_base_range", "rounds", ""),
+]
 
 
 def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--model", default="smollm2-135m", help="a models/ preset")
-  parser.add_argument("--rounds", type=int, default=5, help="rounds of rotating order")
-  parser.add_argument("--forward-reps", type=int, default=20, help="forwards per variant per round")
-  parser.add_argument("--generate-reps", type=int, default=4, help="generations per variant per round")
-  parser.add_argument("--seq", type=int, default=128, help="tokens of the single forward")
-  parser.add_argument("--prompt", type=int, default=32, help="prompt tokens before generating")
-  parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens generated")
-  parser.add_argument("--rank", type=int, default=8, help="LoRA rank (alpha = 2·rank)")
-  parser.add_argument("--bottleneck", type=int, default=0,
-                      help="adapter bottleneck size (default: parameter count closest to the LoRA's)")
-  parser.add_argument("--out", default="benchmarks/results/latency.json")
-  args = common.parse_args(parser, argv, QUICK)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2-135m", help="a models/ preset")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of rotating order")
+    parser.add_argument(
+        "--forward-reps", type=int, default=20, help="forwards per variant per round"
+    )
+    parser.add_argument(
+        "--generate-reps", type=int, default=4, help="generations per variant per round"
+    )
+    parser.add_argument("--seq", type=int, default=128, help="tokens of the single forward")
+    parser.add_argument("--prompt", type=int, default=32, help="prompt tokens before generating")
+    parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens generated")
+    parser.add_argument("--rank", type=int, default=8, help="LoRA rank (alpha = 2·rank)")
+    parser.add_argument(
+        "--bottleneck",
+        type=int,
+        default=0,
+        help="adapter bottleneck size (default: parameter count closest to the LoRA's)",
+    )
+    parser.add_argument("--out", default="benchmarks/results/latency.json")
+    args = common.parse_args(parser, argv, QUICK)
 
-  found, model, facts = variants(args)
-  rng = np.random.default_rng(0)
-  vocab = model.config.vocab_size
-  seq_1xS = rng.integers(0, vocab, (1, args.seq), dtype=np.int32)
-  prompt_1xP = rng.integers(0, vocab, (1, args.prompt), dtype=np.int32)
+    found, model, facts = variants(args)
+    rng = np.random.default_rng(0)
+    vocab = model.config.vocab_size
+    seq_1xS = rng.integers(0, vocab, (1, args.seq), dtype=np.int32)
+    prompt_1xP = rng.integers(0, vocab, (1, args.prompt), dtype=np.int32)
 
-  calls, compile_s, outputs = {}, {}, {}
-  for name, (params, forward, apply_fn) in found.items():
-    def fwd(forward=forward, params=params):
-      return forward({"params": params}, seq_1xS).block_until_ready()
+    calls, compile_s, outputs = {}, {}, {}
+    for name, (params, forward, apply_fn) in found.items():
 
-    def gen(params=params, apply_fn=apply_fn):
-      return models.generate(model, params, prompt_1xP, max_new_tokens=args.new_tokens,
-                             eos_token_id=-1, apply_fn=apply_fn).block_until_ready()
+        def fwd(forward=forward, params=params):
+            return forward({"params": params}, seq_1xS).block_until_ready()
 
-    start = time.perf_counter()
-    outputs[name] = np.asarray(fwd())
-    gen()
-    compile_s[name] = time.perf_counter() - start
-    calls[name] = (fwd, gen)
-  # The merged model computes what the unmerged one does (float32 rounding apart).
-  merge_error = float(np.abs(outputs["merged"] - outputs["unmerged"]).max())
+        def gen(params=params, apply_fn=apply_fn):
+            return models.generate(
+                model,
+                params,
+                prompt_1xP,
+                max_new_tokens=args.new_tokens,
+                eos_token_id=-1,
+                apply_fn=apply_fn,
+            ).block_until_ready()
 
-  rounds = []
-  for r in range(args.rounds):
-    this = {}
-    for name in VARIANTS[r % 4:] + VARIANTS[:r % 4]:
-      fwd, gen = calls[name]
-      before = common.matmul_rate()
-      forward_s = _timed(fwd, args.forward_reps)
-      generate_s = _timed(gen, args.generate_reps)
-      this[name] = {"forward_s": forward_s, "generate_s": generate_s,
-                    "probes": (before, common.matmul_rate())}
-    rounds.append(this)
+        start = time.perf_counter()
+        outputs[name] = np.asarray(fwd())
+        gen()
+        compile_s[name] = time.perf_counter() - start
+        calls[name] = (fwd, gen)
+    # The merged model computes what the unmerged one does (float32 rounding apart).
+    merge_error = float(np.abs(outputs["merged"] - outputs["unmerged"]).max())
 
-  rows, valid, any_valid = summarise(rounds, facts)
-  by = {row["variant"]: row for row in rows}
-  merged_ok = all(abs(by["merged"][f"{w}_vs_base"] - 1) <= 0.02 for w in ("forward", "generate"))
-  probes = [p for r in rounds for v in r.values() for p in v["probes"]]
-  result = {
-      "benchmark": "latency", "model": args.model, "dtype": "float32", "batch": 1,
-      "seq": args.seq, "prompt": args.prompt, "new_tokens": args.new_tokens, "rank": args.rank,
-      "targets": TARGETS, **facts, "rounds": args.rounds, "forward_reps": args.forward_reps,
-      "generate_reps": args.generate_reps, "command": common.command("benchmarks.latency", argv),
-      "machine": machine(), "probe_gflops": {"min": min(probes), "max": max(probes)},
-      "valid_rounds": valid, "ratios_from_all_rounds": not any_valid,
-      "compile_s": compile_s, "merged_vs_unmerged_max_abs_logit_diff": merge_error,
-      "target_merged_within_2pct": merged_ok, "paper": PAPER, "variants": rows, "raw": rounds,
-  }
-  print(f"{args.model} ({facts['total_params']:,} params), batch 1, float32; forward of "
+    rounds = []
+    for r in range(args.rounds):
+        this = {}
+        for name in VARIANTS[r % 4 :] + VARIANTS[: r % 4]:
+            fwd, gen = calls[name]
+            before = common.matmul_rate()
+            forward_s = _timed(fwd, args.forward_reps)
+            generate_s = _timed(gen, args.generate_reps)
+            this[name] = {
+                "forward_s": forward_s,
+                "generate_s": generate_s,
+                "probes": (before, common.matmul_rate()),
+            }
+        rounds.append(this)
+
+    rows, valid, any_valid = summarise(rounds, facts)
+    by = {row["variant"]: row for row in rows}
+    merged_ok = all(abs(by["merged"][f"{w}_vs_base"] - 1) <= 0.02 for w in ("forward", "generate"))
+    probes = [p for r in rounds for v in r.values() for p in v["probes"]]
+    result = {
+        "benchmark": "latency",
+        "model": args.model,
+        "dtype": "float32",
+        "batch": 1,
+        "seq": args.seq,
+        "prompt": args.prompt,
+        "new_tokens": args.new_tokens,
+        "rank": args.rank,
+        "targets": TARGETS,
+        **facts,
+        "rounds": args.rounds,
+        "forward_reps": args.forward_reps,
+        "generate_reps": args.generate_reps,
+        "command": common.command("benchmarks.latency", argv),
+        "machine": machine(),
+        "probe_gflops": {"min": min(probes), "max": max(probes)},
+        "valid_rounds": valid,
+        "ratios_from_all_rounds": not any_valid,
+        "compile_s": compile_s,
+        "merged_vs_unmerged_max_abs_logit_diff": merge_error,
+        "target_merged_within_2pct": merged_ok,
+        "paper": PAPER,
+        "variants": rows,
+        "raw": rounds,
+    }
+    print(
+        f"{args.model} ({facts['total_params']:,} params), batch 1, float32; forward of "
         f"{args.seq} tokens, generate {args.prompt}+{args.new_tokens} tokens; LoRA r={args.rank} "
         f"q,v ({facts['lora_params']:,} params), adapter bottleneck {facts['bottleneck']} "
         f"({facts['adapter_params']:,} params); {result['machine']['cpu']} "
-        f"x{result['machine']['cores']}")
-  print(common.table(rows, COLUMNS))
-  print(f"merged/base within ±2%: {'met' if merged_ok else 'NOT met'}; valid rounds "
+        f"x{result['machine']['cores']}"
+    )
+    print(common.table(rows, COLUMNS))
+    print(
+        f"merged/base within ±2%: {'met' if merged_ok else 'NOT met'}; valid rounds "
         f"{len(valid)}/{args.rounds}{'' if any_valid else ' (none: ratios from all rounds)'}; "
         f"matmul probe {min(probes):.1f}-{max(probes):.1f} GFLOP/s; merged vs unmerged logits "
-        f"max |diff| {merge_error:.2e}")
-  print(f"wrote {common.write_json(args.out, result)}")
-  return result
+        f"max |diff| {merge_error:.2e}"
+    )
+    print(f"wrote {common.write_json(args.out, result)}")
+    return result
 
 
 if __name__ == "__main__":
-  main()
+    main()

@@ -1,13 +1,13 @@
 """lora-jax: LoRA (Hu et al. 2021) for JAX/Flax as a pure parameter-tree transform.
 
-    import lora_jax as lj
+import lora_jax as lj
 
-    config = lj.LoraConfig(rank=8, alpha=16, targets=r".*/(q_proj|v_proj)/kernel")
-    params = lj.init(key, base_params, config)        # A, B, s beside each target
-    frozen, trainable = lj.split(params)              # differentiate `trainable` only
-    tx = lj.optimizer(optax.adamw(2e-4), trainable)   # no state for frozen leaves
-    logits = lj.apply(model.apply)({"params": lj.combine(frozen, trainable)}, x)
-    export = lj.merge(params)                         # W + s·A·B, the base tree's shape
+config = lj.LoraConfig(rank=8, alpha=16, targets=r".*/(q_proj|v_proj)/kernel")
+params = lj.init(key, base_params, config)        # A, B, s beside each target
+frozen, trainable = lj.split(params)              # differentiate `trainable` only
+tx = lj.optimizer(optax.adamw(2e-4), trainable)   # no state for frozen leaves
+logits = lj.apply(model.apply)({"params": lj.combine(frozen, trainable)}, x)
+export = lj.merge(params)                         # W + s·A·B, the base tree's shape
 """
 
 from lora_jax._apply import apply, infer_layout

@@ -10,103 +10,126 @@ import jax.numpy as jnp
 from lora_jax import _layout, _tree
 
 
-def delta(name: str, w_shape, a: jax.Array, b: jax.Array, s: jax.Array,
-          dtype=jnp.float32) -> jax.Array:
-  """ΔW = s·A·B in `dtype`, shaped like the weight W (*stack, *in, *out) (this does
-  materialise it) from A (*stack, *in, r), B (*stack, r, *out) and s (*stack,)."""
-  lay = _layout.check_fits(name, w_shape, a.shape, b.shape, s.shape)
-  a_SxIxR, b_SxRxO, s_S = _layout.flatten_factors(a.astype(dtype), b.astype(dtype),
-                                                  s.astype(dtype), lay)
-  dw_SxIxO = jnp.einsum("sir,sro->sio", a_SxIxR * s_S[:, None, None], b_SxRxO)
-  return dw_SxIxO.reshape(w_shape)
+def delta(
+    name: str, w_shape, a: jax.Array, b: jax.Array, s: jax.Array, dtype=jnp.float32
+) -> jax.Array:
+    """ΔW = s·A·B in `dtype`, shaped like the weight W (*stack, *in, *out) (this does
+    materialise it) from A (*stack, *in, r), B (*stack, r, *out) and s (*stack,)."""
+    lay = _layout.check_fits(name, w_shape, a.shape, b.shape, s.shape)
+    a_SxIxR, b_SxRxO, s_S = _layout.flatten_factors(
+        a.astype(dtype), b.astype(dtype), s.astype(dtype), lay
+    )
+    dw_SxIxO = jnp.einsum("sir,sro->sio", a_SxIxR * s_S[:, None, None], b_SxRxO)
+    return dw_SxIxO.reshape(w_shape)
 
 
 def _fold(params: Any, sign: int, adapter_flat: dict | None = None) -> dict:
-  """W ± s·A·B and b ± δ for every adapter, as a flat tree without the LoRA leaves."""
-  flat = _tree.flatten(params)
-  lora = adapter_flat if adapter_flat is not None else {
-      p: leaf for p, leaf in flat.items() if _tree.is_lora_leaf(p)}
-  if not any(_tree.is_trainable_leaf(p) for p in lora):
-    raise ValueError("the tree holds no LoRA adapter (no *_lora_a/_lora_b/_lora_delta "
-                     "leaves); lj.init adds one, and an already merged tree needs no merge.")
-  out = {p: leaf for p, leaf in flat.items() if not _tree.is_lora_leaf(p)}
-  for path in _tree.adapted_weights(lora):
-    name = _tree.path_str(path)
-    if path not in out:
-      raise ValueError(f"{name}: the adapter has factors for a weight the tree lacks; "
-                       "it was made for another base model.")
-    w = _tree.value(out[path])
+    """W ± s·A·B and b ± δ for every adapter, as a flat tree without the LoRA leaves."""
+    flat = _tree.flatten(params)
+    lora = (
+        adapter_flat
+        if adapter_flat is not None
+        else {p: leaf for p, leaf in flat.items() if _tree.is_lora_leaf(p)}
+    )
+    if not any(_tree.is_trainable_leaf(p) for p in lora):
+        raise ValueError(
+            "the tree holds no LoRA adapter (no *_lora_a/_lora_b/_lora_delta "
+            "leaves); lj.init adds one, and an already merged tree needs no merge."
+        )
+    out = {p: leaf for p, leaf in flat.items() if not _tree.is_lora_leaf(p)}
+    for path in _tree.adapted_weights(lora):
+        name = _tree.path_str(path)
+        if path not in out:
+            raise ValueError(
+                f"{name}: the adapter has factors for a weight the tree lacks; "
+                "it was made for another base model."
+            )
+        w = _tree.value(out[path])
 
-    def get(suffix):
-      part = _tree.lora_path(path, suffix)
-      if part not in lora:
-        raise ValueError(f"{_tree.path_str(part)} is missing: the adapter is incomplete. Pass "
-                         "lj.adapter(params) or the adapted params (the scales are frozen leaves, "
-                         "not part of the trainable half).")
-      return _tree.value(lora[part])
+        def get(suffix):
+            part = _tree.lora_path(path, suffix)
+            if part not in lora:
+                raise ValueError(
+                    f"{_tree.path_str(part)} is missing: the adapter is incomplete. Pass "
+                    "lj.adapter(params) or the adapted params (the scales are frozen leaves, "
+                    "not part of the trainable half)."
+                )
+            return _tree.value(lora[part])
 
-    accumulate = jnp.promote_types(w.dtype, jnp.float32)
-    dw = delta(name, w.shape, get(_tree.A_SUFFIX), get(_tree.B_SUFFIX),
-               get(_tree.SCALE_SUFFIX), accumulate)
-    out[path] = _tree.wrap_like(out[path], (w.astype(accumulate) + sign * dw).astype(w.dtype))
-  for path, leaf in lora.items():
-    if _tree.leaf_name(path).endswith(_tree.DELTA_SUFFIX):
-      bias_path = _tree.base_of(path)
-      b = _tree.value(out[bias_path])
-      d = _tree.value(leaf)
-      if b.shape != d.shape:
-        raise ValueError(f"{_tree.path_str(path)}: shape {d.shape} does not fit the bias "
-                         f"{b.shape}; the adapter was made for another base model.")
-      out[bias_path] = _tree.wrap_like(out[bias_path], (b + sign * d.astype(b.dtype)).astype(b.dtype))
-  return out
+        accumulate = jnp.promote_types(w.dtype, jnp.float32)
+        dw = delta(
+            name,
+            w.shape,
+            get(_tree.A_SUFFIX),
+            get(_tree.B_SUFFIX),
+            get(_tree.SCALE_SUFFIX),
+            accumulate,
+        )
+        out[path] = _tree.wrap_like(out[path], (w.astype(accumulate) + sign * dw).astype(w.dtype))
+    for path, leaf in lora.items():
+        if _tree.leaf_name(path).endswith(_tree.DELTA_SUFFIX):
+            bias_path = _tree.base_of(path)
+            b = _tree.value(out[bias_path])
+            d = _tree.value(leaf)
+            if b.shape != d.shape:
+                raise ValueError(
+                    f"{_tree.path_str(path)}: shape {d.shape} does not fit the bias "
+                    f"{b.shape}; the adapter was made for another base model."
+                )
+            out[bias_path] = _tree.wrap_like(
+                out[bias_path], (b + sign * d.astype(b.dtype)).astype(b.dtype)
+            )
+    return out
 
 
 def materialize(params: Any) -> Any:
-  """W + s·A·B for every adapted weight, as a tree shaped like the base tree.
+    """W + s·A·B for every adapted weight, as a tree shaped like the base tree.
 
-  The generic path: run *any* JAX function of the base parameters on the
-  result. Inside a jitted, differentiated step the gradient flows to A and B
-  (but the full-size W + ΔW and its gradient are materialised; `lj.apply`
-  avoids both). Accumulates in float32 (or wider) and casts back to W's dtype.
-  """
-  out = _fold(params, +1)
-  return _tree.unflatten_like(params, out)
+    The generic path: run *any* JAX function of the base parameters on the
+    result. Inside a jitted, differentiated step the gradient flows to A and B
+    (but the full-size W + ΔW and its gradient are materialised; `lj.apply`
+    avoids both). Accumulates in float32 (or wider) and casts back to W's dtype.
+    """
+    out = _fold(params, +1)
+    return _tree.unflatten_like(params, out)
 
 
 def merge(params: Any) -> Any:
-  """Folds every adapter into its weight and drops the LoRA leaves (for export).
+    """Folds every adapter into its weight and drops the LoRA leaves (for export).
 
-  The result has exactly the base tree's structure, shapes and dtypes, so the
-  unmodified model runs it at no extra cost. s·A·B is accumulated in float32 and
-  cast back to W's dtype. Trained bias deltas are added to their biases.
+    The result has exactly the base tree's structure, shapes and dtypes, so the
+    unmodified model runs it at no extra cost. s·A·B is accumulated in float32 and
+    cast back to W's dtype. Trained bias deltas are added to their biases.
 
-  Example:
-    >>> import jax, jax.numpy as jnp, lora_jax as lj
-    >>> base = {"dense": {"kernel": jnp.ones((4, 3))}}
-    >>> adapted = lj.init(jax.random.key(0), base, lj.LoraConfig(2, 4, ".*kernel"))
-    >>> jax.tree.structure(lj.merge(adapted)) == jax.tree.structure(base)
-    True
-  """
-  return materialize(params)
+    Example:
+      >>> import jax, jax.numpy as jnp, lora_jax as lj
+      >>> base = {"dense": {"kernel": jnp.ones((4, 3))}}
+      >>> adapted = lj.init(jax.random.key(0), base, lj.LoraConfig(2, 4, ".*kernel"))
+      >>> jax.tree.structure(lj.merge(adapted)) == jax.tree.structure(base)
+      True
+    """
+    return materialize(params)
 
 
 def unmerge(merged: Any, adapter: Any) -> Any:
-  """Inverse of `merge`: W = W_merged − s·A·B, with the adapter's leaves put back.
+    """Inverse of `merge`: W = W_merged − s·A·B, with the adapter's leaves put back.
 
-  Args:
-    merged: a tree returned by `merge` (no LoRA leaves).
-    adapter: a tree holding the adapter's leaves (`lj.adapter(params)`, or the
-      adapted params themselves).
+    Args:
+      merged: a tree returned by `merge` (no LoRA leaves).
+      adapter: a tree holding the adapter's leaves (`lj.adapter(params)`, or the
+        adapted params themselves).
 
-  Returns:
-    The adapted tree (equal to the one that was merged, up to float rounding).
-  """
-  flat_merged = _tree.flatten(merged)
-  if any(_tree.is_lora_leaf(p) for p in flat_merged):
-    raise ValueError("unmerge expects a merged tree (no LoRA leaves); this one still has "
-                     "an adapter, so there is nothing to unmerge.")
-  lora = {p: leaf for p, leaf in _tree.flatten(adapter).items() if _tree.is_lora_leaf(p)}
-  out = _fold(merged, -1, lora)
-  template = next(iter(flat_merged.values()))
-  out.update({p: _tree.new_leaf_like(template, _tree.value(leaf)) for p, leaf in lora.items()})
-  return _tree.unflatten_like(merged, out)
+    Returns:
+      The adapted tree (equal to the one that was merged, up to float rounding).
+    """
+    flat_merged = _tree.flatten(merged)
+    if any(_tree.is_lora_leaf(p) for p in flat_merged):
+        raise ValueError(
+            "unmerge expects a merged tree (no LoRA leaves); this one still has "
+            "an adapter, so there is nothing to unmerge."
+        )
+    lora = {p: leaf for p, leaf in _tree.flatten(adapter).items() if _tree.is_lora_leaf(p)}
+    out = _fold(merged, -1, lora)
+    template = next(iter(flat_merged.values()))
+    out.update({p: _tree.new_leaf_like(template, _tree.value(leaf)) for p, leaf in lora.items()})
+    return _tree.unflatten_like(merged, out)

@@ -14,17 +14,17 @@ import numpy as np
 SAMPLES = 64
 
 
-def update(digest: "hashlib._Hash", name: str, array) -> None:
-  """Feeds `name` and `SAMPLES` evenly spaced values of `array` (as float32) into `digest`."""
-  values_N = np.asarray(array).reshape(-1)
-  picks = np.linspace(0, values_N.size - 1, min(values_N.size, SAMPLES)).astype(int)
-  digest.update(name.encode())
-  digest.update(values_N[picks].astype(np.float32).tobytes())
+def update(digest: hashlib._Hash, name: str, array) -> None:
+    """Feeds `name` and `SAMPLES` evenly spaced values of `array` (as float32) into `digest`."""
+    values_N = np.asarray(array).reshape(-1)
+    picks = np.linspace(0, values_N.size - 1, min(values_N.size, SAMPLES)).astype(int)
+    digest.update(name.encode())
+    digest.update(values_N[picks].astype(np.float32).tobytes())
 
 
 def sha256(named_arrays) -> str:
-  """Hex SHA-256 over ``(name, array)`` pairs, in the order given."""
-  digest = hashlib.sha256()
-  for name, array in named_arrays:
-    update(digest, name, array)
-  return digest.hexdigest()
+    """Hex SHA-256 over ``(name, array)`` pairs, in the order given."""
+    digest = hashlib.sha256()
+    for name, array in named_arrays:
+        update(digest, name, array)
+    return digest.hexdigest()

@@ -22,50 +22,54 @@ from lora_jax import _layout, _tree
 
 
 def partition_specs(base_specs: Any, params: Any) -> Any:
-  """Specs for an adapted tree, given those of its base tree.
+    """Specs for an adapted tree, given those of its base tree.
 
-  Args:
-    base_specs: a tree shaped like the *base* params whose leaves are
-      ``PartitionSpec``s or tuples of logical axis names (``("embed", "heads")``;
-      map them to mesh axes with ``flax.linen.logical_to_mesh_axes``).
-    params: the adapted tree (arrays or ``jax.ShapeDtypeStruct``s).
+    Args:
+      base_specs: a tree shaped like the *base* params whose leaves are
+        ``PartitionSpec``s or tuples of logical axis names (``("embed", "heads")``;
+        map them to mesh axes with ``flax.linen.logical_to_mesh_axes``).
+      params: the adapted tree (arrays or ``jax.ShapeDtypeStruct``s).
 
-  Returns:
-    A tree shaped like `params` with a spec of the same kind for every leaf.
+    Returns:
+      A tree shaped like `params` with a spec of the same kind for every leaf.
 
-  Example:
-    >>> import jax, jax.numpy as jnp, lora_jax as lj
-    >>> from jax.sharding import PartitionSpec as P
-    >>> p = lj.init(jax.random.key(0), {"d": {"kernel": jnp.ones((8, 4))}},
-    ...             lj.LoraConfig(2, 4, ".*kernel"))
-    >>> specs = lj.partition_specs({"d": {"kernel": P("fsdp", "tensor")}}, p)
-    >>> specs["d"]["kernel_lora_a"], specs["d"]["kernel_lora_b"]
-    (P('fsdp', None), P(None, 'tensor'))
-  """
-  flat_specs = _tree.flatten(base_specs) if not isinstance(base_specs, PartitionSpec) else {}
-  flat = _tree.flatten(params)
-  out = {}
-  for path, leaf in flat.items():
-    base = _tree.base_of(path) if _tree.is_lora_leaf(path) else path
-    if base not in flat_specs:
-      raise ValueError(f"partition_specs: no spec for {_tree.path_str(base)!r}; base_specs "
-                       "must be shaped like the base params tree.")
-    spec = flat_specs[base]
-    if not _tree.is_lora_leaf(path) or _tree.leaf_name(path).endswith(_tree.DELTA_SUFFIX):
-      out[path] = spec
-      continue
-    a, b, s = (_tree.value(flat[_tree.lora_path(base, x)]).shape
-               for x in (_tree.A_SUFFIX, _tree.B_SUFFIX, _tree.SCALE_SUFFIX))
-    w_shape = _tree.value(flat[base]).shape
-    lay = _layout.check_fits(_tree.path_str(base), w_shape, a, b, s)
-    axes = tuple(spec) + (None,) * (len(w_shape) - len(tuple(spec)))
-    stack, ins, outs = _layout.split(axes, lay)
-    make = PartitionSpec if isinstance(spec, PartitionSpec) else (lambda *xs: xs)
-    name = _tree.leaf_name(path)
-    if name.endswith(_tree.A_SUFFIX):
-      out[path] = make(*stack, *ins, None)
-    elif name.endswith(_tree.B_SUFFIX):
-      out[path] = make(*stack, None, *outs)
-    else:
-      out[path] = make(*stack)
-  return _tree.unflatten_like(params, out)
+    Example:
+      >>> import jax, jax.numpy as jnp, lora_jax as lj
+      >>> from jax.sharding import PartitionSpec as P
+      >>> p = lj.init(jax.random.key(0), {"d": {"kernel": jnp.ones((8, 4))}},
+      ...             lj.LoraConfig(2, 4, ".*kernel"))
+      >>> specs = lj.partition_specs({"d": {"kernel": P("fsdp", "tensor")}}, p)
+      >>> specs["d"]["kernel_lora_a"], specs["d"]["kernel_lora_b"]
+      (P('fsdp', None), P(None, 'tensor'))
+    """
+    flat_specs = _tree.flatten(base_specs) if not isinstance(base_specs, PartitionSpec) else {}
+    flat = _tree.flatten(params)
+    out = {}
+    for path in flat:
+        base = _tree.base_of(path) if _tree.is_lora_leaf(path) else path
+        if base not in flat_specs:
+            raise ValueError(
+                f"partition_specs: no spec for {_tree.path_str(base)!r}; base_specs "
+                "must be shaped like the base params tree."
+            )
+        spec = flat_specs[base]
+        if not _tree.is_lora_leaf(path) or _tree.leaf_name(path).endswith(_tree.DELTA_SUFFIX):
+            out[path] = spec
+            continue
+        a, b, s = (
+            _tree.value(flat[_tree.lora_path(base, x)]).shape
+            for x in (_tree.A_SUFFIX, _tree.B_SUFFIX, _tree.SCALE_SUFFIX)
+        )
+        w_shape = _tree.value(flat[base]).shape
+        lay = _layout.check_fits(_tree.path_str(base), w_shape, a, b, s)
+        axes = tuple(spec) + (None,) * (len(w_shape) - len(tuple(spec)))
+        stack, ins, outs = _layout.split(axes, lay)
+        make = PartitionSpec if isinstance(spec, PartitionSpec) else (lambda *xs: xs)
+        name = _tree.leaf_name(path)
+        if name.endswith(_tree.A_SUFFIX):
+            out[path] = make(*stack, *ins, None)
+        elif name.endswith(_tree.B_SUFFIX):
+            out[path] = make(*stack, None, *outs)
+        else:
+            out[path] = make(*stack)
+    return _tree.unflatten_like(params, out)

@@ -19,8 +19,19 @@ from models.loaders import (
 )
 
 __all__ = [
-    "PRESETS", "REMAT_POLICIES", "ModelConfig", "get_config", "with_options",
-    "Decoder", "init_cache", "init_params", "logical_axes",
+    "PRESETS",
+    "REMAT_POLICIES",
+    "ModelConfig",
+    "get_config",
+    "with_options",
+    "Decoder",
+    "init_cache",
+    "init_params",
+    "logical_axes",
     "generate",
-    "ModelFileError", "UnsupportedArchitectureError", "abstract_load", "embedded_gguf", "load",
+    "ModelFileError",
+    "UnsupportedArchitectureError",
+    "abstract_load",
+    "embedded_gguf",
+    "load",
 ]

@@ -49,15 +49,19 @@ class Decoder(nn.Module):
         cfg = self.config
         token_ids_BxL = jnp.asarray(token_ids, jnp.int32)
         B, L = token_ids_BxL.shape
-        if L > cfg.max_position_embeddings:
+        if cfg.max_position_embeddings < L:
             raise ValueError(
                 f"input has {L} tokens but the model's context is {cfg.max_position_embeddings}"
             )
         valid_BxL = (
-            jnp.ones((B, L), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
+            jnp.ones((B, L), bool)
+            if attention_mask is None
+            else jnp.asarray(attention_mask).astype(bool)
         )
         key_valid_BxS, cache_offset = self._cache_mask(valid_BxL, decode)
-        visible_BxLxS = self._visibility(valid_BxL, key_valid_BxS, cache_offset, segment_ids, decode)
+        visible_BxLxS = self._visibility(
+            valid_BxL, key_valid_BxS, cache_offset, segment_ids, decode
+        )
         if positions is None:
             positions = jnp.broadcast_to(cache_offset + jnp.arange(L, dtype=jnp.int32), (B, L))
         positions_BxL = jnp.asarray(positions, jnp.int32)
@@ -65,9 +69,9 @@ class Decoder(nn.Module):
         embed_tokens = embed(cfg, cfg.vocab_size, ("vocab", "embed"), "embed_tokens")
         x_BxLxD = embed_tokens(token_ids_BxL)
         if cfg.family == "gpt2":
-            x_BxLxD = x_BxLxD + embed(cfg, cfg.max_position_embeddings, (None, "embed"), "embed_positions")(
-                positions_BxL
-            )
+            x_BxLxD = x_BxLxD + embed(
+                cfg, cfg.max_position_embeddings, (None, "embed"), "embed_positions"
+            )(positions_BxL)
 
         layer = DecoderLayer
         if cfg.remat_policy != "none":
@@ -81,7 +85,9 @@ class Decoder(nn.Module):
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x_BxLxD, _ = stack(cfg, name="layers")(x_BxLxD, visible_BxLxS, positions_BxL, cache_offset, decode)
+            x_BxLxD, _ = stack(cfg, name="layers")(
+                x_BxLxD, visible_BxLxS, positions_BxL, cache_offset, decode
+            )
         else:
             for i in range(cfg.num_layers):
                 x_BxLxD, _ = layer(cfg, name=f"layers_{i}")(
@@ -143,7 +149,9 @@ def as_model(model_or_config: Decoder | ModelConfig) -> Decoder:
     return model_or_config if isinstance(model_or_config, Decoder) else Decoder(model_or_config)
 
 
-def abstract_variables(model: Decoder, batch_size: int, length: int, decode: bool) -> dict[str, Any]:
+def abstract_variables(
+    model: Decoder, batch_size: int, length: int, decode: bool
+) -> dict[str, Any]:
     ids = jnp.zeros((batch_size, length), jnp.int32)
     return jax.eval_shape(lambda: model.init(jax.random.key(0), ids, decode=decode))
 
@@ -180,6 +188,7 @@ def reorder_cache(cache: dict[str, Any], rows_R: jax.Array) -> dict[str, Any]:
     Layout: `index` () is shared; `valid` is (B, S); each layer's `key`/`value` is (B, S, K, H),
     with a leading layer axis when the layers are scanned.
     """
+
     def take(path, x):
         name = path[-1].key
         if name == "index":

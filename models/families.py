@@ -86,29 +86,50 @@ def _first(token_id: int | list[int] | None) -> int | None:
 
 
 def _gpt2_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    _reject(hf.get("activation_function", "gelu_new") != "gelu_new", "GPT-2 activation other than gelu_new")
+    _reject(
+        hf.get("activation_function", "gelu_new") != "gelu_new",
+        "GPT-2 activation other than gelu_new",
+    )
     _reject(hf.get("scale_attn_by_inverse_layer_idx", False), "scale_attn_by_inverse_layer_idx")
     hidden, heads = hf["n_embd"], hf["n_head"]
     return ModelConfig(
-        family="gpt2", vocab_size=hf["vocab_size"], hidden_size=hidden,
-        intermediate_size=hf.get("n_inner") or 4 * hidden, num_layers=hf["n_layer"],
-        num_heads=heads, num_kv_heads=heads, head_dim=hidden // heads,
+        family="gpt2",
+        vocab_size=hf["vocab_size"],
+        hidden_size=hidden,
+        intermediate_size=hf.get("n_inner") or 4 * hidden,
+        num_layers=hf["n_layer"],
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=hidden // heads,
         max_position_embeddings=hf["n_positions"],
         tie_word_embeddings=hf.get("tie_word_embeddings", True),
         norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-        eos_token_id=hf.get("eos_token_id"), pad_token_id=hf.get("pad_token_id"),
+        eos_token_id=hf.get("eos_token_id"),
+        pad_token_id=hf.get("pad_token_id"),
     )
 
 
 def _gpt2_to_hf(config: ModelConfig) -> dict[str, Any]:
-    if config.num_kv_heads != config.num_heads or config.head_dim * config.num_heads != config.hidden_size:
-        raise ValueError("a GPT-2 checkpoint needs num_kv_heads == num_heads and "
-                         "head_dim * num_heads == hidden_size")
-    return dict(architectures=["GPT2LMHeadModel"], model_type="gpt2", n_embd=config.hidden_size,
-                n_layer=config.num_layers, n_head=config.num_heads,
-                n_inner=config.intermediate_size, n_positions=config.max_position_embeddings,
-                layer_norm_epsilon=config.norm_eps, activation_function="gelu_new",
-                bos_token_id=config.eos_token_id)
+    if (
+        config.num_kv_heads != config.num_heads
+        or config.head_dim * config.num_heads != config.hidden_size
+    ):
+        raise ValueError(
+            "a GPT-2 checkpoint needs num_kv_heads == num_heads and "
+            "head_dim * num_heads == hidden_size"
+        )
+    return dict(
+        architectures=["GPT2LMHeadModel"],
+        model_type="gpt2",
+        n_embd=config.hidden_size,
+        n_layer=config.num_layers,
+        n_head=config.num_heads,
+        n_inner=config.intermediate_size,
+        n_positions=config.max_position_embeddings,
+        layer_norm_epsilon=config.norm_eps,
+        activation_function="gelu_new",
+        bos_token_id=config.eos_token_id,
+    )
 
 
 _H = "transformer.h.{i}."
@@ -144,29 +165,45 @@ def _llama_from_hf(hf: dict[str, Any]) -> ModelConfig:
     _reject(hf.get("hidden_act", "silu") != "silu", f"Llama activation {hf.get('hidden_act')}")
     heads = hf["num_attention_heads"]
     return ModelConfig(
-        family="llama", vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
-        num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
+        family="llama",
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
         head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
         max_position_embeddings=hf["max_position_embeddings"],
         tie_word_embeddings=hf.get("tie_word_embeddings", False),
         rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
         norm_eps=hf.get("rms_norm_eps", 1e-6),
-        eos_token_id=_first(hf.get("eos_token_id")), pad_token_id=hf.get("pad_token_id"),
-        attention_bias=hf.get("attention_bias", False), mlp_bias=hf.get("mlp_bias", False),
+        eos_token_id=_first(hf.get("eos_token_id")),
+        pad_token_id=hf.get("pad_token_id"),
+        attention_bias=hf.get("attention_bias", False),
+        mlp_bias=hf.get("mlp_bias", False),
     )
 
 
 def _llama_to_hf(config: ModelConfig) -> dict[str, Any]:
     rope = {"rope_type": "default", "rope_theta": config.rope_theta}
-    return dict(architectures=["LlamaForCausalLM"], model_type="llama",
-                hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-                num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
-                num_key_value_heads=config.num_kv_heads, head_dim=config.head_dim,
-                max_position_embeddings=config.max_position_embeddings,
-                rms_norm_eps=config.norm_eps, rope_theta=config.rope_theta, rope_parameters=rope,
-                hidden_act="silu", attention_bias=config.attention_bias,
-                mlp_bias=config.mlp_bias, bos_token_id=None)
+    return dict(
+        architectures=["LlamaForCausalLM"],
+        model_type="llama",
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads,
+        head_dim=config.head_dim,
+        max_position_embeddings=config.max_position_embeddings,
+        rms_norm_eps=config.norm_eps,
+        rope_theta=config.rope_theta,
+        rope_parameters=rope,
+        hidden_act="silu",
+        attention_bias=config.attention_bias,
+        mlp_bias=config.mlp_bias,
+        bos_token_id=None,
+    )
 
 
 def _llama_from_gguf(get: Callable[..., Any], has_output: bool) -> ModelConfig:
@@ -195,14 +232,30 @@ LLAMA = Family(
     modules=(
         Module("embed_tokens", "model.embed_tokens", "embedding", "token_embd"),
         Module("layers_{i}/input_layernorm", _L + "input_layernorm", "norm", _B + "attn_norm"),
-        Module("layers_{i}/post_attention_layernorm", _L + "post_attention_layernorm", "norm",
-               _B + "ffn_norm"),
-        Module("layers_{i}/self_attn/q_proj", _L + "self_attn.q_proj", "linear", _B + "attn_q",
-               rope_heads="num_heads"),
-        Module("layers_{i}/self_attn/k_proj", _L + "self_attn.k_proj", "linear", _B + "attn_k",
-               rope_heads="num_kv_heads"),
+        Module(
+            "layers_{i}/post_attention_layernorm",
+            _L + "post_attention_layernorm",
+            "norm",
+            _B + "ffn_norm",
+        ),
+        Module(
+            "layers_{i}/self_attn/q_proj",
+            _L + "self_attn.q_proj",
+            "linear",
+            _B + "attn_q",
+            rope_heads="num_heads",
+        ),
+        Module(
+            "layers_{i}/self_attn/k_proj",
+            _L + "self_attn.k_proj",
+            "linear",
+            _B + "attn_k",
+            rope_heads="num_kv_heads",
+        ),
         Module("layers_{i}/self_attn/v_proj", _L + "self_attn.v_proj", "linear", _B + "attn_v"),
-        Module("layers_{i}/self_attn/o_proj", _L + "self_attn.o_proj", "linear", _B + "attn_output"),
+        Module(
+            "layers_{i}/self_attn/o_proj", _L + "self_attn.o_proj", "linear", _B + "attn_output"
+        ),
         Module("layers_{i}/mlp/gate_proj", _L + "mlp.gate_proj", "linear", _B + "ffn_gate"),
         Module("layers_{i}/mlp/up_proj", _L + "mlp.up_proj", "linear", _B + "ffn_up"),
         Module("layers_{i}/mlp/down_proj", _L + "mlp.down_proj", "linear", _B + "ffn_down"),
@@ -238,15 +291,22 @@ def gguf_family(arch: str | None) -> Family:
     """The family of a GGUF file's general.architecture."""
     supported = tuple(name for name, f in FAMILIES.items() if f.config_from_gguf)
     if arch not in supported:
-        raise UnsupportedArchitectureError(f"unsupported GGUF architecture {arch!r}; supported: {supported}")
+        raise UnsupportedArchitectureError(
+            f"unsupported GGUF architecture {arch!r}; supported: {supported}"
+        )
     return FAMILIES[arch]
 
 
 def hf_config(config: ModelConfig) -> dict[str, Any]:
     """The transformers ``config.json`` dict of `config` (what `Family.config_from_hf` reads)."""
-    return dict(family(config).config_to_hf(config), vocab_size=config.vocab_size,
-                tie_word_embeddings=config.tie_word_embeddings, eos_token_id=config.eos_token_id,
-                pad_token_id=config.pad_token_id, dtype=str(config.param_dtype))
+    return dict(
+        family(config).config_to_hf(config),
+        vocab_size=config.vocab_size,
+        tie_word_embeddings=config.tie_word_embeddings,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+        dtype=str(config.param_dtype),
+    )
 
 
 class Place(NamedTuple):

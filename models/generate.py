@@ -81,7 +81,9 @@ def generate(
     if prompt_BxP.ndim != 2:
         raise ValueError(f"prompt_ids must be (batch, length); got shape {prompt_BxP.shape}")
     B, P = prompt_BxP.shape
-    mask_BxP = jnp.ones((B, P), bool) if attention_mask is None else jnp.asarray(attention_mask, bool)
+    mask_BxP = (
+        jnp.ones((B, P), bool) if attention_mask is None else jnp.asarray(attention_mask, bool)
+    )
     if mask_BxP.shape != (B, P):
         raise ValueError(f"attention_mask shape {mask_BxP.shape} != prompt shape {(B, P)}")
     if P + max_new_tokens > cfg.max_position_embeddings:
@@ -92,15 +94,28 @@ def generate(
     if max_new_tokens < 1 or num_beams < 1:
         raise ValueError("max_new_tokens and num_beams must be >= 1")
     if do_sample and (num_beams > 1 or temperature <= 0 or not 0 < top_p <= 1 or top_k < 0):
-        raise ValueError("sampling needs num_beams == 1, temperature > 0, 0 < top_p <= 1, top_k >= 0")
+        raise ValueError(
+            "sampling needs num_beams == 1, temperature > 0, 0 < top_p <= 1, top_k >= 0"
+        )
     eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
     eos = -1 if eos is None else eos
-    pad = next(i for i in (pad_token_id, cfg.pad_token_id, eos if eos >= 0 else None, 0) if i is not None)
+    pad = next(
+        i for i in (pad_token_id, cfg.pad_token_id, eos if eos >= 0 else None, 0) if i is not None
+    )
     settings = _Settings(max_new_tokens, do_sample, num_beams, no_repeat_ngram_size)
-    knobs = _Knobs(*(jnp.asarray(x, dtype) for x, dtype in [
-        (eos, jnp.int32), (pad, jnp.int32), (temperature, jnp.float32), (top_k, jnp.int32),
-        (top_p, jnp.float32), (length_penalty, jnp.float32),
-    ]))
+    knobs = _Knobs(
+        *(
+            jnp.asarray(x, dtype)
+            for x, dtype in [
+                (eos, jnp.int32),
+                (pad, jnp.int32),
+                (temperature, jnp.float32),
+                (top_k, jnp.int32),
+                (top_p, jnp.float32),
+                (length_penalty, jnp.float32),
+            ]
+        )
+    )
     apply_fn = apply_fn or model.apply
     if has_lora(params):
         apply_fn = _with_lora(apply_fn)
@@ -113,25 +128,33 @@ def has_lora(params: Any) -> bool:
     return any(jax.tree.leaves(lj.trainable_mask(params)))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _with_lora(apply_fn: Callable[..., Any]) -> Callable[..., Any]:
     # Cached so that repeated calls reuse one function object, hence one compiled program.
     return lj.apply(apply_fn)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "apply_fn", "settings"))
-def _generate(model, apply_fn, settings: _Settings, knobs: _Knobs, params, prompt_BxP, mask_BxP, rng):
+def _generate(
+    model, apply_fn, settings: _Settings, knobs: _Knobs, params, prompt_BxP, mask_BxP, rng
+):
     B, P = prompt_BxP.shape
     K, N = settings.num_beams, settings.max_new_tokens
     prompt_BxP, mask_BxP = _left_align(prompt_BxP, mask_BxP)
     positions_BxP = jnp.maximum(jnp.cumsum(mask_BxP, axis=1) - 1, 0)
     # Beams start as K copies of each prompt: rows b*K .. b*K+K-1.
-    prompt_RxP, mask_RxP, positions_RxP = (jnp.repeat(x, K, axis=0) for x in (prompt_BxP, mask_BxP, positions_BxP))
+    prompt_RxP, mask_RxP, positions_RxP = (
+        jnp.repeat(x, K, axis=0) for x in (prompt_BxP, mask_BxP, positions_BxP)
+    )
 
     def step(cache, ids_RxL, mask_RxL, positions_RxL):
         logits_RxLxV, variables = apply_fn(
-            {"params": params, "cache": cache}, ids_RxL, mask_RxL, positions_RxL,
-            decode=True, mutable=["cache"],
+            {"params": params, "cache": cache},
+            ids_RxL,
+            mask_RxL,
+            positions_RxL,
+            decode=True,
+            mutable=["cache"],
         )
         return logits_RxLxV[:, -1], variables["cache"]
 
@@ -139,7 +162,8 @@ def _generate(model, apply_fn, settings: _Settings, knobs: _Knobs, params, promp
     logits_RxV, cache = step(cache, prompt_RxP, mask_RxP, positions_RxP)
     # History for n-gram bans: prompt padding is -1 (never matches); new slots start as pad.
     seq_RxT = jnp.concatenate(
-        [jnp.where(mask_RxP, prompt_RxP, -1), jnp.full((B * K, N), knobs.pad_token_id, jnp.int32)], axis=1
+        [jnp.where(mask_RxP, prompt_RxP, -1), jnp.full((B * K, N), knobs.pad_token_id, jnp.int32)],
+        axis=1,
     )
 
     def step_one(cache, tok_R, pos_R):
@@ -155,7 +179,9 @@ def _generate(model, apply_fn, settings: _Settings, knobs: _Knobs, params, promp
 def _left_align(prompt_BxP, mask_BxP):
     """Move each row's real tokens to the right end, keeping their order (padding goes left)."""
     order_BxP = jnp.argsort(mask_BxP, axis=1, stable=True)
-    return jnp.take_along_axis(prompt_BxP, order_BxP, 1), jnp.take_along_axis(mask_BxP, order_BxP, 1)
+    return jnp.take_along_axis(prompt_BxP, order_BxP, 1), jnp.take_along_axis(
+        mask_BxP, order_BxP, 1
+    )
 
 
 def _ban_repeated_ngrams(scores_RxV, seq_RxT, cur, n: int):
@@ -164,12 +190,14 @@ def _ban_repeated_ngrams(scores_RxV, seq_RxT, cur, n: int):
     starts = T - n + 1
     match_RxS = (jnp.arange(starts) + n - 1 < cur)[None, :]
     for j in range(n - 1):
-        window_RxS = seq_RxT[:, j:j + starts]
+        window_RxS = seq_RxT[:, j : j + starts]
         last_Rx1 = jax.lax.dynamic_slice_in_dim(seq_RxT, cur - (n - 1) + j, 1, axis=1)
         match_RxS = match_RxS & (window_RxS == last_Rx1) & (window_RxS >= 0)
-    banned_RxS = seq_RxT[:, n - 1:]
-    ban_RxV = jnp.zeros(scores_RxV.shape, bool).at[jnp.arange(R)[:, None], jnp.maximum(banned_RxS, 0)].max(
-        match_RxS & (banned_RxS >= 0)
+    banned_RxS = seq_RxT[:, n - 1 :]
+    ban_RxV = (
+        jnp.zeros(scores_RxV.shape, bool)
+        .at[jnp.arange(R)[:, None], jnp.maximum(banned_RxS, 0)]
+        .max(match_RxS & (banned_RxS >= 0))
     )
     return jnp.where(ban_RxV, -jnp.inf, scores_RxV)
 
@@ -190,13 +218,17 @@ def _choose(settings: _Settings, knobs: _Knobs, logits_BxV, key):
     k = jnp.where(knobs.top_k > 0, jnp.minimum(knobs.top_k, V), V)
     in_top_k_V = jnp.arange(V) < k
     probs_BxV = jax.nn.softmax(jnp.where(in_top_k_V, sorted_BxV, -jnp.inf), axis=-1)
-    keep_BxV = in_top_k_V & (jnp.cumsum(probs_BxV, axis=-1) - probs_BxV < knobs.top_p)  # keeps the first
+    keep_BxV = in_top_k_V & (
+        jnp.cumsum(probs_BxV, axis=-1) - probs_BxV < knobs.top_p
+    )  # keeps the first
     threshold_Bx1 = jnp.min(jnp.where(keep_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
     logits_BxV = jnp.where(logits_BxV < threshold_Bx1, -jnp.inf, logits_BxV)
     return jax.random.categorical(key, logits_BxV).astype(jnp.int32)
 
 
-def _sample(settings: _Settings, knobs: _Knobs, step_one, P, seq_BxT, cache, logits_BxV, pos_B, rng):
+def _sample(
+    settings: _Settings, knobs: _Knobs, step_one, P, seq_BxT, cache, logits_BxV, pos_B, rng
+):
     """Greedy / sampling loop; returns the filled seq_BxT."""
     B = seq_BxT.shape[0]
 
@@ -218,7 +250,9 @@ def _sample(settings: _Settings, knobs: _Knobs, step_one, P, seq_BxT, cache, log
     return jax.lax.while_loop(cond, body, state)[1]
 
 
-def _beam_search(settings: _Settings, knobs: _Knobs, step_one, P, seq_RxT, cache, logits_RxV, pos_R, rng):
+def _beam_search(
+    settings: _Settings, knobs: _Knobs, step_one, P, seq_RxT, cache, logits_RxV, pos_R, rng
+):
     """Beam search over rows R = B*K (transformers' vectorised algorithm, early_stopping=False).
 
     Each step keeps the 2K best continuations; those ending in EOS (or at the length limit) among
@@ -238,7 +272,18 @@ def _beam_search(settings: _Settings, knobs: _Knobs, step_one, P, seq_RxT, cache
         return (t < N) & jnp.any(open_B)
 
     def body(state):
-        t, seq_RxT, cache, logits_RxV, pos_R, running_BxK, fin_seq_BxKxT, fin_BxK, fin_flag_BxK, open_B = state
+        (
+            t,
+            seq_RxT,
+            cache,
+            logits_RxV,
+            pos_R,
+            running_BxK,
+            fin_seq_BxKxT,
+            fin_BxK,
+            fin_flag_BxK,
+            open_B,
+        ) = state
         logp_RxV = _process(settings, jax.nn.log_softmax(logits_RxV, axis=-1), seq_RxT, P + t)
         cand_BxKV = (running_BxK[..., None] + logp_RxV.reshape(B, K, V)).reshape(B, K * V)
         top_Bx2K, idx_Bx2K = jax.lax.top_k(cand_BxKV, 2 * K)
@@ -264,21 +309,40 @@ def _beam_search(settings: _Settings, knobs: _Knobs, step_one, P, seq_RxT, cache
         fin_seq_BxKxT = jnp.take_along_axis(
             jnp.concatenate([fin_seq_BxKxT, cand_seq_Bx2KxT], axis=1), pick_BxK[..., None], 1
         )
-        fin_flag_BxK = jnp.take_along_axis(jnp.concatenate([fin_flag_BxK, new_flag_Bx2K], 1), pick_BxK, 1)
+        fin_flag_BxK = jnp.take_along_axis(
+            jnp.concatenate([fin_flag_BxK, new_flag_Bx2K], 1), pick_BxK, 1
+        )
 
         best_running_B = running_BxK[:, 0] / (t + 1.0) ** lp
         worst_fin_B = jnp.where(jnp.all(fin_flag_BxK, axis=1), fin_BxK.min(axis=1), _NEG)
         open_B = open_B & (best_running_B > worst_fin_B)
 
         logits_RxV, cache = step_one(cache, next_tok_R, pos_R)
-        return (t + 1, seq_RxT, cache, logits_RxV, pos_R + 1, running_BxK, fin_seq_BxKxT, fin_BxK,
-                fin_flag_BxK, open_B)
+        return (
+            t + 1,
+            seq_RxT,
+            cache,
+            logits_RxV,
+            pos_R + 1,
+            running_BxK,
+            fin_seq_BxKxT,
+            fin_BxK,
+            fin_flag_BxK,
+            open_B,
+        )
 
     running_BxK = jnp.full((B, K), _NEG).at[:, 0].set(0.0)
     state = (
-        0, seq_RxT, cache, logits_RxV, pos_R, running_BxK,
-        jnp.full((B, K, T), knobs.pad_token_id, jnp.int32), jnp.full((B, K), _NEG),
-        jnp.zeros((B, K), bool), jnp.ones((B,), bool),
+        0,
+        seq_RxT,
+        cache,
+        logits_RxV,
+        pos_R,
+        running_BxK,
+        jnp.full((B, K, T), knobs.pad_token_id, jnp.int32),
+        jnp.full((B, K), _NEG),
+        jnp.zeros((B, K), bool),
+        jnp.ones((B,), bool),
     )
     fin_seq_BxKxT = jax.lax.while_loop(cond, body, state)[6]
     return fin_seq_BxKxT[:, 0]

@@ -37,14 +37,20 @@ def hf_state_dict(config: ModelConfig, params: Any) -> dict[str, jnp.ndarray]:
         for layer in range(array.shape[0]) if stacked else [None]:
             place = families.locate(config, path, layer) if keys[-1] in families.LEAVES else None
             if place is None:
-                raise ValueError(f"parameter {path!r} has no Hugging Face name; export merged "
-                                 "params (lj.merge(params)) of a models.Decoder")
+                raise ValueError(
+                    f"parameter {path!r} has no Hugging Face name; export merged "
+                    "params (lj.merge(params)) of a models.Decoder"
+                )
             name = place.tensor("hf")
             fused[name][place.module.part] = array if layer is None else array[layer]
             places[name] = place
     tensors = {}
     for name, parts in fused.items():
-        value = parts[0] if len(parts) == 1 else jnp.concatenate([parts[i] for i in sorted(parts)], axis=-1)
+        value = (
+            parts[0]
+            if len(parts) == 1
+            else jnp.concatenate([parts[i] for i in sorted(parts)], axis=-1)
+        )
         tensors[name] = families.to_hf(places[name], value)
     return tensors
 
@@ -53,15 +59,19 @@ def save_tokenizer(directory: Path, tokenizer: Tokenizer, config: ModelConfig) -
     """``tokenizer.json`` and a ``tokenizer_config.json`` for ``AutoTokenizer``."""
     tokenizer.save(str(directory / "tokenizer.json"))
     token = lambda i: None if i is None else tokenizer.id_to_token(i)
-    settings = {"tokenizer_class": "PreTrainedTokenizerFast",
-                "eos_token": token(config.eos_token_id), "pad_token": token(config.pad_token_id),
-                "model_max_length": config.max_position_embeddings,
-                "clean_up_tokenization_spaces": False}
+    settings = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": token(config.eos_token_id),
+        "pad_token": token(config.pad_token_id),
+        "model_max_length": config.max_position_embeddings,
+        "clean_up_tokenization_spaces": False,
+    }
     (directory / "tokenizer_config.json").write_text(json.dumps(settings, indent=2) + "\n")
 
 
-def save_hf(directory: str | Path, config: ModelConfig, params: Any,
-            tokenizer: Tokenizer | None = None) -> Path:
+def save_hf(
+    directory: str | Path, config: ModelConfig, params: Any, tokenizer: Tokenizer | None = None
+) -> Path:
     """Write `params` (merged, in `config.param_dtype`) as a transformers checkpoint directory.
 
     Returns the directory; ``models.load(directory)`` reads it back.

@@ -25,7 +25,11 @@ def tied_modules(config: ModelConfig) -> dict[str, str | None]:
     shares its table}; None for GPT-2, whose ``wte`` PEFT does not tie to ``lm_head``."""
     if not config.tie_word_embeddings:
         return {}
-    head = families.locate(config, "lm_head/kernel").hf if families.family(config).peft_ties_head else None
+    head = (
+        families.locate(config, "lm_head/kernel").hf
+        if families.family(config).peft_ties_head
+        else None
+    )
     return {families.locate(config, "embed_tokens/embedding").hf: head}
 
 

@@ -6,9 +6,9 @@ D hidden, N query heads, K key/value heads, G = N // K, H head_dim, F MLP width.
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from models.config import ModelConfig
 
@@ -49,12 +49,20 @@ def norm(config: ModelConfig, name: str) -> nn.Module:
     if config.family == "gpt2":
         zeros = nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",))
         return nn.LayerNorm(
-            epsilon=config.norm_eps, dtype=config.dtype, param_dtype=config.param_dtype,
-            use_fast_variance=False, scale_init=ones, bias_init=zeros, name=name,
+            epsilon=config.norm_eps,
+            dtype=config.dtype,
+            param_dtype=config.param_dtype,
+            use_fast_variance=False,
+            scale_init=ones,
+            bias_init=zeros,
+            name=name,
         )
     return nn.RMSNorm(
-        epsilon=config.norm_eps, dtype=config.dtype, param_dtype=config.param_dtype,
-        scale_init=ones, name=name,
+        epsilon=config.norm_eps,
+        dtype=config.dtype,
+        param_dtype=config.param_dtype,
+        scale_init=ones,
+        name=name,
     )
 
 
@@ -71,8 +79,9 @@ def apply_rope(x_BxLxNxH: jax.Array, positions_BxL: jax.Array, theta: float) -> 
     return out.astype(x_BxLxNxH.dtype)
 
 
-def visibility(query_segment_BxL: jax.Array, key_segment_BxS: jax.Array,
-               query_offset: jax.Array | int) -> jax.Array:
+def visibility(
+    query_segment_BxL: jax.Array, key_segment_BxS: jax.Array, query_offset: jax.Array | int
+) -> jax.Array:
     """bool (B, L, S): may query i see key slot j.
 
     Query i sits at key slot `query_offset + i`; it sees slot j iff j <= that (causal) and
@@ -127,9 +136,15 @@ class Attention(nn.Module):
         B, L, D = x_BxLxD.shape
         N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         bias = cfg.family == "gpt2" or cfg.attention_bias
-        q_BxLxNxH = dense(cfg, N * H, ("embed", "heads"), "q_proj", bias)(x_BxLxD).reshape(B, L, N, H)
-        k_BxLxKxH = dense(cfg, K * H, ("embed", "kv_heads"), "k_proj", bias)(x_BxLxD).reshape(B, L, K, H)
-        v_BxLxKxH = dense(cfg, K * H, ("embed", "kv_heads"), "v_proj", bias)(x_BxLxD).reshape(B, L, K, H)
+        q_BxLxNxH = dense(cfg, N * H, ("embed", "heads"), "q_proj", bias)(x_BxLxD).reshape(
+            B, L, N, H
+        )
+        k_BxLxKxH = dense(cfg, K * H, ("embed", "kv_heads"), "k_proj", bias)(x_BxLxD).reshape(
+            B, L, K, H
+        )
+        v_BxLxKxH = dense(cfg, K * H, ("embed", "kv_heads"), "v_proj", bias)(x_BxLxD).reshape(
+            B, L, K, H
+        )
         if cfg.family == "llama":
             q_BxLxNxH = apply_rope(q_BxLxNxH, positions_BxL, cfg.rope_theta)
             k_BxLxKxH = apply_rope(k_BxLxKxH, positions_BxL, cfg.rope_theta)
@@ -140,8 +155,12 @@ class Attention(nn.Module):
             value = self.variable("cache", "value", jnp.zeros, v_BxLxKxH.shape, cfg.dtype)
             if cache_exists:
                 start = (0, cache_offset, 0, 0)
-                key.value = jax.lax.dynamic_update_slice(key.value, k_BxLxKxH.astype(cfg.dtype), start)
-                value.value = jax.lax.dynamic_update_slice(value.value, v_BxLxKxH.astype(cfg.dtype), start)
+                key.value = jax.lax.dynamic_update_slice(
+                    key.value, k_BxLxKxH.astype(cfg.dtype), start
+                )
+                value.value = jax.lax.dynamic_update_slice(
+                    value.value, v_BxLxKxH.astype(cfg.dtype), start
+                )
                 k_BxSxKxH, v_BxSxKxH = key.value, value.value
         y_BxLxNxH = attend(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, visible_BxLxS)
         return dense(cfg, D, ("heads", "embed"), "o_proj", bias)(y_BxLxNxH.reshape(B, L, N * H))
@@ -163,6 +182,8 @@ class MLP(nn.Module):
         if cfg.family == "gpt2":
             h_BxLxF = jax.nn.gelu(up_BxLxF, approximate=True)
         else:
-            gate_BxLxF = dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "gate_proj", bias)(x_BxLxD)
+            gate_BxLxF = dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "gate_proj", bias)(
+                x_BxLxD
+            )
             h_BxLxF = jax.nn.silu(gate_BxLxF) * up_BxLxF
         return dense(cfg, cfg.hidden_size, ("mlp", "embed"), "down_proj", bias)(h_BxLxF)

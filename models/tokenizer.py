@@ -21,6 +21,7 @@ _GPT2_PRE = ("gpt2", "default", "mpt", "olmo", "jais")
 def tokenizer_from_gguf(reader: gguf.GGUFReader) -> Tokenizer:
     """Byte-level BPE tokenizer from a GGUF file's `tokenizer.ggml.*` metadata, with its control
     tokens (e.g. ChatML's <|im_start|>, <|im_end|>) registered as special tokens."""
+
     def get(key):
         return reader.fields[key].contents() if key in reader.fields else None
 

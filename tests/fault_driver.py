@@ -62,10 +62,12 @@ def plant(fault: str) -> None:
         setup = run.setup
         run.setup = lambda *a, **k: (setup(*a, **k), _die())[0]
     elif fault == "kill-in-metrics-write":
+
         def torn(log, text):
             with log._path.open("a") as f:
-                f.write(text[:len(text) // 2])
+                f.write(text[: len(text) // 2])
             _die()
+
         _at_train_step(2, torn)
     elif fault in ("kill-in-checkpoint-save", "kill-after-checkpoint"):
         save = checkpoint.Checkpoints.save
@@ -76,15 +78,18 @@ def plant(fault: str) -> None:
                 if fault == "kill-after-checkpoint":
                     self.wait()
                 _die()
+
         checkpoint.Checkpoints.save = patched
     elif fault == "kill-in-adapter-save":
         import orbax.checkpoint as ocp
+
         save = ocp.StandardCheckpointer.save
 
         def patched(self, *args, **kwargs):  # the weights are written, adapter.json is not
             save(self, *args, **kwargs)
             self.wait_until_finished()
             _die()
+
         ocp.StandardCheckpointer.save = patched
     elif fault == "kill-in-final-validation":
         evaluate, calls = run.evaluate, []
@@ -94,13 +99,16 @@ def plant(fault: str) -> None:
             if len(calls) == 2:  # before training, then after the last update
                 _die()
             return evaluate(*args, **kwargs)
+
         run.evaluate = patched
     elif fault in ("sigint-at-step-2", "double-sigint-at-step-2"):
+
         def interrupt(log, text):
             os.kill(os.getpid(), signal.SIGINT)
             if fault.startswith("double"):
                 os.kill(os.getpid(), signal.SIGINT)
             return False
+
         _at_train_step(2, interrupt)
     elif fault == "hold-at-step-1":
         release = Path(os.environ["FAULT_RELEASE"])
@@ -111,6 +119,7 @@ def plant(fault: str) -> None:
             while not release.exists() and time.monotonic() < deadline:
                 time.sleep(0.05)
             return False
+
         _at_train_step(1, hold)
     else:
         raise SystemExit(f"unknown fault {fault!r}")
@@ -120,8 +129,10 @@ if __name__ == "__main__":
     cache = os.environ.get("FAULT_JAX_CACHE")
     if cache:
         import jax
+
         jax.config.update("jax_compilation_cache_dir", cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     plant(sys.argv[1])
     from train.cli import main
+
     sys.exit(main(sys.argv[2:]))

@@ -9,120 +9,145 @@ import numpy as np
 import pytest
 
 import models
-import tolerances as tol
 from benchmarks.latency import adapter_params, graft, houlsby, randomize
 from models.decoder import DecoderLayer
 from models.layers import MLP, Attention, norm, visibility
+
+import tolerances as tol
 
 BOTTLENECK = 5
 
 
 def _adapted(config, key=1):
-  """(model, base params, base params + zero-initialised adapters)."""
-  model = models.Decoder(config)
-  base = models.init_params(config, jax.random.key(0))
-  init = houlsby(model.init, BOTTLENECK)(jax.random.key(key), jnp.zeros((1, 1), jnp.int32))
-  return model, base, graft(base, nn.unbox(init["params"]))
+    """(model, base params, base params + zero-initialised adapters)."""
+    model = models.Decoder(config)
+    base = models.init_params(config, jax.random.key(0))
+    init = houlsby(model.init, BOTTLENECK)(jax.random.key(key), jnp.zeros((1, 1), jnp.int32))
+    return model, base, graft(base, nn.unbox(init["params"]))
 
 
 @pytest.mark.parametrize(("name", "scan_layers"), [("tiny-llama", True), ("tiny-gpt2", False)])
 def test_zero_up_projection_is_the_base_model(name, scan_layers):
-  config = models.get_config(name, scan_layers=scan_layers)
-  model, base, adapted = _adapted(config)
-  ids = jax.random.randint(jax.random.key(2), (2, 7), 0, config.vocab_size)
+    config = models.get_config(name, scan_layers=scan_layers)
+    model, base, adapted = _adapted(config)
+    ids = jax.random.randint(jax.random.key(2), (2, 7), 0, config.vocab_size)
 
-  expected = model.apply({"params": base}, ids)
-  got = houlsby(model.apply, BOTTLENECK)({"params": adapted}, ids)
-  np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
-  tokens = models.generate(model, base, ids, max_new_tokens=4, eos_token_id=-1)
-  np.testing.assert_array_equal(
-      models.generate(model, adapted, ids, max_new_tokens=4, eos_token_id=-1,
-                      apply_fn=houlsby(model.apply, BOTTLENECK)), tokens)
+    expected = model.apply({"params": base}, ids)
+    got = houlsby(model.apply, BOTTLENECK)({"params": adapted}, ids)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+    tokens = models.generate(model, base, ids, max_new_tokens=4, eos_token_id=-1)
+    np.testing.assert_array_equal(
+        models.generate(
+            model,
+            adapted,
+            ids,
+            max_new_tokens=4,
+            eos_token_id=-1,
+            apply_fn=houlsby(model.apply, BOTTLENECK),
+        ),
+        tokens,
+    )
 
-  layer = adapted["layers"] if scan_layers else adapted["layers_0"]
-  stack = (config.num_layers,) if scan_layers else ()
-  D = config.hidden_size
-  for sublayer in ("self_attn", "mlp"):
-    block = layer[sublayer]["adapter"]
-    assert block["down"]["kernel"].shape == (*stack, D, BOTTLENECK)
-    assert block["down"]["bias"].shape == (*stack, BOTTLENECK)
-    assert block["up"]["kernel"].shape == (*stack, BOTTLENECK, D)
-    assert not np.any(np.asarray(block["up"]["kernel"]))  # zero-initialised
-  extra = sum(x.size for x in jax.tree.leaves(adapted)) - sum(x.size for x in jax.tree.leaves(base))
-  assert extra == adapter_params(config, BOTTLENECK) == 2 * 2 * (2 * D * BOTTLENECK + BOTTLENECK + D)
+    layer = adapted["layers"] if scan_layers else adapted["layers_0"]
+    stack = (config.num_layers,) if scan_layers else ()
+    D = config.hidden_size
+    for sublayer in ("self_attn", "mlp"):
+        block = layer[sublayer]["adapter"]
+        assert block["down"]["kernel"].shape == (*stack, D, BOTTLENECK)
+        assert block["down"]["bias"].shape == (*stack, BOTTLENECK)
+        assert block["up"]["kernel"].shape == (*stack, BOTTLENECK, D)
+        assert not np.any(np.asarray(block["up"]["kernel"]))  # zero-initialised
+    extra = sum(x.size for x in jax.tree.leaves(adapted)) - sum(
+        x.size for x in jax.tree.leaves(base)
+    )
+    assert (
+        extra == adapter_params(config, BOTTLENECK) == 2 * 2 * (2 * D * BOTTLENECK + BOTTLENECK + D)
+    )
 
 
 def test_a_non_zero_adapter_changes_the_outputs():
-  config = models.get_config("tiny-llama")
-  model, base, adapted = _adapted(config)
-  adapted = randomize(adapted, lambda p: "/adapter/up/" in p, jax.random.key(4), std=0.3)
-  ids = jax.random.randint(jax.random.key(2), (1, 7), 0, config.vocab_size)
-  apply = houlsby(model.apply, BOTTLENECK)
-  got = apply({"params": adapted}, ids)
-  assert np.abs(np.asarray(got) - np.asarray(model.apply({"params": base}, ids))).max() > 1e-2
-  # models.generate runs the adapters too (decoding with the KV cache): its greedy tokens are
-  # those of the adapted model's full forward, which are not the base model's.
-  tokens = np.asarray(models.generate(model, adapted, ids, max_new_tokens=6, eos_token_id=-1,
-                                      apply_fn=apply))
-  seq = np.asarray(ids)
-  for _ in range(6):
-    seq = np.concatenate([seq, np.argmax(apply({"params": adapted}, seq)[:, -1:], -1)], axis=1)
-  np.testing.assert_array_equal(tokens, seq[:, 7:])
-  assert not np.array_equal(tokens, models.generate(model, base, ids, max_new_tokens=6,
-                                                    eos_token_id=-1))
+    config = models.get_config("tiny-llama")
+    model, base, adapted = _adapted(config)
+    adapted = randomize(adapted, lambda p: "/adapter/up/" in p, jax.random.key(4), std=0.3)
+    ids = jax.random.randint(jax.random.key(2), (1, 7), 0, config.vocab_size)
+    apply = houlsby(model.apply, BOTTLENECK)
+    got = apply({"params": adapted}, ids)
+    assert np.abs(np.asarray(got) - np.asarray(model.apply({"params": base}, ids))).max() > 1e-2
+    # models.generate runs the adapters too (decoding with the KV cache): its greedy tokens are
+    # those of the adapted model's full forward, which are not the base model's.
+    tokens = np.asarray(
+        models.generate(model, adapted, ids, max_new_tokens=6, eos_token_id=-1, apply_fn=apply)
+    )
+    seq = np.asarray(ids)
+    for _ in range(6):
+        seq = np.concatenate([seq, np.argmax(apply({"params": adapted}, seq)[:, -1:], -1)], axis=1)
+    np.testing.assert_array_equal(tokens, seq[:, 7:])
+    assert not np.array_equal(
+        tokens, models.generate(model, base, ids, max_new_tokens=6, eos_token_id=-1)
+    )
 
 
 def _adapter_by_hand(block, h_BxLxD):
-  """h + up(gelu_tanh(down(h))), in numpy float64."""
-  h = np.asarray(h_BxLxD, np.float64)
-  down = h @ np.asarray(block["down"]["kernel"], np.float64) + np.asarray(block["down"]["bias"])
-  gelu = 0.5 * down * (1 + np.tanh(np.sqrt(2 / np.pi) * (down + 0.044715 * down**3)))
-  return h + gelu @ np.asarray(block["up"]["kernel"], np.float64) + np.asarray(block["up"]["bias"])
+    """h + up(gelu_tanh(down(h))), in numpy float64."""
+    h = np.asarray(h_BxLxD, np.float64)
+    down = h @ np.asarray(block["down"]["kernel"], np.float64) + np.asarray(block["down"]["bias"])
+    gelu = 0.5 * down * (1 + np.tanh(np.sqrt(2 / np.pi) * (down + 0.044715 * down**3)))
+    return (
+        h + gelu @ np.asarray(block["up"]["kernel"], np.float64) + np.asarray(block["up"]["bias"])
+    )
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
 def test_trained_adapter_matches_a_hand_written_layer(name):
-  config = models.get_config(name)
-  B, L, D = 2, 6, config.hidden_size
-  x_BxLxD = jax.random.normal(jax.random.key(0), (B, L, D))
-  valid_BxL = jnp.ones((B, L), jnp.int32)
-  visible_BxLxS = visibility(valid_BxL, valid_BxL, 0)
-  positions_BxL = jnp.broadcast_to(jnp.arange(L), (B, L))
-  layer = DecoderLayer(config)
-  inputs = (x_BxLxD, visible_BxLxS, positions_BxL, 0, False)
-  params = nn.unbox(houlsby(layer.init, BOTTLENECK)(jax.random.key(1), *inputs)["params"])
-  # Non-zero adapters, so that both enter the output.
-  keys = iter(jax.random.split(jax.random.key(2), 8))
-  for sublayer in ("self_attn", "mlp"):
-    for part in ("down", "up"):
-      for leaf in ("kernel", "bias"):
-        shape = params[sublayer]["adapter"][part][leaf].shape
-        params[sublayer]["adapter"][part][leaf] = 0.3 * jax.random.normal(next(keys), shape)
+    config = models.get_config(name)
+    B, L, D = 2, 6, config.hidden_size
+    x_BxLxD = jax.random.normal(jax.random.key(0), (B, L, D))
+    valid_BxL = jnp.ones((B, L), jnp.int32)
+    visible_BxLxS = visibility(valid_BxL, valid_BxL, 0)
+    positions_BxL = jnp.broadcast_to(jnp.arange(L), (B, L))
+    layer = DecoderLayer(config)
+    inputs = (x_BxLxD, visible_BxLxS, positions_BxL, 0, False)
+    params = nn.unbox(houlsby(layer.init, BOTTLENECK)(jax.random.key(1), *inputs)["params"])
+    # Non-zero adapters, so that both enter the output.
+    keys = iter(jax.random.split(jax.random.key(2), 8))
+    for sublayer in ("self_attn", "mlp"):
+        for part in ("down", "up"):
+            for leaf in ("kernel", "bias"):
+                shape = params[sublayer]["adapter"][part][leaf].shape
+                params[sublayer]["adapter"][part][leaf] = 0.3 * jax.random.normal(next(keys), shape)
 
-  got, _ = houlsby(layer.apply, BOTTLENECK)({"params": params}, *inputs)
+    got, _ = houlsby(layer.apply, BOTTLENECK)({"params": params}, *inputs)
 
-  # The reference: the base sublayers run alone, the adapters and residuals written out here.
-  def run(module, name, *inputs):
-    own = {k: v for k, v in params[name].items() if k != "adapter"}
-    return np.asarray(module.apply({"params": own}, *inputs), np.float64)
+    # The reference: the base sublayers run alone, the adapters and residuals written out here.
+    def run(module, name, *inputs):
+        own = {k: v for k, v in params[name].items() if k != "adapter"}
+        return np.asarray(module.apply({"params": own}, *inputs), np.float64)
 
-  h = run(norm(config, None), "input_layernorm", x_BxLxD)
-  attn = run(Attention(config), "self_attn", jnp.asarray(h, jnp.float32), visible_BxLxS,
-             positions_BxL, 0, False)
-  x = np.asarray(x_BxLxD, np.float64) + _adapter_by_hand(params["self_attn"]["adapter"], attn)
-  h = run(norm(config, None), "post_attention_layernorm", jnp.asarray(x, jnp.float32))
-  mlp = run(MLP(config), "mlp", jnp.asarray(h, jnp.float32))
-  expected = x + _adapter_by_hand(params["mlp"]["adapter"], mlp)
+    h = run(norm(config, None), "input_layernorm", x_BxLxD)
+    attn = run(
+        Attention(config),
+        "self_attn",
+        jnp.asarray(h, jnp.float32),
+        visible_BxLxS,
+        positions_BxL,
+        0,
+        False,
+    )
+    x = np.asarray(x_BxLxD, np.float64) + _adapter_by_hand(params["self_attn"]["adapter"], attn)
+    h = run(norm(config, None), "post_attention_layernorm", jnp.asarray(x, jnp.float32))
+    mlp = run(MLP(config), "mlp", jnp.asarray(h, jnp.float32))
+    expected = x + _adapter_by_hand(params["mlp"]["adapter"], mlp)
 
-  # float32 through one layer on both sides (the reference's sublayers run in float32 too):
-  # the layer's chain of tolerances.py, plus each adapter's down (D), up (BOTTLENECK) and gelu.
-  n = tol.decoder_depth(layers=1, hidden=D, mlp=config.intermediate_size,
-                        head_dim=config.head_dim, keys=L) + 2 * (D + BOTTLENECK + tol.ELEMENTWISE)
-  atol = tol.chain_atol(n, tol.scale_of(expected))
-  tol.assert_close(got, expected, atol)
-  assert not tol.close(x + mlp, expected, atol)  # the MLP's adapter changed the output
+    # float32 through one layer on both sides (the reference's sublayers run in float32 too):
+    # the layer's chain of tolerances.py, plus each adapter's down (D), up (BOTTLENECK) and gelu.
+    n = tol.decoder_depth(
+        layers=1, hidden=D, mlp=config.intermediate_size, head_dim=config.head_dim, keys=L
+    ) + 2 * (D + BOTTLENECK + tol.ELEMENTWISE)
+    atol = tol.chain_atol(n, tol.scale_of(expected))
+    tol.assert_close(got, expected, atol)
+    assert not tol.close(x + mlp, expected, atol)  # the MLP's adapter changed the output
 
 
 def test_bottleneck_below_one_is_refused():
-  with pytest.raises(ValueError, match="bottleneck must be >= 1"):
-    houlsby(models.Decoder(models.get_config("tiny-llama")).apply, 0)
+    with pytest.raises(ValueError, match="bottleneck must be >= 1"):
+        houlsby(models.Decoder(models.get_config("tiny-llama")).apply, 0)

@@ -14,17 +14,20 @@ import math
 
 import pytest
 
-import train_fixtures as tf
 from studies.e2e import evaluation as e2e_eval
 from studies.e2e import metrics as e2e_metrics
+from studies.e2e.wordnet import wordnet
 from train.cli import main
 from train.config import config_to_yaml
 from train.data import DataError
-from studies.e2e.wordnet import wordnet
 
-REFS = [["The Eagle is a cheap pub near the river."],
-        ["Zizzi serves Italian food in the city centre."],
-        ["Aromi is a family friendly coffee shop."]]
+import train_fixtures as tf
+
+REFS = [
+    ["The Eagle is a cheap pub near the river."],
+    ["Zizzi serves Italian food in the city centre."],
+    ["Aromi is a family friendly coffee shop."],
+]
 OUTPUTS = [refs[0] for refs in REFS]
 
 
@@ -35,9 +38,11 @@ def test_bleu_matches_a_hand_computed_case():
     # 1- to 4-gram precisions 5/6, 3/5, 2/4, 1/3; equal lengths, so no brevity penalty.
     expected = 100 * (5 / 6 * 3 / 5 * 2 / 4 * 1 / 3) ** 0.25
     assert e2e_metrics.bleu(["the cat sat on the mat"], [["the cat sat on a mat"]]) == (
-        pytest.approx(expected, abs=1e-9))
+        pytest.approx(expected, abs=1e-9)
+    )
     assert e2e_metrics.bleu(["The CAT sat on the mat"], [["the cat sat on a mat"]]) == (
-        pytest.approx(expected, abs=1e-9))  # case-insensitive, as mteval-v13a
+        pytest.approx(expected, abs=1e-9)
+    )  # case-insensitive, as mteval-v13a
 
 
 def test_nist_of_an_output_equal_to_its_only_reference():
@@ -46,7 +51,8 @@ def test_nist_of_an_output_equal_to_its_only_reference():
     # bigrams and all longer n-grams have info log2(1 / 1) = 0. Equal lengths: no penalty.
     expected = (2 * math.log2(6 / 2) + 4 * math.log2(6)) / 6 + (1 + 1) / 5
     assert e2e_metrics.nist(["The CAT sat on the mat"], [["the cat sat on the mat"]]) == (
-        pytest.approx(expected, abs=1e-12))
+        pytest.approx(expected, abs=1e-12)
+    )
     assert e2e_metrics.nist(["dog barks loudly"], [["the cat sat on the mat"]]) == 0
 
 
@@ -58,7 +64,8 @@ def test_nist_clips_against_the_max_count_over_the_references():
     # Reference length 8 words / 2 references = 4 = the hypothesis length: no penalty.
     expected = (math.log2(4) + 2 * math.log2(8)) / 4 + math.log2(2) / 3
     assert e2e_metrics.nist(["a a b c"], [["a c x y", "a b x y"]]) == (
-        pytest.approx(expected, abs=1e-12))
+        pytest.approx(expected, abs=1e-12)
+    )
 
 
 def test_nist_penalty_halves_the_score_at_two_thirds_of_the_mean_reference_length():
@@ -66,14 +73,16 @@ def test_nist_penalty_halves_the_score_at_two_thirds_of_the_mean_reference_lengt
     # (the closest reference, 3 words, would give no penalty). Reference words 9, "a",
     # "b", "c" twice each: info log2(9 / 2); "a b", "b c", "a b c" have info log2(2 / 2) = 0.
     assert e2e_metrics.nist(["a b c"], [["a b c", "a b c d e f"]]) == (
-        pytest.approx(0.5 * math.log2(9 / 2), abs=1e-12))
+        pytest.approx(0.5 * math.log2(9 / 2), abs=1e-12)
+    )
     # Two outputs with 1 and 3 references: all 12 reference words / the mean of 2
     # references per output = 6 (the sum of the per-output means would be 2 + 10/3), so
     # 4 hypothesis words are 2/3 of it. info(a) = info(b) = log2(12), info(c) = info(d) =
     # log2(12 / 3); "a b" and "c d" have info 0.
     expected = 0.5 * (2 * math.log2(12) + 2 * math.log2(4)) / 4
     assert e2e_metrics.nist(["a b", "c d"], [["a b"], ["c d", "c d", "c d e f g h"]]) == (
-        pytest.approx(expected, abs=1e-12))
+        pytest.approx(expected, abs=1e-12)
+    )
 
 
 def test_nist_matches_mteval_v13a():
@@ -83,20 +92,32 @@ def test_nist_matches_mteval_v13a():
     # written by its create_mteval_file; it prints "NIST score = 5.7126", and with its
     # final printf's %2.4f changed to %.12f, 5.712621797312. "0" is there on purpose:
     # Perl reads the n-gram prefix "0" as false and takes the total word count instead.
-    hypotheses = ["The Eagle is a cheap pub near the river.", "Zizzi serves Italian food.",
-                  "Aromi is a coffee shop for families.", "The Wrestlers has a 0 out of 5 rating.",
-                  "Near the city centre, Cotto is cheap."]
-    references = [["The Eagle is a cheap pub by the river.",
-                   "Near the river, The Eagle pub is cheap."],
-                  ["Zizzi serves Italian food in the city centre."],
-                  ["Aromi is a family friendly coffee shop.",
-                   "Aromi, a coffee shop, welcomes families.",
-                   "Families are welcome at the Aromi coffee shop."],
-                  ["The Wrestlers is rated 0 out of 5.",
-                   "The Wrestlers has a customer rating of 0 out of 5 and is cheap."],
-                  ["Cotto is a cheap restaurant in the city centre.",
-                   "In the city centre, Cotto offers cheap food.", "Cotto is cheap.",
-                   "Cotto, in the city centre, is cheap."]]
+    hypotheses = [
+        "The Eagle is a cheap pub near the river.",
+        "Zizzi serves Italian food.",
+        "Aromi is a coffee shop for families.",
+        "The Wrestlers has a 0 out of 5 rating.",
+        "Near the city centre, Cotto is cheap.",
+    ]
+    references = [
+        ["The Eagle is a cheap pub by the river.", "Near the river, The Eagle pub is cheap."],
+        ["Zizzi serves Italian food in the city centre."],
+        [
+            "Aromi is a family friendly coffee shop.",
+            "Aromi, a coffee shop, welcomes families.",
+            "Families are welcome at the Aromi coffee shop.",
+        ],
+        [
+            "The Wrestlers is rated 0 out of 5.",
+            "The Wrestlers has a customer rating of 0 out of 5 and is cheap.",
+        ],
+        [
+            "Cotto is a cheap restaurant in the city centre.",
+            "In the city centre, Cotto offers cheap food.",
+            "Cotto is cheap.",
+            "Cotto, in the city centre, is cheap.",
+        ],
+    ]
     assert e2e_metrics.nist(hypotheses, references) == pytest.approx(5.712621797312, abs=1e-9)
 
 
@@ -111,15 +132,22 @@ def test_perfect_outputs_score_the_maximum_and_empty_outputs_zero():
 
 
 def test_a_duplicated_reference_changes_no_score():
-    outputs = ["The Eagle is a pub by the river.", "Zizzi has Italian food.",
-               "Aromi is a coffee shop for families."]
+    outputs = [
+        "The Eagle is a pub by the river.",
+        "Zizzi has Italian food.",
+        "Aromi is a coffee shop for families.",
+    ]
     assert e2e_metrics.score(outputs, [refs * 2 for refs in REFS]) == pytest.approx(
-        e2e_metrics.score(outputs, REFS))
+        e2e_metrics.score(outputs, REFS)
+    )
 
 
 def test_a_matching_extra_reference_raises_every_score():
-    outputs = ["Near the river, The Eagle pub is cheap.", "Zizzi has Italian food downtown.",
-               "Aromi, a coffee shop, welcomes families."]
+    outputs = [
+        "Near the river, The Eagle pub is cheap.",
+        "Zizzi has Italian food downtown.",
+        "Aromi, a coffee shop, welcomes families.",
+    ]
     alone = e2e_metrics.score(outputs, REFS)
     more = e2e_metrics.score(outputs, [refs + [out] for refs, out in zip(REFS, outputs)])
     for name in e2e_metrics.METRICS:
@@ -145,18 +173,28 @@ def test_meteor_is_null_with_a_note_without_wordnet(monkeypatch):
 def test_read_e2e_groups_references_by_mr_in_order_of_first_appearance(tmp_path):
     rows = [("b", "b1"), ("a", "a1"), ("b", "b2"), ("c", "c1"), ("a", "a2")]
     assert e2e_eval.read_e2e(tf.write_csv(tmp_path / "d.csv", rows)) == [
-        ("b", ["b1", "b2"]), ("a", ["a1", "a2"]), ("c", ["c1"])]
+        ("b", ["b1", "b2"]),
+        ("a", ["a1", "a2"]),
+        ("c", ["c1"]),
+    ]
 
 
-@pytest.mark.parametrize("header", ["\ufeffMR,ref,fixed", "meaning_representation,human_reference",
-                                    "ref, mr"])
+@pytest.mark.parametrize(
+    "header", ["\ufeffMR,ref,fixed", "meaning_representation,human_reference", "ref, mr"]
+)
 def test_read_e2e_finds_the_columns_under_their_other_names(tmp_path, header):
     """A byte-order mark, other case, other order and the HF e2e_nlg names all read the same."""
     columns = [c.lstrip("\ufeff").strip().lower() for c in header.split(",")]
-    cells = {"mr": "name[A]", "meaning_representation": "name[A]", "ref": "A is.",
-             "human_reference": "A is.", "fixed": "0"}
-    (tmp_path / "d.csv").write_text(header + "\n" + ",".join(
-        f'"{cells[c]}"' for c in columns) + "\n", encoding="utf-8")
+    cells = {
+        "mr": "name[A]",
+        "meaning_representation": "name[A]",
+        "ref": "A is.",
+        "human_reference": "A is.",
+        "fixed": "0",
+    }
+    (tmp_path / "d.csv").write_text(
+        header + "\n" + ",".join(f'"{cells[c]}"' for c in columns) + "\n", encoding="utf-8"
+    )
     assert e2e_eval.read_e2e(tmp_path / "d.csv") == [("name[A]", ["A is."])]
 
 
@@ -172,16 +210,22 @@ def test_bad_data_is_an_error_naming_the_problem(tmp_path):
 
 
 def test_eval_writes_predictions_in_mr_order_and_the_fixed_score_files(tmp_path, monkeypatch):
-    rows = [("b", "b is a fine place"), ("a", "a is a fine place"), ("b", "b is fine"),
-            ("c", "c is a fine place")]
+    rows = [
+        ("b", "b is a fine place"),
+        ("a", "a is a fine place"),
+        ("b", "b is fine"),
+        ("c", "c is a fine place"),
+    ]
     csv = tf.write_csv(tmp_path / "d.csv", rows)
     fake = e2e_eval.Target(None, None, None, "<eos>", "an echo of each MR")
     monkeypatch.setattr(e2e_eval, "load_target", lambda target: fake)
-    monkeypatch.setattr(e2e_eval, "decode", lambda target, mrs, *a: [f"{mr} is a fine place"
-                                                                 for mr in mrs])
+    monkeypatch.setattr(
+        e2e_eval, "decode", lambda target, mrs, *a: [f"{mr} is a fine place" for mr in mrs]
+    )
     assert main(["eval", "any", "--data", str(csv), "--out", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "predictions.txt").read_text() == (
-        "b is a fine place\na is a fine place\nc is a fine place\n")
+        "b is a fine place\na is a fine place\nc is a fine place\n"
+    )
     scores = json.loads((tmp_path / "out" / "scores.json").read_text())
     assert list(scores) == ["BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"]
     assert scores["BLEU"] == pytest.approx(100)
@@ -193,8 +237,13 @@ def trained(tmp_path_factory):
     """(config file, run directory, CSV) of a tiny LoRA run."""
     root = tmp_path_factory.mktemp("e2e_eval")
     config = root / "tiny.yaml"
-    config.write_text(config_to_yaml(tf.tiny_config(
-        tf.write_tiny_llama(root / "model"), tf.write_csv(root / "e2e.csv"), root / "run")))
+    config.write_text(
+        config_to_yaml(
+            tf.tiny_config(
+                tf.write_tiny_llama(root / "model"), tf.write_csv(root / "e2e.csv"), root / "run"
+            )
+        )
+    )
     assert main(["train", str(config)]) == 0
     return config, root / "run", root / "e2e.csv"
 
@@ -203,19 +252,40 @@ def test_unmerged_adapter_and_merged_model_decode_identically(trained, tmp_path)
     config, run_dir, csv = trained
     assert main(["merge", str(run_dir), "--out", str(tmp_path / "merged")]) == 0
     quick = ["--data", str(csv), "--num-beams", "2", "--max-new-tokens", "10", "--batch-size", "4"]
-    for name, target in [("unmerged", run_dir / "adapter"), ("merged", tmp_path / "merged"),
-                         ("base", config)]:
+    for name, target in [
+        ("unmerged", run_dir / "adapter"),
+        ("merged", tmp_path / "merged"),
+        ("base", config),
+    ]:
         assert main(["eval", str(target), *quick, "--out", str(tmp_path / f"eval_{name}")]) == 0
-    predictions = {name: (tmp_path / f"eval_{name}" / "predictions.txt").read_text().splitlines()
-                   for name in ("unmerged", "merged", "base")}
+    predictions = {
+        name: (tmp_path / f"eval_{name}" / "predictions.txt").read_text().splitlines()
+        for name in ("unmerged", "merged", "base")
+    }
     assert len(predictions["unmerged"]) == len(predictions["base"]) == 16
     assert predictions["unmerged"] == predictions["merged"]
 
 
 def test_eval_greedy_limit_and_errors(trained, tmp_path, capsys):
     _, run_dir, csv = trained
-    assert main(["eval", str(run_dir), "--data", str(csv), "--greedy", "--limit", "3",
-                 "--max-new-tokens", "6", "--out", str(tmp_path / "out")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(run_dir),
+                "--data",
+                str(csv),
+                "--greedy",
+                "--limit",
+                "3",
+                "--max-new-tokens",
+                "6",
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
     assert len((tmp_path / "out" / "predictions.txt").read_text().splitlines()) == 3
     assert '"num_beams": 1' in capsys.readouterr().out
     assert main(["eval", str(tmp_path / "nothing"), "--data", str(csv)]) == 2

@@ -8,14 +8,23 @@ import re
 
 import pytest
 
-import train_fixtures as tf
 from studies.e2e import experiment as experiment_lib
+from studies.e2e.experiment import (
+    _edge,
+    across_seeds,
+    check_outputs,
+    choose,
+    fresh_start,
+    load_experiment,
+    ratios,
+    split_test,
+    table,
+)
 from train import rundir
 from train.cli import main
 from train.config import ConfigError, config_to_yaml, load_config
-from studies.e2e.experiment import (_edge, across_seeds, check_outputs, choose, fresh_start,
-                              load_experiment, ratios, split_test, table)
-from train.rundir import DirectoryError
+
+import train_fixtures as tf
 
 RANK, LAYERS, HIDDEN = 2, tf.LAYERS, tf.HIDDEN
 
@@ -24,16 +33,22 @@ def _write_experiment(tmp_path, model_dir, csv_path, **extra) -> str:
     base = tmp_path / "base.yaml"
     base.write_text(config_to_yaml(tf.tiny_config(model_dir, csv_path, tmp_path / "unused")))
     experiment = {
-        "base_config": str(base), "data": str(csv_path), "test_fraction": 0.25, "seed": 1,
-        "output_dir": str(tmp_path / "out"), "report": str(tmp_path / "docs" / "results.md"),
+        "base_config": str(base),
+        "data": str(csv_path),
+        "test_fraction": 0.25,
+        "seed": 1,
+        "output_dir": str(tmp_path / "out"),
+        "report": str(tmp_path / "docs" / "results.md"),
         "plot": str(tmp_path / "docs" / "results.png"),
         "overrides": ["optim.max_steps=3", "checkpoint.every_steps=0"],
         "select": "validation_loss",
         "eval": {"greedy": True, "batch_size": 4, "max_new_tokens": 3},
-        "methods": [{"name": "zero-shot"},
-                    {"name": "lora-qv", "overrides": [f"lora.rank={RANK}"],
-                     "learning_rates": [1e-4, 3e-2]}],
-        **extra}
+        "methods": [
+            {"name": "zero-shot"},
+            {"name": "lora-qv", "overrides": [f"lora.rank={RANK}"], "learning_rates": [1e-4, 3e-2]},
+        ],
+        **extra,
+    }
     path = tmp_path / "experiment.yaml"
     path.write_text(json.dumps(experiment))  # JSON is YAML
     return str(path)
@@ -49,15 +64,17 @@ def test_test_split_is_by_mr_and_keeps_every_row(tmp_path):
     trainval, test, counts = split_test(csv_path, 0.25, 0, tmp_path / "split")
     every, trainval_rows, test_rows = _rows(csv_path), _rows(trainval), _rows(test)
     assert {r["mr"] for r in trainval_rows}.isdisjoint({r["mr"] for r in test_rows})
-    assert sorted(map(tuple, (r.values() for r in trainval_rows + test_rows))) == \
-        sorted(map(tuple, (r.values() for r in every)))
+    assert sorted(map(tuple, (r.values() for r in trainval_rows + test_rows))) == sorted(
+        map(tuple, (r.values() for r in every))
+    )
     assert counts["test_mrs"] == 4 and counts["trainval_mrs"] == 12  # 0.25 of 16 MRs
     assert counts["test_rows"] == len(test_rows)
 
 
 @pytest.mark.slow
-def test_experiment_trains_chooses_on_validation_and_reports(tmp_path, run_files, monkeypatch,
-                                                            capsys):
+def test_experiment_trains_chooses_on_validation_and_reports(
+    tmp_path, run_files, monkeypatch, capsys
+):
     model_dir, csv_path, _ = run_files
     # the runs are subprocesses: share a compilation cache between them
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax_cache"))
@@ -71,8 +88,12 @@ def test_experiment_trains_chooses_on_validation_and_reports(tmp_path, run_files
     # the learning rate is the one with the lowest final validation loss, read off the runs
     finals = {}
     for lr in (1e-4, 3e-2):
-        records = [json.loads(line) for line in
-                   (out / "runs" / "lora-qv" / f"lr_{lr:g}" / "metrics.jsonl").read_text().splitlines()]
+        records = [
+            json.loads(line)
+            for line in (out / "runs" / "lora-qv" / f"lr_{lr:g}" / "metrics.jsonl")
+            .read_text()
+            .splitlines()
+        ]
         finals[lr] = [r["loss"] for r in records if r["split"] == "validation"][-1]
     assert lora["learning_rate"] == min(finals, key=finals.get)
     assert finals[3e-2] != finals[1e-4]
@@ -80,21 +101,31 @@ def test_experiment_trains_chooses_on_validation_and_reports(tmp_path, run_files
     # closed forms: r·(in + out) per q and v kernel; AdamW keeps two f32 moments each
     q_out, v_out = tf.HEADS * tf.HEAD_DIM, tf.KV_HEADS * tf.HEAD_DIM
     assert lora["trainable_params"] == LAYERS * RANK * (2 * HIDDEN + q_out + v_out)
-    assert 8 * lora["trainable_params"] <= lora["optimizer_state_bytes"] \
+    assert (
+        8 * lora["trainable_params"]
+        <= lora["optimizer_state_bytes"]
         <= 8 * lora["trainable_params"] + 64
+    )
     assert zero_shot["trainable_params"] == 0
     assert zero_shot["validation_loss"] == lora["validation_loss_before"]
-    assert 0 < lora["adapter_bytes"] and lora["peak_rss_bytes"] > 2**20 and lora["step_s"] > 0
+    assert lora["adapter_bytes"] > 0 and lora["peak_rss_bytes"] > 2**20 and lora["step_s"] > 0
 
     # every test MR decoded by `lora-jax eval` for both rows, scores in the fixed format
     test_mrs = results["data"]["test_mrs"]
     for name in ("zero-shot", "lora-qv"):
         lines = (out / "eval" / name / "predictions.txt").read_text().splitlines()
         assert len(lines) == test_mrs
-        assert set(json.loads((out / "eval" / name / "scores.json").read_text())) == \
-            {"BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"}
+        assert set(json.loads((out / "eval" / name / "scores.json").read_text())) == {
+            "BLEU",
+            "NIST",
+            "METEOR",
+            "ROUGE_L",
+            "CIDEr",
+        }
     report = (tmp_path / "docs" / "results.md").read_text()
-    assert "| zero-shot | - | 0 |" in report and f"| lora-qv | {lora['learning_rate']:g} |" in report
+    assert (
+        "| zero-shot | - | 0 |" in report and f"| lora-qv | {lora['learning_rate']:g} |" in report
+    )
     assert f"lora-jax experiment {config}" in report
     assert (tmp_path / "docs" / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -102,8 +133,9 @@ def test_experiment_trains_chooses_on_validation_and_reports(tmp_path, run_files
     capsys.readouterr()
     assert main(["experiment", config]) == 0
     assert capsys.readouterr().out.count("(finished run reused)") == 2
-    changed = _write_experiment(tmp_path, model_dir, csv_path,
-                                overrides=["optim.max_steps=4", "checkpoint.every_steps=0"])
+    changed = _write_experiment(
+        tmp_path, model_dir, csv_path, overrides=["optim.max_steps=4", "checkpoint.every_steps=0"]
+    )
     assert main(["experiment", changed]) == 2
     assert "holds a finished run with another config" in capsys.readouterr().err
     assert len(finals) == 2 and (out / "runs" / "lora-qv" / "lr_0.03" / "adapter").is_dir()
@@ -134,12 +166,15 @@ def test_experiment_trains_chooses_on_validation_and_reports(tmp_path, run_files
     lora = json.loads((out / "results.json").read_text())["rows"][1]
     seed_dir = out / "runs" / "lora-qv" / f"lr_{lora['learning_rate']:g}_seed7"
     assert load_config(seed_dir / "config.yaml").seed == 7 and lora["seed"] == 0
-    runs = [json.loads((out / "eval" / "lora-qv" / sub / "scores.json").read_text())
-            for sub in (".", "seed7")]
+    runs = [
+        json.loads((out / "eval" / "lora-qv" / sub / "scores.json").read_text())
+        for sub in (".", "seed7")
+    ]
     assert lora["seed_scores"] == {"0": runs[0], "7": runs[1]}
     assert lora["scores"]["BLEU"] == pytest.approx((runs[0]["BLEU"] + runs[1]["BLEU"]) / 2)
-    assert lora["scores_sd"]["BLEU"] == pytest.approx(abs(runs[0]["BLEU"] - runs[1]["BLEU"])
-                                                      / 2 ** 0.5)
+    assert lora["scores_sd"]["BLEU"] == pytest.approx(
+        abs(runs[0]["BLEU"] - runs[1]["BLEU"]) / 2**0.5
+    )
     assert "## Seeds" in (tmp_path / "docs" / "results.md").read_text()
 
 
@@ -159,48 +194,77 @@ def test_bad_experiment_configs_name_the_key(tmp_path):
 
 
 def test_table_and_ratios_state_the_measured_figures():
-    full = {"method": "full", "learning_rate": 1e-4, "base_params": 1000,
-            "trainable_params": 1000, "adapter_bytes": 4 * 2**20,
-            "optimizer_state_bytes": 8000, "peak_rss_bytes": 3 * 2**30, "step_s": 2.0,
-            "validation_loss": 1.5, "scores": {"BLEU": 60.0, "NIST": 8.0, "METEOR": 0.4,
-                                                "ROUGE_L": 0.6, "CIDEr": 2.0}}
-    lora = {**full, "method": "lora", "trainable_params": 10, "adapter_bytes": 2**12,
-            "optimizer_state_bytes": 80, "peak_rss_bytes": 2**30,
-            "scores": {**full["scores"], "BLEU": 61.5}}
+    full = {
+        "method": "full",
+        "learning_rate": 1e-4,
+        "base_params": 1000,
+        "trainable_params": 1000,
+        "adapter_bytes": 4 * 2**20,
+        "optimizer_state_bytes": 8000,
+        "peak_rss_bytes": 3 * 2**30,
+        "step_s": 2.0,
+        "validation_loss": 1.5,
+        "scores": {"BLEU": 60.0, "NIST": 8.0, "METEOR": 0.4, "ROUGE_L": 0.6, "CIDEr": 2.0},
+    }
+    lora = {
+        **full,
+        "method": "lora",
+        "trainable_params": 10,
+        "adapter_bytes": 2**12,
+        "optimizer_state_bytes": 80,
+        "peak_rss_bytes": 2**30,
+        "scores": {**full["scores"], "BLEU": 61.5},
+    }
     rows = table([full, lora])
     assert rows[3].startswith("| lora | 0.0001 | 10 | 1.000 | 4.0 KiB | 80 B")
     assert "| 61.50 | 8.00 | 40.00 | 60.00 | 2.00 |" in rows[3]
-    assert ratios([full, lora]) == ["- lora: saved 1,024x smaller, optimizer state 100x "
-                                    "smaller, peak RSS 3.00x lower, BLEU +1.50 vs full "
-                                    "fine-tuning"]
+    assert ratios([full, lora]) == [
+        "- lora: saved 1,024x smaller, optimizer state 100x "
+        "smaller, peak RSS 3.00x lower, BLEU +1.50 vs full "
+        "fine-tuning"
+    ]
 
 
 def test_several_seeds_report_mean_and_sample_deviation():
-    runs = [{"BLEU": 60.0, "METEOR": None}, {"BLEU": 62.0, "METEOR": 0.5},
-            {"BLEU": 64.0, "METEOR": 0.6}]
+    runs = [
+        {"BLEU": 60.0, "METEOR": None},
+        {"BLEU": 62.0, "METEOR": 0.5},
+        {"BLEU": 64.0, "METEOR": 0.6},
+    ]
     mean, sd = across_seeds(runs)
     assert mean == {"BLEU": 62.0, "METEOR": None} and sd == {"BLEU": 2.0, "METEOR": None}
-    assert across_seeds(runs[1:2]) == ({"BLEU": 62.0, "METEOR": 0.5}, {"BLEU": None, "METEOR": None})
-    row = {"method": "lora", "learning_rate": 1e-3, "base_params": 100, "trainable_params": 1,
-           "scores": {"BLEU": 62.0, "NIST": 8.0, "METEOR": 0.45},
-           "scores_sd": {"BLEU": 2.0, "NIST": None, "METEOR": 0.01}}
+    assert across_seeds(runs[1:2]) == (
+        {"BLEU": 62.0, "METEOR": 0.5},
+        {"BLEU": None, "METEOR": None},
+    )
+    row = {
+        "method": "lora",
+        "learning_rate": 1e-3,
+        "base_params": 100,
+        "trainable_params": 1,
+        "scores": {"BLEU": 62.0, "NIST": 8.0, "METEOR": 0.45},
+        "scores_sd": {"BLEU": 2.0, "NIST": None, "METEOR": 0.01},
+    }
     assert "| 62.00 ± 2.00 | 8.00 | 45.00 ± 1.00 | null |" in table([row])[2]  # METEOR x100
 
 
-@pytest.mark.parametrize("seeds, problem", [([0], "differ from the run config's seed (0)"),
-                                            ([1, 1], "distinct")])
+@pytest.mark.parametrize(
+    "seeds, problem", [([0], "differ from the run config's seed (0)"), ([1, 1], "distinct")]
+)
 def test_seeds_must_be_new_runs(tmp_path, seeds, problem):
     base = tmp_path / "base.yaml"
     base.write_text(config_to_yaml(load_config(None)))  # seed 0
     path = tmp_path / "e.yaml"
-    path.write_text(f"base_config: {base}\nmethods: [{{name: a, learning_rates: [1.0e-3], "
-                    f"seeds: {seeds}}}]\n")
+    path.write_text(
+        f"base_config: {base}\nmethods: [{{name: a, learning_rates: [1.0e-3], seeds: {seeds}}}]\n"
+    )
     with pytest.raises(ConfigError, match=re.escape(problem)):
         load_experiment(path)
 
 
-@pytest.mark.parametrize("path", sorted(tf.REPO_ROOT.glob("configs/experiments/*.yaml")),
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted(tf.REPO_ROOT.glob("configs/experiments/*.yaml")), ids=lambda p: p.name
+)
 def test_shipped_experiment_configs_load(path):
     cfg = load_experiment(path)
     assert cfg.methods and all(m.learning_rates or m.name == "zero-shot" for m in cfg.methods)
@@ -222,17 +286,25 @@ def test_an_experiment_extends_another_replacing_only_what_it_sets(tmp_path):
     child = tmp_path / "child.yaml"
     child.write_text(f"extends: {parent}\noutput_dir: elsewhere\nmethods: [{{name: zero-shot}}]\n")
     base, extended = load_experiment(parent), load_experiment(child)
-    assert extended.output_dir == "elsewhere" and [m.name for m in extended.methods] == ["zero-shot"]
-    assert (extended.overrides, extended.eval, extended.data) == (base.overrides, base.eval, base.data)
+    assert extended.output_dir == "elsewhere" and [m.name for m in extended.methods] == [
+        "zero-shot"
+    ]
+    assert (extended.overrides, extended.eval, extended.data) == (
+        base.overrides,
+        base.eval,
+        base.data,
+    )
     child.write_text(f"extends: {tmp_path / 'none.yaml'}\n")
     with pytest.raises(ConfigError, match="none.yaml, which does not exist"):
         load_experiment(child)
 
 
 def test_choose_by_bleu_breaks_ties_on_loss_and_by_loss_ignores_bleu():
-    candidates = {1e-3: {"validation_loss": 1.5, "validation_bleu": 60.0},
-                  3e-3: {"validation_loss": 1.4, "validation_bleu": 60.0},
-                  1e-2: {"validation_loss": 1.3, "validation_bleu": 50.0}}
+    candidates = {
+        1e-3: {"validation_loss": 1.5, "validation_bleu": 60.0},
+        3e-3: {"validation_loss": 1.4, "validation_bleu": 60.0},
+        1e-2: {"validation_loss": 1.3, "validation_bleu": 50.0},
+    }
     assert choose(candidates, "validation_bleu") == 3e-3
     assert choose(candidates, "validation_loss") == 1e-2
 
@@ -252,11 +324,15 @@ def _quick_experiment(tmp_path, **extra) -> str:
     """An experiment config that fails or is refused before any training would start."""
     base = tmp_path / "base.yaml"
     base.write_text(config_to_yaml(load_config(None)))
-    experiment = {"base_config": str(base), "data": str(tf.write_csv(tmp_path / "e2e.csv")),
-                  "output_dir": str(tmp_path / "out"),
-                  "report": str(tmp_path / "docs" / "results.md"),
-                  "plot": str(tmp_path / "docs" / "results.png"),
-                  "methods": [{"name": "zero-shot"}], **extra}
+    experiment = {
+        "base_config": str(base),
+        "data": str(tf.write_csv(tmp_path / "e2e.csv")),
+        "output_dir": str(tmp_path / "out"),
+        "report": str(tmp_path / "docs" / "results.md"),
+        "plot": str(tmp_path / "docs" / "results.png"),
+        "methods": [{"name": "zero-shot"}],
+        **extra,
+    }
     path = tmp_path / "experiment.yaml"
     path.write_text(json.dumps(experiment))
     return str(path)
@@ -265,8 +341,9 @@ def _quick_experiment(tmp_path, **extra) -> str:
 @pytest.mark.parametrize("name", ["../../x", "a/b", "..", ".hidden", "x y", "/abs", ""])
 def test_method_names_are_safe_directory_names(tmp_path, name):
     path = _quick_experiment(tmp_path, methods=[{"name": name, "learning_rates": [1e-3]}])
-    with pytest.raises(ConfigError, match=re.escape(f"method name {name!r} is used as a "
-                                                     "directory name")):
+    with pytest.raises(
+        ConfigError, match=re.escape(f"method name {name!r} is used as a directory name")
+    ):
         load_experiment(path)
 
 
@@ -282,8 +359,9 @@ def test_fresh_deletes_only_an_experiments_own_output_dir(tmp_path, capsys):
         assert [p.name for p in user.iterdir()] == ["thesis.tex"]  # nothing deleted or added
     run = rundir.claim(tmp_path / "run", "run")
     (run / "adapter").mkdir()
-    message = tf.refused(["experiment", _quick_experiment(tmp_path, output_dir=str(run)),
-                        "--fresh"], capsys)
+    message = tf.refused(
+        ["experiment", _quick_experiment(tmp_path, output_dir=str(run)), "--fresh"], capsys
+    )
     assert "is a lora-jax 'run' directory" in message and (run / "adapter").is_dir()
 
     # the experiment's own directory: a bad config is found before --fresh deletes anything

@@ -10,7 +10,6 @@ fault must end in a train state bitwise equal to it, with the same logged losses
 from __future__ import annotations
 
 import errno
-import json
 import os
 import subprocess
 import sys
@@ -21,32 +20,43 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-import train_fixtures as tf
 from train import guard, metrics, rundir
 from train.checkpoint import CheckpointError, Checkpoints
 from train.cli import INTERRUPTED, main
 from train.config import config_to_yaml
 from train.run import DivergenceError, NoLearningError, train
 
+import train_fixtures as tf
+
 DRIVER = Path(__file__).with_name("fault_driver.py")
 QUIET = {"log": lambda _: None}
 # Dropout and accumulation make the RNG and the data position matter (as in
 # test_train_resume.py); checkpoints at steps 2, 4, 6, saved asynchronously.
-RESUME = ("optim.grad_accum_steps=2", "lora.dropout=0.1", "checkpoint.every_steps=2",
-          "checkpoint.async_save=true")
+RESUME = (
+    "optim.grad_accum_steps=2",
+    "lora.dropout=0.1",
+    "checkpoint.every_steps=2",
+    "checkpoint.async_save=true",
+)
 
 pytestmark = pytest.mark.usefixtures("jax_compilation_cache")
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:
     """{relative path: bytes} of every file under ``directory``."""
-    return {str(p.relative_to(directory)): p.read_bytes()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(directory)): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
 
 
 def train_losses(run_dir: Path) -> list[tuple[int, float]]:
-    return [(r["step"], r["loss"]) for r in metrics.read_records(run_dir / "metrics.jsonl")
-            if r["split"] == "train"]
+    return [
+        (r["step"], r["loss"])
+        for r in metrics.read_records(run_dir / "metrics.jsonl")
+        if r["split"] == "train"
+    ]
 
 
 def assert_same_state(a, b) -> None:
@@ -72,11 +82,20 @@ def write_config(run_files, name: str, *overrides: str):
 
 def drive(fault: str, *args: str, cache: Path, **env: str) -> subprocess.Popen:
     """``lora-jax ARGS`` in a new process with ``fault`` planted (tests/fault_driver.py)."""
-    env = dict(os.environ, FAULT_JAX_CACHE=str(cache), JAX_PLATFORMS="cpu",
-               PYTHONPATH=os.pathsep.join([str(tf.REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
-               **env)
-    return subprocess.Popen([sys.executable, str(DRIVER), fault, *args], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    env = dict(
+        os.environ,
+        FAULT_JAX_CACHE=str(cache),
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=os.pathsep.join([str(tf.REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+        **env,
+    )
+    return subprocess.Popen(
+        [sys.executable, str(DRIVER), fault, *args],
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 @pytest.fixture
@@ -85,13 +104,20 @@ def cache(tmp_path_factory) -> Path:
     return tmp_path_factory.getbasetemp() / "jax_cache"
 
 
-KILLS = ["kill-after-setup", "kill-in-metrics-write", "kill-in-checkpoint-save",
-         "kill-after-checkpoint", "kill-in-adapter-save", "kill-in-final-validation"]
+KILLS = [
+    "kill-after-setup",
+    "kill-in-metrics-write",
+    "kill-in-checkpoint-save",
+    "kill-after-checkpoint",
+    "kill-in-adapter-save",
+    "kill-in-final-validation",
+]
 
 
 @pytest.mark.parametrize("fault", KILLS)
-def test_a_rerun_after_kill_9_at_any_moment_ends_as_a_straight_run(run_files, straight, cache,
-                                                                   fault):
+def test_a_rerun_after_kill_9_at_any_moment_ends_as_a_straight_run(
+    run_files, straight, cache, fault
+):
     config, cfg, run_dir = write_config(run_files, fault)
     killed = drive(fault, "train", str(config), cache=cache)
     _, err = killed.communicate(timeout=300)
@@ -111,8 +137,9 @@ def test_a_rerun_after_kill_9_at_any_moment_ends_as_a_straight_run(run_files, st
 
 
 @pytest.mark.parametrize("fault", ["sigint-at-step-2", "double-sigint-at-step-2"])
-def test_ctrl_c_stops_with_one_line_and_exit_130_and_a_rerun_resumes(run_files, straight, cache,
-                                                                    fault):
+def test_ctrl_c_stops_with_one_line_and_exit_130_and_a_rerun_resumes(
+    run_files, straight, cache, fault
+):
     config, cfg, run_dir = write_config(run_files, fault)
     stopped = drive(fault, "train", str(config), cache=cache)
     _, err = stopped.communicate(timeout=300)
@@ -133,8 +160,9 @@ def _disk_full(*_args, **_kwargs):
 
 
 @pytest.mark.parametrize("where", ["metrics", "checkpoint"])
-def test_a_full_disk_is_one_line_and_a_rerun_resumes(run_files, straight, monkeypatch, capsys,
-                                                    where):
+def test_a_full_disk_is_one_line_and_a_rerun_resumes(
+    run_files, straight, monkeypatch, capsys, where
+):
     config, cfg, run_dir = write_config(run_files, f"full_{where}")
     if where == "metrics":  # half a record reaches the disk at step 3, then ENOSPC
         write = metrics.MetricsLog.write
@@ -145,11 +173,15 @@ def test_a_full_disk_is_one_line_and_a_rerun_resumes(run_files, straight, monkey
                     f.write('{"step": 3, "split": "tr')
                 _disk_full()
             return write(self, step, split, values)
+
         monkeypatch.setattr(metrics.MetricsLog, "write", patched)
     else:  # the step-4 checkpoint cannot be written
         save = Checkpoints.save
-        monkeypatch.setattr(Checkpoints, "save", lambda self, step, *a: (
-            _disk_full() if step == 4 else save(self, step, *a)))
+        monkeypatch.setattr(
+            Checkpoints,
+            "save",
+            lambda self, step, *a: _disk_full() if step == 4 else save(self, step, *a),
+        )
     err = tf.refused(["train", str(config)], capsys)
     assert "the disk is full" in err
     assert "resumes from the checkpoint at step 2" in err
@@ -162,8 +194,7 @@ def test_a_full_disk_is_one_line_and_a_rerun_resumes(run_files, straight, monkey
 def test_a_second_run_on_a_locked_directory_is_refused(run_files, cache, tmp_path, capsys):
     config, _, run_dir = write_config(run_files, "locked")
     release = tmp_path / "release"
-    first = drive("hold-at-step-1", "train", str(config), cache=cache,
-                  FAULT_RELEASE=str(release))
+    first = drive("hold-at-step-1", "train", str(config), cache=cache, FAULT_RELEASE=str(release))
     try:
         lines = iter(first.stdout.readline, "")
         assert any(line.strip() == "holding at step 1" for line in lines)
@@ -179,9 +210,13 @@ def test_a_second_run_on_a_locked_directory_is_refused(run_files, cache, tmp_pat
 
 def test_a_foreign_folder_is_refused_and_left_untouched(run_files, monkeypatch, capsys):
     config, _, run_dir = write_config(run_files, "foreign")
-    for name, text in [("adapter/weights/mine.bin", "precious"), ("config.yaml", "mine: 1\n"),
-                       ("run_info.json", "{}"), ("loss_curve.png", "png"),
-                       ("metrics.jsonl", '{"step": 0, "split": "x"}\n{"note": "no step"}\n')]:
+    for name, text in [
+        ("adapter/weights/mine.bin", "precious"),
+        ("config.yaml", "mine: 1\n"),
+        ("run_info.json", "{}"),
+        ("loss_curve.png", "png"),
+        ("metrics.jsonl", '{"step": 0, "split": "x"}\n{"note": "no step"}\n'),
+    ]:
         (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
         (run_dir / name).write_text(text)
     before = snapshot(run_dir)
@@ -204,8 +239,7 @@ def test_foreign_files_inside_an_owned_run_are_named_and_kept(run_files, capsys)
     err = tf.refused(["train", str(config)], capsys)
     assert "metrics.jsonl line" in err and "is not a lora-jax record" in err
     assert snapshot(run_dir) == before
-    (run_dir / "metrics.jsonl").write_text(before["metrics.jsonl"].decode().rsplit(
-        '{"note"', 1)[0])
+    (run_dir / "metrics.jsonl").write_text(before["metrics.jsonl"].decode().rsplit('{"note"', 1)[0])
     (run_dir / "checkpoints" / "7").mkdir()
     (run_dir / "checkpoints" / "7" / "notes.txt").write_text("mine")
     before = snapshot(run_dir)
@@ -215,21 +249,29 @@ def test_foreign_files_inside_an_owned_run_are_named_and_kept(run_files, capsys)
 
 
 @pytest.mark.parametrize("problem", ["is a file", "under a file", "read-only"])
-def test_an_unusable_output_dir_is_found_before_the_model_loads(run_files, tmp_path, monkeypatch,
-                                                                capsys, problem):
+def test_an_unusable_output_dir_is_found_before_the_model_loads(
+    run_files, tmp_path, monkeypatch, capsys, problem
+):
     blocker = tmp_path / "a_file"
     blocker.write_text("mine")
-    target = {"is a file": blocker, "under a file": blocker / "run",
-              "read-only": tmp_path / "ro" / "run"}[problem]
+    target = {
+        "is a file": blocker,
+        "under a file": blocker / "run",
+        "read-only": tmp_path / "ro" / "run",
+    }[problem]
     if problem == "read-only":
         (tmp_path / "ro").mkdir()
         (tmp_path / "ro").chmod(0o555)
         if os.geteuid() == 0:  # root may write anywhere: let os.access answer as for a user
             access = os.access
-            monkeypatch.setattr(os, "access", lambda p, mode: (
-                False if Path(p) == tmp_path / "ro" else access(p, mode)))
-    config, _, _ = write_config(run_files, f"unusable_{problem.replace(' ', '_')}",
-                                f"output_dir={target}")
+            monkeypatch.setattr(
+                os,
+                "access",
+                lambda p, mode: False if Path(p) == tmp_path / "ro" else access(p, mode),
+            )
+    config, _, _ = write_config(
+        run_files, f"unusable_{problem.replace(' ', '_')}", f"output_dir={target}"
+    )
     monkeypatch.setattr("models.load", _must_not_load)
     err = tf.refused(["train", str(config)], capsys)
     assert str(target) in err
@@ -238,24 +280,41 @@ def test_an_unusable_output_dir_is_found_before_the_model_loads(run_files, tmp_p
 
 def test_a_learning_rate_far_too_high_stops_at_the_first_blown_up_update(run_files):
     model_dir, csv, root = run_files
-    cfg = tf.tiny_config(model_dir, csv, root / "lr1e6", "optim.learning_rate=1e6",
-                         "optim.warmup_steps=0", "checkpoint.every_steps=1")
-    with pytest.raises(DivergenceError, match=r"diverged at step 1: parameters reached .*"
-                                              r"No checkpoint was saved yet"):
+    cfg = tf.tiny_config(
+        model_dir,
+        csv,
+        root / "lr1e6",
+        "optim.learning_rate=1e6",
+        "optim.warmup_steps=0",
+        "checkpoint.every_steps=1",
+    )
+    with pytest.raises(
+        DivergenceError,
+        match=r"diverged at step 1: parameters reached .*"
+        r"No checkpoint was saved yet",
+    ):
         train(cfg, **QUIET)
     assert not (root / "lr1e6" / "checkpoints").exists() or not any(
-        (root / "lr1e6" / "checkpoints").iterdir())
+        (root / "lr1e6" / "checkpoints").iterdir()
+    )
     assert not (root / "lr1e6" / "adapter").exists()
 
 
 def test_divergence_keeps_the_last_good_checkpoint_and_a_sane_rerun_trains(run_files):
     model_dir, csv, root = run_files
     run_dir = root / "diverge_later"
-    sane = tf.tiny_config(model_dir, csv, run_dir, "checkpoint.every_steps=1",
-                          "checkpoint.keep_last=1")
+    sane = tf.tiny_config(
+        model_dir, csv, run_dir, "checkpoint.every_steps=1", "checkpoint.keep_last=1"
+    )
     train(sane, stop_after=3, **QUIET)
-    wild = tf.tiny_config(model_dir, csv, run_dir, "checkpoint.every_steps=1",
-                          "checkpoint.keep_last=1", "optim.learning_rate=1e6")
+    wild = tf.tiny_config(
+        model_dir,
+        csv,
+        run_dir,
+        "checkpoint.every_steps=1",
+        "checkpoint.keep_last=1",
+        "optim.learning_rate=1e6",
+    )
     with pytest.raises(DivergenceError, match=r"at step 4: .*last checkpoint \(step 3 "):
         train(wild, force_resume=True, **QUIET)
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["3"]  # kept, not pruned
@@ -267,15 +326,24 @@ def test_divergence_keeps_the_last_good_checkpoint_and_a_sane_rerun_trains(run_f
 def test_a_checkpoint_saved_after_divergence_is_refused_on_resume(run_files, monkeypatch):
     model_dir, csv, root = run_files
     run_dir = root / "old_version"
-    cfg = tf.tiny_config(model_dir, csv, run_dir, "optim.learning_rate=1e6",
-                         "optim.max_steps=4", "checkpoint.every_steps=2")
+    cfg = tf.tiny_config(
+        model_dir,
+        csv,
+        run_dir,
+        "optim.learning_rate=1e6",
+        "optim.max_steps=4",
+        "checkpoint.every_steps=2",
+    )
     # an older version, without the guard, saved the blown-up state
     monkeypatch.setattr(guard, "MAX_GROWTH", float("inf"))
     assert train(cfg, **QUIET).step == 4  # and saved checkpoints 2 and 4
     monkeypatch.undo()
     before = snapshot(run_dir)
-    with pytest.raises(CheckpointError, match=r"checkpoints/4: its parameters reached "
-                                              r".*had diverged before it was saved"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"checkpoints/4: its parameters reached "
+        r".*had diverged before it was saved",
+    ):
         train(cfg, **QUIET)
     assert snapshot(run_dir) == before
 
@@ -289,8 +357,11 @@ def test_a_run_stuck_at_ln_v_fails(run_files, tmp_path):
     tensors["lm_head.weight"] = np.zeros_like(tensors["lm_head.weight"])
     save_file(tensors, str(model_dir / "model.safetensors"))
     cfg = tf.tiny_config(model_dir, csv, tmp_path / "stuck")
-    with pytest.raises(NoLearningError, match=r"learned nothing: its loss ended at 6.2383 "
-                                              r"nats/token, ln V .*512-token"):
+    with pytest.raises(
+        NoLearningError,
+        match=r"learned nothing: its loss ended at 6.2383 "
+        r"nats/token, ln V .*512-token",
+    ):
         train(cfg, **QUIET)
     assert not (tmp_path / "stuck" / "adapter").exists()
     assert (tmp_path / "stuck" / "checkpoints" / "6").is_dir()
@@ -306,5 +377,7 @@ def test_fresh_empties_only_a_run_directory_of_ours(run_files, tmp_path, capsys)
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "mine.txt").write_text("mine")
-    assert "was not created by lora-jax" in tf.refused(["train", str(config), f"output_dir={foreign}", "--fresh"], capsys)
+    assert "was not created by lora-jax" in tf.refused(
+        ["train", str(config), f"output_dir={foreign}", "--fresh"], capsys
+    )
     assert (foreign / "mine.txt").read_text() == "mine"

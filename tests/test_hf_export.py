@@ -14,12 +14,13 @@ import transformers
 
 import lora_jax as lj
 import models
-import tolerances as tol
-import train_fixtures as tf
 from models.hf_export import save_hf
-from test_peft import hf_model
 from train import adapter as adapter_lib
 from train import cli, export, layout
+
+import tolerances as tol
+import train_fixtures as tf
+from test_peft import hf_model
 
 IDS = np.random.default_rng(0).integers(3, 96, size=(2, 7)).astype(np.int32)
 TARGETS = r"(q_proj|v_proj|up_proj)/kernel|embed_tokens"
@@ -27,10 +28,12 @@ TARGETS = r"(q_proj|v_proj|up_proj)/kernel|embed_tokens"
 
 def _bumped(params):
     """LoRA factors plus noise (a trained-looking adapter)."""
+
     def bump(path, x):
         if str(path[-1].key).endswith(("_lora_a", "_lora_b")):
             return x + 0.1 * jax.random.normal(jax.random.key(x.size), x.shape)
         return x
+
     return jax.tree_util.tree_map_with_path(bump, params)
 
 
@@ -46,12 +49,17 @@ def _torch_logits(directory, ids=IDS) -> np.ndarray:
         return hf(input_ids=torch.tensor(ids, dtype=torch.long)).logits.numpy()
 
 
-@pytest.mark.parametrize("family, scan, overrides", [
-    ("gpt2", False, {}),
-    ("llama", True, dict(tie_word_embeddings=True)),
-    ("llama", False, {}),
-])
-def test_a_merged_checkpoint_loads_in_transformers_with_our_logits(family, scan, overrides, tmp_path):
+@pytest.mark.parametrize(
+    "family, scan, overrides",
+    [
+        ("gpt2", False, {}),
+        ("llama", True, dict(tie_word_embeddings=True)),
+        ("llama", False, {}),
+    ],
+)
+def test_a_merged_checkpoint_loads_in_transformers_with_our_logits(
+    family, scan, overrides, tmp_path
+):
     hf_model(family, **overrides).save_pretrained(tmp_path / "base")
     model, base, _ = models.load(tmp_path / "base", scan_layers=scan)
     targets = TARGETS if family == "llama" else r"(q_proj|v_proj|up_proj)/kernel"
@@ -98,11 +106,15 @@ def run(tmp_path_factory):
     _, base, _ = models.load(model_dir, scan_layers=True)
     config = lj.LoraConfig(4, 8, r"(q_proj|v_proj)/kernel|embed_tokens", use_rslora=True)
     params = _bumped(lj.init(jax.random.key(0), base, config))
-    adapter_lib.save_adapter(root / "out" / "adapter", lj.adapter(params), method="lora",
-                             model_name=str(model_dir), lora=config.to_dict(),
-                             base_fingerprint=adapter_lib.fingerprint(base),
-                             model_options=dict(dtype="float32", param_dtype="float32",
-                                                scan_layers=True, remat="none"))
+    adapter_lib.save_adapter(
+        root / "out" / "adapter",
+        lj.adapter(params),
+        method="lora",
+        model_name=str(model_dir),
+        lora=config.to_dict(),
+        base_fingerprint=adapter_lib.fingerprint(base),
+        model_options=dict(dtype="float32", param_dtype="float32", scan_layers=True, remat="none"),
+    )
     return model_dir, root / "out", params
 
 
@@ -136,8 +148,11 @@ def test_export_peft_runs_in_peft_and_imports_back(run, tmp_path):
     ours = np.asarray(lj.apply(model.apply)({"params": params}, ids))
     hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     with torch.no_grad():
-        theirs = peft.PeftModel.from_pretrained(hf, exported).eval()(
-            input_ids=torch.tensor(ids, dtype=torch.long)).logits.numpy()
+        theirs = (
+            peft.PeftModel.from_pretrained(hf, exported)
+            .eval()(input_ids=torch.tensor(ids, dtype=torch.long))
+            .logits.numpy()
+        )
     atol = _atol(model, ours, rank=4)
     tol.assert_close(theirs, ours, atol)
 
@@ -150,6 +165,10 @@ def test_export_peft_runs_in_peft_and_imports_back(run, tmp_path):
 def test_the_commands_parse_and_name_a_missing_adapter(tmp_path, capsys):
     args = cli.parser().parse_args(["export", "--format", "peft", "runs/x", "--out", "y"])
     assert (args.run, args.adapter, args.out, args.format) == (
-        "train.export:run_export", "runs/x", "y", "peft")
+        "train.export:run_export",
+        "runs/x",
+        "y",
+        "peft",
+    )
     assert cli.main(["merge", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     assert "neither a run directory nor an adapter directory" in capsys.readouterr().err

@@ -15,15 +15,23 @@ from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
 import models
+
 import tolerances as tol
 
 VOCAB, CONTEXT = 96, 64
 
 GPT2 = dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=CONTEXT)
 LLAMA = dict(
-    vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=CONTEXT,
-    rope_theta=500.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=CONTEXT,
+    rope_theta=500.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
 )
 # A large init scale makes next-token distributions peaked, so greedy/beam choices are not ties.
 COMMON = dict(initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -32,7 +40,9 @@ COMMON = dict(initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_i
 def _hf_model(family: str, **overrides) -> torch.nn.Module:
     torch.manual_seed(0)
     if family == "gpt2":
-        return transformers.GPT2LMHeadModel(transformers.GPT2Config(**GPT2, **COMMON, **overrides)).eval()
+        return transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(**GPT2, **COMMON, **overrides)
+        ).eval()
     config = transformers.LlamaConfig(**{**LLAMA, **COMMON, **overrides})
     return transformers.LlamaForCausalLM(config).eval()
 
@@ -64,8 +74,11 @@ def _batch():
 
 def _hf_logits(hf, ids, mask, positions):
     with torch.no_grad():
-        out = hf(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
-                 position_ids=torch.tensor(positions, dtype=torch.long))
+        out = hf(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            attention_mask=torch.tensor(mask),
+            position_ids=torch.tensor(positions, dtype=torch.long),
+        )
     return out.logits.numpy()
 
 
@@ -122,10 +135,14 @@ def test_llama_biases_load_with_transformers_logits(llama_with_biases):
     directory, hf = llama_with_biases
     model, params, _ = models.load(directory)
     assert model.config.attention_bias and model.config.mlp_bias
-    np.testing.assert_array_equal(params["layers_1"]["self_attn"]["k_proj"]["bias"],
-                                  hf.model.layers[1].self_attn.k_proj.bias.detach().numpy())
-    np.testing.assert_array_equal(params["layers_0"]["mlp"]["down_proj"]["bias"],
-                                  hf.model.layers[0].mlp.down_proj.bias.detach().numpy())
+    np.testing.assert_array_equal(
+        params["layers_1"]["self_attn"]["k_proj"]["bias"],
+        hf.model.layers[1].self_attn.k_proj.bias.detach().numpy(),
+    )
+    np.testing.assert_array_equal(
+        params["layers_0"]["mlp"]["down_proj"]["bias"],
+        hf.model.layers[0].mlp.down_proj.bias.detach().numpy(),
+    )
     ids, mask = _batch()
     positions = _positions(mask)
     real = mask.astype(bool)
@@ -142,9 +159,12 @@ def test_added_biases_are_zeros_and_keep_the_logits(tmp_path):
     biased_model, biased, _ = models.load(tmp_path, attention_bias=True, mlp_bias=True)
     flat, flat_biased = traverse_util.flatten_dict(params), traverse_util.flatten_dict(biased)
     added = set(flat_biased) - set(flat)
-    assert added == {(f"layers_{i}", block, f"{proj}_proj", "bias") for i in range(2)
-                     for block, projs in (("self_attn", "qkvo"), ("mlp", ("gate", "up", "down")))
-                     for proj in projs}
+    assert added == {
+        (f"layers_{i}", block, f"{proj}_proj", "bias")
+        for i in range(2)
+        for block, projs in (("self_attn", "qkvo"), ("mlp", ("gate", "up", "down")))
+        for proj in projs
+    }
     assert all(not np.any(flat_biased[path]) for path in added)
     assert flat_biased[("layers_0", "self_attn", "k_proj", "bias")].shape == (2 * 8,)  # K * H
     for path, leaf in flat.items():
@@ -164,23 +184,34 @@ def test_kv_cache_decoding_equals_full_recompute(loaded):
     chunks = []
     for start, stop in [(0, 6), (6, 7), (7, 8), (8, 9)]:
         logits, variables = model.apply(
-            {"params": params, "cache": cache}, ids[:, start:stop], mask[:, start:stop],
-            positions[:, start:stop], decode=True, mutable=["cache"],
+            {"params": params, "cache": cache},
+            ids[:, start:stop],
+            mask[:, start:stop],
+            positions[:, start:stop],
+            decode=True,
+            mutable=["cache"],
         )
         cache = variables["cache"]
         chunks.append(logits)
     real = mask.astype(bool)
     expected = np.asarray(full)[real]
-    tol.assert_close(np.concatenate(chunks, axis=1)[real], expected, _atol(model, expected, keys=12))
+    tol.assert_close(
+        np.concatenate(chunks, axis=1)[real], expected, _atol(model, expected, keys=12)
+    )
 
 
 def _hf_generate(hf, ids, mask, new_tokens, **kwargs):
     """transformers generate on left-padded prompts; returns the new tokens, pad-filled to length."""
     with torch.no_grad():
         out = hf.generate(
-            input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
-            max_new_tokens=new_tokens, min_new_tokens=0, pad_token_id=0, eos_token_id=2, **kwargs,
-        ).numpy()[:, ids.shape[1]:]
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            attention_mask=torch.tensor(mask),
+            max_new_tokens=new_tokens,
+            min_new_tokens=0,
+            pad_token_id=0,
+            eos_token_id=2,
+            **kwargs,
+        ).numpy()[:, ids.shape[1] :]
     after_eos = np.cumsum(out == 2, axis=1) - (out == 2) > 0  # transformers may repeat EOS there
     out = np.where(after_eos, 0, out)
     return np.pad(out, ((0, 0), (0, new_tokens - out.shape[1])), constant_values=0)
@@ -196,8 +227,18 @@ NEW = 12
 
 
 def _greedy(model, params, ids, mask, eos_token_id=2, **kwargs):
-    return np.asarray(models.generate(model, params, ids, attention_mask=mask, max_new_tokens=NEW,
-                                      eos_token_id=eos_token_id, pad_token_id=0, **kwargs))
+    return np.asarray(
+        models.generate(
+            model,
+            params,
+            ids,
+            attention_mask=mask,
+            max_new_tokens=NEW,
+            eos_token_id=eos_token_id,
+            pad_token_id=0,
+            **kwargs,
+        )
+    )
 
 
 def test_greedy_matches_transformers_for_left_and_right_padding(loaded):
@@ -213,7 +254,9 @@ def test_beam_search_matches_transformers(loaded):
     ids = _batch()[0][:2, :5]
     kwargs = dict(num_beams=3, length_penalty=0.9, no_repeat_ngram_size=2)
     expected = _hf_generate(hf, ids, np.ones_like(ids), 10, early_stopping=False, **kwargs)
-    ours = models.generate(model, params, ids, max_new_tokens=10, eos_token_id=2, pad_token_id=0, **kwargs)
+    ours = models.generate(
+        model, params, ids, max_new_tokens=10, eos_token_id=2, pad_token_id=0, **kwargs
+    )
     np.testing.assert_array_equal(np.asarray(ours), expected)
 
 
@@ -223,8 +266,9 @@ def test_scanned_and_remat_layers_give_the_same_logits_and_tokens(checkpoint, lo
     assert "layers" in scanned_params and not any(k.startswith("layers_") for k in scanned_params)
     ids, mask = _batch()
     expected = np.asarray(model.apply({"params": params}, ids, mask))
-    tol.assert_close(scanned.apply({"params": scanned_params}, ids, mask), expected,
-                     _atol(model, expected))
+    tol.assert_close(
+        scanned.apply({"params": scanned_params}, ids, mask), expected, _atol(model, expected)
+    )
     np.testing.assert_array_equal(
         _greedy(scanned, scanned_params, ids, mask), _greedy(model, params, ids, mask)
     )
@@ -236,7 +280,9 @@ def test_greedy_stops_at_eos_and_one_beam_is_greedy(loaded):
     unstopped = _greedy(model, params, ids, mask, eos_token_id=-1)
     eos = int(unstopped[2, 3])  # a token the model produces becomes the EOS
     stopped = _greedy(model, params, ids, mask, eos_token_id=eos)
-    np.testing.assert_array_equal(_greedy(model, params, ids, mask, eos_token_id=eos, num_beams=1), stopped)
+    np.testing.assert_array_equal(
+        _greedy(model, params, ids, mask, eos_token_id=eos, num_beams=1), stopped
+    )
     for row in range(3):
         hits = np.flatnonzero(unstopped[row] == eos)
         end = hits[0] + 1 if hits.size else NEW
@@ -250,15 +296,26 @@ def test_sampling_respects_top_k_and_top_p(loaded):
     greedy = _greedy(model, params, ids, mask)
     for k, p in [(1, 1.0), (0, 1e-6)]:
         np.testing.assert_array_equal(
-            _greedy(model, params, ids, mask, do_sample=True, top_k=k, top_p=p, rng=jax.random.key(3)),
+            _greedy(
+                model, params, ids, mask, do_sample=True, top_k=k, top_p=p, rng=jax.random.key(3)
+            ),
             greedy,
         )
-    sampled = _greedy(model, params, *_left_padded(ids, mask), do_sample=True, top_k=3, temperature=5.0,
-                      rng=jax.random.key(4))
+    sampled = _greedy(
+        model,
+        params,
+        *_left_padded(ids, mask),
+        do_sample=True,
+        top_k=3,
+        temperature=5.0,
+        rng=jax.random.key(4),
+    )
     assert not np.array_equal(sampled, greedy)
     # Each sampled token is among the 3 most likely under the (teacher-forced) model.
     left_ids, left_mask = _left_padded(ids, mask)
-    full_mask = np.concatenate([left_mask, np.cumsum(sampled == 2, 1) - (sampled == 2) == 0], axis=1)
+    full_mask = np.concatenate(
+        [left_mask, np.cumsum(sampled == 2, 1) - (sampled == 2) == 0], axis=1
+    )
     full_ids = np.concatenate([left_ids, sampled], axis=1)
     logits = model.apply({"params": params}, full_ids, full_mask, _positions(full_mask))[:, 8:-1]
     in_top3 = jnp.any(jax.lax.top_k(logits, 3)[1] == sampled[..., None], axis=-1)
@@ -268,10 +325,15 @@ def test_sampling_respects_top_k_and_top_p(loaded):
 def test_no_repeat_ngram(loaded):
     model, params, _ = loaded
     ids = np.full((2, 4), 5, np.int32)
-    out = np.asarray(models.generate(model, params, ids, max_new_tokens=20, eos_token_id=-1,
-                                     no_repeat_ngram_size=2))
+    out = np.asarray(
+        models.generate(
+            model, params, ids, max_new_tokens=20, eos_token_id=-1, no_repeat_ngram_size=2
+        )
+    )
     for row in np.concatenate([ids, out], axis=1):
-        bigrams = list(zip(row[3:], row[4:]))  # generated bigrams repeat neither each other nor (5, 5)
+        bigrams = list(
+            zip(row[3:], row[4:])
+        )  # generated bigrams repeat neither each other nor (5, 5)
         assert len(set(bigrams)) == len(bigrams) and (5, 5) not in bigrams
 
 
@@ -307,7 +369,9 @@ def test_bfloat16_compute_returns_float32_logits(loaded):
     # comparison): one side.
     expected = np.asarray(model.apply({"params": params}, ids))
     n = model.config.num_layers * (19 + 4 * tol.ELEMENTWISE) + 3 + tol.ELEMENTWISE
-    tol.assert_close(logits, expected, tol.chain_atol(n, tol.scale_of(expected), jnp.bfloat16, sides=1))
+    tol.assert_close(
+        logits, expected, tol.chain_atol(n, tol.scale_of(expected), jnp.bfloat16, sides=1)
+    )
 
 
 # --- bad input -------------------------------------------------------------------------------
@@ -348,7 +412,10 @@ def test_shape_mismatch_names_the_parameter(gpt2_dir):
 
 
 def test_prompt_longer_than_context_is_rejected():
-    model, params = models.Decoder(models.get_config("tiny-gpt2")), {}  # rejected before any compute
+    model, params = (
+        models.Decoder(models.get_config("tiny-gpt2")),
+        {},
+    )  # rejected before any compute
     too_long = jnp.zeros((1, 65), jnp.int32)
     with pytest.raises(ValueError, match="context"):
         model.apply({"params": params}, too_long)
@@ -380,8 +447,11 @@ def test_generation_with_lora_params_equals_merged(loaded):
     adapted = lj.init(jax.random.key(0), params, config)
     # Non-zero B, so the adapter changes the model.
     adapted = jax.tree_util.tree_map_with_path(
-        lambda path, x: jax.random.normal(jax.random.key(len(path)), x.shape, x.dtype)
-        if str(path[-1].key).endswith("_lora_b") else x,
+        lambda path, x: (
+            jax.random.normal(jax.random.key(len(path)), x.shape, x.dtype)
+            if str(path[-1].key).endswith("_lora_b")
+            else x
+        ),
         adapted,
     )
     ids, mask = _batch()

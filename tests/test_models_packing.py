@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 import models
-import tolerances as tol
 from models import decoder
+
+import tolerances as tol
 
 LENGTHS = [(5, 7, 4), (9, 6)]  # examples packed into each of two rows
 L = 20  # row length; the rest of each row is padding
@@ -28,14 +29,20 @@ def _packed(examples):
         start = 0
         for segment, ids_n in enumerate(row, start=1):
             span = slice(start, start + len(ids_n))
-            ids[r, span], segments[r, span], positions[r, span] = ids_n, segment, np.arange(len(ids_n))
+            ids[r, span], segments[r, span], positions[r, span] = (
+                ids_n,
+                segment,
+                np.arange(len(ids_n)),
+            )
             start = span.stop
     return ids, segments, positions
 
 
-@pytest.fixture(scope="module", params=[
-    ("tiny-llama", False), ("tiny-llama", True), ("tiny-gpt2", False), ("tiny-gpt2", True)],
-    ids=lambda p: f"{p[0]}-{'scan' if p[1] else 'unrolled'}")
+@pytest.fixture(
+    scope="module",
+    params=[("tiny-llama", False), ("tiny-llama", True), ("tiny-gpt2", False), ("tiny-gpt2", True)],
+    ids=lambda p: f"{p[0]}-{'scan' if p[1] else 'unrolled'}",
+)
 def model_params(request):
     """(model, params) with weights large enough that attention is far from uniform."""
     name, scan = request.param
@@ -49,9 +56,9 @@ def _alone(model, params, examples):
     flat = [ids_n for row in examples for ids_n in row]
     ids = np.zeros((len(flat), max(map(len, flat))), np.int32)
     for i, ids_n in enumerate(flat):
-        ids[i, :len(ids_n)] = ids_n
+        ids[i, : len(ids_n)] = ids_n
     logits = np.asarray(jax.jit(model.apply)({"params": params}, ids))
-    return [logits[i, :len(ids_n)] for i, ids_n in enumerate(flat)]
+    return [logits[i, : len(ids_n)] for i, ids_n in enumerate(flat)]
 
 
 def _atol(model, expected):
@@ -66,7 +73,7 @@ def _as_packed(logits, examples):
     for r, row in enumerate(examples):
         start = 0
         for ids_n in row:
-            spans.append(logits[r, start:start + len(ids_n)])
+            spans.append(logits[r, start : start + len(ids_n)])
             start += len(ids_n)
     return spans
 
@@ -84,8 +91,9 @@ def test_packed_rows_give_each_example_its_own_logits(model_params):
     for got, expected in zip(_as_packed(packed, examples), alone, strict=True):
         tol.assert_close(got, expected, atol)
     # Without segments the examples see each other: the tolerance can fail.
-    assert not all(tol.close(got, expected, atol)
-                   for got, expected in zip(_as_packed(leaked, examples), alone))
+    assert not all(
+        tol.close(got, expected, atol) for got, expected in zip(_as_packed(leaked, examples), alone)
+    )
 
 
 def _boundary_off_by_one(segments, positions):
@@ -105,18 +113,24 @@ def _positions_restart_late(segments, positions):
     return segments, positions
 
 
-@pytest.mark.parametrize("bug", [_boundary_off_by_one, _positions_restart_late],
-                         ids=["segment boundary one token late", "positions restart one token late"])
+@pytest.mark.parametrize(
+    "bug",
+    [_boundary_off_by_one, _positions_restart_late],
+    ids=["segment boundary one token late", "positions restart one token late"],
+)
 def test_the_packing_tolerance_fails_for_a_planted_bug(model_params, bug):
     model, params = model_params
     examples = _examples()
     ids, segments, positions = _packed(examples)
     segments, positions = bug(segments, positions)
-    buggy = np.asarray(jax.jit(model.apply)({"params": params}, ids, positions=positions,
-                                            segment_ids=segments))
+    buggy = np.asarray(
+        jax.jit(model.apply)({"params": params}, ids, positions=positions, segment_ids=segments)
+    )
     alone = _alone(model, params, examples)
-    assert not all(tol.close(got, expected, _atol(model, alone))
-                   for got, expected in zip(_as_packed(buggy, examples), alone))
+    assert not all(
+        tol.close(got, expected, _atol(model, alone))
+        for got, expected in zip(_as_packed(buggy, examples), alone)
+    )
 
 
 def test_attention_mask_still_hides_keys_within_a_segment(model_params):
@@ -136,8 +150,11 @@ def test_segment_ids_are_refused_when_decoding_or_misshapen():
     variables = decoder.abstract_variables(model, 1, 8, decode=True)  # shapes only: fails early
     ids = np.ones((1, 4), np.int32)
     with pytest.raises(ValueError, match="decode=True"):
-        jax.eval_shape(lambda v: model.apply(v, ids, decode=True, segment_ids=ids,
-                                             mutable=["cache"]), variables)
+        jax.eval_shape(
+            lambda v: model.apply(v, ids, decode=True, segment_ids=ids, mutable=["cache"]),
+            variables,
+        )
     with pytest.raises(ValueError, match=r"segment_ids have shape \(1, 3\)"):
-        jax.eval_shape(lambda p: model.apply({"params": p}, ids, segment_ids=ids[:, :3]),
-                       variables["params"])
+        jax.eval_shape(
+            lambda p: model.apply({"params": p}, ids, segment_ids=ids[:, :3]), variables["params"]
+        )

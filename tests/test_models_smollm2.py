@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import models
+
 import tolerances as tol
 
 pytestmark = pytest.mark.slow
@@ -27,7 +28,9 @@ def smollm2():
     path = models.embedded_gguf("smollm2-135m")
     model, params, tokenizer = models.load("smollm2-135m", scan_layers=True)
     kwargs = dict(gguf_file=path.name)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kwargs).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, dtype=torch.float32, **kwargs
+    ).eval()
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, **kwargs)
     return model, params, tokenizer, hf, hf_tokenizer
 
@@ -54,7 +57,9 @@ def test_logits_match_transformers(smollm2):
     ids, mask = _right_padded(tokenizer, PROMPTS)
     ours = np.asarray(jax.jit(model.apply)({"params": params}, ids, mask))
     with torch.no_grad():
-        expected = hf(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)).logits
+        expected = hf(
+            input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)
+        ).logits
     real = mask.astype(bool)
     expected = expected.numpy()[real]
     # 30 layers of float32, XLA against torch: the chain of tolerances.py.
@@ -67,8 +72,9 @@ def test_twenty_greedy_tokens_match_transformers(smollm2):
     ids = np.array([tokenizer.encode(prompt).ids], np.int32)
     ours = np.asarray(models.generate(model, params, ids, max_new_tokens=20))  # EOS <|im_end|> = 2
     with torch.no_grad():
-        expected = hf.generate(torch.tensor(ids, dtype=torch.long), max_new_tokens=20, do_sample=False,
-                               pad_token_id=2).numpy()[0, ids.shape[1]:]
+        expected = hf.generate(
+            torch.tensor(ids, dtype=torch.long), max_new_tokens=20, do_sample=False, pad_token_id=2
+        ).numpy()[0, ids.shape[1] :]
     assert expected.shape == (20,) and 2 not in expected  # twenty real tokens to compare
     np.testing.assert_array_equal(ours[0], expected)
 
@@ -81,5 +87,8 @@ def test_tokenizer_matches_transformers_and_knows_chatml(smollm2):
         assert tokenizer.encode(text).ids == hf_tokenizer(text)["input_ids"], text
         assert tokenizer.decode(tokenizer.encode(text).ids, skip_special_tokens=False) == text
     ids = tokenizer.encode("<|im_start|>user\nhi<|im_end|>").ids
-    assert (ids[0], ids[-1]) == (hf_tokenizer.convert_tokens_to_ids("<|im_start|>"), hf_tokenizer.eos_token_id)
+    assert (ids[0], ids[-1]) == (
+        hf_tokenizer.convert_tokens_to_ids("<|im_start|>"),
+        hf_tokenizer.eos_token_id,
+    )
     assert tokenizer.encode("2024").ids == [tokenizer.token_to_id(d) for d in "2024"]

@@ -20,8 +20,11 @@ def _orphans():
     """asyncio tasks of a closed event loop that have not finished (they never will); the
     collection logs those that nothing refers to any more."""
     gc.collect()
-    return {id(o) for o in gc.get_objects()
-            if type(o) is asyncio.Task and o.get_loop().is_closed() and not o.done()}
+    return {
+        id(o)
+        for o in gc.get_objects()
+        if type(o) is asyncio.Task and o.get_loop().is_closed() and not o.done()
+    }
 
 
 # An orphaned read calls back into its closed loop: an unraisable exception, an error here.
@@ -31,12 +34,14 @@ def test_a_failed_restore_leaves_no_read_in_flight(tmp_path, caplog):
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(tmp_path / "ckpt", tree)
     shutil.rmtree(tmp_path / "ckpt" / "d")  # the array data is gone
-    like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                        tree)
+    like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
     before, policy = _orphans(), asyncio.get_event_loop_policy()
     for _ in range(10):  # without settled_restore, orbax orphans reads in most attempts
-        with (pytest.raises(ValueError, match="NOT_FOUND"), settled_restore(),
-              ocp.StandardCheckpointer() as checkpointer):
+        with (
+            pytest.raises(ValueError, match="NOT_FOUND"),
+            settled_restore(),
+            ocp.StandardCheckpointer() as checkpointer,
+        ):
             checkpointer.restore(tmp_path / "ckpt", like)
     time.sleep(0.5)  # the other reads fail within milliseconds: any callback happens now
     assert not _orphans() - before

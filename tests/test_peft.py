@@ -17,18 +17,26 @@ from safetensors.numpy import load_file, save_file
 
 import lora_jax as lj
 import models
-import tolerances as tol
 from lora_jax.peft import HFModule, PeftFormatError, default_module_map
 from models.hf_names import peft_module_map, tied_modules
+
+import tolerances as tol
 
 peft = pytest.importorskip("peft")
 
 VOCAB = 96
 IDS = np.random.default_rng(0).integers(3, VOCAB, size=(2, 7)).astype(np.int32)
 GPT2 = dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=32)
-LLAMA = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-             tie_word_embeddings=False)
+LLAMA = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=32,
+    tie_word_embeddings=False,
+)
 
 
 def hf_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
@@ -71,10 +79,14 @@ def _atol(model, expected, rank: int) -> float:
 
 def _nonzero(params, seed: int = 1):
     """Every LoRA factor plus noise, so that B is not zero and the adapter does something."""
+
     def bump(path, x):
         if str(path[-1].key).endswith(("_lora_a", "_lora_b")):
-            return x + 0.1 * jax.random.normal(jax.random.fold_in(jax.random.key(seed), x.size), x.shape)
+            return x + 0.1 * jax.random.normal(
+                jax.random.fold_in(jax.random.key(seed), x.size), x.shape
+            )
         return x
+
     return jax.tree_util.tree_map_with_path(bump, params)
 
 
@@ -84,16 +96,31 @@ def _maps(model):
 
 EXPORTS = {
     # GPT-2: Conv1D (fan_in_fan_out), q and v fused into c_attn with different scales.
-    "gpt2": (dict(family="gpt2"),
-             lj.LoraConfig(4, 8, r"(q_proj|v_proj|up_proj)/kernel", rank_pattern={"up_proj": 2},
-                           alpha_pattern={"v_proj": 12})),
+    "gpt2": (
+        dict(family="gpt2"),
+        lj.LoraConfig(
+            4,
+            8,
+            r"(q_proj|v_proj|up_proj)/kernel",
+            rank_pattern={"up_proj": 2},
+            alpha_pattern={"v_proj": 12},
+        ),
+    ),
     # Scanned, tied Llama: embedding adapter (ensure_weight_tying), rsLoRA, rank pattern.
-    "llama-scan-tied": (dict(family="llama", scan=True, tie_word_embeddings=True),
-                        lj.LoraConfig(4, 8, r"(q_proj|v_proj|down_proj)/kernel|embed_tokens",
-                                      use_rslora=True, rank_pattern={"down_proj": 3})),
-    "llama": (dict(family="llama"),
-              lj.LoraConfig(2, 5, r"(k_proj|o_proj|gate_proj)/kernel|lm_head",
-                            init="kaiming_uniform")),
+    "llama-scan-tied": (
+        dict(family="llama", scan=True, tie_word_embeddings=True),
+        lj.LoraConfig(
+            4,
+            8,
+            r"(q_proj|v_proj|down_proj)/kernel|embed_tokens",
+            use_rslora=True,
+            rank_pattern={"down_proj": 3},
+        ),
+    ),
+    "llama": (
+        dict(family="llama"),
+        lj.LoraConfig(2, 5, r"(k_proj|o_proj|gate_proj)/kernel|lm_head", init="kaiming_uniform"),
+    ),
 }
 
 
@@ -103,8 +130,9 @@ def exported(request, tmp_path_factory):
     base_args, config = EXPORTS[request.param]
     model, base, hf = _base(tmp_path_factory, **base_args)
     params = _nonzero(lj.init(jax.random.key(0), base, config))
-    directory = lj.to_peft(tmp_path_factory.mktemp("peft"), params, use_rslora=config.use_rslora,
-                           **_maps(model))
+    directory = lj.to_peft(
+        tmp_path_factory.mktemp("peft"), params, use_rslora=config.use_rslora, **_maps(model)
+    )
     return request.param, model, params, hf, directory
 
 
@@ -130,7 +158,10 @@ def test_the_files_are_as_peft_writes_them(exported):
         assert config["fan_in_fan_out"] and sorted(config["target_modules"]) == ["c_attn", "c_fc"]
         assert (config["r"], config["lora_alpha"]) == (8, 16)  # c_attn: q and v at rank 4 each
         assert config["rank_pattern"] == {"c_fc": 2} and config["alpha_pattern"] == {"c_fc": 8}
-        assert tensors["base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"].shape == (8, 32)
+        assert tensors["base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"].shape == (
+            8,
+            32,
+        )
         b = tensors["base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"]
         assert b.shape == (96, 8) and not b[32:64].any()  # no k block
         assert not b[:32, 4:].any() and not b[64:, :4].any()  # q and v use their own columns
@@ -143,7 +174,8 @@ def test_the_files_are_as_peft_writes_them(exported):
         np.testing.assert_array_equal(tensors["base_model.model.lm_head.lora_A.weight"], emb_b.T)
         layer1_a = params["layers"]["self_attn"]["q_proj"]["kernel_lora_a"][1]
         np.testing.assert_array_equal(
-            tensors["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"], layer1_a.T)
+            tensors["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"], layer1_a.T
+        )
     if name == "llama":
         assert config["target_modules"] == ["gate_proj", "k_proj", "lm_head", "o_proj"]
         assert tensors["base_model.model.lm_head.lora_B.weight"].shape == (VOCAB, 2)
@@ -158,8 +190,11 @@ def test_round_trip_gives_the_same_update(exported):
     magnitude = lj.merge(jax.tree.map(np.abs, params))
     n = EXPORTS[name][1].rank + 2
     for (path, bound), mine, theirs in zip(
-            jax.tree_util.tree_leaves_with_path(magnitude), jax.tree.leaves(lj.merge(back)),
-            jax.tree.leaves(lj.merge(params)), strict=True):
+        jax.tree_util.tree_leaves_with_path(magnitude),
+        jax.tree.leaves(lj.merge(back)),
+        jax.tree.leaves(lj.merge(params)),
+        strict=True,
+    ):
         tol.assert_close(mine, theirs, tol.dot_error(bound, n, sides=2), jax.tree_util.keystr(path))
 
 
@@ -171,16 +206,37 @@ def _base_of(params):
 
 
 PEFT_TRAINED = {
-    "gpt2": (dict(family="gpt2"),
-             dict(r=4, lora_alpha=16, target_modules=["c_attn", "c_proj", "c_fc"],
-                  fan_in_fan_out=True, rank_pattern={"c_fc": 2})),
-    "llama-scan-tied": (dict(family="llama", scan=True, tie_word_embeddings=True),
-                        dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"],
-                             use_rslora=True, ensure_weight_tying=True,
-                             alpha_pattern={"v_proj": 3})),
-    "llama-scan-one-layer": (dict(family="llama", scan=True),
-                             dict(r=2, lora_alpha=4, target_modules=["up_proj", "lm_head"],
-                                  layers_to_transform=[1], layers_pattern="layers")),
+    "gpt2": (
+        dict(family="gpt2"),
+        dict(
+            r=4,
+            lora_alpha=16,
+            target_modules=["c_attn", "c_proj", "c_fc"],
+            fan_in_fan_out=True,
+            rank_pattern={"c_fc": 2},
+        ),
+    ),
+    "llama-scan-tied": (
+        dict(family="llama", scan=True, tie_word_embeddings=True),
+        dict(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj", "embed_tokens"],
+            use_rslora=True,
+            ensure_weight_tying=True,
+            alpha_pattern={"v_proj": 3},
+        ),
+    ),
+    "llama-scan-one-layer": (
+        dict(family="llama", scan=True),
+        dict(
+            r=2,
+            lora_alpha=4,
+            target_modules=["up_proj", "lm_head"],
+            layers_to_transform=[1],
+            layers_pattern="layers",
+        ),
+    ),
 }
 
 
@@ -188,9 +244,13 @@ PEFT_TRAINED = {
 def test_a_peft_adapter_loads_with_equal_logits(name, tmp_path_factory, tmp_path):
     base_args, peft_args = PEFT_TRAINED[name]
     model, base, _ = _base(tmp_path_factory, **base_args)
-    hf = hf_model(base_args["family"], **{k: v for k, v in base_args.items() if k not in ("family", "scan")})
+    hf = hf_model(
+        base_args["family"], **{k: v for k, v in base_args.items() if k not in ("family", "scan")}
+    )
     torch.manual_seed(1)
-    peft_model = peft.get_peft_model(hf, peft.LoraConfig(init_lora_weights=False, **peft_args)).eval()
+    peft_model = peft.get_peft_model(
+        hf, peft.LoraConfig(init_lora_weights=False, **peft_args)
+    ).eval()
     peft_model.save_pretrained(tmp_path)
     adapted = lj.from_peft(tmp_path, base, **_maps(model))
     theirs = _torch_logits(peft_model)
@@ -206,7 +266,9 @@ def test_a_peft_adapter_loads_with_equal_logits(name, tmp_path_factory, tmp_path
 def small(tmp_path_factory):
     """(model, base, PEFT directory) of an untied Llama adapter on q/v and lm_head."""
     model, base, _ = _base(tmp_path_factory, "llama")
-    params = _nonzero(lj.init(jax.random.key(0), base, lj.LoraConfig(4, 8, "(q|v)_proj/kernel|lm_head")))
+    params = _nonzero(
+        lj.init(jax.random.key(0), base, lj.LoraConfig(4, 8, "(q|v)_proj/kernel|lm_head"))
+    )
     return model, base, lj.to_peft(tmp_path_factory.mktemp("small"), params, **_maps(model))
 
 
@@ -228,34 +290,63 @@ def _copy(small, tmp_path, edit_tensors=None, edit_config=None):
 Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda t: t.pop(f"{Q0}.lora_B.weight"), rf"missing tensor '{Q0}.lora_B.weight'"),
-    (lambda t: [t.pop(f"{Q0}.lora_A.weight"), t.pop(f"{Q0}.lora_B.weight")],
-     rf"missing tensor '{Q0}.lora_A.weight'.*target_modules"),
-    (lambda t: t.update({f"{Q0}.lora_C.weight": np.zeros(2, np.float32)}),
-     rf"unexpected key '{Q0}.lora_C.weight'"),
-    (lambda t: t.update({"base_model.model.model.layers.7.self_attn.q_proj.lora_A.weight":
-                         np.zeros((4, 32), np.float32)}), r"unexpected key .*layers\.7.*no weight"),
-    (lambda t: t.update({f"{Q0}.lora_A.weight": t[f"{Q0}.lora_A.weight"].T.copy()}),
-     rf"{Q0}.lora_A.weight: shape \(32, 4\).*needs \(4, 32\); it is transposed"),
-    (lambda t: t.update({"base_model.model.model.layers.0/../../etc.lora_A.weight": np.zeros(1)}),
-     r"unexpected key 'base_model\.model\.model\.layers\.0/\.\./\.\./etc"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda t: t.pop(f"{Q0}.lora_B.weight"), rf"missing tensor '{Q0}.lora_B.weight'"),
+        (
+            lambda t: [t.pop(f"{Q0}.lora_A.weight"), t.pop(f"{Q0}.lora_B.weight")],
+            rf"missing tensor '{Q0}.lora_A.weight'.*target_modules",
+        ),
+        (
+            lambda t: t.update({f"{Q0}.lora_C.weight": np.zeros(2, np.float32)}),
+            rf"unexpected key '{Q0}.lora_C.weight'",
+        ),
+        (
+            lambda t: t.update(
+                {
+                    "base_model.model.model.layers.7.self_attn.q_proj.lora_A.weight": np.zeros(
+                        (4, 32), np.float32
+                    )
+                }
+            ),
+            r"unexpected key .*layers\.7.*no weight",
+        ),
+        (
+            lambda t: t.update({f"{Q0}.lora_A.weight": t[f"{Q0}.lora_A.weight"].T.copy()}),
+            rf"{Q0}.lora_A.weight: shape \(32, 4\).*needs \(4, 32\); it is transposed",
+        ),
+        (
+            lambda t: t.update(
+                {"base_model.model.model.layers.0/../../etc.lora_A.weight": np.zeros(1)}
+            ),
+            r"unexpected key 'base_model\.model\.model\.layers\.0/\.\./\.\./etc",
+        ),
+    ],
+)
 def test_a_damaged_adapter_is_an_error_naming_the_key(small, tmp_path, edit, message):
     directory = _copy(small, tmp_path, edit_tensors=edit)
     with pytest.raises(PeftFormatError, match=message):
         lj.from_peft(directory, small[1], **_maps(small[0]))
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda c: c.pop("lora_alpha"), r"'lora_alpha' is missing \(PEFT would silently use its default 8\)"),
-    (lambda c: c.pop("r"), r"'r' is missing"),
-    (lambda c: c.update(use_dora=True), r"use_dora is set"),
-    (lambda c: c.update(bias="all"), r"bias='all' is set"),
-    (lambda c: c.update(peft_type="IA3"), r"only LoRA"),
-    (lambda c: c.update(rank_pattern={"q_proj": 2}),
-     r"q_proj\.lora_A\.weight: shape \(4, 32\).*needs \(2, 32\)"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            lambda c: c.pop("lora_alpha"),
+            r"'lora_alpha' is missing \(PEFT would silently use its default 8\)",
+        ),
+        (lambda c: c.pop("r"), r"'r' is missing"),
+        (lambda c: c.update(use_dora=True), r"use_dora is set"),
+        (lambda c: c.update(bias="all"), r"bias='all' is set"),
+        (lambda c: c.update(peft_type="IA3"), r"only LoRA"),
+        (
+            lambda c: c.update(rank_pattern={"q_proj": 2}),
+            r"q_proj\.lora_A\.weight: shape \(4, 32\).*needs \(2, 32\)",
+        ),
+    ],
+)
 def test_a_bad_config_is_an_error_naming_the_key(small, tmp_path, edit, message):
     directory = _copy(small, tmp_path, edit_config=edit)
     with pytest.raises(PeftFormatError, match=message):
@@ -266,8 +357,11 @@ def test_a_base_of_other_shapes_is_refused(small, tmp_path_factory):
     model, _, directory = small
     wider = models.with_options(model.config, hidden_size=48, num_heads=6, num_kv_heads=3)
     wider = jax.jit(models.init_params, static_argnums=0)(wider, jax.random.key(0))
-    with pytest.raises(PeftFormatError, match=r"lora_A\.weight: shape \(4, 32\).*needs \(4, 48\)"
-                                              r".*another base model"):
+    with pytest.raises(
+        PeftFormatError,
+        match=r"lora_A\.weight: shape \(4, 32\).*needs \(4, 48\)"
+        r".*another base model",
+    ):
         lj.from_peft(directory, wider, **_maps(model))
 
 
@@ -287,10 +381,14 @@ def test_an_untargeted_module_is_named_not_called_another_base(small, tmp_path):
     def add_k_proj(tensors):
         tensors[f"{K0}.lora_A.weight"] = np.ones((4, 32), np.float32)
         tensors[f"{K0}.lora_B.weight"] = np.ones((16, 4), np.float32)
+
     directory = _copy(small, tmp_path, edit_tensors=add_k_proj)
-    with pytest.raises(PeftFormatError, match=rf"tensor '{K0}.lora_A.weight' adapts module "
-                                              r"'model.layers.0.self_attn.k_proj', which "
-                                              r"target_modules .* does not select") as e:
+    with pytest.raises(
+        PeftFormatError,
+        match=rf"tensor '{K0}.lora_A.weight' adapts module "
+        r"'model.layers.0.self_attn.k_proj', which "
+        r"target_modules .* does not select",
+    ) as e:
         lj.from_peft(directory, small[1], **_maps(small[0]))
     assert "other weights" not in str(e.value)
 
@@ -314,9 +412,13 @@ def test_an_adapter_for_a_shallower_base_says_it_does_not_fit(small, tmp_path_fa
 def test_non_finite_factors_are_refused_naming_the_tensor(small, tmp_path, value):
     def poison(tensors):
         tensors[f"{Q0}.lora_B.weight"][3, 1] = value
+
     directory = _copy(small, tmp_path, edit_tensors=poison)
-    with pytest.raises(PeftFormatError, match=rf"{Q0}.lora_B.weight: 1 of 128 values are NaN or "
-                                              r"infinite; the adapter is damaged"):
+    with pytest.raises(
+        PeftFormatError,
+        match=rf"{Q0}.lora_B.weight: 1 of 128 values are NaN or "
+        r"infinite; the adapter is damaged",
+    ):
         lj.from_peft(directory, small[1], **_maps(small[0]))
 
 
@@ -331,12 +433,16 @@ def test_a_truncated_file_is_a_clear_error(small, tmp_path):
 def test_nothing_is_unpickled(small, tmp_path, monkeypatch):
     directory = _copy(small, tmp_path)
     (directory / "adapter_model.safetensors").rename(directory / "adapter_model.bin")
+
     def refuse(*args, **kwargs):
         raise AssertionError("something was unpickled")
+
     for name in ("load", "loads", "Unpickler"):
         monkeypatch.setattr(pickle, name, refuse)
     monkeypatch.setattr(torch, "load", refuse)
-    with pytest.raises(FileNotFoundError, match="adapter_model.bin is a pickle and is never loaded"):
+    with pytest.raises(
+        FileNotFoundError, match="adapter_model.bin is a pickle and is never loaded"
+    ):
         lj.from_peft(directory, small[1], **_maps(small[0]))
     assert lj.from_peft(small[2], small[1], **_maps(small[0]))  # the safetensors path
 
@@ -357,17 +463,26 @@ def test_tied_embedding_adapters_peft_cannot_express_are_refused(tmp_path_factor
 
 def test_module_names():
     assert default_module_map("layers_3/self_attn/q_proj/kernel", None) == HFModule(
-        "model.layers.3.self_attn.q_proj")
+        "model.layers.3.self_attn.q_proj"
+    )
     assert default_module_map("layers/mlp/up_proj/kernel", 5).name == "model.layers.5.mlp.up_proj"
     assert default_module_map("embed_tokens/embedding", None).kind == "embedding"
     gpt2 = peft_module_map(models.get_config("tiny-gpt2"))
     assert gpt2("layers_1/self_attn/v_proj/kernel", None) == HFModule(
-        "transformer.h.1.attn.c_attn", "conv1d", 2, 3)
+        "transformer.h.1.attn.c_attn", "conv1d", 2, 3
+    )
     assert gpt2("layers_1/input_layernorm/scale", None) is None
     with pytest.raises(PeftFormatError, match="dotted identifiers"):
         bad = lambda path, layer: HFModule("model/../x")
-        lj.to_peft("/nonexistent", lj.init(jax.random.key(0), {"d": {"kernel": np.ones((4, 4), np.float32)}},
-                                           lj.LoraConfig(2, 4, "kernel")), bad)
+        lj.to_peft(
+            "/nonexistent",
+            lj.init(
+                jax.random.key(0),
+                {"d": {"kernel": np.ones((4, 4), np.float32)}},
+                lj.LoraConfig(2, 4, "kernel"),
+            ),
+            bad,
+        )
 
 
 @pytest.mark.slow
@@ -377,18 +492,24 @@ def test_smollm2_round_trip_through_peft(tmp_path):
 
     model, base, tokenizer = models.load("smollm2-135m", scan_layers=True)
     save_hf(tmp_path / "base", model.config, base, tokenizer)
-    params = _nonzero(lj.init(jax.random.key(0), base, lj.LoraConfig(8, 16, r"(q|v|down)_proj/kernel")))
+    params = _nonzero(
+        lj.init(jax.random.key(0), base, lj.LoraConfig(8, 16, r"(q|v|down)_proj/kernel"))
+    )
     directory = lj.to_peft(tmp_path / "peft", params, **_maps(model))
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
     ids = np.array([tokenizer.encode("The capital of France is").ids], np.int32)
     with torch.no_grad():
-        theirs = peft.PeftModel.from_pretrained(hf, directory).eval()(
-            input_ids=torch.tensor(ids, dtype=torch.long)).logits.numpy()
+        theirs = (
+            peft.PeftModel.from_pretrained(hf, directory)
+            .eval()(input_ids=torch.tensor(ids, dtype=torch.long))
+            .logits.numpy()
+        )
     ours = np.asarray(jax.jit(lj.apply(model.apply))({"params": params}, ids))
     # 30 layers of float32 in XLA vs torch: the chain of tolerances.py (the base model alone
     # differs by ~2e-4 at logits ~30 on this CPU, ~1e-3 of the bound).
     tol.assert_close(ours, theirs, tol.logits_atol(model.config, theirs, ids.shape[1], rank=8))
     back = lj.from_peft(directory, base, **_maps(model))
     for name in ("kernel_lora_a", "kernel_lora_b", "kernel_lora_scale"):
-        np.testing.assert_array_equal(back["layers"]["mlp"]["down_proj"][name],
-                                      params["layers"]["mlp"]["down_proj"][name])
+        np.testing.assert_array_equal(
+            back["layers"]["mlp"]["down_proj"][name], params["layers"]["mlp"]["down_proj"][name]
+        )

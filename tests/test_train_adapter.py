@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 
 import models
-import train_fixtures as tf
 from train import adapter as adapter_lib
 from train import cli, layout, rundir
 from train import method as method_lib
 from train.config import LoraSection
 from train.rundir import DirectoryError
+
+import train_fixtures as tf
 
 SECTION = LoraSection(rank=4, targets=(".*/(q_proj|v_proj)/kernel",))
 
@@ -27,11 +28,16 @@ def trained(tmp_path_factory):
     _, base, _ = models.load(tf.write_tiny_llama(root / "model"))
     params, mask = method_lib.prepare("lora", base, SECTION, jax.random.key(0))
     params = jax.tree_util.tree_map_with_path(
-        lambda path, x: x + 0.5 if path[-1].key == "kernel_lora_b" else x, params)
+        lambda path, x: x + 0.5 if path[-1].key == "kernel_lora_b" else x, params
+    )
     directory = adapter_lib.save_adapter(
-        root / "adapter", adapter_lib.artifact(params, mask, base), method="lora",
-        model_name="tiny", lora=method_lib.lora_config(SECTION).to_dict(),
-        base_fingerprint=adapter_lib.fingerprint(base))
+        root / "adapter",
+        adapter_lib.artifact(params, mask, base),
+        method="lora",
+        model_name="tiny",
+        lora=method_lib.lora_config(SECTION).to_dict(),
+        base_fingerprint=adapter_lib.fingerprint(base),
+    )
     return base, params, directory
 
 
@@ -44,8 +50,11 @@ def test_round_trip_restores_the_adapted_tree(trained):
     meta = adapter_lib.read_meta(directory)
     assert meta["method"] == "lora" and meta["lora"]["rank"] == 4
     assert set(meta["leaves"]) == {
-        f"layers_{i}/self_attn/{m}/kernel_lora_{x}" for i in range(2)
-        for m in ("q_proj", "v_proj") for x in ("a", "b", "scale")}
+        f"layers_{i}/self_attn/{m}/kernel_lora_{x}"
+        for i in range(2)
+        for m in ("q_proj", "v_proj")
+        for x in ("a", "b", "scale")
+    }
 
 
 def test_a_base_with_other_weights_is_refused(trained, tmp_path):
@@ -57,8 +66,10 @@ def test_a_base_with_other_weights_is_refused(trained, tmp_path):
     loaded = adapter_lib.load_adapter(directory, other, check_weights=False)
     q = loaded["layers_0"]["self_attn"]["q_proj"]
     assert q["kernel"] is other["layers_0"]["self_attn"]["q_proj"]["kernel"]
-    np.testing.assert_array_equal(q["kernel_lora_b"], np.asarray(
-        trained[1]["layers_0"]["self_attn"]["q_proj"]["kernel_lora_b"]))
+    np.testing.assert_array_equal(
+        q["kernel_lora_b"],
+        np.asarray(trained[1]["layers_0"]["self_attn"]["q_proj"]["kernel_lora_b"]),
+    )
 
 
 def test_a_base_of_another_shape_is_refused_naming_the_parameter(trained):
@@ -88,23 +99,29 @@ def _save(directory, trained):
     base, params, _ = trained
     mask = method_lib.prepare("lora", base, SECTION, jax.random.key(0))[1]
     return adapter_lib.save_adapter(
-        directory, adapter_lib.artifact(params, mask, base), method="lora", model_name="tiny",
+        directory,
+        adapter_lib.artifact(params, mask, base),
+        method="lora",
+        model_name="tiny",
         lora=method_lib.lora_config(SECTION).to_dict(),
-        base_fingerprint=adapter_lib.fingerprint(base))
+        base_fingerprint=adapter_lib.fingerprint(base),
+    )
 
 
 def test_save_adapter_never_writes_over_files_it_did_not_write(trained, tmp_path):
     foreign = tmp_path / "foreign"
     (foreign / layout.ADAPTER_WEIGHTS_DIR).mkdir(parents=True)
     (foreign / layout.ADAPTER_WEIGHTS_DIR / "mine.txt").write_text("keep")
-    (foreign / layout.ADAPTER_META_FILE).write_text("{\"mine\": true}")
+    (foreign / layout.ADAPTER_META_FILE).write_text('{"mine": true}')
     with pytest.raises(DirectoryError, match="not empty and was not created by lora-jax") as e:
         _save(foreign, trained)
     assert "\n" not in str(e.value)
     assert (foreign / layout.ADAPTER_WEIGHTS_DIR / "mine.txt").read_text() == "keep"
-    assert (foreign / layout.ADAPTER_META_FILE).read_text() == "{\"mine\": true}"
-    assert sorted(p.name for p in foreign.iterdir()) == [layout.ADAPTER_META_FILE,
-                                                          layout.ADAPTER_WEIGHTS_DIR]
+    assert (foreign / layout.ADAPTER_META_FILE).read_text() == '{"mine": true}'
+    assert sorted(p.name for p in foreign.iterdir()) == [
+        layout.ADAPTER_META_FILE,
+        layout.ADAPTER_WEIGHTS_DIR,
+    ]
     # a new directory is claimed; saving into it again (its own mark) replaces its weights
     own = _save(tmp_path / "own", trained)
     assert rundir.owned(own, layout.Kind.ADAPTER)
@@ -115,7 +132,9 @@ def test_save_adapter_never_writes_over_files_it_did_not_write(trained, tmp_path
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # another lora-jax kind (a run directory) is not an adapter directory
     run = rundir.claim(tmp_path / "run", "run")
-    with pytest.raises(DirectoryError, match="is a lora-jax 'run' directory, not an? 'adapter' one"):
+    with pytest.raises(
+        DirectoryError, match="is a lora-jax 'run' directory, not an? 'adapter' one"
+    ):
         _save(run, trained)
 
 
@@ -126,24 +145,38 @@ def _with_meta(directory, tmp_path, edit):
     return copy
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda text: text[:len(text) // 2],
-     r"adapter.json is damaged: not valid JSON \(.*\); restore"),
-    (lambda text: "", r"adapter.json is damaged: not valid JSON"),
-    (lambda text: "[1, 2]", r"adapter.json is damaged: it holds a JSON list, not an object"),
-    (lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "leaves"}),
-     r"adapter.json is damaged: 'leaves' is missing"),
-    (lambda text: text.replace('"float32"', '"float99"', 1),
-     r"adapter.json is damaged: leaves\[.*'dtype': 'float99'"),
-    (lambda text: text.replace('"sample_sha256"', '"sample"', 1),
-     r"'base_fingerprint.sample_sha256' is missing"),
-])
-def test_a_damaged_adapter_json_is_one_line_naming_the_file_and_the_fix(trained, tmp_path, edit,
-                                                                          message):
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            lambda text: text[: len(text) // 2],
+            r"adapter.json is damaged: not valid JSON \(.*\); restore",
+        ),
+        (lambda text: "", r"adapter.json is damaged: not valid JSON"),
+        (lambda text: "[1, 2]", r"adapter.json is damaged: it holds a JSON list, not an object"),
+        (
+            lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "leaves"}),
+            r"adapter.json is damaged: 'leaves' is missing",
+        ),
+        (
+            lambda text: text.replace('"float32"', '"float99"', 1),
+            r"adapter.json is damaged: leaves\[.*'dtype': 'float99'",
+        ),
+        (
+            lambda text: text.replace('"sample_sha256"', '"sample"', 1),
+            r"'base_fingerprint.sample_sha256' is missing",
+        ),
+    ],
+)
+def test_a_damaged_adapter_json_is_one_line_naming_the_file_and_the_fix(
+    trained, tmp_path, edit, message
+):
     base, _, directory = trained
     broken = _with_meta(directory, tmp_path, edit)
-    for call in (lambda: adapter_lib.read_meta(broken),
-                 lambda: adapter_lib.load_adapter(broken, base)):
+    for call in (
+        lambda: adapter_lib.read_meta(broken),
+        lambda: adapter_lib.load_adapter(broken, base),
+    ):
         with pytest.raises(adapter_lib.AdapterError, match=message) as e:
             call()
         assert "\n" not in str(e.value) and "lora-jax train" in str(e.value)
@@ -159,9 +192,11 @@ def test_an_adapter_json_that_changes_a_leaf_is_refused_not_cast(trained, tmp_pa
         return json.dumps(meta)
 
     recast = _with_meta(directory, tmp_path, lambda t: retype(t, "dtype", "bfloat16"))
-    with pytest.raises(adapter_lib.AdapterError,
-                       match=rf"records leaf '{leaf}' as bfloat16\[32, 4\], but .*weights holds "
-                             r"float32\[32, 4\]; nothing is cast") as e:
+    with pytest.raises(
+        adapter_lib.AdapterError,
+        match=rf"records leaf '{leaf}' as bfloat16\[32, 4\], but .*weights holds "
+        r"float32\[32, 4\]; nothing is cast",
+    ) as e:
         adapter_lib.load_adapter(recast, base)
     assert "\n" not in str(e.value)
     shutil.rmtree(recast)

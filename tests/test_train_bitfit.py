@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import train_fixtures as tf
 from flax import traverse_util
 
 import models
@@ -17,19 +16,31 @@ from train import export
 from train.config import ConfigError, ModelConfig
 from train.run import load_model, train
 
+import train_fixtures as tf
+
 pytestmark = pytest.mark.usefixtures("jax_compilation_cache")
 
 QUIET = {"log": lambda _: None}
 # Out-features of q, k, v, o, gate, up and down in one layer: one bias element each.
-BIASES_PER_LAYER = (tf.HEADS * tf.HEAD_DIM + 2 * tf.KV_HEADS * tf.HEAD_DIM + tf.HIDDEN
-                    + 2 * tf.MLP + tf.HIDDEN)
+BIASES_PER_LAYER = (
+    tf.HEADS * tf.HEAD_DIM + 2 * tf.KV_HEADS * tf.HEAD_DIM + tf.HIDDEN + 2 * tf.MLP + tf.HIDDEN
+)
 
 
 def test_bitfit_on_llama_trains_only_the_added_biases(run_files, tmp_path):
     model_dir, csv, root = run_files
-    result = train(tf.tiny_config(model_dir, csv, root / "bitfit", "method=bitfit",
-                                  "model.add_biases=true", "optim.max_steps=3",
-                                  "data.validation_fraction=0"), **QUIET)
+    result = train(
+        tf.tiny_config(
+            model_dir,
+            csv,
+            root / "bitfit",
+            "method=bitfit",
+            "model.add_biases=true",
+            "optim.max_steps=3",
+            "data.validation_fraction=0",
+        ),
+        **QUIET,
+    )
     trained = traverse_util.flatten_dict(result.state["params"])
     assert {path[-1] for path in trained} == {"bias"}
     assert sum(leaf.size for leaf in trained.values()) == tf.LAYERS * BIASES_PER_LAYER

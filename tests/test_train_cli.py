@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-import train_fixtures as tf
 from train.cli import main
 from train.config import config_to_yaml, load_config
 
+import train_fixtures as tf
 
 pytestmark = pytest.mark.usefixtures("jax_compilation_cache")
 
@@ -17,10 +17,20 @@ pytestmark = pytest.mark.usefixtures("jax_compilation_cache")
 def test_train_writes_a_complete_run_directory(tmp_path, capsys):
     run_dir = tmp_path / "run"
     config = tmp_path / "tiny.yaml"
-    config.write_text(config_to_yaml(tf.tiny_config(
-        tf.write_tiny_llama(tmp_path / "model"), tf.write_csv(tmp_path / "e2e.csv"), run_dir)))
-    overrides = ["optim.max_steps=4", "logging.tensorboard=true", "eval.every_steps=2",
-                 "eval.samples=2", "eval.max_new_tokens=8"]
+    config.write_text(
+        config_to_yaml(
+            tf.tiny_config(
+                tf.write_tiny_llama(tmp_path / "model"), tf.write_csv(tmp_path / "e2e.csv"), run_dir
+            )
+        )
+    )
+    overrides = [
+        "optim.max_steps=4",
+        "logging.tensorboard=true",
+        "eval.every_steps=2",
+        "eval.samples=2",
+        "eval.max_new_tokens=8",
+    ]
     assert main(["train", str(config), *overrides]) == 0
     out = capsys.readouterr().out
     assert "validation loss (nats/token): before" in out
@@ -55,12 +65,15 @@ def test_help_of_every_command_imports_no_jax():
     import subprocess
     import sys
 
-    probe = ("import sys\nfrom train.cli import commands, parser\n"
-             "for argv in [['--help']] + [[name, '--help'] for name in commands()]:\n"
-             "    try:\n        parser().parse_args(argv)\n    except SystemExit:\n        pass\n"
-             "heavy = sorted({'jax', 'flax', 'orbax', 'datasets', 'torch', 'models', 'lora_jax'}"
-             " & {name.split('.')[0] for name in sys.modules})\n"
-             "print('heavy:', heavy)\n")
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                         check=True).stdout
+    probe = (
+        "import sys\nfrom train.cli import commands, parser\n"
+        "for argv in [['--help']] + [[name, '--help'] for name in commands()]:\n"
+        "    try:\n        parser().parse_args(argv)\n    except SystemExit:\n        pass\n"
+        "heavy = sorted({'jax', 'flax', 'orbax', 'datasets', 'torch', 'models', 'lora_jax'}"
+        " & {name.split('.')[0] for name in sys.modules})\n"
+        "print('heavy:', heavy)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip().endswith("heavy: []")

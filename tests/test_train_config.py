@@ -4,10 +4,16 @@ import dataclasses
 
 import pytest
 
-from train_fixtures import REPO_ROOT
+from train.config import (
+    ConfigError,
+    RunConfig,
+    config_to_yaml,
+    load_config,
+    resolve_path,
+    save_config,
+)
 
-from train.config import (ConfigError, RunConfig, config_to_yaml, load_config,
-                          resolve_path, save_config)
+from train_fixtures import REPO_ROOT
 
 CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
 
@@ -17,7 +23,10 @@ def test_shipped_configs_load(path):
     cfg = load_config(path)
     assert isinstance(cfg, RunConfig)
     assert cfg.method in {"lora", "full", "bitfit"}
-    assert resolve_path(cfg.data.path).resolve() == (REPO_ROOT / "../shared/data/e2e/devset.csv").resolve()
+    assert (
+        resolve_path(cfg.data.path).resolve()
+        == (REPO_ROOT / "../shared/data/e2e/devset.csv").resolve()
+    )
 
 
 def test_shipped_configs_are_the_lora_and_full_demo():
@@ -27,10 +36,21 @@ def test_shipped_configs_are_the_lora_and_full_demo():
 
 
 def test_overrides_apply_with_types_and_later_ones_win():
-    cfg = load_config(REPO_ROOT / "configs/e2e_lora.yaml", [
-        "lora.rank=4", "lora.rank=2", "data.path=/x.csv", "lora.targets=[q_proj,k_proj,v_proj]",
-        "lora.rank_pattern={q_proj: 16}", "optim.max_steps=null", "optim.learning_rate=3e-4",
-        "data.packing=true", "checkpoint.dir=${output_dir}/ckpt", "method=bitfit"])
+    cfg = load_config(
+        REPO_ROOT / "configs/e2e_lora.yaml",
+        [
+            "lora.rank=4",
+            "lora.rank=2",
+            "data.path=/x.csv",
+            "lora.targets=[q_proj,k_proj,v_proj]",
+            "lora.rank_pattern={q_proj: 16}",
+            "optim.max_steps=null",
+            "optim.learning_rate=3e-4",
+            "data.packing=true",
+            "checkpoint.dir=${output_dir}/ckpt",
+            "method=bitfit",
+        ],
+    )
     assert cfg.lora.rank == 2
     assert cfg.data.path == "/x.csv"
     assert cfg.lora.targets == ("q_proj", "k_proj", "v_proj")
@@ -47,14 +67,17 @@ def test_defaults_without_a_file():
     assert cfg.model.name == "smollm2-135m" and cfg.data.path == "../shared/data/e2e/devset.csv"
 
 
-@pytest.mark.parametrize("override, hint", [
-    ("lora.rnak=4", "did you mean 'lora.rank'?"),
-    ("rank=4", "did you mean 'lora.rank'?"),
-    ("data.rank=4", "did you mean 'lora.rank'?"),
-    ("optim.learnig_rate=1e-3", "did you mean 'optim.learning_rate'?"),
-    ("data.batchsize=4", "did you mean 'data.batch_size'?"),
-    ("optim.lr=1e-3", "valid keys in 'optim': learning_rate,"),
-])
+@pytest.mark.parametrize(
+    "override, hint",
+    [
+        ("lora.rnak=4", "did you mean 'lora.rank'?"),
+        ("rank=4", "did you mean 'lora.rank'?"),
+        ("data.rank=4", "did you mean 'lora.rank'?"),
+        ("optim.learnig_rate=1e-3", "did you mean 'optim.learning_rate'?"),
+        ("data.batchsize=4", "did you mean 'data.batch_size'?"),
+        ("optim.lr=1e-3", "valid keys in 'optim': learning_rate,"),
+    ],
+)
 def test_unknown_override_key_suggests_the_closest(override, hint):
     with pytest.raises(ConfigError, match="unknown config key") as e:
         load_config(None, [override])
@@ -64,18 +87,24 @@ def test_unknown_override_key_suggests_the_closest(override, hint):
 def test_unknown_yaml_key_names_file_and_key(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("lora:\n  rank: 4\n  alhpa: 8\n")
-    with pytest.raises(ConfigError, match=r"unknown config key 'lora.alhpa' in config file "
-                                          r".*bad.yaml; did you mean 'lora.alpha'\?"):
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown config key 'lora.alhpa' in config file "
+        r".*bad.yaml; did you mean 'lora.alpha'\?",
+    ):
         load_config(path)
 
 
-@pytest.mark.parametrize("override, key", [
-    ("lora.rank=abc", "lora.rank"),
-    ("lora.rank=2.5", "lora.rank"),
-    ("data.format=csv", "data.format"),
-    ("optim.learning_rate=fast", "optim.learning_rate"),
-    ("data.packing=maybe", "data.packing"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("lora.rank=abc", "lora.rank"),
+        ("lora.rank=2.5", "lora.rank"),
+        ("data.format=csv", "data.format"),
+        ("optim.learning_rate=fast", "optim.learning_rate"),
+        ("data.packing=maybe", "data.packing"),
+    ],
+)
 def test_wrong_type_names_the_key(override, key):
     with pytest.raises(ConfigError, match=f"config key '{key}' in override"):
         load_config(None, [override])
@@ -88,17 +117,20 @@ def test_wrong_type_in_yaml_names_the_key(tmp_path):
         load_config(path)
 
 
-@pytest.mark.parametrize("override, match", [
-    ("lora=8", "'lora' .* is a section"),
-    ("lora.rank=0", "'lora.rank' must be >= 1"),
-    ("lora.alpha=0", "'lora.alpha' must be > 0"),
-    ("lora.init=kaiming", "lora.init"),
-    ("data.validation_fraction=1.0", "'data.validation_fraction' must be < 1"),
-    ("mesh.fsdp=-1", "at most one mesh axis may be -1"),
-    ("mesh.tensor=0", "mesh.tensor"),
-    ("lora.targets=[]", "lora.targets is empty"),
-    ("lora.rank", "not of the form key=value"),
-])
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("lora=8", "'lora' .* is a section"),
+        ("lora.rank=0", "'lora.rank' must be >= 1"),
+        ("lora.alpha=0", "'lora.alpha' must be > 0"),
+        ("lora.init=kaiming", "lora.init"),
+        ("data.validation_fraction=1.0", "'data.validation_fraction' must be < 1"),
+        ("mesh.fsdp=-1", "at most one mesh axis may be -1"),
+        ("mesh.tensor=0", "mesh.tensor"),
+        ("lora.targets=[]", "lora.targets is empty"),
+        ("lora.rank", "not of the form key=value"),
+    ],
+)
 def test_invalid_values_are_errors(override, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, [override])
@@ -110,9 +142,16 @@ def test_missing_config_file_lists_the_shipped_ones(tmp_path):
 
 
 def test_yaml_round_trip(tmp_path):
-    cfg = load_config(REPO_ROOT / "configs/e2e_lora.yaml", [
-        "lora.alpha_pattern={o_proj: 2.5}", "lora.targets=[q_proj]", "optim.grad_clip=null",
-        "eval.num_batches=3", "seed=7"])
+    cfg = load_config(
+        REPO_ROOT / "configs/e2e_lora.yaml",
+        [
+            "lora.alpha_pattern={o_proj: 2.5}",
+            "lora.targets=[q_proj]",
+            "optim.grad_clip=null",
+            "eval.num_batches=3",
+            "seed=7",
+        ],
+    )
     path = save_config(cfg, tmp_path / "run" / "config.yaml")
     assert load_config(path) == cfg
     assert config_to_yaml(load_config(path)) == path.read_text()

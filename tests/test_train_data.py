@@ -8,8 +8,6 @@ from collections import Counter
 import datasets
 import numpy as np
 import pytest
-
-from train_fixtures import REPO_ROOT
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from train.batching import START, DataPosition, TrainBatches, assemble, eval_batches
@@ -18,6 +16,8 @@ from train.data import DataError, build_splits, train_batches, validation_batche
 from train.examples import Example
 from train.formats import E2E_INSTRUCTION, MalformedRow, chatml_user_turn, text_field
 from train.ordering import epoch_permutation, split_by_group
+
+from train_fixtures import REPO_ROOT
 
 E2E_DEVSET = REPO_ROOT.parent / "shared/data/e2e/devset.csv"
 EOS = "<|im_end|>"
@@ -44,16 +44,20 @@ def tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, show_progress=False,
-                                  special_tokens=["<|endoftext|>", "<|im_start|>", EOS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        show_progress=False,
+        special_tokens=["<|endoftext|>", "<|im_start|>", EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator([f"{mr} {ref}" for mr, ref in ROWS] * 3, trainer)
     return tok
 
 
 def write_csv(path, rows, columns=("mr", "ref")):
     datasets.Dataset.from_dict({c: [r[i] for r in rows] for i, c in enumerate(columns)}).to_csv(
-        str(path), index=False)
+        str(path), index=False
+    )
     return str(path)
 
 
@@ -69,8 +73,10 @@ def decode(tokenizer, ids):
 def segments(batch, r):
     """[(ids, loss_mask, positions), ...] for the segments of row r, in order."""
     seg = batch["segment_ids"][r]
-    return [tuple(batch[k][r][seg == s] for k in ("input_ids", "loss_mask", "positions"))
-            for s in range(1, seg.max() + 1)]
+    return [
+        tuple(batch[k][r][seg == s] for k in ("input_ids", "loss_mask", "positions"))
+        for s in range(1, seg.max() + 1)
+    ]
 
 
 def one_epoch(stream):
@@ -83,8 +89,10 @@ def one_epoch(stream):
 
 def synthetic(n, length=5, prompt_length=2):
     """n examples whose first token (100 + i) identifies them."""
-    return [Example(np.array([100 + i] + list(range(1, length)), np.int32), prompt_length)
-            for i in range(n)]
+    return [
+        Example(np.array([100 + i] + list(range(1, length)), np.int32), prompt_length)
+        for i in range(n)
+    ]
 
 
 def first_tokens(batch):
@@ -96,8 +104,13 @@ def first_tokens(batch):
 
 @pytest.mark.parametrize("packing", [False, True])
 def test_loss_mask_covers_exactly_the_target_tokens(tmp_path, tokenizer, packing):
-    cfg = DataConfig(path=write_csv(tmp_path / "e2e.csv", ROWS), validation_fraction=0.0,
-                     max_length=128, batch_size=2, packing=packing)
+    cfg = DataConfig(
+        path=write_csv(tmp_path / "e2e.csv", ROWS),
+        validation_fraction=0.0,
+        max_length=128,
+        batch_size=2,
+        packing=packing,
+    )
     splits = build_splits(cfg, tokenizer, seed=0)
     seen = Counter()
     for batch in one_epoch(train_batches(splits, cfg, seed=0)):
@@ -114,8 +127,10 @@ def test_e2e_prompt_is_chatml():
     assert chatml_user_turn("x") == "<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n"
 
 
-@pytest.mark.parametrize("value, reason", [(None, "missing"), (float("nan"), "missing"),
-                                           (5, "not_string"), ("  ", "empty")])
+@pytest.mark.parametrize(
+    "value, reason",
+    [(None, "missing"), (float("nan"), "missing"), (5, "not_string"), ("  ", "empty")],
+)
 def test_text_field_rejects_bad_values(value, reason):
     with pytest.raises(MalformedRow) as e:
         text_field({"ref": value}, "ref")
@@ -126,10 +141,14 @@ def test_local_formats_load_alike(tmp_path, tokenizer):
     records = [{"mr": mr, "ref": ref} for mr, ref in ROWS]
     table = datasets.Dataset.from_list(records)
     table.to_parquet(str(tmp_path / "d.parquet"))
-    paths = [write_csv(tmp_path / "d.csv", ROWS), write_jsonl(tmp_path / "d.jsonl", records),
-             str(tmp_path / "d.parquet")]
-    built = [build_splits(DataConfig(path=p, validation_fraction=0.25), tokenizer, seed=1)
-             for p in paths]
+    paths = [
+        write_csv(tmp_path / "d.csv", ROWS),
+        write_jsonl(tmp_path / "d.jsonl", records),
+        str(tmp_path / "d.parquet"),
+    ]
+    built = [
+        build_splits(DataConfig(path=p, validation_fraction=0.25), tokenizer, seed=1) for p in paths
+    ]
     for other in built[1:]:
         assert [e.ids_L.tolist() for e in other.train] == [e.ids_L.tolist() for e in built[0].train]
 
@@ -137,14 +156,22 @@ def test_local_formats_load_alike(tmp_path, tokenizer):
 def test_e2e_columns_are_found_under_their_other_names(tmp_path, tokenizer):
     """Hugging Face e2e_nlg's names, other case and a byte-order mark train as mr/ref do."""
     records = [{"mr": mr, "ref": ref} for mr, ref in ROWS]
-    renamed = [{"\ufeffMeaning_Representation": r["mr"], " human_reference": r["ref"],
-                "extra": 1} for r in records]
-    built = [build_splits(DataConfig(path=write_jsonl(tmp_path / name, rows),
-                                     validation_fraction=0.25), tokenizer, seed=1)
-             for name, rows in (("a.jsonl", records), ("b.jsonl", renamed))]
+    renamed = [
+        {"\ufeffMeaning_Representation": r["mr"], " human_reference": r["ref"], "extra": 1}
+        for r in records
+    ]
+    built = [
+        build_splits(
+            DataConfig(path=write_jsonl(tmp_path / name, rows), validation_fraction=0.25),
+            tokenizer,
+            seed=1,
+        )
+        for name, rows in (("a.jsonl", records), ("b.jsonl", renamed))
+    ]
     for split in ("train", "validation"):
-        assert [e.ids_L.tolist() for e in getattr(built[1], split)] == \
-            [e.ids_L.tolist() for e in getattr(built[0], split)]
+        assert [e.ids_L.tolist() for e in getattr(built[1], split)] == [
+            e.ids_L.tolist() for e in getattr(built[0], split)
+        ]
 
 
 # --- the real E2E file: grouped split ------------------------------------------------------
@@ -158,13 +185,16 @@ def test_real_e2e_split_by_mr_has_no_leakage_and_is_deterministic(tokenizer):
     assert report.rows == 4672 and report.skipped == {} and report.truncated == 0
     assert report.train_groups + report.validation_groups == 547
     assert report.validation_groups == round(0.1 * 547)
-    prompts = [{e.ids_L[:e.prompt_length].tobytes() for e in part}
-               for part in (splits.train, splits.validation)]
+    prompts = [
+        {e.ids_L[: e.prompt_length].tobytes() for e in part}
+        for part in (splits.train, splits.validation)
+    ]
     assert not prompts[0] & prompts[1]  # the prompt is a function of the MR
     assert [len(p) for p in prompts] == [report.train_groups, report.validation_groups]
     again = build_splits(cfg, tokenizer, seed=0)
     assert [e.ids_L.tobytes() for e in again.validation] == [
-        e.ids_L.tobytes() for e in splits.validation]
+        e.ids_L.tobytes() for e in splits.validation
+    ]
 
 
 def test_split_by_group_keeps_groups_whole_and_depends_on_seed():
@@ -184,8 +214,9 @@ def test_shuffle_is_deterministic_per_seed_and_epoch_and_covers_each_epoch():
     examples = synthetic(24)
 
     def make(seed):
-        return TrainBatches(examples, batch_size=4, max_length=8, pad_id=0, packing=False,
-                            seed=seed)
+        return TrainBatches(
+            examples, batch_size=4, max_length=8, pad_id=0, packing=False, seed=seed
+        )
 
     a, b = make(0), make(0)
     epoch0, epoch1 = one_epoch(a), one_epoch(a)
@@ -201,12 +232,21 @@ def test_shuffle_is_deterministic_per_seed_and_epoch_and_covers_each_epoch():
 @pytest.mark.parametrize("packing", [False, True])
 @pytest.mark.parametrize("process_count", [2, 4])
 def test_process_shards_are_disjoint_and_cover_the_global_batch(packing, process_count):
-    examples = [Example(np.arange(100 + i, 100 + i + 3 + i % 5, dtype=np.int32), 1)
-                for i in range(40)]
+    examples = [
+        Example(np.arange(100 + i, 100 + i + 3 + i % 5, dtype=np.int32), 1) for i in range(40)
+    ]
 
     def make(p, n):
-        return TrainBatches(examples, batch_size=8, max_length=12, pad_id=0, packing=packing,
-                            seed=5, process_index=p, process_count=n)
+        return TrainBatches(
+            examples,
+            batch_size=8,
+            max_length=12,
+            pad_id=0,
+            packing=packing,
+            seed=5,
+            process_index=p,
+            process_count=n,
+        )
 
     whole = make(0, 1)
     shards = [make(p, process_count) for p in range(process_count)]
@@ -224,21 +264,37 @@ def test_eval_batches_keep_every_example_and_shard():
     examples = synthetic(10)
     full = list(eval_batches(examples, batch_size=4, max_length=6, pad_id=0))
     assert len(full) == 3
-    tokens = [t for b in full for t, s in zip(first_tokens(b), b["segment_ids"][:, 0], strict=True)
-              if s]
+    tokens = [
+        t for b in full for t, s in zip(first_tokens(b), b["segment_ids"][:, 0], strict=True) if s
+    ]
     assert tokens == list(range(100, 110))
     assert full[-1]["loss_mask"][2:].sum() == 0  # the two filler rows
-    halves = [list(eval_batches(examples, batch_size=4, max_length=6, pad_id=0,
-                                process_index=p, process_count=2, num_batches=2)) for p in (0, 1)]
+    halves = [
+        list(
+            eval_batches(
+                examples,
+                batch_size=4,
+                max_length=6,
+                pad_id=0,
+                process_index=p,
+                process_count=2,
+                num_batches=2,
+            )
+        )
+        for p in (0, 1)
+    ]
     for step in range(2):
-        assert np.array_equal(np.concatenate([h[step]["input_ids"] for h in halves]),
-                              full[step]["input_ids"])
+        assert np.array_equal(
+            np.concatenate([h[step]["input_ids"] for h in halves]), full[step]["input_ids"]
+        )
 
 
 def test_packing_preserves_targets_and_segments_never_see_each_other():
     rng = np.random.default_rng(0)
-    examples = [Example(rng.integers(3, 1000, n).astype(np.int32), int(rng.integers(1, n)))
-                for n in rng.integers(3, 20, 60)]
+    examples = [
+        Example(rng.integers(3, 1000, n).astype(np.int32), int(rng.integers(1, n)))
+        for n in rng.integers(3, 20, 60)
+    ]
     stream = TrainBatches(examples, batch_size=4, max_length=32, pad_id=0, packing=True, seed=2)
     rows = stream.epoch_rows(0)
     assert sorted(i for row in rows for i in row) == list(range(60))  # each example once
@@ -246,13 +302,13 @@ def test_packing_preserves_targets_and_segments_never_see_each_other():
     assert len(batches) == len(rows) // 4
     for step, batch in enumerate(batches):
         seg_BxL = batch["segment_ids"]
-        for r, row in enumerate(rows[step * 4:(step + 1) * 4]):
+        for r, row in enumerate(rows[step * 4 : (step + 1) * 4]):
             assert len(segments(batch, r)) == len(row) > 0
             for (ids, mask, pos), i in zip(segments(batch, r), row, strict=True):
                 ex = examples[i]
                 assert np.array_equal(ids, ex.ids_L)
                 assert np.array_equal(pos, np.arange(len(ex.ids_L)))
-                assert np.array_equal(ids[mask == 1], ex.ids_L[ex.prompt_length:])
+                assert np.array_equal(ids[mask == 1], ex.ids_L[ex.prompt_length :])
             # causal attention within a segment: q sees k iff same nonzero segment and k <= q
             same_LxL = (seg_BxL[r][:, None] == seg_BxL[r][None, :]) & (seg_BxL[r][:, None] > 0)
             allowed_LxL = same_LxL & np.tri(32, dtype=bool)
@@ -270,8 +326,17 @@ def test_resume_from_a_saved_position_yields_the_same_batches(packing):
     examples = [Example(np.arange(100 + i, 104 + i + i % 3, dtype=np.int32), 2) for i in range(30)]
 
     def make(position=START):
-        return TrainBatches(examples, batch_size=4, max_length=16, pad_id=0, packing=packing,
-                            seed=9, process_index=1, process_count=2, position=position)
+        return TrainBatches(
+            examples,
+            batch_size=4,
+            max_length=16,
+            pad_id=0,
+            packing=packing,
+            seed=9,
+            process_index=1,
+            process_count=2,
+            position=position,
+        )
 
     straight = make()
     for _ in range(5):
@@ -302,9 +367,9 @@ def test_assemble_pads_and_rejects_overfull_rows():
 
 BAD_RECORDS = [
     {"mr": "name[A]", "ref": "A is fine."},
-    {"mr": "name[B]", "ref": None},       # missing
-    {"mr": "", "ref": "Empty MR."},       # empty
-    {"mr": "name[C]"},                    # no ref key at all: missing
+    {"mr": "name[B]", "ref": None},  # missing
+    {"mr": "", "ref": "Empty MR."},  # empty
+    {"mr": "name[C]"},  # no ref key at all: missing
     {"mr": "name[D]", "ref": "D is fine."},
 ]
 
@@ -326,11 +391,13 @@ def test_malformed_rows_raise_naming_the_row(tmp_path, tokenizer):
 def test_length_rules(tmp_path, tokenizer):
     rows = ROWS[:4] + [(ROWS[0][0], "Alimentum is in the city centre. " * 6)]
     path = write_csv(tmp_path / "long.csv", rows)
+
     def n_tokens(text):
         return len(tokenizer.encode(text, add_special_tokens=False))
 
-    lengths = [(n_tokens(chatml_user_turn(E2E_INSTRUCTION + mr)), n_tokens(ref) + 1)
-               for mr, ref in rows]
+    lengths = [
+        (n_tokens(chatml_user_turn(E2E_INSTRUCTION + mr)), n_tokens(ref) + 1) for mr, ref in rows
+    ]
     max_length = max(p + t for p, t in lengths[:4])
     assert sum(lengths[4]) > max_length
     base = DataConfig(path=path, validation_fraction=0.0, max_length=max_length)
@@ -348,10 +415,13 @@ def test_length_rules(tmp_path, tokenizer):
         build_splits(dataclasses.replace(short, on_malformed="error"), tokenizer, seed=0)
 
 
-@pytest.mark.parametrize("records, match", [
-    ([{"meaning": "x", "ref": "y"}], r"lacks columns \['mr'\]"),
-    ([{"mr": "only one MR", "ref": "y"}], "single group"),
-])
+@pytest.mark.parametrize(
+    "records, match",
+    [
+        ([{"meaning": "x", "ref": "y"}], r"lacks columns \['mr'\]"),
+        ([{"mr": "only one MR", "ref": "y"}], "single group"),
+    ],
+)
 def test_unusable_tables_are_errors(tmp_path, tokenizer, records, match):
     with pytest.raises(DataError, match=match):
         build_splits(DataConfig(path=write_jsonl(tmp_path / "t.jsonl", records)), tokenizer, seed=0)
@@ -380,7 +450,7 @@ def test_text_format_trains_on_every_token_but_the_first(tmp_path, tokenizer):
     assert splits.report.train_groups == 9 and splits.report.validation_groups == 3
     batch = next(iter(validation_batches(splits, cfg)))
     for r in range(3):
-        (ids, mask, _), = segments(batch, r)
+        ((ids, mask, _),) = segments(batch, r)
         assert mask.tolist() == [0] + [1] * (len(ids) - 1)
 
 

@@ -10,26 +10,41 @@ from train import guard
 
 # A real run's first updates (the tiny Llama of train_fixtures at learning rate 1e-2):
 # the loss falls unevenly and the gradient norm swings by 4x; none of it is divergence.
-HEALTHY = [(6.074, 3.54), (6.121, 4.34), (6.033, 2.73), (5.680, 2.23), (5.632, 1.41),
-           (5.695, 1.43), (5.684, 1.02), (5.575, 1.15), (5.501, 1.33), (5.599, 1.07)]
+HEALTHY = [
+    (6.074, 3.54),
+    (6.121, 4.34),
+    (6.033, 2.73),
+    (5.680, 2.23),
+    (5.632, 1.41),
+    (5.695, 1.43),
+    (5.684, 1.02),
+    (5.575, 1.15),
+    (5.501, 1.33),
+    (5.599, 1.07),
+]
 
 
 def judged(updates, start_max_abs=0.76, param_max_abs=0.8):
     judge = guard.DivergenceGuard(start_max_abs)
-    return [judge.check({"loss": loss, "grad_norm": norm, "param_max_abs": param_max_abs})
-            for loss, norm in updates]
+    return [
+        judge.check({"loss": loss, "grad_norm": norm, "param_max_abs": param_max_abs})
+        for loss, norm in updates
+    ]
 
 
 def test_a_healthy_run_is_never_judged_diverged():
     assert judged(HEALTHY) == [None] * len(HEALTHY)
 
 
-@pytest.mark.parametrize("update, sign", [
-    ((math.nan, 1.0), "the loss is nan"),
-    ((5.5, math.inf), "the gradient norm inf"),
-    ((3 * 5.682 + 0.1, 1.0), "the loss jumped"),  # just over SPIKE_FACTOR × median
-    ((5.5, 100 * 1.42 + 1), "the gradient norm jumped"),  # just over GRAD_FACTOR × median
-])
+@pytest.mark.parametrize(
+    "update, sign",
+    [
+        ((math.nan, 1.0), "the loss is nan"),
+        ((5.5, math.inf), "the gradient norm inf"),
+        ((3 * 5.682 + 0.1, 1.0), "the loss jumped"),  # just over SPIKE_FACTOR × median
+        ((5.5, 100 * 1.42 + 1), "the gradient norm jumped"),  # just over GRAD_FACTOR × median
+    ],
+)
 def test_each_sign_of_divergence_is_named(update, sign):
     verdicts = judged(HEALTHY + [update])
     assert verdicts[:-1] == [None] * len(HEALTHY)
@@ -42,7 +57,7 @@ def test_just_under_each_threshold_is_not_divergence():
 
 
 def test_spikes_are_not_judged_before_enough_history():
-    early = HEALTHY[:guard.MIN_HISTORY - 1] + [(40.0, 400.0)]
+    early = HEALTHY[: guard.MIN_HISTORY - 1] + [(40.0, 400.0)]
     assert judged(early)[-1] is None
 
 

@@ -8,18 +8,20 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-import tolerances as tol
-import train_fixtures as tf
 from train import mesh as mesh_lib
 from train.config import ConfigError, MeshConfig
 from train.mesh import put_batch
 from train.run import setup
 
+import tolerances as tol
+import train_fixtures as tf
+
 STEPS = 4
 MESH_8 = ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2")
 # tiny_config's run: the tiny Llama over 40 keys with rank-4 LoRA, 8 rows of 40 tokens.
-FORWARD = tol.decoder_depth(layers=tf.LAYERS, hidden=tf.HIDDEN, mlp=tf.MLP,
-                            head_dim=tf.HEAD_DIM, keys=40, rank=4)
+FORWARD = tol.decoder_depth(
+    layers=tf.LAYERS, hidden=tf.HIDDEN, mlp=tf.MLP, head_dim=tf.HEAD_DIM, keys=40, rank=4
+)
 
 
 def run_atol(updates, scale):
@@ -32,7 +34,8 @@ pytestmark = pytest.mark.usefixtures("jax_compilation_cache")
 needs_8_devices = pytest.mark.skipif(
     jax.device_count() < 8,
     reason=f"needs 8 (virtual) devices, has {jax.device_count()}: leave the device count in "
-           "XLA_FLAGS to conftest.py")
+    "XLA_FLAGS to conftest.py",
+)
 
 
 def trajectory(s, steps=STEPS):
@@ -59,16 +62,24 @@ def test_sharded_mesh_matches_one_device(run_files, method):
     # after k updates.
     for k, (a, b) in enumerate(zip(eight, one, strict=True)):
         tol.assert_close(a, b, run_atol(k, b), f"loss {k}")
-    tol.tree_assert_close(state_eight["params"], state_one["params"],
-                          lambda p: run_atol(STEPS, tol.scale_of(p)))
+    tol.tree_assert_close(
+        state_eight["params"], state_one["params"], lambda p: run_atol(STEPS, tol.scale_of(p))
+    )
 
 
 @needs_8_devices
 def test_params_factors_and_moments_are_sharded_as_specified(run_files):
     model_dir, csv, root = run_files
-    s = setup(tf.tiny_config(model_dir, csv, root / "specs", *MESH_8,
-                             "lora.targets=[.*/(q_proj|v_proj|down_proj)/kernel]"),
-              log=lambda _: None)
+    s = setup(
+        tf.tiny_config(
+            model_dir,
+            csv,
+            root / "specs",
+            *MESH_8,
+            "lora.targets=[.*/(q_proj|v_proj|down_proj)/kernel]",
+        ),
+        log=lambda _: None,
+    )
     layer = s.frozen["layers_0"]
     spec = lambda x: x.sharding.spec  # noqa: E731
     assert spec(s.frozen["embed_tokens"]["embedding"]) == P("tensor", "fsdp")  # (vocab, embed)
@@ -100,9 +111,15 @@ def test_spec_drops_axes_that_do_not_divide_or_repeat():
 @needs_8_devices
 def test_mesh_sizes_fill_and_errors():
     assert mesh_lib.mesh_shape(MeshConfig(data=-1, fsdp=2, tensor=1), 8) == {
-        "data": 4, "fsdp": 2, "tensor": 1}
+        "data": 4,
+        "fsdp": 2,
+        "tensor": 1,
+    }
     assert mesh_lib.mesh_shape(MeshConfig(data=1, fsdp=1, tensor=1), 8) == {
-        "data": 1, "fsdp": 1, "tensor": 1}
+        "data": 1,
+        "fsdp": 1,
+        "tensor": 1,
+    }
     with pytest.raises(ConfigError, match="do not divide"):
         mesh_lib.mesh_shape(MeshConfig(data=-1, fsdp=3, tensor=1), 8)
     with pytest.raises(ConfigError, match="needs 16 devices"):

@@ -9,11 +9,13 @@ import socket
 import subprocess
 import sys
 
-import tolerances as tol
-import train_fixtures as tf
 from test_train_mesh import run_atol
+
 from train.config import config_to_yaml
 from train.run import train
+
+import tolerances as tol
+import train_fixtures as tf
 
 
 def free_port() -> int:
@@ -29,20 +31,44 @@ def train_losses(run_dir):
 
 def test_two_processes_match_one(tmp_path):
     config = tmp_path / "tiny.yaml"
-    cfg = tf.tiny_config(tf.write_tiny_llama(tmp_path / "model"),
-                         tf.write_csv(tmp_path / "e2e.csv"), tmp_path / "one", "optim.max_steps=3")
+    cfg = tf.tiny_config(
+        tf.write_tiny_llama(tmp_path / "model"),
+        tf.write_csv(tmp_path / "e2e.csv"),
+        tmp_path / "one",
+        "optim.max_steps=3",
+    )
     config.write_text(config_to_yaml(cfg))
     single = train(cfg, log=lambda _: None)
 
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               JAX_PLATFORMS="cpu")
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu"
+    )
     address = f"127.0.0.1:{free_port()}"
-    workers = [subprocess.Popen(
-        [sys.executable, "-m", "train.cli", "train", str(config), "mesh.data=-1",
-         f"output_dir={tmp_path / 'two'}", "--coordinator", address, "--num-processes", "2",
-         "--process-id", str(i)],
-        cwd=tf.REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for i in range(2)]
+    workers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "train.cli",
+                "train",
+                str(config),
+                "mesh.data=-1",
+                f"output_dir={tmp_path / 'two'}",
+                "--coordinator",
+                address,
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+            ],
+            cwd=tf.REPO_ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
     try:
         outputs = [w.communicate(timeout=300)[0] for w in workers]
     finally:

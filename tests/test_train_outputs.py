@@ -11,11 +11,12 @@ import pytest
 
 import lora_jax as lj
 import models
-import train_fixtures as tf
 from models.loaders.checkpoint import ModelFileError, build_params, expected_shapes
 from train import adapter as adapter_lib
 from train import cli, export, layout, rundir
 from train.rundir import DirectoryError
+
+import train_fixtures as tf
 
 CONFIG = lj.LoraConfig(4, 8, r"(q_proj|v_proj)/kernel")
 
@@ -28,12 +29,17 @@ def run(tmp_path_factory):
     _, base, _ = models.load(model_dir)
     params = jax.tree_util.tree_map_with_path(
         lambda path, x: x + 0.1 if str(path[-1].key).endswith("_lora_b") else x,
-        lj.init(jax.random.key(0), base, CONFIG))
-    adapter_lib.save_adapter(root / "run" / "adapter", lj.adapter(params), method="lora",
-                             model_name=str(model_dir), lora=CONFIG.to_dict(),
-                             base_fingerprint=adapter_lib.fingerprint(base),
-                             model_options=dict(dtype="float32", param_dtype="float32",
-                                                scan_layers=False, remat="none"))
+        lj.init(jax.random.key(0), base, CONFIG),
+    )
+    adapter_lib.save_adapter(
+        root / "run" / "adapter",
+        lj.adapter(params),
+        method="lora",
+        model_name=str(model_dir),
+        lora=CONFIG.to_dict(),
+        base_fingerprint=adapter_lib.fingerprint(base),
+        model_options=dict(dtype="float32", param_dtype="float32", scan_layers=False, remat="none"),
+    )
     peft_dir = export.export_peft(root / "run", root / "peft")
     other = tf.write_tiny_llama(root / "other", seed=1)
     return model_dir, root / "run", peft_dir, other
@@ -63,7 +69,8 @@ def test_merge_writes_only_into_its_own_directory(run, tmp_path, capsys):
         export.merge(run_dir, user)
     _intact(user, kept)
     assert "not empty and was not created by lora-jax" in tf.refused(
-        ["merge", str(run_dir), "--out", str(user)], capsys)
+        ["merge", str(run_dir), "--out", str(user)], capsys
+    )
     _intact(user, kept)
     with pytest.raises(DirectoryError):  # not into the run itself either
         export.merge(run_dir, run_dir)

@@ -10,15 +10,20 @@ import jax
 import numpy as np
 import pytest
 
-import train_fixtures as tf
 from train.checkpoint import FORMAT, CheckpointError, config_changes
 from train.run import train
+
+import train_fixtures as tf
 
 QUIET = {"log": lambda _: None}
 # Dropout and accumulation make the RNG and the data position matter; 6 updates of 2
 # batches cross two epoch boundaries (36 training examples, 4 batches per epoch).
-RESUME = ("optim.grad_accum_steps=2", "lora.dropout=0.1", "checkpoint.every_steps=2",
-          "checkpoint.async_save=true")
+RESUME = (
+    "optim.grad_accum_steps=2",
+    "lora.dropout=0.1",
+    "checkpoint.every_steps=2",
+    "checkpoint.async_save=true",
+)
 
 
 pytestmark = pytest.mark.usefixtures("jax_compilation_cache")
@@ -26,8 +31,11 @@ pytestmark = pytest.mark.usefixtures("jax_compilation_cache")
 
 def snapshot(directory):
     """{relative path: bytes} of every file under ``directory``."""
-    return {str(p.relative_to(directory)): p.read_bytes()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(directory)): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
 
 
 def train_losses(run_dir):
@@ -53,14 +61,16 @@ def test_stop_and_resume_is_bitwise_identical_to_a_straight_run(run_files):
 def test_resume_with_a_changed_config_is_refused_unless_forced(run_files):
     model_dir, csv, root = run_files
     train(tf.tiny_config(model_dir, csv, root / "changed", "optim.max_steps=2"), **QUIET)
-    changed = tf.tiny_config(model_dir, csv, root / "changed", "optim.max_steps=2",
-                             "optim.learning_rate=5e-3")
+    changed = tf.tiny_config(
+        model_dir, csv, root / "changed", "optim.max_steps=2", "optim.learning_rate=5e-3"
+    )
     with pytest.raises(CheckpointError, match=r"optim.learning_rate: 0.01 -> 0.005.*--force"):
         train(changed, **QUIET)
     assert train(changed, force_resume=True, **QUIET).step == 2
     # Training longer, or logging differently, is a plain resume.
-    longer = tf.tiny_config(model_dir, csv, root / "changed", "optim.max_steps=3",
-                            "logging.every_steps=2")
+    longer = tf.tiny_config(
+        model_dir, csv, root / "changed", "optim.max_steps=3", "logging.every_steps=2"
+    )
     assert train(longer, **QUIET).step == 3
 
 
@@ -100,9 +110,11 @@ def test_a_checkpoint_of_another_format_is_named_and_kept(run_files):
     assert written.pop("format") == FORMAT
     meta.write_text(json.dumps(written))  # as a version before formats were recorded
     before = snapshot(run_dir)
-    with pytest.raises(CheckpointError, match=r"checkpoints/2 was written by another version "
-                                              r"of lora-jax \(checkpoint format 1; this version "
-                                              r"reads format 2"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"checkpoints/2 was written by another version "
+        r"of lora-jax \(checkpoint format 1; this version "
+        r"reads format 2",
+    ):
         train(cfg, **QUIET)
     assert snapshot(run_dir) == before
-

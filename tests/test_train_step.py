@@ -11,11 +11,12 @@ import pytest
 
 import lora_jax as lj
 import models
-import tolerances as tol
 from train import method as method_lib
 from train.config import ConfigError, LoraSection, OptimConfig
 from train.optim import schedule, total_steps
 from train.step import init_state, loss_sum, token_losses, train_step
+
+import tolerances as tol
 
 B, L, V = 4, 12, 16
 
@@ -27,8 +28,12 @@ def batch(seed=0, rows=B):
     segments[:, -2:] = 0
     positions = np.broadcast_to(np.arange(L, dtype=np.int32), (rows, L)).copy()
     loss_mask = ((positions >= 5) & (segments > 0)).astype(np.int32)
-    return {"input_ids": ids, "segment_ids": segments, "positions": positions,
-            "loss_mask": loss_mask}
+    return {
+        "input_ids": ids,
+        "segment_ids": segments,
+        "positions": positions,
+        "loss_mask": loss_mask,
+    }
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
@@ -47,7 +52,8 @@ def test_token_losses_match_optax(smoothing):
     weights = jax.random.uniform(jax.random.key(1), (B, L - 1))
     ours = jax.grad(lambda x: (token_losses(x, ids, smoothing) * weights).sum())(logits)
     theirs = jax.grad(lambda x: (optax.softmax_cross_entropy(x[:, :-1], labels) * weights).sum())(
-        logits)
+        logits
+    )
     tol.assert_close(ours, theirs, tol.chain_atol(n, tol.scale_of(weights)))
     assert not ours[:, -1].any()  # the last position predicts nothing
 
@@ -59,11 +65,15 @@ def test_loss_sees_target_tokens_only():
     data = batch()
     total, count = loss_sum(fixed, {}, data, 0.0)
     assert count == data["loss_mask"][:, 1:].sum()
-    perturbed = dict(data, input_ids=np.where(data["loss_mask"] == 0,
-                                              (data["input_ids"] + 3) % V, data["input_ids"]))
+    perturbed = dict(
+        data,
+        input_ids=np.where(data["loss_mask"] == 0, (data["input_ids"] + 3) % V, data["input_ids"]),
+    )
     np.testing.assert_array_equal(loss_sum(fixed, {}, perturbed, 0.0)[0], total)
-    target_changed = dict(data, input_ids=np.where(data["loss_mask"] == 1,
-                                                   (data["input_ids"] + 3) % V, data["input_ids"]))
+    target_changed = dict(
+        data,
+        input_ids=np.where(data["loss_mask"] == 1, (data["input_ids"] + 3) % V, data["input_ids"]),
+    )
     assert loss_sum(fixed, {}, target_changed, 0.0)[0] != total
 
 
@@ -85,12 +95,17 @@ def test_accumulating_two_micro_batches_equals_one_double_batch():
     # with rank-2 LoRA, log-softmax over its vocabulary, the sum over 2·B·L tokens) ...
     forward = tol.config_depth(model.config, keys=L, rank=2)
     loss_n = tol.train_depth(forward, model.config.vocab_size, 2 * B * L, 0)
-    tol.assert_close(metrics_k2["loss"], metrics_k1["loss"],
-                     tol.chain_atol(loss_n, metrics_k1["loss"]))
+    tol.assert_close(
+        metrics_k2["loss"], metrics_k1["loss"], tol.chain_atol(loss_n, metrics_k1["loss"])
+    )
     # ... and SGD's p − 0.1·g: the gradient's chain at its scale, and the update's rounding.
     grad_n = tol.train_depth(forward, model.config.vocab_size, 2 * B * L, 1)
-    for a, b, p in zip(jax.tree.leaves(state_k2["params"]), jax.tree.leaves(state_k1["params"]),
-                       jax.tree.leaves(trainable), strict=True):
+    for a, b, p in zip(
+        jax.tree.leaves(state_k2["params"]),
+        jax.tree.leaves(state_k1["params"]),
+        jax.tree.leaves(trainable),
+        strict=True,
+    ):
         g = (np.asarray(p, np.float64) - np.asarray(b, np.float64)) / 0.1
         atol = 0.1 * tol.chain_atol(grad_n, tol.scale_of(g)) + tol.dot_error(np.abs(p), 1, sides=2)
         tol.assert_close(a, b, atol)
@@ -106,7 +121,9 @@ def test_schedule_warms_up_then_decays_to_zero():
         lr = schedule(OptimConfig(learning_rate=1.0, warmup_steps=4, schedule=kind), 20)
         assert [float(lr(s)) for s in (0, 2, 4)] == [0.0, 0.5, 1.0]  # s/4: exact in binary
         assert float(lr(20)) == pytest.approx(0.0, abs=SCHEDULE_ATOL)
-    assert float(lr(12)) == pytest.approx(0.5, abs=SCHEDULE_ATOL)  # cosine half way through the decay
+    assert float(lr(12)) == pytest.approx(
+        0.5, abs=SCHEDULE_ATOL
+    )  # cosine half way through the decay
     constant = schedule(OptimConfig(learning_rate=0.3, schedule="constant"), 20)
     assert float(constant(19)) == pytest.approx(0.3, rel=tol.unit_roundoff())  # 0.3 in float32
     assert total_steps(OptimConfig(max_steps=None, epochs=3, grad_accum_steps=2), 10) == 15

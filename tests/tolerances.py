@@ -84,8 +84,9 @@ def scale_of(*arrays) -> float:
     return max(float(np.max(np.abs(np.asarray(a, np.float64)))) for a in arrays)
 
 
-def decoder_depth(*, layers: int, hidden: int, mlp: int, head_dim: int, keys: int,
-                  rank: int = 0) -> int:
+def decoder_depth(
+    *, layers: int, hidden: int, mlp: int, head_dim: int, keys: int, rank: int = 0
+) -> int:
     """n for the logits of a pre-norm Transformer decoder.
 
     Per layer: two norms (mean and variance passes, 2·hidden each), the q/k/v projection
@@ -95,16 +96,30 @@ def decoder_depth(*, layers: int, hidden: int, mlp: int, head_dim: int, keys: in
     functions (residual adds, rsqrt, RoPE, exp, activation) at :data:`ELEMENTWISE`; then
     the final norm (2·hidden) and the LM head (hidden).
     """
-    per_layer = (2 * 2 * hidden + hidden + head_dim + 2 * keys + hidden + hidden + mlp
-                 + 4 * rank + 16 * ELEMENTWISE)
+    per_layer = (
+        2 * 2 * hidden
+        + hidden
+        + head_dim
+        + 2 * keys
+        + hidden
+        + hidden
+        + mlp
+        + 4 * rank
+        + 16 * ELEMENTWISE
+    )
     return layers * per_layer + 2 * hidden + hidden
 
 
 def config_depth(config, keys: int, rank: int = 0) -> int:
     """:func:`decoder_depth` of a ``models.ModelConfig``."""
-    return decoder_depth(layers=config.num_layers, hidden=config.hidden_size,
-                         mlp=config.intermediate_size, head_dim=config.head_dim, keys=keys,
-                         rank=rank)
+    return decoder_depth(
+        layers=config.num_layers,
+        hidden=config.hidden_size,
+        mlp=config.intermediate_size,
+        head_dim=config.head_dim,
+        keys=keys,
+        rank=rank,
+    )
 
 
 def logits_atol(config, expected, keys: int, rank: int = 0) -> float:
@@ -158,22 +173,41 @@ def assert_close(actual, expected, atol, what: str = "") -> None:
         bound = np.max(np.asarray(atol, np.float64))
         raise AssertionError(
             f"{what + ': ' if what else ''}{count} of {size} elements differ by more than the "
-            f"derived bound (atol up to {bound:.3g}); the worst by {worst:.3g} past it")
+            f"derived bound (atol up to {bound:.3g}); the worst by {worst:.3g} past it"
+        )
 
 
 def tree_close(actual, expected, atol_of) -> bool:
     """:func:`close` for every leaf; ``atol_of(expected_leaf)`` gives each leaf's bound."""
-    return all(close(a, e, atol_of(e)) for a, e in
-               zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True))
+    return all(
+        close(a, e, atol_of(e))
+        for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True)
+    )
 
 
 def tree_assert_close(actual, expected, atol_of, what: str = "") -> None:
     """:func:`assert_close` leaf by leaf; ``atol_of(expected_leaf)`` gives each bound."""
-    for (path, e), a in zip(jax.tree_util.tree_leaves_with_path(expected),
-                            jax.tree.leaves(actual), strict=True):
+    for (path, e), a in zip(
+        jax.tree_util.tree_leaves_with_path(expected), jax.tree.leaves(actual), strict=True
+    ):
         assert_close(a, e, atol_of(e), f"{what}{jax.tree_util.keystr(path)}")
 
 
-__all__ = ["ELEMENTWISE", "assert_close", "chain_atol", "close", "config_depth",
-           "decoder_depth", "dot_error", "excess", "gamma", "grad_depth", "logits_atol", "scale_of",
-           "train_depth", "tree_assert_close", "tree_close", "unit_roundoff"]
+__all__ = [
+    "ELEMENTWISE",
+    "assert_close",
+    "chain_atol",
+    "close",
+    "config_depth",
+    "decoder_depth",
+    "dot_error",
+    "excess",
+    "gamma",
+    "grad_depth",
+    "logits_atol",
+    "scale_of",
+    "train_depth",
+    "tree_assert_close",
+    "tree_close",
+    "unit_roundoff",
+]

@@ -27,10 +27,13 @@ def e2e_rows() -> list[tuple[str, str]]:
     """(mr, ref) pairs: 16 meaning representations with 3 references each."""
     rows = []
     for i, name in enumerate(NAMES):
-        for food in FOODS[i % 2::2]:
+        for food in FOODS[i % 2 :: 2]:
             mr = f"name[{name}], food[{food}]"
-            rows += [(mr, f"{name} serves {food} food."), (mr, f"{food} food is at {name}."),
-                     (mr, f"You can eat {food} food at {name}.")]
+            rows += [
+                (mr, f"{name} serves {food} food."),
+                (mr, f"{food} food is at {name}."),
+                (mr, f"You can eat {food} food at {name}."),
+            ]
     return rows
 
 
@@ -46,9 +49,12 @@ def tokenizer() -> Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB - 12, show_progress=False,
-                                  special_tokens=["<|endoftext|>", "<|im_start|>", EOS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB - 12,
+        show_progress=False,
+        special_tokens=["<|endoftext|>", "<|im_start|>", EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     texts = [chatml_user_turn(E2E_INSTRUCTION + mr) + ref for mr, ref in e2e_rows()]
     tok.train_from_iterator(texts * 3, trainer)
     return tok
@@ -60,45 +66,76 @@ def write_tiny_llama(directory: Path, seed: int = 0) -> Path:
     tok = tokenizer()
     tok.save(str(directory / "tokenizer.json"))
     eos = tok.token_to_id(EOS)
-    config = {"model_type": "llama", "vocab_size": VOCAB, "hidden_size": HIDDEN,
-              "intermediate_size": MLP, "num_hidden_layers": LAYERS,
-              "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS,
-              "head_dim": HEAD_DIM, "max_position_embeddings": 128, "rms_norm_eps": 1e-6,
-              "rope_theta": 10000.0, "tie_word_embeddings": False, "hidden_act": "silu",
-              "eos_token_id": eos, "pad_token_id": eos}
+    config = {
+        "model_type": "llama",
+        "vocab_size": VOCAB,
+        "hidden_size": HIDDEN,
+        "intermediate_size": MLP,
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS,
+        "head_dim": HEAD_DIM,
+        "max_position_embeddings": 128,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "hidden_act": "silu",
+        "eos_token_id": eos,
+        "pad_token_id": eos,
+    }
     (directory / "config.json").write_text(json.dumps(config))
     rng = np.random.default_rng(seed)
 
     def weight(*shape):
         return (0.1 * rng.standard_normal(shape)).astype(np.float32)
 
-    tensors = {"model.embed_tokens.weight": weight(VOCAB, HIDDEN),
-               "model.norm.weight": np.ones(HIDDEN, np.float32),
-               "lm_head.weight": weight(VOCAB, HIDDEN)}
+    tensors = {
+        "model.embed_tokens.weight": weight(VOCAB, HIDDEN),
+        "model.norm.weight": np.ones(HIDDEN, np.float32),
+        "lm_head.weight": weight(VOCAB, HIDDEN),
+    }
     for i in range(LAYERS):
         p = f"model.layers.{i}."
-        tensors |= {p + "self_attn.q_proj.weight": weight(HEADS * HEAD_DIM, HIDDEN),
-                    p + "self_attn.k_proj.weight": weight(KV_HEADS * HEAD_DIM, HIDDEN),
-                    p + "self_attn.v_proj.weight": weight(KV_HEADS * HEAD_DIM, HIDDEN),
-                    p + "self_attn.o_proj.weight": weight(HIDDEN, HEADS * HEAD_DIM),
-                    p + "mlp.gate_proj.weight": weight(MLP, HIDDEN),
-                    p + "mlp.up_proj.weight": weight(MLP, HIDDEN),
-                    p + "mlp.down_proj.weight": weight(HIDDEN, MLP),
-                    p + "input_layernorm.weight": np.ones(HIDDEN, np.float32),
-                    p + "post_attention_layernorm.weight": np.ones(HIDDEN, np.float32)}
+        tensors |= {
+            p + "self_attn.q_proj.weight": weight(HEADS * HEAD_DIM, HIDDEN),
+            p + "self_attn.k_proj.weight": weight(KV_HEADS * HEAD_DIM, HIDDEN),
+            p + "self_attn.v_proj.weight": weight(KV_HEADS * HEAD_DIM, HIDDEN),
+            p + "self_attn.o_proj.weight": weight(HIDDEN, HEADS * HEAD_DIM),
+            p + "mlp.gate_proj.weight": weight(MLP, HIDDEN),
+            p + "mlp.up_proj.weight": weight(MLP, HIDDEN),
+            p + "mlp.down_proj.weight": weight(HIDDEN, MLP),
+            p + "input_layernorm.weight": np.ones(HIDDEN, np.float32),
+            p + "post_attention_layernorm.weight": np.ones(HIDDEN, np.float32),
+        }
     save_file(tensors, str(directory / "model.safetensors"))
     return directory
 
 
 def tiny_config(model_dir: Path, csv: Path, output_dir: Path, *overrides: str) -> RunConfig:
     """A fast run: 6 updates of 8 rows, LoRA on q/v, validation on 4 of the 16 MRs."""
-    return load_config(None, [
-        f"model.name={model_dir}", f"data.path={csv}", f"output_dir={output_dir}",
-        "data.max_length=40", "data.batch_size=8", "data.validation_fraction=0.25",
-        "optim.max_steps=6", "optim.learning_rate=1e-2", "optim.warmup_steps=2",
-        "lora.rank=4", "checkpoint.every_steps=3", "checkpoint.async_save=false",
-        "eval.every_steps=0", "eval.samples=0", "logging.every_steps=1",
-        "logging.tensorboard=false", "mesh.data=1", *overrides])
+    return load_config(
+        None,
+        [
+            f"model.name={model_dir}",
+            f"data.path={csv}",
+            f"output_dir={output_dir}",
+            "data.max_length=40",
+            "data.batch_size=8",
+            "data.validation_fraction=0.25",
+            "optim.max_steps=6",
+            "optim.learning_rate=1e-2",
+            "optim.warmup_steps=2",
+            "lora.rank=4",
+            "checkpoint.every_steps=3",
+            "checkpoint.async_save=false",
+            "eval.every_steps=0",
+            "eval.samples=0",
+            "logging.every_steps=1",
+            "logging.tensorboard=false",
+            "mesh.data=1",
+            *overrides,
+        ],
+    )
 
 
 def refused(argv: list[str], capsys) -> str:
@@ -121,8 +158,10 @@ def compilation_cache(directory: Path) -> Iterator[None]:
     Every run jits fresh closures, so the in-memory cache never hits; the persistent one
     (keyed by the compiled program) makes the many identical tiny runs of these tests cheap.
     """
-    settings = {"jax_compilation_cache_dir": str(directory),
-                "jax_persistent_cache_min_compile_time_secs": 0.0}
+    settings = {
+        "jax_compilation_cache_dir": str(directory),
+        "jax_persistent_cache_min_compile_time_secs": 0.0,
+    }
     saved = {name: getattr(jax.config, name) for name in settings}
     for name, value in settings.items():
         jax.config.update(name, value)

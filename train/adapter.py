@@ -34,13 +34,15 @@ import orbax.checkpoint as ocp
 import lora_jax as lj
 from lora_jax import fingerprint as lj_fingerprint
 from train import layout, rundir
-from train.orbax_loops import settled_restore
 from train.errors import UserError
+from train.orbax_loops import settled_restore
 
 # how to get a damaged adapter directory back
-REWRITE = ("restore it from a copy, or write it again (a run's: rerun `lora-jax train` on its "
-           "config.yaml, which rewrites the adapter from the final checkpoint; an imported one: "
-           "rerun `lora-jax import-peft`)")
+REWRITE = (
+    "restore it from a copy, or write it again (a run's: rerun `lora-jax train` on its "
+    "config.yaml, which rewrites the adapter from the final checkpoint; an imported one: "
+    "rerun `lora-jax import-peft`)"
+)
 
 
 class AdapterError(UserError, ValueError):
@@ -53,8 +55,10 @@ def fingerprint(base_params: Any) -> dict[str, Any]:
     The leaves must be addressable from this process (e.g. fresh from ``models.load``).
     """
     flat = sorted(lj.flatten_paths(base_params).items())
-    leaves = {path: {"shape": list(np.shape(leaf)), "dtype": str(np.asarray(leaf).dtype)}
-              for path, leaf in flat}
+    leaves = {
+        path: {"shape": list(np.shape(leaf)), "dtype": str(np.asarray(leaf).dtype)}
+        for path, leaf in flat
+    }
     return {"leaves": leaves, "sample_sha256": lj_fingerprint.sha256(flat)}
 
 
@@ -66,10 +70,17 @@ def artifact(params: Any, trainable_mask: Any, base_params: Any) -> Any:
     return lj.unflatten_paths(kept)
 
 
-def save_adapter(directory: str | Path, tree: Any, *, method: str, model_name: str,
-                 lora: Mapping[str, Any] | None, base_fingerprint: Mapping[str, Any],
-                 model_options: Mapping[str, Any] | None = None,
-                 extra: Mapping[str, Any] | None = None) -> Path:
+def save_adapter(
+    directory: str | Path,
+    tree: Any,
+    *,
+    method: str,
+    model_name: str,
+    lora: Mapping[str, Any] | None,
+    base_fingerprint: Mapping[str, Any],
+    model_options: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
     """Write ``tree`` (from :func:`artifact`) and its metadata; every process calls this.
 
     ``model_options``: how the base was loaded (the run config's ``model`` section:
@@ -86,12 +97,18 @@ def save_adapter(directory: str | Path, tree: Any, *, method: str, model_name: s
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(directory / layout.ADAPTER_WEIGHTS_DIR, tree, force=True)
     if jax.process_index() == 0:
-        meta = {"method": method, "model": model_name,
-                "model_options": dict(model_options) if model_options else None,
-                "lora": dict(lora) if lora else None,
-                "leaves": {p: {"shape": list(v.shape), "dtype": str(v.dtype)}
-                           for p, v in lj.flatten_paths(tree).items()},
-                "base_fingerprint": dict(base_fingerprint), **(extra or {})}
+        meta = {
+            "method": method,
+            "model": model_name,
+            "model_options": dict(model_options) if model_options else None,
+            "lora": dict(lora) if lora else None,
+            "leaves": {
+                p: {"shape": list(v.shape), "dtype": str(v.dtype)}
+                for p, v in lj.flatten_paths(tree).items()
+            },
+            "base_fingerprint": dict(base_fingerprint),
+            **(extra or {}),
+        }
         (directory / layout.ADAPTER_META_FILE).write_text(json.dumps(meta, indent=1))
     return directory
 
@@ -104,8 +121,10 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
     """
     file = Path(directory) / layout.ADAPTER_META_FILE
     if not file.is_file():
-        raise AdapterError(f"{directory} is not an adapter directory: {layout.ADAPTER_META_FILE} is missing; "
-                           f"pass the 'adapter' directory of a finished run")
+        raise AdapterError(
+            f"{directory} is not an adapter directory: {layout.ADAPTER_META_FILE} is missing; "
+            f"pass the 'adapter' directory of a finished run"
+        )
     try:
         meta = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as e:
@@ -121,15 +140,24 @@ def _meta_problem(meta: Any) -> str | None:
     """What makes ``meta`` unusable as an adapter.json, or None."""
     if not isinstance(meta, dict):
         return f"it holds a JSON {type(meta).__name__}, not an object"
-    for key, kind in (("method", str), ("model", str), ("leaves", dict),
-                      ("base_fingerprint", dict)):
+    for key, kind in (
+        ("method", str),
+        ("model", str),
+        ("leaves", dict),
+        ("base_fingerprint", dict),
+    ):
         if not isinstance(meta.get(key), kind):
-            return (f"{key!r} is missing" if key not in meta else
-                    f"{key!r} is {type(meta[key]).__name__}, expected {kind.__name__}")
+            return (
+                f"{key!r} is missing"
+                if key not in meta
+                else f"{key!r} is {type(meta[key]).__name__}, expected {kind.__name__}"
+            )
     if not meta["leaves"]:
         return "'leaves' is empty"
-    for label, leaves in (("leaves", meta["leaves"]),
-                          ("base_fingerprint.leaves", meta["base_fingerprint"].get("leaves"))):
+    for label, leaves in (
+        ("leaves", meta["leaves"]),
+        ("base_fingerprint.leaves", meta["base_fingerprint"].get("leaves")),
+    ):
         if not isinstance(leaves, dict):
             return f"{label!r} is missing"
         for path, leaf in leaves.items():
@@ -142,8 +170,11 @@ def _meta_problem(meta: Any) -> str | None:
 
 def _leaf_spec_ok(leaf: Any) -> bool:
     """``{"shape": [non-negative ints], "dtype": a NumPy/ml_dtypes name}``?"""
-    if not (isinstance(leaf, dict) and isinstance(leaf.get("shape"), list)
-            and isinstance(leaf.get("dtype"), str)):
+    if not (
+        isinstance(leaf, dict)
+        and isinstance(leaf.get("shape"), list)
+        and isinstance(leaf.get("dtype"), str)
+    ):
         return False
     if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in leaf["shape"]):
         return False
@@ -165,13 +196,17 @@ def check_base(meta: Mapping[str, Any], base_params: Any, *, same_weights: bool 
     for path in sorted(expected["leaves"].keys() | found["leaves"].keys()):
         want, got = expected["leaves"].get(path), found["leaves"].get(path)
         if want != got:
-            raise AdapterError(f"wrong base model: {where}, whose parameter {path!r} is {want}, "
-                               f"but in the given base it is {got}; load that model instead")
+            raise AdapterError(
+                f"wrong base model: {where}, whose parameter {path!r} is {want}, "
+                f"but in the given base it is {got}; load that model instead"
+            )
     if same_weights and expected["sample_sha256"] != found["sample_sha256"]:
-        raise AdapterError(f"wrong base model: {where}; the given base has the same shapes but "
-                           f"different weights (sampled-value hash {found['sample_sha256'][:12]} "
-                           f"!= {expected['sample_sha256'][:12]}); load the exact checkpoint it "
-                           f"was trained on, or skip this check explicitly (--skip-base-check)")
+        raise AdapterError(
+            f"wrong base model: {where}; the given base has the same shapes but "
+            f"different weights (sampled-value hash {found['sample_sha256'][:12]} "
+            f"!= {expected['sample_sha256'][:12]}); load the exact checkpoint it "
+            f"was trained on, or skip this check explicitly (--skip-base-check)"
+        )
 
 
 def load_adapter(directory: str | Path, base_params: Any, *, check_weights: bool = True) -> Any:
@@ -185,9 +220,12 @@ def load_adapter(directory: str | Path, base_params: Any, *, check_weights: bool
     meta = read_meta(directory)
     check_base(meta, base_params, same_weights=check_weights)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    like = lj.unflatten_paths({p: jax.ShapeDtypeStruct(tuple(v["shape"]), v["dtype"],
-                                                       sharding=device)
-                               for p, v in meta["leaves"].items()})
+    like = lj.unflatten_paths(
+        {
+            p: jax.ShapeDtypeStruct(tuple(v["shape"]), v["dtype"], sharding=device)
+            for p, v in meta["leaves"].items()
+        }
+    )
     try:
         # settled_restore: a failed restore leaves no orphaned reads behind
         with settled_restore(), ocp.StandardCheckpointer() as checkpointer:
@@ -199,30 +237,39 @@ def load_adapter(directory: str | Path, base_params: Any, *, check_weights: bool
         raise
     except Exception as e:
         reason = " ".join(str(e).split())[:300]
-        raise AdapterError(f"the weights in {directory / layout.ADAPTER_WEIGHTS_DIR} cannot be read "
-                           f"({type(e).__name__}: {reason}); the directory is truncated or "
-                           f"corrupted: re-export it from the run's checkpoints") from e
+        raise AdapterError(
+            f"the weights in {directory / layout.ADAPTER_WEIGHTS_DIR} cannot be read "
+            f"({type(e).__name__}: {reason}); the directory is truncated or "
+            f"corrupted: re-export it from the run's checkpoints"
+        ) from e
     replaced = lj.flatten_paths(tree)
     frozen = {p: v for p, v in lj.flatten_paths(base_params).items() if p not in replaced}
     return lj.combine(lj.unflatten_paths(frozen), tree)
 
 
-def _check_leaves(directory: Path, recorded: Mapping[str, Any],
-                  on_disk: Mapping[str, Any]) -> None:
+def _check_leaves(directory: Path, recorded: Mapping[str, Any], on_disk: Mapping[str, Any]) -> None:
     """AdapterError unless adapter.json records the leaves, shapes and dtypes the weights have
     (orbax would otherwise cast a leaf to the recorded dtype, or fail with a traceback)."""
     file = directory / layout.ADAPTER_META_FILE
     for path in sorted(recorded.keys() | on_disk.keys()):
         if path not in on_disk:
-            raise AdapterError(f"{file} lists leaf {path!r}, which {directory / layout.ADAPTER_WEIGHTS_DIR} does "
-                               f"not hold: the two do not belong together; {REWRITE}")
+            raise AdapterError(
+                f"{file} lists leaf {path!r}, which {directory / layout.ADAPTER_WEIGHTS_DIR} does "
+                f"not hold: the two do not belong together; {REWRITE}"
+            )
         if path not in recorded:
-            raise AdapterError(f"{directory / layout.ADAPTER_WEIGHTS_DIR} holds leaf {path!r}, which {file} does "
-                               f"not list: the two do not belong together; {REWRITE}")
+            raise AdapterError(
+                f"{directory / layout.ADAPTER_WEIGHTS_DIR} holds leaf {path!r}, which {file} does "
+                f"not list: the two do not belong together; {REWRITE}"
+            )
         want = recorded[path]
         got = {"shape": list(on_disk[path].shape), "dtype": str(np.dtype(on_disk[path].dtype))}
-        if [want["shape"], str(np.dtype(jax.numpy.dtype(want["dtype"])))] != \
-                [got["shape"], got["dtype"]]:
-            raise AdapterError(f"{file} records leaf {path!r} as {want['dtype']}{want['shape']}, "
-                               f"but {directory / layout.ADAPTER_WEIGHTS_DIR} holds {got['dtype']}"
-                               f"{got['shape']}; nothing is cast or reshaped on load: {REWRITE}")
+        if [want["shape"], str(np.dtype(jax.numpy.dtype(want["dtype"])))] != [
+            got["shape"],
+            got["dtype"],
+        ]:
+            raise AdapterError(
+                f"{file} records leaf {path!r} as {want['dtype']}{want['shape']}, "
+                f"but {directory / layout.ADAPTER_WEIGHTS_DIR} holds {got['dtype']}"
+                f"{got['shape']}; nothing is cast or reshaped on load: {REWRITE}"
+            )

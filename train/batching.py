@@ -47,10 +47,12 @@ def assemble(rows: Sequence[Sequence[Example]], max_length: int, pad_id: int) ->
     Every row must hold at most ``max_length`` tokens; an empty row is all padding.
     """
     shape = (len(rows), max_length)
-    batch = {"input_ids": np.full(shape, pad_id, np.int32),
-             "segment_ids": np.zeros(shape, np.int32),
-             "positions": np.zeros(shape, np.int32),
-             "loss_mask": np.zeros(shape, np.int32)}
+    batch = {
+        "input_ids": np.full(shape, pad_id, np.int32),
+        "segment_ids": np.zeros(shape, np.int32),
+        "positions": np.zeros(shape, np.int32),
+        "loss_mask": np.zeros(shape, np.int32),
+    }
     for r, row in enumerate(rows):
         if sum(len(e.ids_L) for e in row) > max_length:
             raise ValueError(f"row {r} holds more than max_length={max_length} tokens")
@@ -86,12 +88,14 @@ def pack_next_fit(lengths_N: np.ndarray, order: Sequence[int], max_length: int) 
 def process_share(rows: Sequence, process_index: int, process_count: int) -> Sequence:
     """This process's contiguous, disjoint slice of a global batch's rows."""
     if len(rows) % process_count:
-        raise ValueError(f"a global batch of {len(rows)} rows cannot be split evenly over "
-                         f"{process_count} processes; make data.batch_size a multiple of it")
+        raise ValueError(
+            f"a global batch of {len(rows)} rows cannot be split evenly over "
+            f"{process_count} processes; make data.batch_size a multiple of it"
+        )
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} is outside [0, {process_count})")
     per_process = len(rows) // process_count
-    return rows[process_index * per_process:(process_index + 1) * per_process]
+    return rows[process_index * per_process : (process_index + 1) * per_process]
 
 
 @dataclass(frozen=True)
@@ -122,9 +126,19 @@ class TrainBatches:
     Epochs run on forever; the training loop decides when to stop.
     """
 
-    def __init__(self, examples: Sequence[Example], *, batch_size: int, max_length: int,
-                 pad_id: int, packing: bool, seed: int, process_index: int = 0,
-                 process_count: int = 1, position: DataPosition = START):
+    def __init__(
+        self,
+        examples: Sequence[Example],
+        *,
+        batch_size: int,
+        max_length: int,
+        pad_id: int,
+        packing: bool,
+        seed: int,
+        process_index: int = 0,
+        process_count: int = 1,
+        position: DataPosition = START,
+    ):
         process_share(range(batch_size), process_index, process_count)  # validates the split
         self._examples = examples
         self._lengths_N = np.array([len(e.ids_L) for e in examples], np.int64)
@@ -133,8 +147,10 @@ class TrainBatches:
         self._process = (process_index, process_count)
         self._cached: tuple[int, list[Row]] | None = None
         if self.steps_in_epoch(0) == 0:
-            raise ValueError(f"the training split fills {len(self.epoch_rows(0))} rows, fewer than "
-                             f"data.batch_size={batch_size}; lower the batch size or add data")
+            raise ValueError(
+                f"the training split fills {len(self.epoch_rows(0))} rows, fewer than "
+                f"data.batch_size={batch_size}; lower the batch size or add data"
+            )
         self._position = position
         self.batch_at(position)  # fail now, not mid-run, on a position from another data set
 
@@ -147,8 +163,11 @@ class TrainBatches:
         """All rows of ``epoch`` in order (global, before batching); cached for one epoch."""
         if self._cached is None or self._cached[0] != epoch:
             order = epoch_permutation(len(self._examples), self._seed, epoch)
-            rows = (pack_next_fit(self._lengths_N, order, self._max_length) if self._packing
-                    else [(int(i),) for i in order])
+            rows = (
+                pack_next_fit(self._lengths_N, order, self._max_length)
+                if self._packing
+                else [(int(i),) for i in order]
+            )
             self._cached = (epoch, rows)
         return self._cached[1]
 
@@ -160,13 +179,17 @@ class TrainBatches:
         """This process's share of the global batch at ``position``."""
         steps = self.steps_in_epoch(position.epoch)
         if not 0 <= position.step < steps:
-            raise ValueError(f"data position {position} is outside epoch {position.epoch}, which "
-                             f"has {steps} steps; was it saved with other data or batch settings?")
+            raise ValueError(
+                f"data position {position} is outside epoch {position.epoch}, which "
+                f"has {steps} steps; was it saved with other data or batch settings?"
+            )
         start = position.step * self._batch_size
-        rows = process_share(self.epoch_rows(position.epoch)[start:start + self._batch_size],
-                             *self._process)
-        return assemble([[self._examples[i] for i in row] for row in rows],
-                        self._max_length, self._pad_id)
+        rows = process_share(
+            self.epoch_rows(position.epoch)[start : start + self._batch_size], *self._process
+        )
+        return assemble(
+            [[self._examples[i] for i in row] for row in rows], self._max_length, self._pad_id
+        )
 
     def __iter__(self) -> TrainBatches:
         return self
@@ -180,13 +203,20 @@ class TrainBatches:
         return batch
 
 
-def eval_batches(examples: Sequence[Example], *, batch_size: int, max_length: int, pad_id: int,
-                 process_index: int = 0, process_count: int = 1,
-                 num_batches: int | None = None) -> Iterator[Batch]:
+def eval_batches(
+    examples: Sequence[Example],
+    *,
+    batch_size: int,
+    max_length: int,
+    pad_id: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_batches: int | None = None,
+) -> Iterator[Batch]:
     """Evaluation batches in data order, one example per row; the last global batch is
     filled with empty rows (zero ``loss_mask``). At most ``num_batches`` when given."""
     total = -(-len(examples) // batch_size)
     for step in range(total if num_batches is None else min(total, num_batches)):
-        chunk = [[e] for e in examples[step * batch_size:(step + 1) * batch_size]]
+        chunk = [[e] for e in examples[step * batch_size : (step + 1) * batch_size]]
         rows = chunk + [[] for _ in range(batch_size - len(chunk))]
         yield assemble(process_share(rows, process_index, process_count), max_length, pad_id)

@@ -30,12 +30,18 @@ import jax
 import orbax.checkpoint as ocp
 
 from train.batching import DataPosition
-from train.orbax_loops import settled_restore
 from train.errors import UserError
+from train.orbax_loops import settled_restore
 
 # Dotted config keys (or section prefixes) that may differ between a run and its resume.
-MAY_CHANGE_ON_RESUME = ("output_dir", "optim.max_steps", "optim.epochs", "checkpoint.", "eval.",
-                        "logging.")
+MAY_CHANGE_ON_RESUME = (
+    "output_dir",
+    "optim.max_steps",
+    "optim.epochs",
+    "checkpoint.",
+    "eval.",
+    "logging.",
+)
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -56,15 +62,20 @@ def flat_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """``"key: saved -> current"`` for every key that changes the run (sorted)."""
     old, new = flat_config(saved), flat_config(current)
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
-            if old.get(k) != new.get(k) and not k.startswith(MAY_CHANGE_ON_RESUME)]
+    return [
+        f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+        for k in sorted(old.keys() | new.keys())
+        if old.get(k) != new.get(k) and not k.startswith(MAY_CHANGE_ON_RESUME)
+    ]
 
 
 ITEMS = ("state", "meta")
 # The train state's structure, recorded in each checkpoint's meta; a checkpoint of another
 # format is refused by name instead of failing deep inside orbax.
-FORMATS = {1: "no format recorded (lora-jax before 2026-12-03)",
-           2: "every method's optimizer state wrapped by lj.optimizer (optax PartitionState)"}
+FORMATS = {
+    1: "no format recorded (lora-jax before 2026-12-03)",
+    2: "every method's optimizer state wrapped by lj.optimizer (optax PartitionState)",
+}
 FORMAT = 2
 
 
@@ -77,12 +88,14 @@ def check_no_foreign_steps(directory: Path) -> None:
     if not directory.is_dir():
         return
     for child in sorted(directory.iterdir()):
-        if child.name.isdigit() and not (child.is_dir()
-                                         and all((child / item).is_dir() for item in ITEMS)):
+        if child.name.isdigit() and not (
+            child.is_dir() and all((child / item).is_dir() for item in ITEMS)
+        ):
             raise CheckpointError(
                 f"{child} is not a lora-jax checkpoint (a checkpoint holds {' and '.join(ITEMS)}"
                 f"/ folders), but orbax would read or prune it as step {int(child.name)}; move it "
-                f"out of {directory} and rerun. Nothing was changed")
+                f"out of {directory} and rerun. Nothing was changed"
+            )
 
 
 class Checkpoints:
@@ -91,22 +104,29 @@ class Checkpoints:
     def __init__(self, directory: str | Path, *, keep_last: int, async_save: bool):
         self.directory = Path(directory).resolve()
         check_no_foreign_steps(self.directory)
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep_last,
-                                               enable_async_checkpointing=async_save)
-        self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                              item_names=("state", "meta"))
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep_last, enable_async_checkpointing=async_save
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "meta")
+        )
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step, or None."""
         return self._manager.latest_step()
 
-    def save(self, step: int, state: Any, position: DataPosition,
-             config: Mapping[str, Any]) -> None:
+    def save(
+        self, step: int, state: Any, position: DataPosition, config: Mapping[str, Any]
+    ) -> None:
         """Start saving (returns once the arrays are copied to host when async)."""
         meta = {"format": FORMAT, "data_position": position.to_dict(), "config": dict(config)}
-        self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                         meta=ocp.args.JsonSave(meta)),
-                           force=True)
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+            ),
+            force=True,
+        )
 
     def restore_meta(self, step: int) -> dict[str, Any]:
         """``{"format": ..., "data_position": ..., "config": ...}`` of checkpoint ``step``;
@@ -118,7 +138,8 @@ class Checkpoints:
                 f"checkpoint {self.directory / str(step)} was written by another version of "
                 f"lora-jax (checkpoint format {written}; this version reads format {FORMAT}: "
                 f"{FORMATS[FORMAT]}). It is kept as it is; start a new run with another "
-                f"output_dir, or resume it with the version that wrote it")
+                f"output_dir, or resume it with the version that wrote it"
+            )
         return meta
 
     def restore(self, step: int, like: Any) -> tuple[Any, DataPosition]:
@@ -127,8 +148,9 @@ class Checkpoints:
         ``like`` is a tree of ``jax.ShapeDtypeStruct`` with shardings (the state's
         shape); the arrays are restored with those shardings.
         """
-        restored = self._read(step, state=ocp.args.StandardRestore(like),
-                              meta=ocp.args.JsonRestore())
+        restored = self._read(
+            step, state=ocp.args.StandardRestore(like), meta=ocp.args.JsonRestore()
+        )
         return restored["state"], DataPosition.from_dict(restored["meta"]["data_position"])
 
     def _read(self, step: int, **items: ocp.args.CheckpointArgs) -> Any:
@@ -144,7 +166,8 @@ class Checkpoints:
                 f"{_one_line(e)}); it is truncated or corrupted. Nothing was written. Move "
                 f"that directory out of {self.directory} to resume from the previous checkpoint "
                 f"(steps on disk: {sorted(self._manager.all_steps())}), or start a new run with "
-                f"another output_dir") from e
+                f"another output_dir"
+            ) from e
 
     def wait(self) -> None:
         """Block until every pending save is on disk."""
@@ -162,5 +185,6 @@ def _one_line(error: BaseException, limit: int = 300) -> str:
 
 def abstract_like(state: Any, shardings: Any) -> Any:
     """``jax.ShapeDtypeStruct`` leaves (with ``shardings``) shaped like ``state``."""
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        state, shardings)
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
+    )

@@ -33,8 +33,10 @@ from dataclasses import dataclass
 TABLES = ("train.cli", "studies.e2e.commands")  # modules with a COMMANDS table, in order
 INTERRUPTED = 130  # exit status after Ctrl-C (128 + SIGINT), as a shell reports it
 # Errors of the layers below train/ whose messages name the fix: (module, class name).
-LIBRARY_ERRORS = (("lora_jax.peft", "PeftFormatError"), ("models.loaders.checkpoint",
-                                                         "ModelFileError"))
+LIBRARY_ERRORS = (
+    ("lora_jax.peft", "PeftFormatError"),
+    ("models.loaders.checkpoint", "ModelFileError"),
+)
 
 
 @dataclass(frozen=True)
@@ -46,8 +48,9 @@ class Command:
 
 def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("multi-process (one lora-jax per process)")
-    group.add_argument("--coordinator", metavar="HOST:PORT",
-                       help="address of process 0; enables jax.distributed")
+    group.add_argument(
+        "--coordinator", metavar="HOST:PORT", help="address of process 0; enables jax.distributed"
+    )
     group.add_argument("--num-processes", type=int, default=1)
     group.add_argument("--process-id", type=int, default=0)
 
@@ -60,21 +63,36 @@ def initialize_distributed(args: argparse.Namespace) -> None:
 
     if jax.config.jax_platforms in (None, "", "cpu"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(args.coordinator, num_processes=args.num_processes,
-                               process_id=args.process_id)
+    jax.distributed.initialize(
+        args.coordinator, num_processes=args.num_processes, process_id=args.process_id
+    )
 
 
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML run config, e.g. configs/e2e_lora.yaml")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="dotted overrides, e.g. lora.rank=4 data.path=/x.csv")
-    parser.add_argument("--force-resume", action="store_true",
-                        help="resume from the latest checkpoint even if the config changed")
-    parser.add_argument("--fresh", action="store_true",
-                        help="start over: empty the run directory first (only one lora-jax "
-                             "created; anything else is refused)")
-    parser.add_argument("--stop-after", type=int, metavar="STEPS",
-                        help="stop (with a checkpoint) after this many updates; rerun to resume")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dotted overrides, e.g. lora.rank=4 data.path=/x.csv",
+    )
+    parser.add_argument(
+        "--force-resume",
+        action="store_true",
+        help="resume from the latest checkpoint even if the config changed",
+    )
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start over: empty the run directory first (only one lora-jax "
+        "created; anything else is refused)",
+    )
+    parser.add_argument(
+        "--stop-after",
+        type=int,
+        metavar="STEPS",
+        help="stop (with a checkpoint) after this many updates; rerun to resume",
+    )
     add_distributed_arguments(parser)
 
 
@@ -89,23 +107,27 @@ def run_train(args: argparse.Namespace) -> int:
     from train.run import RunStopped, train  # after jax.distributed.initialize
 
     try:
-        result = train(cfg, force_resume=args.force_resume, stop_after=args.stop_after,
-                       fresh=args.fresh)
+        result = train(
+            cfg, force_resume=args.force_resume, stop_after=args.stop_after, fresh=args.fresh
+        )
     except RunStopped as stopped:
         if jax.process_index() == 0:
-            print(f"lora-jax train: {stopped} (run directory {stopped.run_dir})",
-                  file=sys.stderr)
+            print(f"lora-jax train: {stopped} (run directory {stopped.run_dir})", file=sys.stderr)
         return INTERRUPTED
     if jax.process_index() != 0:
         return 0
     before, after = result.validation_before, result.validation_after
     if before and after:
-        print(f"\nvalidation loss (nats/token): before {before['loss']:.4f}  after "
-              f"{after['loss']:.4f}   perplexity {before['perplexity']:.2f} -> "
-              f"{after['perplexity']:.2f}")
+        print(
+            f"\nvalidation loss (nats/token): before {before['loss']:.4f}  after "
+            f"{after['loss']:.4f}   perplexity {before['perplexity']:.2f} -> "
+            f"{after['perplexity']:.2f}"
+        )
     for i, sample in enumerate(result.samples, start=1):
-        print(f"\n[{i}] prompt:    {' '.join(sample.prompt.split())}\n"
-              f"    generated: {sample.generated}\n    reference: {sample.reference}")
+        print(
+            f"\n[{i}] prompt:    {' '.join(sample.prompt.split())}\n"
+            f"    generated: {sample.generated}\n    reference: {sample.reference}"
+        )
     print(f"\nrun directory: {result.run_dir} (step {result.step})")
     return 0
 
@@ -117,8 +139,11 @@ def _adapter_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _skip_base_check_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--skip-base-check", action="store_true",
-                        help="apply the adapter even if it records a base with other weights")
+    parser.add_argument(
+        "--skip-base-check",
+        action="store_true",
+        help="apply the adapter even if it records a base with other weights",
+    )
 
 
 def _export_arguments(parser: argparse.ArgumentParser) -> None:
@@ -134,14 +159,24 @@ def _import_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 COMMANDS: dict[str, Command] = {
-    "train": Command("fine-tune a model (LoRA, full or BitFit) as a config says",
-                     _train_arguments, "train.cli:run_train"),
-    "merge": Command("merge an adapter into its base: Hugging Face checkpoint + orbax params",
-                     _adapter_arguments, "train.export:run_merge"),
-    "export": Command("export an adapter in another format (peft)", _export_arguments,
-                      "train.export:run_export"),
-    "import-peft": Command("convert a PEFT LoRA adapter into a lora-jax adapter directory",
-                           _import_arguments, "train.export:run_import"),
+    "train": Command(
+        "fine-tune a model (LoRA, full or BitFit) as a config says",
+        _train_arguments,
+        "train.cli:run_train",
+    ),
+    "merge": Command(
+        "merge an adapter into its base: Hugging Face checkpoint + orbax params",
+        _adapter_arguments,
+        "train.export:run_merge",
+    ),
+    "export": Command(
+        "export an adapter in another format (peft)", _export_arguments, "train.export:run_export"
+    ),
+    "import-peft": Command(
+        "convert a PEFT LoRA adapter into a lora-jax adapter directory",
+        _import_arguments,
+        "train.export:run_import",
+    ),
 }
 
 
@@ -155,8 +190,11 @@ def commands() -> dict[str, Command]:
 
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="lora-jax", description="LoRA fine-tuning in JAX")
-    top.add_argument("--debug", action="store_true",
-                     help="show the full traceback of an error instead of its one line")
+    top.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the full traceback of an error instead of its one line",
+    )
     subparsers = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in commands().items():
         sub = subparsers.add_parser(name, help=command.help, description=command.help)
@@ -180,8 +218,11 @@ def is_user_error(error: BaseException) -> bool:
 
     if isinstance(error, (UserError, FileNotFoundError)):
         return True
-    loaded = [getattr(sys.modules[module], name) for module, name in LIBRARY_ERRORS
-              if module in sys.modules]
+    loaded = [
+        getattr(sys.modules[module], name)
+        for module, name in LIBRARY_ERRORS
+        if module in sys.modules
+    ]
     return isinstance(error, tuple(loaded))
 
 
@@ -194,8 +235,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         if args.debug:
             raise
-        print(f"lora-jax {args.command}: interrupted; what was written before stays (a train "
-              f"run resumes from its last checkpoint when rerun)", file=sys.stderr)
+        print(
+            f"lora-jax {args.command}: interrupted; what was written before stays (a train "
+            f"run resumes from its last checkpoint when rerun)",
+            file=sys.stderr,
+        )
         return INTERRUPTED
     except Exception as e:
         if args.debug or not is_user_error(e):

@@ -41,14 +41,21 @@ from typing import Any, Literal
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
 from train.errors import UserError
+
 
 class ConfigError(UserError, ValueError):
     """A configuration that cannot be used; the message names the key and the fix."""
 
 
-def _bounded(default: Any, *, low: float | None = None, above: float | None = None,
-             below: float | None = None) -> Any:
+def _bounded(
+    default: Any,
+    *,
+    low: float | None = None,
+    above: float | None = None,
+    below: float | None = None,
+) -> Any:
     """A dataclass field whose value, unless None, must be ``>= low``, ``> above``, ``< below``."""
     return field(default=default, metadata={"low": low, "above": above, "below": below})
 
@@ -179,14 +186,20 @@ class RunConfig:
         axes = dataclasses.asdict(self.mesh)
         bad = {k: v for k, v in axes.items() if v != -1 and v < 1}
         if bad:
-            raise ConfigError(f"config keys {sorted('mesh.' + k for k in bad)} must be >= 1 "
-                              f"or -1 (fill with the remaining devices), got {bad}")
+            raise ConfigError(
+                f"config keys {sorted('mesh.' + k for k in bad)} must be >= 1 "
+                f"or -1 (fill with the remaining devices), got {bad}"
+            )
         if list(axes.values()).count(-1) > 1:
-            raise ConfigError(f"at most one mesh axis may be -1 (fill), got mesh={axes}; "
-                              f"give the others explicit sizes")
+            raise ConfigError(
+                f"at most one mesh axis may be -1 (fill), got mesh={axes}; "
+                f"give the others explicit sizes"
+            )
         if self.method == "lora" and not self.lora.targets:
-            raise ConfigError("lora.targets is empty; give regexes over parameter paths, "
-                              "e.g. lora.targets=['.*/(q_proj|v_proj)/kernel']")
+            raise ConfigError(
+                "lora.targets is empty; give regexes over parameter paths, "
+                "e.g. lora.targets=['.*/(q_proj|v_proj)/kernel']"
+            )
 
 
 def _check_bounds(node: Any, prefix: str) -> None:
@@ -210,8 +223,11 @@ def _check_bounds(node: Any, prefix: str) -> None:
 
 def _sections(cls: type) -> dict[str, type]:
     """Field name -> dataclass type, for the fields of ``cls`` that are config sections."""
-    return {f.name: f.default_factory for f in dataclasses.fields(cls)
-            if dataclasses.is_dataclass(f.default_factory)}
+    return {
+        f.name: f.default_factory
+        for f in dataclasses.fields(cls)
+        if dataclasses.is_dataclass(f.default_factory)
+    }
 
 
 def _valid_keys(cls: type = RunConfig, prefix: str = "") -> list[str]:
@@ -253,8 +269,10 @@ def _check_keys(node: Mapping, cls: type, prefix: str, source: str) -> None:
         if key in sections:
             if not isinstance(value, Mapping):
                 example = f"{dotted}.{dataclasses.fields(sections[key])[0].name}=..."
-                raise ConfigError(f"config key '{dotted}' in {source} is a section, not a value; "
-                                  f"set its fields, e.g. {example}")
+                raise ConfigError(
+                    f"config key '{dotted}' in {source} is a section, not a value; "
+                    f"set its fields, e.g. {example}"
+                )
             _check_keys(value, sections[key], dotted + ".", source)
 
 

@@ -48,10 +48,10 @@ from tokenizers import Tokenizer
 
 from train.batching import START, Batch, DataPosition, TrainBatches, eval_batches
 from train.config import DataConfig, resolve_path
+from train.errors import UserError
 from train.examples import Example, char_limit, encode_pairs, fit_example, length_status
 from train.formats import COLUMN_ALIASES, FORMATS, MalformedRow, find_columns, is_missing
 from train.ordering import split_by_group
-from train.errors import UserError
 
 LOCAL_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 _LONE_CR = re.compile(r"(?<=\r)(?!\n)")  # the end of a line ended by \r alone
@@ -77,12 +77,17 @@ class DataReport:
 
     def summary(self) -> str:
         skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items()))
-        cut = (f" ({self.cut} with a text far longer than data.max_length cut before "
-               f"tokenising)" if self.cut else "")
-        return (f"{self.rows} rows: {sum(self.skipped.values())} skipped ({skipped or 'none'}), "
-                f"{self.truncated} truncated{cut}; train {self.train_examples} examples in "
-                f"{self.train_groups} groups, validation {self.validation_examples} examples in "
-                f"{self.validation_groups} groups")
+        cut = (
+            f" ({self.cut} with a text far longer than data.max_length cut before tokenising)"
+            if self.cut
+            else ""
+        )
+        return (
+            f"{self.rows} rows: {sum(self.skipped.values())} skipped ({skipped or 'none'}), "
+            f"{self.truncated} truncated{cut}; train {self.train_examples} examples in "
+            f"{self.train_groups} groups, validation {self.validation_examples} examples in "
+            f"{self.validation_groups} groups"
+        )
 
 
 @dataclass(frozen=True)
@@ -122,13 +127,16 @@ class Table:
     def malformed(self, policy: str | None, reason: str, message: str) -> None:
         """Count the row under ``reason`` (policy ``'skip'``) or raise DataError(message and
         the fix): ``'error'`` is ``data.on_malformed=error``, None an error with no such key."""
-        _refuse(policy or "error", f"{message}; fix the file" + (
-            " or set data.on_malformed=skip" if policy else ""))
+        _refuse(
+            policy or "error",
+            f"{message}; fix the file" + (" or set data.on_malformed=skip" if policy else ""),
+        )
         self.skipped[reason] += 1
 
 
-def load_table(path: str, source_split: str = "train",
-               on_malformed: str | None = None) -> Table | datasets.Dataset:
+def load_table(
+    path: str, source_split: str = "train", on_malformed: str | None = None
+) -> Table | datasets.Dataset:
     """The rows at ``path``: a local file (relative to the repository root) or a hub data set.
 
     ``source_split`` picks the split of a hub data set; a local file is one split. A local
@@ -140,16 +148,21 @@ def load_table(path: str, source_split: str = "train",
     local = resolve_path(path)
     builder = LOCAL_BUILDERS.get(local.suffix.lower())
     if builder is None and local.exists():
-        raise DataError(f"data file {local} has an unsupported extension; use one of "
-                        f"{sorted(LOCAL_BUILDERS)}")
+        raise DataError(
+            f"data file {local} has an unsupported extension; use one of {sorted(LOCAL_BUILDERS)}"
+        )
     if builder is not None:
         if local.is_dir():
-            raise DataError(f"data file {local} is a directory, not a file (data.path={path!r}); "
-                            f"pass data.path=/path/to/file{local.suffix}")
+            raise DataError(
+                f"data file {local} is a directory, not a file (data.path={path!r}); "
+                f"pass data.path=/path/to/file{local.suffix}"
+            )
         if not local.is_file():
-            raise DataError(f"data file {local} does not exist (data.path={path!r}; relative paths "
-                            f"are resolved against the current directory {Path.cwd()}); pass "
-                            f"data.path=/path/to/file{local.suffix}")
+            raise DataError(
+                f"data file {local} does not exist (data.path={path!r}; relative paths "
+                f"are resolved against the current directory {Path.cwd()}); pass "
+                f"data.path=/path/to/file{local.suffix}"
+            )
         if builder == "csv":
             return read_csv(local, on_malformed)
         if builder == "json":
@@ -158,15 +171,19 @@ def load_table(path: str, source_split: str = "train",
             with _quiet_datasets():
                 return datasets.load_dataset(builder, data_files=str(local), split="train")
         except Exception as e:  # noqa: BLE001 - pyarrow, datasets and OS errors all end here
-            raise DataError(f"could not read data file {local} as {builder}: {_reason(e)}; is it "
-                            f"empty, or not {builder}?") from e
+            raise DataError(
+                f"could not read data file {local} as {builder}: {_reason(e)}; is it "
+                f"empty, or not {builder}?"
+            ) from e
     try:
         with _quiet_datasets():
             return datasets.load_dataset(path, split=source_split)
     except Exception as e:  # no network, unknown name, missing split: all end here
-        raise DataError(f"could not load data set {path!r} (split {source_split!r}) from the hub: "
-                        f"{' '.join(str(e).split())}; for a local file give a path ending in "
-                        f"one of {sorted(LOCAL_BUILDERS)}") from e
+        raise DataError(
+            f"could not load data set {path!r} (split {source_split!r}) from the hub: "
+            f"{' '.join(str(e).split())}; for a local file give a path ending in "
+            f"one of {sorted(LOCAL_BUILDERS)}"
+        ) from e
 
 
 @contextlib.contextmanager
@@ -196,8 +213,10 @@ def _open(local: Path) -> Iterator[BinaryIO]:
     try:
         handle = local.open("rb")
     except OSError as e:
-        raise DataError(f"cannot read data file {local}: {e.strerror or e}; check that it is a "
-                        f"file you may read") from None
+        raise DataError(
+            f"cannot read data file {local}: {e.strerror or e}; check that it is a "
+            f"file you may read"
+        ) from None
     with handle:
         head = handle.read(2)
         if head in (b"\xff\xfe", b"\xfe\xff"):
@@ -248,8 +267,10 @@ class _Lines:
         for number in range(first, last + 1):
             e = self.undecodable.get(number)
             if e is not None:
-                return (f"line {number} is not UTF-8 text (byte {e.object[e.start:e.end]!r} at "
-                        f"byte {e.start + 1} of the line); re-save the file as UTF-8")
+                return (
+                    f"line {number} is not UTF-8 text (byte {e.object[e.start : e.end]!r} at "
+                    f"byte {e.start + 1} of the line); re-save the file as UTF-8"
+                )
         return None
 
 
@@ -286,15 +307,20 @@ def read_csv(local: Path, on_malformed: str | None = None) -> Table:
             except csv.Error as e:
                 where = f"data file {local}, line {first}"
                 if lines.exhausted:
-                    raise DataError(f"{where}: a quoted field in the row starting here is never "
-                                    f"closed, so the rest of the file (lines {first}-"
-                                    f"{lines.number}) would be one field; close the quote, and "
-                                    f"write a quote inside a quoted field as two (\"\")") from None
+                    raise DataError(
+                        f"{where}: a quoted field in the row starting here is never "
+                        f"closed, so the rest of the file (lines {first}-"
+                        f"{lines.number}) would be one field; close the quote, and "
+                        f'write a quote inside a quoted field as two ("")'
+                    ) from None
                 last = reader.line_num
-                table.malformed(on_malformed, "bad_quote",
-                                f"{where}{f'-{last}' if last > first else ''}: {e} (a quote "
-                                f"inside a field must be doubled and the field quoted, "
-                                f"e.g. \"say \"\"hi\"\"\")")
+                table.malformed(
+                    on_malformed,
+                    "bad_quote",
+                    f"{where}{f'-{last}' if last > first else ''}: {e} (a quote "
+                    f"inside a field must be doubled and the field quoted, "
+                    f'e.g. "say ""hi""")',
+                )
                 continue
             if not fields:  # a blank line
                 continue
@@ -304,13 +330,21 @@ def read_csv(local: Path, on_malformed: str | None = None) -> Table:
                 table.malformed(on_malformed, "not_utf8", f"data file {local}: {bad_text}")
                 continue
             if len(fields) > width:
-                table.malformed(on_malformed, "extra_fields",
-                                f"{where}: the row has {len(fields)} fields but the header has "
-                                f"{width} ({','.join(table.column_names)}); quote a field that "
-                                f"holds a comma, or remove the extra field")
+                table.malformed(
+                    on_malformed,
+                    "extra_fields",
+                    f"{where}: the row has {len(fields)} fields but the header has "
+                    f"{width} ({','.join(table.column_names)}); quote a field that "
+                    f"holds a comma, or remove the extra field",
+                )
                 continue
-            table.add({name: value if value != "" else None
-                       for name, value in zip(table.column_names, fields)}, first)
+            table.add(
+                {
+                    name: value if value != "" else None
+                    for name, value in zip(table.column_names, fields)
+                },
+                first,
+            )
     return table
 
 
@@ -321,12 +355,16 @@ def _csv_header(reader: Any, lines: _Lines, local: Path) -> list[str]:
         try:
             fields = next(reader)
         except StopIteration:
-            raise DataError(f"data file {local} is empty: a CSV needs a header line naming its "
-                            f"columns (e.g. mr,ref) and then one row per example") from None
+            raise DataError(
+                f"data file {local} is empty: a CSV needs a header line naming its "
+                f"columns (e.g. mr,ref) and then one row per example"
+            ) from None
         except csv.Error as e:
-            raise DataError(f"data file {local}, line {lines.number}: the header line is not "
-                            f"valid CSV ({e}); the first line must name the columns, e.g. "
-                            f"mr,ref") from None
+            raise DataError(
+                f"data file {local}, line {lines.number}: the header line is not "
+                f"valid CSV ({e}); the first line must name the columns, e.g. "
+                f"mr,ref"
+            ) from None
         if fields:
             break
     bad_text = lines.not_utf8(1, reader.line_num)
@@ -367,16 +405,22 @@ def read_json(local: Path, on_malformed: str | None = None) -> Table:
             try:
                 record = json.loads(text.rstrip())
             except json.JSONDecodeError as e:
-                table.malformed(on_malformed, "bad_json",
-                                f"{where}: not valid JSON ({e.msg}: column {e.colno}); each "
-                                f"line must hold one JSON object, e.g. "
-                                f"{{\"mr\": \"...\", \"ref\": \"...\"}}")
+                table.malformed(
+                    on_malformed,
+                    "bad_json",
+                    f"{where}: not valid JSON ({e.msg}: column {e.colno}); each "
+                    f"line must hold one JSON object, e.g. "
+                    f'{{"mr": "...", "ref": "..."}}',
+                )
                 continue
             if not isinstance(record, dict):
-                table.malformed(on_malformed, "not_object",
-                                f"{where}: a JSON {type(record).__name__}, not an object; each "
-                                f"line must hold one JSON object, e.g. "
-                                f"{{\"mr\": \"...\", \"ref\": \"...\"}}")
+                table.malformed(
+                    on_malformed,
+                    "not_object",
+                    f"{where}: a JSON {type(record).__name__}, not an object; each "
+                    f"line must hold one JSON object, e.g. "
+                    f'{{"mr": "...", "ref": "..."}}',
+                )
                 continue
             columns.update(dict.fromkeys(record))
             table.add(record, number)
@@ -389,20 +433,27 @@ def _read_json_array(local: Path, data: bytes, on_malformed: str | None) -> Tabl
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
-        raise DataError(f"data file {local}, line {line}: not UTF-8 text (byte "
-                        f"{e.object[e.start:e.end]!r}); re-save the file as UTF-8") from None
+        raise DataError(
+            f"data file {local}, line {line}: not UTF-8 text (byte "
+            f"{e.object[e.start : e.end]!r}); re-save the file as UTF-8"
+        ) from None
     try:
         records = json.loads(text)
     except json.JSONDecodeError as e:
-        raise DataError(f"data file {local}, line {e.lineno}: not valid JSON ({e.msg}: column "
-                        f"{e.colno}); the file must hold one array of objects, or one object "
-                        f"a line (JSON Lines)") from None
+        raise DataError(
+            f"data file {local}, line {e.lineno}: not valid JSON ({e.msg}: column "
+            f"{e.colno}); the file must hold one array of objects, or one object "
+            f"a line (JSON Lines)"
+        ) from None
     table, columns = Table(local, []), {}
     for index, record in enumerate(records):
         if not isinstance(record, dict):
-            table.malformed(on_malformed, "not_object",
-                            f"data file {local}, element {index} of the array: a JSON "
-                            f"{type(record).__name__}, not an object")
+            table.malformed(
+                on_malformed,
+                "not_object",
+                f"data file {local}, element {index} of the array: a JSON "
+                f"{type(record).__name__}, not an object",
+            )
             continue
         columns.update(dict.fromkeys(record))
         table.add(record, None)
@@ -413,16 +464,22 @@ def _read_json_array(local: Path, data: bytes, on_malformed: str | None) -> Tabl
 # --------------------------------------------------------------------------- rows -> examples
 
 
-def select_columns(table: Table | datasets.Dataset,
-                   found: Mapping[str, str]) -> Table | datasets.Dataset:
+def select_columns(
+    table: Table | datasets.Dataset, found: Mapping[str, str]
+) -> Table | datasets.Dataset:
     """The columns ``found`` names (ours -> the table's, train/formats.py ``find_columns``),
     under our names."""
     if isinstance(table, Table):
-        return Table(table.file, list(found),
-                     [{name: row.get(column) for name, column in found.items()}
-                      for row in table.rows], table.lines, table.skipped)
+        return Table(
+            table.file,
+            list(found),
+            [{name: row.get(column) for name, column in found.items()} for row in table.rows],
+            table.lines,
+            table.skipped,
+        )
     return table.select_columns(list(found.values())).rename_columns(
-        {column: name for name, column in found.items() if column != name})
+        {column: name for name, column in found.items() if column != name}
+    )
 
 
 class _Row(NamedTuple):
@@ -458,15 +515,17 @@ def _source(table: Table | datasets.Dataset, cfg: DataConfig) -> str:
 def _needs(cfg: DataConfig, split_key: str | None) -> str:
     """What the format reads, for messages: its columns, their other names, the split key."""
     fmt = FORMATS[cfg.format]
-    aliases = [f"{name} (or {' / '.join(COLUMN_ALIASES[name])})" if name in COLUMN_ALIASES
-               else name for name in fmt.columns]
+    aliases = [
+        f"{name} (or {' / '.join(COLUMN_ALIASES[name])})" if name in COLUMN_ALIASES else name
+        for name in fmt.columns
+    ]
     key = f" and data.split_key={split_key!r}" if split_key and split_key not in fmt.columns else ""
-    return (f"data.format={cfg.format!r} needs the columns [{', '.join(aliases)}]{key} "
-            f"(any case)")
+    return f"data.format={cfg.format!r} needs the columns [{', '.join(aliases)}]{key} (any case)"
 
 
-def _format_rows(table: Table | datasets.Dataset, cfg: DataConfig, skipped: Counter,
-                 limit: int) -> list[_Row]:
+def _format_rows(
+    table: Table | datasets.Dataset, cfg: DataConfig, skipped: Counter, limit: int
+) -> list[_Row]:
     """The well-formed rows, formatted, each text cut to ``limit`` characters; counts the rest."""
     fmt = FORMATS[cfg.format]
     split_key = cfg.split_key or fmt.split_key
@@ -474,9 +533,11 @@ def _format_rows(table: Table | datasets.Dataset, cfg: DataConfig, skipped: Coun
     found = find_columns(table.column_names, needed)
     missing = [name for name, column in found.items() if column is None]
     if missing:
-        raise DataError(f"{_source(table, cfg)} lacks columns {missing} (it has "
-                        f"{table.column_names}); {_needs(cfg, split_key)}; rename the columns "
-                        f"or set data.format / data.split_key")
+        raise DataError(
+            f"{_source(table, cfg)} lacks columns {missing} (it has "
+            f"{table.column_names}); {_needs(cfg, split_key)}; rename the columns "
+            f"or set data.format / data.split_key"
+        )
     lines = table.lines if isinstance(table, Table) else None
     formatted = []
     for index, row in enumerate(select_columns(table, found).to_list()):
@@ -485,8 +546,10 @@ def _format_rows(table: Table | datasets.Dataset, cfg: DataConfig, skipped: Coun
             prompt, target = fmt.build(row)
             group = _group(row, split_key, index)
         except MalformedRow as bad:
-            _refuse(cfg.on_malformed, f"{_row_name(cfg, index, line)}: {bad}; fix the row or set "
-                                      f"data.on_malformed=skip")
+            _refuse(
+                cfg.on_malformed,
+                f"{_row_name(cfg, index, line)}: {bad}; fix the row or set data.on_malformed=skip",
+            )
             skipped[bad.reason] += 1
             continue
         cut = len(prompt) > limit or len(target) > limit
@@ -494,25 +557,35 @@ def _format_rows(table: Table | datasets.Dataset, cfg: DataConfig, skipped: Coun
     return formatted
 
 
-def _fit_lengths(formatted: list[_Row], pairs: list[tuple[list[int], list[int]]],
-                 cfg: DataConfig, skipped: Counter) -> tuple[list[Example], list[str], int]:
+def _fit_lengths(
+    formatted: list[_Row],
+    pairs: list[tuple[list[int], list[int]]],
+    cfg: DataConfig,
+    skipped: Counter,
+) -> tuple[list[Example], list[str], int]:
     """(examples, their groups, truncated count) after the ``max_length`` rules; counts skips."""
     examples, groups, truncated = [], [], 0
     for row, (prompt_ids, target_ids) in zip(formatted, pairs, strict=True):
         status = length_status(len(prompt_ids), len(target_ids), cfg.max_length)
         at_least = "at least " if row.cut else ""  # a cut text had more tokens than counted
         if status == "prompt_too_long":
-            _refuse(cfg.on_malformed, f"{_row_name(cfg, row.index, row.line)}: the prompt has "
-                                      f"{at_least}{len(prompt_ids)} tokens, leaving no room for "
-                                      f"a target in data.max_length={cfg.max_length}; raise "
-                                      f"data.max_length or set data.on_malformed=skip")
+            _refuse(
+                cfg.on_malformed,
+                f"{_row_name(cfg, row.index, row.line)}: the prompt has "
+                f"{at_least}{len(prompt_ids)} tokens, leaving no room for "
+                f"a target in data.max_length={cfg.max_length}; raise "
+                f"data.max_length or set data.on_malformed=skip",
+            )
             skipped[status] += 1
             continue
         if status == "too_long":
-            _refuse(cfg.on_too_long, f"{_row_name(cfg, row.index, row.line)}: prompt + target + "
-                                     f"EOS is {at_least}{len(prompt_ids) + len(target_ids)} "
-                                     f"tokens, more than data.max_length={cfg.max_length}; raise "
-                                     f"data.max_length or set data.on_too_long=truncate|skip")
+            _refuse(
+                cfg.on_too_long,
+                f"{_row_name(cfg, row.index, row.line)}: prompt + target + "
+                f"EOS is {at_least}{len(prompt_ids) + len(target_ids)} "
+                f"tokens, more than data.max_length={cfg.max_length}; raise "
+                f"data.max_length or set data.on_too_long=truncate|skip",
+            )
             if cfg.on_too_long == "skip":
                 skipped[status] += 1
                 continue
@@ -534,24 +607,32 @@ def _no_rows(table: Table | datasets.Dataset, cfg: DataConfig) -> DataError:
     if not isinstance(table, Table):
         return DataError(f"data {cfg.path!r} has no rows; {needs}, one example per row")
     if table.file.suffix.lower() == ".csv":
-        return DataError(f"could not read data file {table.file}: it has a header line "
-                         f"({','.join(table.column_names)}) but no rows; {needs}, one example "
-                         f"per row")
-    return DataError(f"could not read data file {table.file}: it holds no JSON records; {needs}, "
-                     f"one object per line")
+        return DataError(
+            f"could not read data file {table.file}: it has a header line "
+            f"({','.join(table.column_names)}) but no rows; {needs}, one example "
+            f"per row"
+        )
+    return DataError(
+        f"could not read data file {table.file}: it holds no JSON records; {needs}, "
+        f"one object per line"
+    )
 
 
 def _all_skipped(cfg: DataConfig, rows: int, skipped: Counter) -> DataError:
-    return DataError(f"all {rows} rows of {cfg.path!r} were skipped ({dict(skipped)}); see "
-                     f"data.on_malformed / data.on_too_long and data.max_length")
+    return DataError(
+        f"all {rows} rows of {cfg.path!r} were skipped ({dict(skipped)}); see "
+        f"data.on_malformed / data.on_too_long and data.max_length"
+    )
 
 
 def build_splits(cfg: DataConfig, tokenizer: Tokenizer, seed: int) -> Splits:
     """Load, format, tokenise and split the data set described by ``cfg``."""
     eos_id = tokenizer.token_to_id(cfg.eos_token)
     if eos_id is None:
-        raise DataError(f"the tokenizer has no token {cfg.eos_token!r} (data.eos_token); set "
-                        f"data.eos_token to its end-of-sequence token")
+        raise DataError(
+            f"the tokenizer has no token {cfg.eos_token!r} (data.eos_token); set "
+            f"data.eos_token to its end-of-sequence token"
+        )
     table = load_table(cfg.path, cfg.source_split, cfg.on_malformed)
     skipped: Counter = Counter(table.skipped if isinstance(table, Table) else {})
     rows = len(table) + sum(skipped.values())
@@ -559,36 +640,69 @@ def build_splits(cfg: DataConfig, tokenizer: Tokenizer, seed: int) -> Splits:
         raise _all_skipped(cfg, rows, skipped) if skipped else _no_rows(table, cfg)
     formatted = _format_rows(table, cfg, skipped, char_limit(tokenizer, cfg.max_length))
     del table  # its rows may hold long texts that are only needed cut
-    pairs = encode_pairs(tokenizer, [r.prompt for r in formatted], [r.target for r in formatted],
-                         eos_id)
+    pairs = encode_pairs(
+        tokenizer, [r.prompt for r in formatted], [r.target for r in formatted], eos_id
+    )
     examples, groups, truncated = _fit_lengths(formatted, pairs, cfg, skipped)
     if not examples:
         raise _all_skipped(cfg, rows, skipped)
     train_idx, val_idx = split_by_group(groups, cfg.validation_fraction, seed)
     if cfg.validation_fraction > 0 and len(val_idx) == 0:
-        raise DataError(f"data {cfg.path!r} has a single group, so none can be held out for "
-                        f"validation; set data.validation_fraction=0 or data.split_key")
-    report = DataReport(rows=rows, skipped=dict(skipped), truncated=truncated,
-                        train_examples=len(train_idx), validation_examples=len(val_idx),
-                        train_groups=len({groups[i] for i in train_idx}),
-                        validation_groups=len({groups[i] for i in val_idx}),
-                        cut=sum(r.cut for r in formatted))
+        raise DataError(
+            f"data {cfg.path!r} has a single group, so none can be held out for "
+            f"validation; set data.validation_fraction=0 or data.split_key"
+        )
+    report = DataReport(
+        rows=rows,
+        skipped=dict(skipped),
+        truncated=truncated,
+        train_examples=len(train_idx),
+        validation_examples=len(val_idx),
+        train_groups=len({groups[i] for i in train_idx}),
+        validation_groups=len({groups[i] for i in val_idx}),
+        cut=sum(r.cut for r in formatted),
+    )
     return Splits([examples[i] for i in train_idx], [examples[i] for i in val_idx], eos_id, report)
 
 
-def train_batches(splits: Splits, cfg: DataConfig, *, seed: int, process_index: int = 0,
-                  process_count: int = 1,
-                  position: DataPosition = START) -> TrainBatches:
+def train_batches(
+    splits: Splits,
+    cfg: DataConfig,
+    *,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    position: DataPosition = START,
+) -> TrainBatches:
     """The resumable training stream of ``[batch_size // process_count, max_length]`` batches."""
-    return TrainBatches(splits.train, batch_size=cfg.batch_size, max_length=cfg.max_length,
-                        pad_id=splits.pad_id, packing=cfg.packing, seed=seed,
-                        process_index=process_index, process_count=process_count,
-                        position=position)
+    return TrainBatches(
+        splits.train,
+        batch_size=cfg.batch_size,
+        max_length=cfg.max_length,
+        pad_id=splits.pad_id,
+        packing=cfg.packing,
+        seed=seed,
+        process_index=process_index,
+        process_count=process_count,
+        position=position,
+    )
 
 
-def validation_batches(splits: Splits, cfg: DataConfig, *, process_index: int = 0,
-                       process_count: int = 1, num_batches: int | None = None) -> Iterator[Batch]:
+def validation_batches(
+    splits: Splits,
+    cfg: DataConfig,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_batches: int | None = None,
+) -> Iterator[Batch]:
     """Validation batches in a fixed order, every example once (see ``eval_batches``)."""
-    return eval_batches(splits.validation, batch_size=cfg.batch_size, max_length=cfg.max_length,
-                        pad_id=splits.pad_id, process_index=process_index,
-                        process_count=process_count, num_batches=num_batches)
+    return eval_batches(
+        splits.validation,
+        batch_size=cfg.batch_size,
+        max_length=cfg.max_length,
+        pad_id=splits.pad_id,
+        process_index=process_index,
+        process_count=process_count,
+        num_batches=num_batches,
+    )

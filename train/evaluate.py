@@ -13,8 +13,9 @@ from train.batching import Batch
 from train.mesh import put_batch
 
 
-def evaluate(step: Callable[..., Any], trainable: Any, frozen: Any, batches: Iterable[Batch],
-             mesh: Mesh) -> dict[str, float]:
+def evaluate(
+    step: Callable[..., Any], trainable: Any, frozen: Any, batches: Iterable[Batch], mesh: Mesh
+) -> dict[str, float]:
     """``{"loss": nats per target token, "perplexity": exp(loss), "target_tokens": n}``.
 
     ``step`` is the jitted ``train.step.eval_step``; ``batches`` are this process's
@@ -27,7 +28,8 @@ def evaluate(step: Callable[..., Any], trainable: Any, frozen: Any, batches: Ite
         total += float(np.asarray(loss_sum))
         count += float(np.asarray(n_targets))
     if count == 0:
-        raise ValueError("the validation batches hold no target token; set "
-                         "data.validation_fraction > 0")
+        raise ValueError(
+            "the validation batches hold no target token; set data.validation_fraction > 0"
+        )
     loss = total / count
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "target_tokens": count}

@@ -34,7 +34,6 @@ from typing import NamedTuple
 import numpy as np
 from tokenizers import Tokenizer
 
-
 CUT_MARGIN = 4  # tokens the cut text may yield, as a multiple of max_length + 1 (at least)
 
 
@@ -43,8 +42,9 @@ class Example(NamedTuple):
     prompt_length: int  # tokens before the first target token
 
 
-def encode_pairs(tokenizer: Tokenizer, prompts: Sequence[str], targets: Sequence[str],
-                 eos_id: int) -> list[tuple[list[int], list[int]]]:
+def encode_pairs(
+    tokenizer: Tokenizer, prompts: Sequence[str], targets: Sequence[str], eos_id: int
+) -> list[tuple[list[int], list[int]]]:
     """``[(prompt_ids, target_ids + [eos_id]), ...]``, one pair per (prompt, target)."""
     prompt_ids = tokenizer.encode_batch(list(prompts), add_special_tokens=False)
     target_ids = tokenizer.encode_batch(list(targets), add_special_tokens=False)

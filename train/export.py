@@ -62,8 +62,10 @@ def adapter_dir(run_or_adapter: str | Path) -> Path:
     for candidate in (path, path / layout.ADAPTER_DIR):
         if (candidate / layout.ADAPTER_META_FILE).is_file():
             return candidate
-    raise adapter_lib.AdapterError(f"{path} is neither a run directory nor an adapter directory: "
-                                   f"no {layout.ADAPTER_META_FILE} in it or in its adapter/")
+    raise adapter_lib.AdapterError(
+        f"{path} is neither a run directory nor an adapter directory: "
+        f"no {layout.ADAPTER_META_FILE} in it or in its adapter/"
+    )
 
 
 def load_adapted(run_or_adapter: str | Path, *, check_base: bool = True) -> Adapted:
@@ -91,8 +93,10 @@ def _load_options(meta: dict[str, Any]) -> dict[str, Any]:
         added = ADDED_BIASES if recorded.get("add_biases") else {}  # absent in older adapters
         return {k: recorded[k] for k in ("dtype", "param_dtype", "scan_layers")} | added
     leaves = meta["base_fingerprint"]["leaves"]
-    return {"scan_layers": any(p.startswith("layers/") for p in leaves),
-            "param_dtype": leaves["embed_tokens/embedding"]["dtype"]}
+    return {
+        "scan_layers": any(p.startswith("layers/") for p in leaves),
+        "param_dtype": leaves["embed_tokens/embedding"]["dtype"],
+    }
 
 
 @contextlib.contextmanager
@@ -142,20 +146,29 @@ def export_peft(run_or_adapter: str | Path, out: str | Path, *, check_base: bool
     with claimed(out, layout.Kind.PEFT, "--out directory") as directory:
         adapted = load_adapted(run_or_adapter, check_base=check_base)
         if adapted.meta["method"] != "lora":
-            raise adapter_lib.AdapterError(f"the adapter was trained with method "
-                                           f"{adapted.meta['method']!r}; only LoRA adapters "
-                                           "export to PEFT (use lora-jax merge for a full "
-                                           "checkpoint)")
+            raise adapter_lib.AdapterError(
+                f"the adapter was trained with method "
+                f"{adapted.meta['method']!r}; only LoRA adapters "
+                "export to PEFT (use lora-jax merge for a full "
+                "checkpoint)"
+            )
         config = adapted.model.config
         lora = adapted.meta.get("lora") or {}
-        lj.to_peft(directory, adapted.params, peft_module_map(config),
-                   tied=tied_modules(config), use_rslora=lora.get("use_rslora", False),
-                   dropout=lora.get("dropout", 0.0), base_model_name_or_path=adapted.meta["model"])
+        lj.to_peft(
+            directory,
+            adapted.params,
+            peft_module_map(config),
+            tied=tied_modules(config),
+            use_rslora=lora.get("use_rslora", False),
+            dropout=lora.get("dropout", 0.0),
+            base_model_name_or_path=adapted.meta["model"],
+        )
     return Path(out)
 
 
-def import_peft(peft_dir: str | Path, model_name: str, out: str | Path, *,
-                check_base: bool = True) -> Path:
+def import_peft(
+    peft_dir: str | Path, model_name: str, out: str | Path, *, check_base: bool = True
+) -> Path:
     """Write a PEFT LoRA adapter for `model_name` as a lora-jax adapter directory.
 
     `out` must be new, empty, or an adapter directory ``import-peft`` wrote before: a
@@ -165,20 +178,33 @@ def import_peft(peft_dir: str | Path, model_name: str, out: str | Path, *,
         _check_not_trained(directory)
         model, base, _ = models.load(model_name)
         config = model.config
-        params = lj.from_peft(peft_dir, base, peft_module_map(config),
-                              tied=tied_modules(config), check_base=check_base,
-                              base_name=str(model_name))
+        params = lj.from_peft(
+            peft_dir,
+            base,
+            peft_module_map(config),
+            tied=tied_modules(config),
+            check_base=check_base,
+            base_name=str(model_name),
+        )
         peft_config = lj.peft.read_config(peft_dir)
         adapter = lj.adapter(params)
         targets = sorted({"/".join(p[:-1]) for p in traverse_util.flatten_dict(adapter)})
-        lora = lj.LoraConfig(rank=peft_config["r"], alpha=peft_config["lora_alpha"],
-                             targets=tuple(f"^{re.escape(t)}/" for t in targets),
-                             dropout=peft_config.get("lora_dropout", 0.0),
-                             use_rslora=bool(peft_config.get("use_rslora")))
-        return adapter_lib.save_adapter(directory, adapter, method="lora", model_name=model_name,
-                                        lora=lora.to_dict(),
-                                        base_fingerprint=adapter_lib.fingerprint(base),
-                                        extra={IMPORTED_FROM: str(Path(peft_dir).absolute())})
+        lora = lj.LoraConfig(
+            rank=peft_config["r"],
+            alpha=peft_config["lora_alpha"],
+            targets=tuple(f"^{re.escape(t)}/" for t in targets),
+            dropout=peft_config.get("lora_dropout", 0.0),
+            use_rslora=bool(peft_config.get("use_rslora")),
+        )
+        return adapter_lib.save_adapter(
+            directory,
+            adapter,
+            method="lora",
+            model_name=model_name,
+            lora=lora.to_dict(),
+            base_fingerprint=adapter_lib.fingerprint(base),
+            extra={IMPORTED_FROM: str(Path(peft_dir).absolute())},
+        )
 
 
 def _check_not_trained(directory: Path) -> None:
@@ -190,9 +216,11 @@ def _check_not_trained(directory: Path) -> None:
     except adapter_lib.AdapterError:
         meta = {}
     if IMPORTED_FROM not in meta:
-        raise rundir.DirectoryError(f"--out directory {directory} holds an adapter that "
-                                    f"import-peft did not write (a training run's); nothing was "
-                                    f"changed. Choose a new or empty directory")
+        raise rundir.DirectoryError(
+            f"--out directory {directory} holds an adapter that "
+            f"import-peft did not write (a training run's); nothing was "
+            f"changed. Choose a new or empty directory"
+        )
 
 
 @contextlib.contextmanager
@@ -221,7 +249,6 @@ def run_export(args: argparse.Namespace) -> int:
 
 def run_import(args: argparse.Namespace) -> int:
     with _command_line_errors():
-        out = import_peft(args.peft_dir, args.model, args.out,
-                          check_base=not args.skip_base_check)
+        out = import_peft(args.peft_dir, args.model, args.out, check_base=not args.skip_base_check)
     print(f"adapter: {out}")
     return 0

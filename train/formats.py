@@ -33,7 +33,9 @@ from typing import Any
 E2E_INSTRUCTION = "Describe this restaurant in one sentence: "
 # other names of a column: Hugging Face e2e_nlg's, and the E2E challenge's own CSVs' header
 COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
-    "mr": ("meaning_representation",), "ref": ("reference", "human_reference")}
+    "mr": ("meaning_representation",),
+    "ref": ("reference", "human_reference"),
+}
 
 
 class MalformedRow(ValueError):
@@ -59,9 +61,12 @@ def find_columns(columns: Sequence[str], names: Sequence[str]) -> dict[str, str 
     {'mr': '\ufeffMR', 'ref': 'human_reference', 'text': None}
     """
     by_key = {c.lstrip("\ufeff").strip().lower(): c for c in columns}
-    return {name: name if name in columns else
-            next((by_key[k] for k in (name, *COLUMN_ALIASES.get(name, ())) if k in by_key), None)
-            for name in names}
+    return {
+        name: name
+        if name in columns
+        else next((by_key[k] for k in (name, *COLUMN_ALIASES.get(name, ())) if k in by_key), None)
+        for name in names
+    }
 
 
 def is_missing(value: Any) -> bool:
@@ -75,8 +80,9 @@ def text_field(row: Mapping[str, Any], column: str) -> str:
     if is_missing(value):
         raise MalformedRow("missing", f"column '{column}' is missing (null/NaN)")
     if not isinstance(value, str):
-        raise MalformedRow("not_string", f"column '{column}' is {type(value).__name__} {value!r}, "
-                                         f"not a string")
+        raise MalformedRow(
+            "not_string", f"column '{column}' is {type(value).__name__} {value!r}, not a string"
+        )
     if not value.strip():
         raise MalformedRow("empty", f"column '{column}' is empty")
     return value

@@ -66,8 +66,10 @@ def blow_up(largest: float, start_max_abs: float) -> str | None:
     if not math.isfinite(largest):
         return "parameters hold NaN or infinite values"
     if largest > growth_bound(start_max_abs):
-        return (f"parameters reached max |θ| = {largest:.3g}, over {MAX_GROWTH:g}× their start "
-                f"(max |θ| {start_max_abs:.3g} at step 0)")
+        return (
+            f"parameters reached max |θ| = {largest:.3g}, over {MAX_GROWTH:g}× their start "
+            f"(max |θ| {start_max_abs:.3g} at step 0)"
+        )
     return None
 
 
@@ -90,12 +92,16 @@ class DivergenceGuard:
         if len(self._losses) >= MIN_HISTORY:
             median = float(np.median(self._losses))
             if loss > SPIKE_FACTOR * median > 0:
-                return (f"the loss jumped to {loss:.3g} nats/token, over {SPIKE_FACTOR:g}× its "
-                        f"recent median {median:.3g}")
+                return (
+                    f"the loss jumped to {loss:.3g} nats/token, over {SPIKE_FACTOR:g}× its "
+                    f"recent median {median:.3g}"
+                )
             median = float(np.median(self._norms))
             if norm > GRAD_FACTOR * median > 0:
-                return (f"the gradient norm jumped to {norm:.3g}, over {GRAD_FACTOR:g}× its "
-                        f"recent median {median:.3g}")
+                return (
+                    f"the gradient norm jumped to {norm:.3g}, over {GRAD_FACTOR:g}× its "
+                    f"recent median {median:.3g}"
+                )
         self._losses.append(loss)
         self._norms.append(norm)
         return None

@@ -6,6 +6,7 @@ figure can be read against where it was measured.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 from importlib import metadata
@@ -26,10 +27,13 @@ def machine() -> dict:
         pass
     versions = {}
     for pkg in ("jax", "jaxlib", "flax", "optax", "numpy", "torch", "transformers", "peft"):
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "devices": [str(d) for d in jax.devices()][:4],
-            "device_count": jax.device_count(), "python": platform.python_version(),
-            "versions": versions}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "devices": [str(d) for d in jax.devices()][:4],
+        "device_count": jax.device_count(),
+        "python": platform.python_version(),
+        "versions": versions,
+    }

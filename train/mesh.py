@@ -61,12 +61,16 @@ def mesh_shape(cfg: MeshConfig, device_count: int) -> dict[str, int]:
     fill = [axis for axis, s in sizes.items() if s == -1]
     if fill:
         if device_count % fixed:
-            raise ConfigError(f"mesh {sizes}: the fixed axes ({fixed} devices) do not divide the "
-                              f"{device_count} devices; change the mesh.* sizes")
+            raise ConfigError(
+                f"mesh {sizes}: the fixed axes ({fixed} devices) do not divide the "
+                f"{device_count} devices; change the mesh.* sizes"
+            )
         sizes[fill[0]] = device_count // fixed
     if math.prod(sizes.values()) > device_count:
-        raise ConfigError(f"mesh {sizes} needs {math.prod(sizes.values())} devices but "
-                          f"{device_count} are available; lower the mesh.* sizes or set one to -1")
+        raise ConfigError(
+            f"mesh {sizes} needs {math.prod(sizes.values())} devices but "
+            f"{device_count} are available; lower the mesh.* sizes or set one to -1"
+        )
     return sizes
 
 
@@ -76,8 +80,10 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
     sizes = mesh_shape(cfg, len(devices))
     used = math.prod(sizes.values())
     if used < len(devices) and jax.process_count() > 1:
-        raise ConfigError(f"mesh {sizes} uses {used} of {len(devices)} devices, which a "
-                          f"multi-process run cannot leave idle; set one mesh.* size to -1")
+        raise ConfigError(
+            f"mesh {sizes} uses {used} of {len(devices)} devices, which a "
+            f"multi-process run cannot leave idle; set one mesh.* size to -1"
+        )
     grid = np.asarray(devices[:used], dtype=object).reshape([sizes[a] for a in AXES])
     return Mesh(grid, AXES)
 
@@ -89,8 +95,9 @@ def spec_for(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P
     dimension or is already used by an earlier dimension.
     """
     if len(names) != len(shape):
-        raise ValueError(f"{len(names)} logical names {tuple(names)} for an array of shape "
-                         f"{tuple(shape)}")
+        raise ValueError(
+            f"{len(names)} logical names {tuple(names)} for an array of shape {tuple(shape)}"
+        )
     used: set[str] = set()
     spec = []
     for name, size in zip(names, shape, strict=True):
@@ -110,8 +117,12 @@ def param_shardings(logical_axes: Any, params: Any, mesh: Mesh) -> Any:
     LoRA leaves of ``params`` get their specs from ``lj.partition_specs``.
     """
     names = lj.partition_specs(logical_axes, params)
-    return jax.tree.map(lambda n, x: NamedSharding(mesh, spec_for(n, x.shape, mesh)),
-                        names, params, is_leaf=lambda n: isinstance(n, tuple))
+    return jax.tree.map(
+        lambda n, x: NamedSharding(mesh, spec_for(n, x.shape, mesh)),
+        names,
+        params,
+        is_leaf=lambda n: isinstance(n, tuple),
+    )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -119,24 +130,36 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def state_shardings(tx: optax.GradientTransformation, params: Any, shardings: Any,
-                    mesh: Mesh) -> dict[str, Any]:
+def state_shardings(
+    tx: optax.GradientTransformation, params: Any, shardings: Any, mesh: Mesh
+) -> dict[str, Any]:
     """Shardings of the train state of ``params`` (train/step.py ``init_state``), given
     the parameters' ``shardings``: a moment of ``tx`` is sharded like its parameter; the
     step, the RNG key and any other leaf of the optimizer state (step counts) are
     replicated."""
     state_shapes = jax.eval_shape(tx.init, params)
-    opt_state = optax.tree_map_params(tx, lambda _, sharding: sharding, state_shapes, shardings,
-                                      transform_non_params=lambda _: replicated(mesh))
-    return {"step": replicated(mesh), "params": shardings, "opt_state": opt_state,
-            "rng": replicated(mesh)}
+    opt_state = optax.tree_map_params(
+        tx,
+        lambda _, sharding: sharding,
+        state_shapes,
+        shardings,
+        transform_non_params=lambda _: replicated(mesh),
+    )
+    return {
+        "step": replicated(mesh),
+        "params": shardings,
+        "opt_state": opt_state,
+        "rng": replicated(mesh),
+    }
 
 
 def place(tree: Any, shardings: Any) -> Any:
     """Host arrays -> global arrays with ``shardings`` (every process holds the same values)."""
+
     def put(x, sharding):
         host = np.asarray(x)
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
     return jax.tree.map(put, tree, shardings)
 
 
@@ -147,14 +170,18 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
 
 def put_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """One global array per field from this process's rows (``[..., rows/process, L]``)."""
-    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)
-            for k, v in local.items()}
+    return {
+        k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)
+        for k, v in local.items()
+    }
 
 
 def check_batch_fits(batch_size: int, mesh: Mesh) -> None:
     """A global batch must split evenly over the ``data`` x ``fsdp`` devices."""
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if batch_size % shards:
-        raise ConfigError(f"data.batch_size={batch_size} does not split over the {shards} "
-                          f"data x fsdp devices of mesh {dict(mesh.shape)}; make it a multiple "
-                          f"of {shards}")
+        raise ConfigError(
+            f"data.batch_size={batch_size} does not split over the {shards} "
+            f"data x fsdp devices of mesh {dict(mesh.shape)}; make it a multiple "
+            f"of {shards}"
+        )

@@ -58,8 +58,13 @@ def lora_config(section: LoraSection) -> lj.LoraConfig:
 def model_options(cfg: ModelConfig) -> dict[str, Any]:
     """The ``models.load`` / ``models.abstract_load`` options of a config's ``model`` section:
     numerics, layer scan, remat and the biases ``model.add_biases`` adds."""
-    return dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, scan_layers=cfg.scan_layers,
-                remat_policy=cfg.remat, **(ADDED_BIASES if cfg.add_biases else {}))
+    return dict(
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        scan_layers=cfg.scan_layers,
+        remat_policy=cfg.remat,
+        **(ADDED_BIASES if cfg.add_biases else {}),
+    )
 
 
 def check_targets(cfg: RunConfig) -> None:
@@ -78,34 +83,44 @@ def check_targets(cfg: RunConfig) -> None:
         return
     lora = cfg.lora
     for pattern in lora.targets:
-        _compile(pattern, "lora.targets", f"a regex over parameter paths, e.g. "
-                                          f"{TARGETS_EXAMPLE}")
+        _compile(pattern, "lora.targets", f"a regex over parameter paths, e.g. {TARGETS_EXAMPLE}")
     for key in ("rank_pattern", "alpha_pattern"):
         for pattern in getattr(lora, key) or {}:
-            _compile(pattern, f"lora.{key}", "a regex matching a path or its trailing segments, "
-                                             f"e.g. 'lora.{key}={{q_proj: 4}}'")
+            _compile(
+                pattern,
+                f"lora.{key}",
+                "a regex matching a path or its trailing segments, "
+                f"e.g. 'lora.{key}={{q_proj: 4}}'",
+            )
     try:
         config = lora_config(lora)
     except ValueError as e:
         raise ConfigError(f"lora: {_one_line(e)}") from None
     _, shapes = models.abstract_load(cfg.model.name, **model_options(cfg.model))
-    weights = [path for path, leaf in lj.flatten_paths(shapes).items()
-               if len(leaf.shape) >= 2 and jnp.issubdtype(leaf.dtype, jnp.floating)]
+    weights = [
+        path
+        for path, leaf in lj.flatten_paths(shapes).items()
+        if len(leaf.shape) >= 2 and jnp.issubdtype(leaf.dtype, jnp.floating)
+    ]
     for pattern in lora.targets:
         if not any(re.search(pattern, path) for path in weights):
-            raise ConfigError(f"lora.targets: {pattern!r} matches no weight of model "
-                              f"{cfg.model.name!r}; the regex is searched in slash-joined "
-                              f"parameter paths, and only leaves with two or more axes (kernels, "
-                              f"embeddings) can be adapted; the model's weights are "
-                              f"{_examples(weights)}; e.g. {TARGETS_EXAMPLE}")
+            raise ConfigError(
+                f"lora.targets: {pattern!r} matches no weight of model "
+                f"{cfg.model.name!r}; the regex is searched in slash-joined "
+                f"parameter paths, and only leaves with two or more axes (kernels, "
+                f"embeddings) can be adapted; the model's weights are "
+                f"{_examples(weights)}; e.g. {TARGETS_EXAMPLE}"
+            )
     adapted = [path for path in weights if config.is_target(path)]
     for key in ("rank_pattern", "alpha_pattern"):
         for pattern in getattr(lora, key) or {}:
             probe = lj.LoraConfig(rank=1, alpha=1.0, targets=".", rank_pattern={pattern: 2})
             if not any(probe.rank_for(path) == 2 for path in adapted):  # lj's matching rule
-                raise ConfigError(f"lora.{key}: key {pattern!r} matches none of the weights that "
-                                  f"lora.targets adapts ({_examples(adapted)}); a key matches a "
-                                  f"whole path or its trailing segments, e.g. 'q_proj'")
+                raise ConfigError(
+                    f"lora.{key}: key {pattern!r} matches none of the weights that "
+                    f"lora.targets adapts ({_examples(adapted)}); a key matches a "
+                    f"whole path or its trailing segments, e.g. 'q_proj'"
+                )
     try:
         jax.eval_shape(lambda key, params: lj.init(key, params, config), jax.random.key(0), shapes)
     except ValueError as e:
@@ -142,10 +157,12 @@ def prepare(method: str, params: Any, lora: LoraSection, key: jax.Array) -> tupl
         params = lj.init(key, params, lora_config(lora))
     mask = MASKS[method](params)
     if method == "bitfit" and not any(jax.tree.leaves(mask)):
-        raise ConfigError("method=bitfit trains the model's biases, but this model has none "
-                          "(Llama-family models have no biases); set model.add_biases=true "
-                          "to give every attention and MLP projection a zero-initialised "
-                          "bias to train (the loaded model computes the same function)")
+        raise ConfigError(
+            "method=bitfit trains the model's biases, but this model has none "
+            "(Llama-family models have no biases); set model.add_biases=true "
+            "to give every attention and MLP projection a zero-initialised "
+            "bias to train (the loaded model computes the same function)"
+        )
     return params, mask
 
 

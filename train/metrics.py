@@ -27,13 +27,11 @@ from train import layout
 from train.errors import UserError
 
 
-
 class MetricsFileError(UserError, ValueError):
     """A metrics.jsonl that lora-jax did not write as it is; names the file, line and fix."""
 
 
-def read_records(path: Path,
-                 on_torn: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+def read_records(path: Path, on_torn: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """The records of a metrics.jsonl file (none if it does not exist).
 
     A torn last line (no newline at its end, not valid JSON) is dropped and reported to
@@ -53,18 +51,27 @@ def read_records(path: Path,
         except ValueError:
             if number == len(lines):  # no newline after it: a write that did not finish
                 if on_torn is not None:
-                    on_torn(f"dropped the torn last line of {path} (a write cut short, e.g. by a "
-                            f"crash or a full disk): {line[:60]!r}")
+                    on_torn(
+                        f"dropped the torn last line of {path} (a write cut short, e.g. by a "
+                        f"crash or a full disk): {line[:60]!r}"
+                    )
                 continue
-            raise MetricsFileError(f"{path} line {number} is not JSON ({line[:60]!r}); lora-jax "
-                                   f"did not write it. Move the file out of the run directory "
-                                   f"and rerun; nothing was changed") from None
-        if not (isinstance(record, dict) and isinstance(record.get("step"), int)
-                and isinstance(record.get("split"), str)):
-            raise MetricsFileError(f"{path} line {number} is not a lora-jax record (it needs an "
-                                   f"integer \"step\" and a \"split\"): {line[:60]!r}. Move the "
-                                   f"file out of the run directory and rerun; nothing was "
-                                   f"changed")
+            raise MetricsFileError(
+                f"{path} line {number} is not JSON ({line[:60]!r}); lora-jax "
+                f"did not write it. Move the file out of the run directory "
+                f"and rerun; nothing was changed"
+            ) from None
+        if not (
+            isinstance(record, dict)
+            and isinstance(record.get("step"), int)
+            and isinstance(record.get("split"), str)
+        ):
+            raise MetricsFileError(
+                f"{path} line {number} is not a lora-jax record (it needs an "
+                f'integer "step" and a "split"): {line[:60]!r}. Move the '
+                f"file out of the run directory and rerun; nothing was "
+                f"changed"
+            )
         records.append(record)
     return records
 
@@ -87,8 +94,16 @@ def _summary_writer(directory: Path) -> Any:
 class MetricsLog:
     """Writes records to JSONL and TensorBoard and keeps them for the loss curve."""
 
-    def __init__(self, run_dir: Path, *, jsonl: bool, tensorboard: bool, resume_step: int,
-                 enabled: bool = True, log: Callable[[str], None] = print):
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        jsonl: bool,
+        tensorboard: bool,
+        resume_step: int,
+        enabled: bool = True,
+        log: Callable[[str], None] = print,
+    ):
         self._path = run_dir / layout.METRICS_FILE
         torn: list[str] = []
         on_disk = read_records(self._path, on_torn=torn.append) if enabled else []
@@ -99,8 +114,9 @@ class MetricsLog:
             for message in torn:
                 log(message)
             _write_atomic(self._path, "".join(json.dumps(r) + "\n" for r in self.records))
-        self._tb = (_summary_writer(run_dir / layout.TENSORBOARD_DIR)
-                    if tensorboard and enabled else None)
+        self._tb = (
+            _summary_writer(run_dir / layout.TENSORBOARD_DIR) if tensorboard and enabled else None
+        )
 
     def write(self, step: int, split: str, values: Mapping[str, float]) -> None:
         """Append one record of float ``values`` at ``step``."""
@@ -120,5 +136,11 @@ class MetricsLog:
 
 def progress_bar(total: int, initial: int, enabled: bool) -> tqdm:
     """A step counter with ETA; the loop sets ``loss`` and ``tok/s`` as its postfix."""
-    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
-                disable=not enabled, desc="train")
+    return tqdm(
+        total=total,
+        initial=initial,
+        unit="step",
+        dynamic_ncols=True,
+        disable=not enabled,
+        desc="train",
+    )

@@ -27,9 +27,11 @@ def schedule(cfg: OptimConfig, steps: int) -> optax.Schedule:
     warmup = min(cfg.warmup_steps, steps)
     peak = cfg.learning_rate
     decay_steps = max(steps - warmup, 1)
-    after = {"linear": optax.linear_schedule(peak, 0.0, decay_steps),
-             "cosine": optax.cosine_decay_schedule(peak, decay_steps),
-             "constant": optax.constant_schedule(peak)}[cfg.schedule]
+    after = {
+        "linear": optax.linear_schedule(peak, 0.0, decay_steps),
+        "cosine": optax.cosine_decay_schedule(peak, decay_steps),
+        "constant": optax.constant_schedule(peak),
+    }[cfg.schedule]
     if warmup == 0:
         return after
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
@@ -37,9 +39,14 @@ def schedule(cfg: OptimConfig, steps: int) -> optax.Schedule:
 
 def optimizer(cfg: OptimConfig, steps: int) -> optax.GradientTransformation:
     """Clip (if ``grad_clip``) then AdamW; for the trainable parameters only."""
-    adamw = optax.adamw(schedule(cfg, steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                        weight_decay=cfg.weight_decay,
-                        mask=lambda params: jax.tree.map(lambda x: x.ndim >= 2, params))
+    adamw = optax.adamw(
+        schedule(cfg, steps),
+        b1=cfg.b1,
+        b2=cfg.b2,
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        mask=lambda params: jax.tree.map(lambda x: x.ndim >= 2, params),
+    )
     if cfg.grad_clip is None:
         return adamw
     return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)

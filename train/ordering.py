@@ -15,8 +15,9 @@ _SPLIT_STREAM = 0
 _SHUFFLE_STREAM = 1
 
 
-def split_by_group(groups_N: Sequence[str], validation_fraction: float,
-                   seed: int) -> tuple[np.ndarray, np.ndarray]:
+def split_by_group(
+    groups_N: Sequence[str], validation_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(train indices, validation indices) into ``groups_N``, splitting whole groups.
 
     ``round(validation_fraction * G)`` of the G distinct groups (at least one when the

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 
-
 def pyplot() -> Any:
     """``matplotlib.pyplot`` drawing to files only (imported on first use: it is slow)."""
     import matplotlib

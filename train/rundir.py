@@ -27,6 +27,7 @@ import shutil
 import socket
 from pathlib import Path
 from typing import Any
+
 from train.errors import UserError
 
 MARK_FILE = ".lora-jax.json"
@@ -69,11 +70,15 @@ def check_writable(directory: str | Path, what: str = "output directory") -> Pat
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
-        raise DirectoryError(f"{what} {path} cannot be created: {probe} is a file, not a "
-                             f"directory; choose another path")
+        raise DirectoryError(
+            f"{what} {path} cannot be created: {probe} is a file, not a "
+            f"directory; choose another path"
+        )
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise DirectoryError(f"{what} {path} is not writable ({probe} does not allow writing "
-                             f"for this user); choose a writable path")
+        raise DirectoryError(
+            f"{what} {path} is not writable ({probe} does not allow writing "
+            f"for this user); choose a writable path"
+        )
     return path
 
 
@@ -88,17 +93,23 @@ def claim(directory: str | Path, kind: str, *, what: str = "output directory") -
         if mark is not None and mark["kind"] == kind:
             return path
         if mark is not None:
-            raise DirectoryError(f"{what} {path} is a lora-jax {mark['kind']!r} directory, not "
-                                 f"a {str(kind)!r} one; choose a new or empty directory")
+            raise DirectoryError(
+                f"{what} {path} is a lora-jax {mark['kind']!r} directory, not "
+                f"a {str(kind)!r} one; choose a new or empty directory"
+            )
         if any(child.name != _MARK_TEMPORARY for child in path.iterdir()):
-            raise DirectoryError(f"{what} {path} is not empty and was not created by lora-jax "
-                                 f"(no {MARK_FILE} in it); nothing was changed. Choose a new or "
-                                 f"empty directory (if it is a lora-jax {kind} directory from "
-                                 f"before these marks, adopt it: echo '{{\"kind\": \"{kind}\"}}' "
-                                 f"> {path / MARK_FILE})")
+            raise DirectoryError(
+                f"{what} {path} is not empty and was not created by lora-jax "
+                f"(no {MARK_FILE} in it); nothing was changed. Choose a new or "
+                f"empty directory (if it is a lora-jax {kind} directory from "
+                f'before these marks, adopt it: echo \'{{"kind": "{kind}"}}\' '
+                f"> {path / MARK_FILE})"
+            )
     path.mkdir(parents=True, exist_ok=True)
-    mark = {"kind": str(kind),
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    mark = {
+        "kind": str(kind),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
     temporary = path / _MARK_TEMPORARY  # then a rename: a kill never leaves half a mark
     temporary.write_text(json.dumps(mark) + "\n")
     os.replace(temporary, path / MARK_FILE)
@@ -112,9 +123,11 @@ def clear(directory: str | Path, kind: str) -> None:
     """
     path = Path(directory)
     if not owned(path, kind):
-        raise DirectoryError(f"{path} is not a lora-jax {kind} directory (no {MARK_FILE} of "
-                             f"kind {kind!r}); it is not deleted. Remove it yourself if you "
-                             f"are sure, or choose another directory")
+        raise DirectoryError(
+            f"{path} is not a lora-jax {kind} directory (no {MARK_FILE} of "
+            f"kind {kind!r}); it is not deleted. Remove it yourself if you "
+            f"are sure, or choose another directory"
+        )
     for child in path.iterdir():
         if child.name in (MARK_FILE, LOCK_FILE):
             continue
@@ -187,11 +200,12 @@ class RunLock:
         return not _pid_alive(held["pid"])
 
     def _busy_message(self, held: dict[str, Any] | None) -> str:
-        who = (f"process {held.get('pid')} on host {held.get('host')}" if held
-               else "another process")
-        return (f"run directory {self.file.parent} is in use by {who} (lock file {self.file}); "
-                f"wait for that run to end, or use another output_dir. If no such process is "
-                f"running, delete {self.file}")
+        who = f"process {held.get('pid')} on host {held.get('host')}" if held else "another process"
+        return (
+            f"run directory {self.file.parent} is in use by {who} (lock file {self.file}); "
+            f"wait for that run to end, or use another output_dir. If no such process is "
+            f"running, delete {self.file}"
+        )
 
 
 def is_disk_full(error: BaseException) -> bool:

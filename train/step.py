@@ -33,8 +33,7 @@ Batch = Mapping[str, jax.Array]
 State = dict[str, Any]
 
 
-def token_losses(logits_BxLxV: jax.Array, ids_BxL: jax.Array,
-                 label_smoothing: float) -> jax.Array:
+def token_losses(logits_BxLxV: jax.Array, ids_BxL: jax.Array, label_smoothing: float) -> jax.Array:
     """float32 [B, L-1]: cross-entropy of ``ids[:, t+1]`` under ``logits[:, t]``, in nats.
 
     With label smoothing e the target is ``(1 - e) * one_hot + e / V`` (``optax.smooth_labels``),
@@ -58,15 +57,25 @@ def token_losses(logits_BxLxV: jax.Array, ids_BxL: jax.Array,
     return losses_BxL[:, :-1]
 
 
-def loss_sum(forward: Callable[..., Any], params: Any, batch: Batch, label_smoothing: float,
-             rngs: Mapping[str, jax.Array] | None = None) -> tuple[jax.Array, jax.Array]:
+def loss_sum(
+    forward: Callable[..., Any],
+    params: Any,
+    batch: Batch,
+    label_smoothing: float,
+    rngs: Mapping[str, jax.Array] | None = None,
+) -> tuple[jax.Array, jax.Array]:
     """(summed loss over target tokens, number of target tokens), both float32 [].
 
     Tokens attend within their own segment only (``segment_ids``, train/batching.py), so a
     packed row scores each of its examples as if it were alone in a padded row.
     """
-    logits_BxLxV = forward({"params": params}, batch["input_ids"], positions=batch["positions"],
-                           segment_ids=batch["segment_ids"], rngs=rngs or {})
+    logits_BxLxV = forward(
+        {"params": params},
+        batch["input_ids"],
+        positions=batch["positions"],
+        segment_ids=batch["segment_ids"],
+        rngs=rngs or {},
+    )
     weights_BxT = batch["loss_mask"][:, 1:].astype(jnp.float32)
     losses_BxT = token_losses(logits_BxLxV, batch["input_ids"], label_smoothing)
     return (losses_BxT * weights_BxT).sum(), weights_BxT.sum()
@@ -74,12 +83,17 @@ def loss_sum(forward: Callable[..., Any], params: Any, batch: Batch, label_smoot
 
 def init_state(params: Any, tx: optax.GradientTransformation, rng: jax.Array) -> State:
     """The state before the first update (``rng``: a typed key)."""
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-            "rng": jax.random.key_data(rng)}
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "opt_state": tx.init(params),
+        "rng": jax.random.key_data(rng),
+    }
 
 
-def train_step(forward: Callable[..., Any], tx: optax.GradientTransformation,
-               label_smoothing: float) -> Callable[[State, Any, Batch], tuple[State, dict]]:
+def train_step(
+    forward: Callable[..., Any], tx: optax.GradientTransformation, label_smoothing: float
+) -> Callable[[State, Any, Batch], tuple[State, dict]]:
     """``step(state, frozen, batches_KxBxL) -> (state, metrics)``: one optimizer update.
 
     Gradients of the K micro-batches are summed in float32 by a ``lax.scan``, so memory
@@ -88,6 +102,7 @@ def train_step(forward: Callable[..., Any], tx: optax.GradientTransformation,
     ``target_tokens`` and ``tokens`` (non-padding tokens) of the update, and
     ``param_max_abs``, the largest magnitude of a trainable parameter after it (train/guard.py).
     """
+
     def step(state: State, frozen: Any, batches: Batch) -> tuple[State, dict]:
         n_targets = batches["loss_mask"][:, :, 1:].sum().astype(jnp.float32)
         denominator = jnp.maximum(n_targets, 1.0)
@@ -110,12 +125,19 @@ def train_step(forward: Callable[..., Any], tx: optax.GradientTransformation,
         grads, values_K = jax.lax.scan(micro, zeros, (jnp.arange(micro_count), batches))
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        new_state = {"step": state["step"] + 1, "params": params,
-                     "opt_state": opt_state, "rng": jax.random.key_data(rng)}
-        metrics = {"loss": values_K.sum(), "grad_norm": optax.global_norm(grads),
-                   "target_tokens": n_targets,
-                   "tokens": (batches["segment_ids"] > 0).sum().astype(jnp.float32),
-                   "param_max_abs": max_abs(params)}
+        new_state = {
+            "step": state["step"] + 1,
+            "params": params,
+            "opt_state": opt_state,
+            "rng": jax.random.key_data(rng),
+        }
+        metrics = {
+            "loss": values_K.sum(),
+            "grad_norm": optax.global_norm(grads),
+            "target_tokens": n_targets,
+            "tokens": (batches["segment_ids"] > 0).sum().astype(jnp.float32),
+            "param_max_abs": max_abs(params),
+        }
         return new_state, metrics
 
     return step
@@ -123,13 +145,15 @@ def train_step(forward: Callable[..., Any], tx: optax.GradientTransformation,
 
 def max_abs(tree: Any) -> jax.Array:
     """float32 []: max |x| over every element of ``tree`` (NaN if any element is NaN)."""
-    return jnp.max(jnp.stack([jnp.max(jnp.abs(x)).astype(jnp.float32)
-                              for x in jax.tree.leaves(tree)]))
+    return jnp.max(
+        jnp.stack([jnp.max(jnp.abs(x)).astype(jnp.float32) for x in jax.tree.leaves(tree)])
+    )
 
 
 def eval_step(forward: Callable[..., Any]) -> Callable[[Any, Any, Batch], tuple[Any, Any]]:
     """``step(trainable, frozen, batch_BxL) -> (summed loss, target tokens)``; no smoothing,
     no dropout."""
+
     def step(trainable: Any, frozen: Any, batch: Batch):
         return loss_sum(forward, lj.combine(frozen, trainable), batch, 0.0)
 

@@ -64,12 +64,17 @@ def abstract_load(name_or_path: str | Path, **options: Any) -> tuple[Decoder, di
     config = gguf_config(path, **options) if path.suffix == ".gguf" else hf_config(path, **options)
     model = Decoder(config)
     boxed = abstract_variables(model, 1, 1, decode=False)["params"]
-    shapes = jax.tree.map(lambda p: p.value if isinstance(p, nn.meta.AxisMetadata) else p, boxed,
-                          is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+    shapes = jax.tree.map(
+        lambda p: p.value if isinstance(p, nn.meta.AxisMetadata) else p,
+        boxed,
+        is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata),
+    )
     return model, shapes
 
 
-def load(name_or_path: str | Path, **options: Any) -> tuple[Decoder, dict[str, Any], Tokenizer | None]:
+def load(
+    name_or_path: str | Path, **options: Any
+) -> tuple[Decoder, dict[str, Any], Tokenizer | None]:
     """`model, params, tokenizer = load(...)`.
 
     `name_or_path`: an embedded model name ("smollm2-135m", no network), a `.gguf` file, or a
@@ -91,5 +96,10 @@ def load(name_or_path: str | Path, **options: Any) -> tuple[Decoder, dict[str, A
     return Decoder(config), params, tokenizer_from_dir(path)
 
 
-__all__ = ["ModelFileError", "UnsupportedArchitectureError", "abstract_load", "embedded_gguf",
-           "load"]
+__all__ = [
+    "ModelFileError",
+    "UnsupportedArchitectureError",
+    "abstract_load",
+    "embedded_gguf",
+    "load",
+]

@@ -63,12 +63,15 @@ def rename(
 @functools.lru_cache(maxsize=8)
 def expected_shapes(config: ModelConfig) -> Mapping[str, tuple[int, ...]]:
     """{"layers_0/self_attn/q_proj/kernel": shape, ...} of the unscanned model (read-only)."""
-    abstract = abstract_variables(Decoder(with_options(config, scan_layers=False)), 1, 1, decode=False)
+    abstract = abstract_variables(
+        Decoder(with_options(config, scan_layers=False)), 1, 1, decode=False
+    )
     flat = jax.tree_util.tree_flatten_with_path(
         abstract["params"], is_leaf=lambda x: hasattr(x, "names")
     )[0]
     return types.MappingProxyType(
-        {"/".join(k.key for k in path): tuple(leaf.value.shape) for path, leaf in flat})
+        {"/".join(k.key for k in path): tuple(leaf.value.shape) for path, leaf in flat}
+    )
 
 
 def configure(
@@ -84,14 +87,19 @@ def configure(
     flags = ("attention_bias", "mlp_bias")
     for flag in flags:
         if getattr(checkpoint, flag) and not getattr(config, flag):
-            raise ModelFileError(f"{source} has biases ({flag}=true) that the option "
-                                  f"{flag}=False would drop; leave the option out (or set it "
-                                  f"true)")
+            raise ModelFileError(
+                f"{source} has biases ({flag}=true) that the option "
+                f"{flag}=False would drop; leave the option out (or set it "
+                f"true)"
+            )
     if all(getattr(config, flag) == getattr(checkpoint, flag) for flag in flags):
         return config, {}
     present = expected_shapes(with_options(config, **{f: getattr(checkpoint, f) for f in flags}))
-    return config, {name: np.zeros(shape, np.float32)
-                    for name, shape in expected_shapes(config).items() if name not in present}
+    return config, {
+        name: np.zeros(shape, np.float32)
+        for name, shape in expected_shapes(config).items()
+        if name not in present
+    }
 
 
 def build_params(
@@ -110,12 +118,16 @@ def build_params(
     if missing or unexpected:
         raise ModelFileError(
             f"{source} does not match the {config.family} model its config describes ("
-            + "; ".join(([f"{len(missing)} parameters missing: {_some(missing)}"] if missing
-                         else [])
-                        + ([f"{len(unexpected)} unexpected tensors: {_some(unexpected)}"]
-                           if unexpected else []))
+            + "; ".join(
+                ([f"{len(missing)} parameters missing: {_some(missing)}"] if missing else [])
+                + (
+                    [f"{len(unexpected)} unexpected tensors: {_some(unexpected)}"]
+                    if unexpected
+                    else []
+                )
+            )
             + "); the checkpoint is incomplete or of another architecture: download or save it "
-              "again, or load the model it belongs to"
+            "again, or load the model it belongs to"
         )
     for name, shape in expected.items():
         if tuple(named[name].shape) != shape:
@@ -139,8 +151,9 @@ def _device_arrays(named: dict[str, np.ndarray], config: ModelConfig) -> dict[st
     for name in [k for k in named if not (config.scan_layers and k.startswith("layers_"))]:
         out[name] = jax.numpy.asarray(named.pop(name), config.param_dtype)
     for rest in sorted({k.split("/", 1)[1] for k in named if k.startswith("layers_0/")}):
-        host = np.stack([np.asarray(named.pop(f"layers_{i}/{rest}"))
-                         for i in range(config.num_layers)])
+        host = np.stack(
+            [np.asarray(named.pop(f"layers_{i}/{rest}")) for i in range(config.num_layers)]
+        )
         out[f"layers/{rest}"] = jax.numpy.asarray(host, config.param_dtype)
         del host
     return out

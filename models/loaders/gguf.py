@@ -27,8 +27,19 @@ def field(reader: gguf.GGUFReader | Mapping[str, Any], key: str, default: Any = 
 
 
 # GGUF value types (gguf.GGUFValueType) -> struct format; 8 is a string, 9 an array
-_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q",
-            12: "d"}
+_SCALARS = {
+    0: "B",
+    1: "b",
+    2: "H",
+    3: "h",
+    4: "I",
+    5: "i",
+    6: "f",
+    7: "?",
+    10: "Q",
+    11: "q",
+    12: "d",
+}
 _STRING, _ARRAY = 8, 9
 
 
@@ -56,7 +67,7 @@ def read_metadata(path: str | Path) -> tuple[dict[str, Any], list[str]]:
             nonlocal offset
             size = unpack("Q")
             offset += size
-            return str(data[offset - size:offset], encoding="utf-8")
+            return str(data[offset - size : offset], encoding="utf-8")
 
         def value(kind: int) -> Any:
             nonlocal offset
@@ -89,7 +100,9 @@ def config_from_gguf(reader: gguf.GGUFReader | Mapping[str, Any], has_output: bo
     """ModelConfig from GGUF metadata; the LM head is tied unless `has_output` (the file has
     the output head's tensor, `output.weight` in Llama)."""
     family = families.gguf_family(field(reader, "general.architecture"))
-    return family.config_from_gguf(lambda key, default=None: field(reader, key, default), has_output)
+    return family.config_from_gguf(
+        lambda key, default=None: field(reader, key, default), has_output
+    )
 
 
 def unpermute_rope_rows(w_OxI: np.ndarray, num_heads: int) -> np.ndarray:
@@ -98,7 +111,9 @@ def unpermute_rope_rows(w_OxI: np.ndarray, num_heads: int) -> np.ndarray:
     llama.cpp stores rows of head h as (head_dim/2, 2) pairs; Hugging Face as (2, head_dim/2).
     """
     O, *rest = w_OxI.shape
-    return w_OxI.reshape(num_heads, O // num_heads // 2, 2, *rest).swapaxes(1, 2).reshape(w_OxI.shape)
+    return (
+        w_OxI.reshape(num_heads, O // num_heads // 2, 2, *rest).swapaxes(1, 2).reshape(w_OxI.shape)
+    )
 
 
 def _to_ours(config: ModelConfig, place: families.Place, w: np.ndarray) -> np.ndarray:
@@ -130,17 +145,27 @@ def gguf_config(path: str | Path, **options: Any) -> ModelConfig:
     """The config `load_gguf` would give, from the file's header alone (`read_metadata`: the
     metadata and tensor names; no tensor data is read or dequantised)."""
     metadata, names = read_metadata(_file(path))
-    config, _ = configure(config_from_gguf(metadata, _has_output(metadata, names)), options, str(path))
+    config, _ = configure(
+        config_from_gguf(metadata, _has_output(metadata, names)), options, str(path)
+    )
     return config
 
 
-def load_gguf(path: str | Path, **options: Any) -> tuple[ModelConfig, dict[str, Any], gguf.GGUFReader]:
+def load_gguf(
+    path: str | Path, **options: Any
+) -> tuple[ModelConfig, dict[str, Any], gguf.GGUFReader]:
     """(config with `options` applied, params, reader) from a GGUF file; the reader carries the
     tokenizer metadata. Biases that `options` add (`attention_bias`, `mlp_bias`) are zeros."""
     reader = gguf.GGUFReader(_file(path))
     names = {t.name for t in reader.tensors}
-    config, zeros = configure(config_from_gguf(reader, _has_output(reader, names)), options, str(path))
-    named, unmatched = rename({t.name: dequantize(t) for t in reader.tensors}, config, "gguf",
-                              lambda place, w: _to_ours(config, place, w))
+    config, zeros = configure(
+        config_from_gguf(reader, _has_output(reader, names)), options, str(path)
+    )
+    named, unmatched = rename(
+        {t.name: dequantize(t) for t in reader.tensors},
+        config,
+        "gguf",
+        lambda place, w: _to_ours(config, place, w),
+    )
     named.update(zeros)  # build_params empties it, freeing each dequantised array once converted
     return config, build_params(named, unmatched, config, str(path)), reader

@@ -16,8 +16,14 @@ from models.loaders.checkpoint import build_params, configure, rename
 
 SUPPORTED_MODEL_TYPES = tuple(families.FAMILIES)
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "UnsupportedArchitectureError", "config_from_hf", "hf_config",
-           "load_hf", "read_safetensors"]
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "UnsupportedArchitectureError",
+    "config_from_hf",
+    "hf_config",
+    "load_hf",
+    "read_safetensors",
+]
 
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
@@ -40,7 +46,9 @@ def read_safetensors(directory: Path) -> dict[str, np.ndarray]:
     return tensors
 
 
-def _configure(directory: Path, options: dict[str, Any]) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+def _configure(
+    directory: Path, options: dict[str, Any]
+) -> tuple[ModelConfig, dict[str, np.ndarray]]:
     config_file = directory / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{directory} has no config.json; is it a Hugging Face checkpoint?")
@@ -60,8 +68,11 @@ def load_hf(directory: str | Path, **options: Any) -> tuple[ModelConfig, dict[st
     directory = Path(directory)
     config, zeros = _configure(directory, options)
     named, unmatched = rename(
-        read_safetensors(directory), config, "hf",
+        read_safetensors(directory),
+        config,
+        "hf",
         lambda place, w: families.to_ours(place, w, out_in=place.module.kind == "linear"),
-        prefix=families.family(config).hf_optional_prefix)
+        prefix=families.family(config).hf_optional_prefix,
+    )
     named.update(zeros)  # build_params empties it, freeing each host array once converted
     return config, build_params(named, unmatched, config, str(directory))

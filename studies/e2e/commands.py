@@ -11,35 +11,57 @@ from train.cli import Command
 
 
 def eval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("target", metavar="CONFIG_OR_RUN_DIR",
-                        help="YAML run config (its base model), run/adapter directory (LoRA "
-                             "unmerged), or a model directory such as lora-jax merge's output")
-    parser.add_argument("--data", required=True, metavar="PATH",
-                        help="E2E CSV with columns mr, ref (several rows per MR)")
-    parser.add_argument("--out", metavar="DIR",
-                        help="write predictions.txt, scores.json and scores.md here")
+    parser.add_argument(
+        "target",
+        metavar="CONFIG_OR_RUN_DIR",
+        help="YAML run config (its base model), run/adapter directory (LoRA "
+        "unmerged), or a model directory such as lora-jax merge's output",
+    )
+    parser.add_argument(
+        "--data",
+        required=True,
+        metavar="PATH",
+        help="E2E CSV with columns mr, ref (several rows per MR)",
+    )
+    parser.add_argument(
+        "--out", metavar="DIR", help="write predictions.txt, scores.json and scores.md here"
+    )
     beams = parser.add_mutually_exclusive_group()
     beams.add_argument("--greedy", action="store_true", help="one beam, for quick runs")
     beams.add_argument("--num-beams", type=int, default=PAPER_DECODING.num_beams, metavar="N")
     parser.add_argument("--limit", type=int, metavar="N", help="only the first N distinct MRs")
     parser.add_argument("--batch-size", type=int, default=8, metavar="N", help="MRs per batch")
-    parser.add_argument("--max-new-tokens", type=int, default=PAPER_DECODING.max_new_tokens,
-                        metavar="N")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=PAPER_DECODING.max_new_tokens, metavar="N"
+    )
 
 
 def experiment_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="experiment YAML, e.g. configs/experiments/e2e_table.yaml")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="dotted overrides of the experiment config, e.g. eval.limit=20")
-    parser.add_argument("--fresh", action="store_true",
-                        help="delete the experiment's output_dir first, only if lora-jax "
-                             "experiment created it (else finished runs are reused and "
-                             "interrupted ones resume)")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dotted overrides of the experiment config, e.g. eval.limit=20",
+    )
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="delete the experiment's output_dir first, only if lora-jax "
+        "experiment created it (else finished runs are reused and "
+        "interrupted ones resume)",
+    )
 
 
 COMMANDS = {
-    "eval": Command("decode the MRs of an E2E CSV and score them (BLEU, NIST, METEOR, "
-                    "ROUGE-L, CIDEr)", eval_arguments, "studies.e2e.evaluation:run_command"),
-    "experiment": Command("train and evaluate several methods on E2E and write the comparison "
-                          "table", experiment_arguments, "studies.e2e.experiment:run_command"),
+    "eval": Command(
+        "decode the MRs of an E2E CSV and score them (BLEU, NIST, METEOR, ROUGE-L, CIDEr)",
+        eval_arguments,
+        "studies.e2e.evaluation:run_command",
+    ),
+    "experiment": Command(
+        "train and evaluate several methods on E2E and write the comparison table",
+        experiment_arguments,
+        "studies.e2e.experiment:run_command",
+    ),
 }

@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -67,8 +66,6 @@ REPORT_FILE = "scores.md"
 CONFIG_SUFFIXES = (".yaml", ".yml")
 
 
-
-
 class Target(NamedTuple):
     """A model to evaluate, ready for ``models.generate``."""
 
@@ -89,16 +86,19 @@ def read_e2e(path: str | Path) -> list[tuple[str, list[str]]]:
     found = find_columns(table.column_names, ["mr", "ref"])
     missing = [name for name, column in found.items() if column is None]
     if missing:
-        raise DataError(f"{path} lacks the column(s) {missing} (it has {table.column_names}); "
-                        f"an E2E CSV has a header 'mr,ref' and one row per reference")
+        raise DataError(
+            f"{path} lacks the column(s) {missing} (it has {table.column_names}); "
+            f"an E2E CSV has a header 'mr,ref' and one row per reference"
+        )
     table = select_columns(table, found)
     refs: dict[str, list[str]] = {}
     for index, row in enumerate(table.to_list()):
         try:
             refs.setdefault(text_field(row, "mr"), []).append(text_field(row, "ref"))
         except MalformedRow as bad:
-            raise DataError(f"row {index} of {path} (0-based, header not counted): {bad}; fix "
-                            f"or remove the row") from None
+            raise DataError(
+                f"row {index} of {path} (0-based, header not counted): {bad}; fix or remove the row"
+            ) from None
     if not refs:
         raise DataError(f"{path} has no rows")
     return list(refs.items())
@@ -125,14 +125,20 @@ def load_target(target: str | Path) -> Target:
         pass
     else:
         adapted = load_adapted(adapter)
-        return Target(adapted.model, adapted.params, adapted.tokenizer, _run_eos_token(adapter),
-                      f"{adapted.meta['method']} adapter {adapter.resolve()} on "
-                      f"{adapted.meta['model']}")
+        return Target(
+            adapted.model,
+            adapted.params,
+            adapted.tokenizer,
+            _run_eos_token(adapter),
+            f"{adapted.meta['method']} adapter {adapter.resolve()} on {adapted.meta['model']}",
+        )
     if not path.exists() and str(target) not in models.loaders.EMBEDDED:
-        raise FileNotFoundError(f"{target} does not exist; pass a YAML run config, a run or "
-                                f"adapter directory, a Hugging Face checkpoint directory (e.g. "
-                                f"from lora-jax merge), a .gguf file or one of "
-                                f"{sorted(models.loaders.EMBEDDED)}")
+        raise FileNotFoundError(
+            f"{target} does not exist; pass a YAML run config, a run or "
+            f"adapter directory, a Hugging Face checkpoint directory (e.g. "
+            f"from lora-jax merge), a .gguf file or one of "
+            f"{sorted(models.loaders.EMBEDDED)}"
+        )
     model, params, tokenizer = models.load(target)
     if tokenizer is None:
         raise FileNotFoundError(f"{target} has no tokenizer.json; add the base model's")
@@ -143,51 +149,78 @@ def decode(target: Target, mrs: list[str], decoding: Decoding, batch_size: int =
     """One output per MR, decoded in batches (the last one padded by repeating its last MR)."""
     eos_id = target.tokenizer.token_to_id(target.eos_token)
     if eos_id is None:
-        raise DataError(f"the tokenizer has no EOS token {target.eos_token!r}; set the run "
-                        f"config's data.eos_token")
-    encoded = target.tokenizer.encode_batch([e2e_prompt(mr) for mr in mrs],
-                                            add_special_tokens=False)
+        raise DataError(
+            f"the tokenizer has no EOS token {target.eos_token!r}; set the run "
+            f"config's data.eos_token"
+        )
+    encoded = target.tokenizer.encode_batch(
+        [e2e_prompt(mr) for mr in mrs], add_special_tokens=False
+    )
     examples = [Example(np.asarray(e.ids, np.int32), len(e.ids)) for e in encoded]
     length = max(e.prompt_length for e in examples)
     context = target.model.config.max_position_embeddings
     if length + decoding.max_new_tokens > context:
-        raise DataError(f"the longest prompt ({length} tokens) + --max-new-tokens "
-                        f"{decoding.max_new_tokens} exceeds the model's context of {context} "
-                        f"tokens; lower --max-new-tokens")
+        raise DataError(
+            f"the longest prompt ({length} tokens) + --max-new-tokens "
+            f"{decoding.max_new_tokens} exceeds the model's context of {context} "
+            f"tokens; lower --max-new-tokens"
+        )
     outputs = []
     with tqdm(total=len(examples), unit="MR", desc="eval") as bar:
         for start in range(0, len(examples), batch_size):
-            batch = examples[start:start + batch_size]
+            batch = examples[start : start + batch_size]
             ids_BxP, mask_BxP = left_padded_prompts(
-                batch + batch[-1:] * (batch_size - len(batch)), eos_id, length)
-            new_BxN = np.asarray(models.generate(
-                target.model, target.params, ids_BxP, attention_mask=mask_BxP,
-                eos_token_id=eos_id, pad_token_id=eos_id, **dataclasses.asdict(decoding)))
-            outputs += [" ".join(decode_text(target.tokenizer, row, eos_id).split())
-                        for row in new_BxN[:len(batch)]]
+                batch + batch[-1:] * (batch_size - len(batch)), eos_id, length
+            )
+            new_BxN = np.asarray(
+                models.generate(
+                    target.model,
+                    target.params,
+                    ids_BxP,
+                    attention_mask=mask_BxP,
+                    eos_token_id=eos_id,
+                    pad_token_id=eos_id,
+                    **dataclasses.asdict(decoding),
+                )
+            )
+            outputs += [
+                " ".join(decode_text(target.tokenizer, row, eos_id).split())
+                for row in new_BxN[: len(batch)]
+            ]
             bar.update(len(batch))
     return outputs
 
 
-def report(scores: dict[str, float | None], *, description: str, data: str, mrs: int,
-           decoding: Decoding) -> str:
+def report(
+    scores: dict[str, float | None], *, description: str, data: str, mrs: int, decoding: Decoding
+) -> str:
     """``scores.md``: the scores, on this module's scales and the paper's, and the settings."""
+
     def cell(value: float | None, factor: float = 1.0) -> str:
         return "null" if value is None else f"{value * factor:.4f}"
 
-    lines = ["# E2E evaluation", "", f"- model: {description}", f"- data: {data} ({mrs} MRs)",
-             f"- decoding: {json.dumps(dataclasses.asdict(decoding))}",
-             "- implementations: studies/e2e/metrics.py", "",
-             "| metric | score | LoRA paper's scale |", "|---|---|---|"]
-    lines += [f"| {name} | {cell(scores[name])} | "
-              f"{cell(scores[name], e2e_metrics.PAPER_SCALE[name])} |"
-              for name in e2e_metrics.METRICS]
+    lines = [
+        "# E2E evaluation",
+        "",
+        f"- model: {description}",
+        f"- data: {data} ({mrs} MRs)",
+        f"- decoding: {json.dumps(dataclasses.asdict(decoding))}",
+        "- implementations: studies/e2e/metrics.py",
+        "",
+        "| metric | score | LoRA paper's scale |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {name} | {cell(scores[name])} | {cell(scores[name], e2e_metrics.PAPER_SCALE[name])} |"
+        for name in e2e_metrics.METRICS
+    ]
     notes = e2e_metrics.notes(scores)
     return "\n".join(lines + ([""] + [f"Note: {n}" for n in notes] if notes else [])) + "\n"
 
 
-def write_outputs(out: str | Path, predictions: list[str], scores: dict[str, float | None],
-                  markdown: str) -> Path:
+def write_outputs(
+    out: str | Path, predictions: list[str], scores: dict[str, float | None], markdown: str
+) -> Path:
     """``predictions.txt``, ``scores.json`` and ``scores.md`` in ``out`` (created)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -205,14 +238,18 @@ def run_command(args: argparse.Namespace) -> int:
             raise DataError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.out:  # before the slow work: a foreign non-empty directory is refused
         rundir.claim(args.out, layout.Kind.EVAL)
-    groups = read_e2e(args.data)[:args.limit]
-    decoding = dataclasses.replace(PAPER_DECODING, num_beams=1 if args.greedy else args.num_beams,
-                                   max_new_tokens=args.max_new_tokens)
+    groups = read_e2e(args.data)[: args.limit]
+    decoding = dataclasses.replace(
+        PAPER_DECODING,
+        num_beams=1 if args.greedy else args.num_beams,
+        max_new_tokens=args.max_new_tokens,
+    )
     target = load_target(args.target)
     predictions = decode(target, [mr for mr, _ in groups], decoding, args.batch_size)
     scores = e2e_metrics.score(predictions, [refs for _, refs in groups])
-    markdown = report(scores, description=target.description, data=args.data, mrs=len(groups),
-                      decoding=decoding)
+    markdown = report(
+        scores, description=target.description, data=args.data, mrs=len(groups), decoding=decoding
+    )
     print(markdown)
     if args.out:
         print(f"written: {write_outputs(args.out, predictions, scores, markdown)}")

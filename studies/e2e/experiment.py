@@ -70,11 +70,11 @@ from studies.e2e import metrics as e2e_metrics
 from studies.e2e.evaluation import PREDICTIONS_FILE, SCORES_FILE, read_e2e
 from train import layout, rundir
 from train.config import ConfigError, load_config, resolve_path, save_config
+from train.errors import UserError
 from train.machine import machine
 from train.metrics import read_records
 from train.ordering import split_by_group
 from train.plot import pyplot
-from train.errors import UserError
 
 RESULTS_FILE = "results.json"
 PROCESS_FILE = "process.json"  # peak RSS and wall time of a run's training process
@@ -141,33 +141,46 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> Experime
         hint = f"pass one of {shipped}" if shipped else "pass the path of an experiment YAML"
         raise ConfigError(f"experiment config {path} does not exist; {hint}")
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), _experiment_yaml(path),
-                                 OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(
+            OmegaConf.structured(ExperimentConfig),
+            _experiment_yaml(path),
+            OmegaConf.from_dotlist(list(overrides)),
+        )
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
-        raise ConfigError(f"experiment config {path}"
-                          f"{f', key {key!r}' if key else ''}: "
-                          f"{str(e).splitlines()[0]}; valid top-level keys: "
-                          f"{[f.name for f in dataclasses.fields(ExperimentConfig)]}") from None
+        raise ConfigError(
+            f"experiment config {path}"
+            f"{f', key {key!r}' if key else ''}: "
+            f"{str(e).splitlines()[0]}; valid top-level keys: "
+            f"{[f.name for f in dataclasses.fields(ExperimentConfig)]}"
+        ) from None
     names = [m.name for m in cfg.methods]
     if not names or len(set(names)) != len(names):
         raise ConfigError(f"experiment config {path}: methods need distinct names, got {names}")
     for name in names:
         if not METHOD_NAME.fullmatch(name):
-            raise ConfigError(f"experiment config {path}: method name {name!r} is used as a "
-                              f"directory name under output_dir; use letters, digits, '.', '_' "
-                              f"and '-' only, starting with a letter or digit (at most 100)")
+            raise ConfigError(
+                f"experiment config {path}: method name {name!r} is used as a "
+                f"directory name under output_dir; use letters, digits, '.', '_' "
+                f"and '-' only, starting with a letter or digit (at most 100)"
+            )
     if not 0 < cfg.test_fraction < 1:
-        raise ConfigError(f"experiment config {path}: test_fraction must be in (0, 1), "
-                          f"got {cfg.test_fraction}")
+        raise ConfigError(
+            f"experiment config {path}: test_fraction must be in (0, 1), got {cfg.test_fraction}"
+        )
     for method in cfg.methods:  # a typo in an override fails now, not an hour in
         seed = run_config(cfg, method, 1e-3, Path("/unused"), Path("/unused")).seed
-        if method.seeds and (not method.learning_rates or seed in method.seeds
-                             or len(set(method.seeds)) != len(method.seeds)):
-            raise ConfigError(f"experiment config {path}: method {method.name!r} has seeds "
-                              f"{list(method.seeds)}; they must be distinct, differ from the "
-                              f"run config's seed ({seed}) and come with learning_rates")
+        if method.seeds and (
+            not method.learning_rates
+            or seed in method.seeds
+            or len(set(method.seeds)) != len(method.seeds)
+        ):
+            raise ConfigError(
+                f"experiment config {path}: method {method.name!r} has seeds "
+                f"{list(method.seeds)}; they must be distinct, differ from the "
+                f"run config's seed ({seed}) and come with learning_rates"
+            )
     return cfg
 
 
@@ -183,18 +196,32 @@ def _experiment_yaml(path: Path) -> DictConfig:
     return OmegaConf.merge(_experiment_yaml(resolve_path(parent)), text)
 
 
-def run_config(cfg: ExperimentConfig, method: MethodSpec, learning_rate: float,
-               data: Path, run_dir: Path, seed: int | None = None):
+def run_config(
+    cfg: ExperimentConfig,
+    method: MethodSpec,
+    learning_rate: float,
+    data: Path,
+    run_dir: Path,
+    seed: int | None = None,
+):
     """The RunConfig of one run: base config, shared overrides, the method's, then ours
     (``seed``: the run config's ``seed``, when not the configs' own)."""
-    return load_config(resolve_path(cfg.base_config), [
-        *cfg.overrides, *method.overrides, f"optim.learning_rate={learning_rate}",
-        f"data.path={data}", f"output_dir={run_dir}",
-        *([f"seed={seed}"] if seed is not None else [])])
+    return load_config(
+        resolve_path(cfg.base_config),
+        [
+            *cfg.overrides,
+            *method.overrides,
+            f"optim.learning_rate={learning_rate}",
+            f"data.path={data}",
+            f"output_dir={run_dir}",
+            *([f"seed={seed}"] if seed is not None else []),
+        ],
+    )
 
 
-def split_test(data: str | Path, test_fraction: float, seed: int,
-               out: Path) -> tuple[Path, Path, dict[str, int]]:
+def split_test(
+    data: str | Path, test_fraction: float, seed: int, out: Path
+) -> tuple[Path, Path, dict[str, int]]:
     """Write ``trainval.csv`` and ``test.csv`` (columns mr, ref) into ``out``, by MR.
 
     Returns their paths and the counts of MRs and rows on each side.
@@ -244,47 +271,66 @@ def validation_split(trainval: Path, seed: int, fraction: float, out: Path) -> V
     return ValidationSet(path, *_write_e2e(path, [groups[i] for i in val_idx]))
 
 
-def check_validation_split(validation: ValidationSet, summary: dict[str, Any],
-                           run_dir: Path) -> None:
+def check_validation_split(
+    validation: ValidationSet, summary: dict[str, Any], run_dir: Path
+) -> None:
     """ExperimentError unless the run in ``run_dir`` (its :func:`run_summary`) held out as many
     MRs and rows as ``validation``."""
     reported = summary.get("data")
     ours = {"validation_groups": validation.mrs, "validation_examples": validation.rows}
     if reported is not None and {k: reported[k] for k in ours} != ours:
-        raise ExperimentError(f"{run_dir} held out {reported['validation_groups']} MRs "
-                              f"({reported['validation_examples']} rows) for validation, but "
-                              f"{validation.path.name} has {validation.mrs} ({validation.rows})"
-                              f": some rows were skipped (see its log); fix them, or set "
-                              f"select: validation_loss")
+        raise ExperimentError(
+            f"{run_dir} held out {reported['validation_groups']} MRs "
+            f"({reported['validation_examples']} rows) for validation, but "
+            f"{validation.path.name} has {validation.mrs} ({validation.rows})"
+            f": some rows were skipped (see its log); fix them, or set "
+            f"select: validation_loss"
+        )
 
 
 def _run_process(args: list[str], log: Path) -> dict[str, float]:
     """Run ``python -m train.cli ARGS`` (output to ``log``); its peak RSS and wall time."""
     start = time.perf_counter()
     with log.open("w") as out:
-        process = subprocess.Popen([sys.executable, "-m", "train.cli", *args],
-                                   stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "train.cli", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
         _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode:
         tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
-        raise ExperimentError(f"`lora-jax {' '.join(args)}` failed (exit status "
-                              f"{process.returncode}); its log is {log}:\n{tail}")
+        raise ExperimentError(
+            f"`lora-jax {' '.join(args)}` failed (exit status "
+            f"{process.returncode}); its log is {log}:\n{tail}"
+        )
     return {"peak_rss_bytes": usage.ru_maxrss * 1024, "wall_s": time.perf_counter() - start}
 
 
-def train_run(cfg: ExperimentConfig, method: MethodSpec, learning_rate: float,
-              data: Path, run_dir: Path, seed: int | None = None) -> tuple[dict[str, Any], bool]:
+def train_run(
+    cfg: ExperimentConfig,
+    method: MethodSpec,
+    learning_rate: float,
+    data: Path,
+    run_dir: Path,
+    seed: int | None = None,
+) -> tuple[dict[str, Any], bool]:
     """Train one (method, learning rate[, seed]) unless a finished run with this config exists.
 
     Returns the run's :func:`run_summary` and whether the finished run was reused.
     """
     wanted = run_config(cfg, method, learning_rate, data, run_dir, seed)
-    finished = (run_dir / layout.ADAPTER_DIR / layout.ADAPTER_META_FILE).is_file() and (run_dir / PROCESS_FILE).is_file()
+    finished = (run_dir / layout.ADAPTER_DIR / layout.ADAPTER_META_FILE).is_file() and (
+        run_dir / PROCESS_FILE
+    ).is_file()
     if finished and load_config(run_dir / layout.CONFIG_FILE) != wanted:
-        raise ExperimentError(f"{run_dir} holds a finished run with another config; the "
-                              f"experiment config changed. Use a new output_dir, or --fresh "
-                              f"to delete the old results")
+        raise ExperimentError(
+            f"{run_dir} holds a finished run with another config; the "
+            f"experiment config changed. Use a new output_dir, or --fresh "
+            f"to delete the old results"
+        )
     if not finished:
         # the run directory is `lora-jax train`'s: marked as such before anything goes in
         rundir.claim(run_dir, layout.Kind.RUN, what="run directory")
@@ -296,8 +342,9 @@ def train_run(cfg: ExperimentConfig, method: MethodSpec, learning_rate: float,
 
 def _dir_bytes(path: Path) -> int:
     """What the files under ``path`` take, less lora-jax's ownership mark."""
-    return sum(f.stat().st_size for f in path.rglob("*")
-               if f.is_file() and f.name != rundir.MARK_FILE)
+    return sum(
+        f.stat().st_size for f in path.rglob("*") if f.is_file() and f.name != rundir.MARK_FILE
+    )
 
 
 def run_summary(run_dir: Path) -> dict[str, Any]:
@@ -305,34 +352,49 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
     records = read_records(run_dir / layout.METRICS_FILE)
     validation = [r for r in records if r["split"] == "validation"]
     step_s = [r["step_s"] for r in records if r["split"] == "train" and "step_s" in r]
-    return {**json.loads((run_dir / layout.RUN_INFO_FILE).read_text()),
-            **json.loads((run_dir / PROCESS_FILE).read_text()),
-            "adapter_bytes": _dir_bytes(run_dir / layout.ADAPTER_DIR),
-            # the first window holds the compilation: leave it out when there are others
-            "step_s": float(np.median(step_s[1:] or step_s)) if step_s else None,
-            "validation_loss_before": validation[0]["loss"] if validation else None,
-            "validation_loss": validation[-1]["loss"] if validation else None,
-            "steps": validation[-1]["step"] if validation else None}
+    return {
+        **json.loads((run_dir / layout.RUN_INFO_FILE).read_text()),
+        **json.loads((run_dir / PROCESS_FILE).read_text()),
+        "adapter_bytes": _dir_bytes(run_dir / layout.ADAPTER_DIR),
+        # the first window holds the compilation: leave it out when there are others
+        "step_s": float(np.median(step_s[1:] or step_s)) if step_s else None,
+        "validation_loss_before": validation[0]["loss"] if validation else None,
+        "validation_loss": validation[-1]["loss"] if validation else None,
+        "steps": validation[-1]["step"] if validation else None,
+    }
 
 
-def eval_run(cfg: ExperimentConfig, target: Path, test_csv: Path, out: Path,
-             *, every_mr: bool = False) -> dict[str, Any]:
+def eval_run(
+    cfg: ExperimentConfig, target: Path, test_csv: Path, out: Path, *, every_mr: bool = False
+) -> dict[str, Any]:
     """``lora-jax eval TARGET --data test.csv --out OUT`` unless done with the same options
     (``every_mr``: no ``eval.limit``)."""
-    args = ["eval", str(target), "--data", str(test_csv), "--out", str(out),
-            "--batch-size", str(cfg.eval.batch_size),
-            "--max-new-tokens", str(cfg.eval.max_new_tokens)]
+    args = [
+        "eval",
+        str(target),
+        "--data",
+        str(test_csv),
+        "--out",
+        str(out),
+        "--batch-size",
+        str(cfg.eval.batch_size),
+        "--max-new-tokens",
+        str(cfg.eval.max_new_tokens),
+    ]
     args += ["--greedy"] if cfg.eval.greedy else []
     args += ["--limit", str(cfg.eval.limit)] if cfg.eval.limit and not every_mr else []
     done = out / EVAL_ARGS_FILE
-    if not (done.is_file() and json.loads(done.read_text()) == args
-            and (out / SCORES_FILE).is_file()):
+    if not (
+        done.is_file() and json.loads(done.read_text()) == args and (out / SCORES_FILE).is_file()
+    ):
         rundir.claim(out, layout.Kind.EVAL, what="eval output directory")
         process = _run_process(args, out / LOG_FILE)
         done.write_text(json.dumps(args) + "\n")
         (out / PROCESS_FILE).write_text(json.dumps(process) + "\n")
-    return {"scores": json.loads((out / SCORES_FILE).read_text()),
-            "predictions": str(out / PREDICTIONS_FILE)}
+    return {
+        "scores": json.loads((out / SCORES_FILE).read_text()),
+        "predictions": str(out / PREDICTIONS_FILE),
+    }
 
 
 def choose(candidates: dict[float, dict[str, Any]], select: str) -> float:
@@ -340,8 +402,10 @@ def choose(candidates: dict[float, dict[str, Any]], select: str) -> float:
     (``validation_bleu``; ties go to the lower loss) or the lowest final loss."""
     losses = {lr: c["validation_loss"] for lr, c in candidates.items()}
     if any(loss is None for loss in losses.values()):
-        raise ExperimentError("a run has no validation loss; set data.validation_fraction > 0 "
-                              "so learning rates can be chosen on validation data")
+        raise ExperimentError(
+            "a run has no validation loss; set data.validation_fraction > 0 "
+            "so learning rates can be chosen on validation data"
+        )
     if select == "validation_bleu":
         return max(losses, key=lambda lr: (candidates[lr]["validation_bleu"], -losses[lr]))
     return min(losses, key=losses.get)
@@ -349,7 +413,9 @@ def choose(candidates: dict[float, dict[str, Any]], select: str) -> float:
 
 def run_experiment(cfg: ExperimentConfig, *, source: str, log=print) -> dict[str, Any]:
     """Steps 1-5 of the module docstring; returns what ``results.json`` holds."""
-    out = rundir.claim(resolve_path(cfg.output_dir), layout.Kind.EXPERIMENT, what="experiment output_dir")
+    out = rundir.claim(
+        resolve_path(cfg.output_dir), layout.Kind.EXPERIMENT, what="experiment output_dir"
+    )
     trainval, test, counts = split_test(cfg.data, cfg.test_fraction, cfg.seed, out)
     log(f"data: {counts}")
     validation_sets: dict[tuple[int, float], ValidationSet] = {}  # one per (seed, fraction)
@@ -370,26 +436,42 @@ def run_experiment(cfg: ExperimentConfig, *, source: str, log=print) -> dict[str
                 if cfg.select == "validation_bleu":
                     check_validation_split(validation_sets[split], candidates[lr], run_dir)
                     candidates[lr]["validation_bleu"] = eval_run(
-                        cfg, run_dir, validation_sets[split].path, run_dir / "validation_eval",
-                        every_mr=True)["scores"]["BLEU"]
-                log(f"[{method.name}] lr {lr:g}: validation loss "
+                        cfg,
+                        run_dir,
+                        validation_sets[split].path,
+                        run_dir / "validation_eval",
+                        every_mr=True,
+                    )["scores"]["BLEU"]
+                log(
+                    f"[{method.name}] lr {lr:g}: validation loss "
                     f"{candidates[lr]['validation_loss']:.4f}"
-                    + (f", BLEU {candidates[lr]['validation_bleu']:.2f}"
-                       if "validation_bleu" in candidates[lr] else "")
-                    + f"{' (finished run reused)' if reused else ''}")
+                    + (
+                        f", BLEU {candidates[lr]['validation_bleu']:.2f}"
+                        if "validation_bleu" in candidates[lr]
+                        else ""
+                    )
+                    + f"{' (finished run reused)' if reused else ''}"
+                )
             chosen = choose(candidates, cfg.select)
             row |= {**candidates[chosen], "method": method.name}  # not run_info's method
             chosen_dir = out / "runs" / method.name / f"lr_{chosen:g}"
-            row |= {"learning_rate": chosen, "run_dir": str(chosen_dir),
-                    "seed": method_cfg.seed,
-                    "learning_rate_grid": {f"{lr:g}": c["validation_loss"]
-                                           for lr, c in candidates.items()},
-                    "learning_rate_grid_bleu": {f"{lr:g}": c.get("validation_bleu")
-                                                for lr, c in candidates.items()}}
+            row |= {
+                "learning_rate": chosen,
+                "run_dir": str(chosen_dir),
+                "seed": method_cfg.seed,
+                "learning_rate_grid": {
+                    f"{lr:g}": c["validation_loss"] for lr, c in candidates.items()
+                },
+                "learning_rate_grid_bleu": {
+                    f"{lr:g}": c.get("validation_bleu") for lr, c in candidates.items()
+                },
+            }
             target = chosen_dir
         else:  # zero-shot: the base model as the shared overrides load it
-            target = save_config(run_config(cfg, method, 0.0, trainval, out / method.name),
-                                 out / method.name / layout.CONFIG_FILE)
+            target = save_config(
+                run_config(cfg, method, 0.0, trainval, out / method.name),
+                out / method.name / layout.CONFIG_FILE,
+            )
         log(f"[{method.name}] decoding {counts['test_mrs']} test MRs")
         row |= eval_run(cfg, target, test, out / "eval" / method.name)
         log(f"[{method.name}] {row['scores']}")
@@ -399,16 +481,31 @@ def run_experiment(cfg: ExperimentConfig, *, source: str, log=print) -> dict[str
     trained = [r for r in rows if "base_params" in r]
     for row in rows:  # untrained rows: the base's figures, from any trained run
         if "base_params" not in row and trained:
-            row |= {"base_params": trained[0]["base_params"], "trainable_params": 0,
-                    "validation_loss": trained[0]["validation_loss_before"]}
-    results = {"config": source, "experiment": OmegaConf.to_container(OmegaConf.structured(cfg)),
-               "data": counts, "machine": machine(), "rows": rows}
+            row |= {
+                "base_params": trained[0]["base_params"],
+                "trainable_params": 0,
+                "validation_loss": trained[0]["validation_loss_before"],
+            }
+    results = {
+        "config": source,
+        "experiment": OmegaConf.to_container(OmegaConf.structured(cfg)),
+        "data": counts,
+        "machine": machine(),
+        "rows": rows,
+    }
     (out / RESULTS_FILE).write_text(json.dumps(results, indent=1) + "\n")
     return results
 
 
-def seed_runs(cfg: ExperimentConfig, method: MethodSpec, row: dict[str, Any], trainval: Path,
-              test: Path, out: Path, log=print) -> dict[str, Any]:
+def seed_runs(
+    cfg: ExperimentConfig,
+    method: MethodSpec,
+    row: dict[str, Any],
+    trainval: Path,
+    test: Path,
+    out: Path,
+    log=print,
+) -> dict[str, Any]:
     """Train ``method.seeds`` at the chosen rate of ``row``, decode the test MRs for each.
 
     Returns the row's new entries: ``seed_scores`` (run-config seed -> test scores, the
@@ -422,18 +519,21 @@ def seed_runs(cfg: ExperimentConfig, method: MethodSpec, row: dict[str, Any], tr
         log(f"[{method.name}] lr {lr:g}, seed {seed}")
         run_dir = out / "runs" / method.name / f"lr_{lr:g}_seed{seed}"
         summary, reused = train_run(cfg, method, lr, trainval, run_dir, seed)
-        scores[str(seed)] = eval_run(cfg, run_dir, test, out / "eval" / method.name /
-                                     f"seed{seed}")["scores"]
+        scores[str(seed)] = eval_run(
+            cfg, run_dir, test, out / "eval" / method.name / f"seed{seed}"
+        )["scores"]
         losses[str(seed)] = summary["validation_loss"]
-        log(f"[{method.name}] seed {seed}: {scores[str(seed)]}"
-            f"{' (finished run reused)' if reused else ''}")
+        log(
+            f"[{method.name}] seed {seed}: {scores[str(seed)]}"
+            f"{' (finished run reused)' if reused else ''}"
+        )
     mean, sd = across_seeds(list(scores.values()))
-    return {"seed_scores": scores, "seed_validation_loss": losses, "scores": mean,
-            "scores_sd": sd}
+    return {"seed_scores": scores, "seed_validation_loss": losses, "scores": mean, "scores_sd": sd}
 
 
-def across_seeds(scores: Sequence[dict[str, float | None]]
-                 ) -> tuple[dict[str, float | None], dict[str, float | None]]:
+def across_seeds(
+    scores: Sequence[dict[str, float | None]],
+) -> tuple[dict[str, float | None], dict[str, float | None]]:
     """Per metric: the mean and the sample standard deviation (n - 1) over ``scores``, one
     dict per run; None for a metric some run lacks (METEOR without WordNet)."""
     mean, sd = {}, {}
@@ -446,6 +546,7 @@ def across_seeds(scores: Sequence[dict[str, float | None]]
 
 
 # ---------------------------------------------------------------------------- report
+
 
 def _mib(n: float | None) -> str:
     """Bytes in the largest unit that keeps the number >= 1 (B, KiB, MiB)."""
@@ -467,18 +568,25 @@ def _metric(row: dict[str, Any], name: str) -> str:
 
 def table(rows: list[dict[str, Any]]) -> list[str]:
     """The results table, metrics on the paper's scales (BLEU, METEOR, ROUGE-L x100)."""
-    lines = ["| method | lr | trainable params | % of base | saved on disk | optimizer state "
-             "| peak RSS | s / step | val loss | BLEU | NIST | METEOR | ROUGE-L | CIDEr |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| method | lr | trainable params | % of base | saved on disk | optimizer state "
+        "| peak RSS | s / step | val loss | BLEU | NIST | METEOR | ROUGE-L | CIDEr |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         share = 100 * r["trainable_params"] / r["base_params"] if r.get("base_params") else None
-        cells = [r["method"], f"{r['learning_rate']:g}" if "learning_rate" in r else "-",
-                 f"{r.get('trainable_params', 0):,}", "-" if share is None else f"{share:.3f}",
-                 _mib(r.get("adapter_bytes")), _mib(r.get("optimizer_state_bytes")),
-                 _mib(r.get("peak_rss_bytes")),
-                 "-" if r.get("step_s") is None else f"{r['step_s']:.2f}",
-                 "-" if r.get("validation_loss") is None else f"{r['validation_loss']:.3f}",
-                 *(_metric(r, m) for m in e2e_metrics.METRICS)]
+        cells = [
+            r["method"],
+            f"{r['learning_rate']:g}" if "learning_rate" in r else "-",
+            f"{r.get('trainable_params', 0):,}",
+            "-" if share is None else f"{share:.3f}",
+            _mib(r.get("adapter_bytes")),
+            _mib(r.get("optimizer_state_bytes")),
+            _mib(r.get("peak_rss_bytes")),
+            "-" if r.get("step_s") is None else f"{r['step_s']:.2f}",
+            "-" if r.get("validation_loss") is None else f"{r['validation_loss']:.3f}",
+            *(_metric(r, m) for m in e2e_metrics.METRICS),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -487,14 +595,20 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     """PNG: each metric against trainable parameters (log axis), with a bar of one standard
     deviation for rows trained with several seeds; zero-shot as a line."""
     plt = pyplot()
-    names = [m for m in e2e_metrics.METRICS
-             if all(r.get("scores", {}).get(m) is not None for r in rows)]
-    figure, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.4), dpi=100,
-                                squeeze=False)
+    names = [
+        m for m in e2e_metrics.METRICS if all(r.get("scores", {}).get(m) is not None for r in rows)
+    ]
+    figure, axes = plt.subplots(
+        1, len(names), figsize=(3.2 * len(names), 3.4), dpi=100, squeeze=False
+    )
     for ax, name in zip(axes[0], names, strict=True):
         scale = e2e_metrics.PAPER_SCALE[name]
-        trained = [(r["scores"][name] + sign * (r.get("scores_sd", {}).get(name) or 0)) * scale
-                   for r in rows if r.get("trainable_params") for sign in (-1, 1)]
+        trained = [
+            (r["scores"][name] + sign * (r.get("scores_sd", {}).get(name) or 0)) * scale
+            for r in rows
+            if r.get("trainable_params")
+            for sign in (-1, 1)
+        ]
         # the axis spans the trained methods, which differ by little; an untrained row far
         # below them would flatten them into one line, so it is then named, not drawn
         low, high = (min(trained), max(trained)) if trained else (0.0, 1.0)
@@ -504,15 +618,30 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
             value = r["scores"][name] * scale
             if r.get("trainable_params"):
                 sd = r.get("scores_sd", {}).get(name)
-                ax.errorbar(r["trainable_params"], value, fmt="o", capsize=3,
-                            yerr=None if sd is None else sd * scale)
-                ax.annotate(r["method"], (r["trainable_params"], value), fontsize=7,
-                            xytext=(3, 3), textcoords="offset points")
+                ax.errorbar(
+                    r["trainable_params"],
+                    value,
+                    fmt="o",
+                    capsize=3,
+                    yerr=None if sd is None else sd * scale,
+                )
+                ax.annotate(
+                    r["method"],
+                    (r["trainable_params"], value),
+                    fontsize=7,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
             elif low - pad <= value <= high + pad:
                 ax.axhline(value, linestyle="--", color="grey", label=r["method"])
             else:
-                ax.plot([], [], linestyle="--", color="grey",
-                        label=f"{r['method']}: {value:.2f} (off the axis)")
+                ax.plot(
+                    [],
+                    [],
+                    linestyle="--",
+                    color="grey",
+                    label=f"{r['method']}: {value:.2f} (off the axis)",
+                )
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters")
         ax.set_title(name)
@@ -526,48 +655,84 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
-def report(results: dict[str, Any], cfg: ExperimentConfig, config_text: str,
-           command: str) -> str:
+def report(results: dict[str, Any], cfg: ExperimentConfig, config_text: str, command: str) -> str:
     """docs/results.md: the table, the learning-rate choice, the machine, the config."""
     rows = results["rows"]
     data, machine = results["data"], results["machine"]
-    lines = [REPORT_TITLE, "",
-             "Produced by", "", "```", command, "```", "",
-             f"on {machine['cpu']} ({machine['cores']} cores; {machine['devices'][0]}), "
-             f"versions {json.dumps(machine['versions'])}.", "",
-             f"Data: {cfg.data} split by MR: {data['trainval_mrs']} MRs ({data['trainval_rows']} "
-             f"rows) to train and validate on, {data['test_mrs']} MRs ({data['test_rows']} rows) "
-             f"held out for the metrics"
-             f"{f' (the first {cfg.eval.limit} decoded)' if cfg.eval.limit else ''}. Decoding: "
-             f"{'greedy' if cfg.eval.greedy else 'beam search, 10 beams, length penalty 0.9'}"
-             f", no repeated 4-gram, at most {cfg.eval.max_new_tokens} new tokens. Metrics: "
-             f"studies/e2e/metrics.py, on the paper's scales (BLEU, METEOR, ROUGE-L x100).", "",
-             *table(rows), "",
-             "Columns: *trainable params* and *% of base* count what the optimizer updates; "
-             "*saved on disk* is the run's adapter directory (for full fine-tuning: every "
-             "parameter, i.e. a full checkpoint); *optimizer state* is AdamW's bytes; *peak "
-             "RSS* is the training process's (model loading included); *s / step* the median "
-             "wall-clock seconds per update; *val loss* the final validation loss in nats per "
-             "target token (for zero-shot: before training).", "",
-             "![metrics vs trainable parameters](" + Path(cfg.plot).name + ")", "",
-             "## Learning rates, chosen on the validation split", "",
-             "Each method trains at every rate of its grid; the rate kept is the one with "
-             + ("the highest BLEU of its greedy/beam outputs on the validation MRs (decoded "
-                "as the test MRs are; ties go to the lower loss)"
-                if cfg.select == "validation_bleu" else "the lowest final validation loss")
-             + ". Validation MRs are disjoint from training and test MRs.", "",
-             "| method | validation loss per learning rate | validation BLEU per learning rate "
-             "| chosen |", "|---|---|---|---|"]
+    lines = [
+        REPORT_TITLE,
+        "",
+        "Produced by",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        f"on {machine['cpu']} ({machine['cores']} cores; {machine['devices'][0]}), "
+        f"versions {json.dumps(machine['versions'])}.",
+        "",
+        f"Data: {cfg.data} split by MR: {data['trainval_mrs']} MRs ({data['trainval_rows']} "
+        f"rows) to train and validate on, {data['test_mrs']} MRs ({data['test_rows']} rows) "
+        f"held out for the metrics"
+        f"{f' (the first {cfg.eval.limit} decoded)' if cfg.eval.limit else ''}. Decoding: "
+        f"{'greedy' if cfg.eval.greedy else 'beam search, 10 beams, length penalty 0.9'}"
+        f", no repeated 4-gram, at most {cfg.eval.max_new_tokens} new tokens. Metrics: "
+        f"studies/e2e/metrics.py, on the paper's scales (BLEU, METEOR, ROUGE-L x100).",
+        "",
+        *table(rows),
+        "",
+        "Columns: *trainable params* and *% of base* count what the optimizer updates; "
+        "*saved on disk* is the run's adapter directory (for full fine-tuning: every "
+        "parameter, i.e. a full checkpoint); *optimizer state* is AdamW's bytes; *peak "
+        "RSS* is the training process's (model loading included); *s / step* the median "
+        "wall-clock seconds per update; *val loss* the final validation loss in nats per "
+        "target token (for zero-shot: before training).",
+        "",
+        "![metrics vs trainable parameters](" + Path(cfg.plot).name + ")",
+        "",
+        "## Learning rates, chosen on the validation split",
+        "",
+        "Each method trains at every rate of its grid; the rate kept is the one with "
+        + (
+            "the highest BLEU of its greedy/beam outputs on the validation MRs (decoded "
+            "as the test MRs are; ties go to the lower loss)"
+            if cfg.select == "validation_bleu"
+            else "the lowest final validation loss"
+        )
+        + ". Validation MRs are disjoint from training and test MRs.",
+        "",
+        "| method | validation loss per learning rate | validation BLEU per learning rate "
+        "| chosen |",
+        "|---|---|---|---|",
+    ]
     for r in rows:
         if "learning_rate_grid" in r:
             grid = ", ".join(f"{lr}: {loss:.4f}" for lr, loss in r["learning_rate_grid"].items())
-            bleu = ", ".join(f"{lr}: {b:.2f}" for lr, b in r.get("learning_rate_grid_bleu",
-                                                                  {}).items() if b is not None)
-            lines.append(f"| {r['method']} | {grid} | {bleu or '-'} | {r['learning_rate']:g}"
-                         f"{_edge(r['learning_rate'], r['learning_rate_grid'])} |")
+            bleu = ", ".join(
+                f"{lr}: {b:.2f}"
+                for lr, b in r.get("learning_rate_grid_bleu", {}).items()
+                if b is not None
+            )
+            lines.append(
+                f"| {r['method']} | {grid} | {bleu or '-'} | {r['learning_rate']:g}"
+                f"{_edge(r['learning_rate'], r['learning_rate_grid'])} |"
+            )
     lines += seeds_section(rows)
-    lines += ["", "## Ratios", "", *ratios(rows), "", "## The experiment config", "",
-              f"`{results['config']}`:", "", "```yaml", config_text.rstrip(), "```", ""]
+    lines += [
+        "",
+        "## Ratios",
+        "",
+        *ratios(rows),
+        "",
+        "## The experiment config",
+        "",
+        f"`{results['config']}`:",
+        "",
+        "```yaml",
+        config_text.rstrip(),
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -576,12 +741,18 @@ def seeds_section(rows: list[dict[str, Any]]) -> list[str]:
     seeded = [r for r in rows if "seed_scores" in r]
     if not seeded:
         return []
-    lines = ["", "## Seeds", "",
-             "Rows with several seeds were trained again at their chosen rate with each other "
-             "run-config `seed` (which draws the train/validation split, the data order, the "
-             "initialisation and the dropout); the table gives the mean ± the sample standard "
-             "deviation of their test metrics, and the other columns are the chosen run's.", "",
-             "| method | test BLEU per seed | validation loss per seed |", "|---|---|---|"]
+    lines = [
+        "",
+        "## Seeds",
+        "",
+        "Rows with several seeds were trained again at their chosen rate with each other "
+        "run-config `seed` (which draws the train/validation split, the data order, the "
+        "initialisation and the dropout); the table gives the mean ± the sample standard "
+        "deviation of their test metrics, and the other columns are the chosen run's.",
+        "",
+        "| method | test BLEU per seed | validation loss per seed |",
+        "|---|---|---|",
+    ]
     for r in seeded:
         bleu = ", ".join(f"{seed}: {s['BLEU']:.2f}" for seed, s in r["seed_scores"].items())
         loss = ", ".join(f"{seed}: {v:.4f}" for seed, v in r["seed_validation_loss"].items())
@@ -608,14 +779,16 @@ def ratios(rows: list[dict[str, Any]]) -> list[str]:
     for r in rows:
         if r is full or not r.get("trainable_params") or not r.get("adapter_bytes"):
             continue
-        gap = (r["scores"]["BLEU"] - full["scores"]["BLEU"])
+        gap = r["scores"]["BLEU"] - full["scores"]["BLEU"]
         runs = [len(x.get("seed_scores", ())) or 1 for x in (r, full)]
-        lines.append(f"- {r['method']}: saved {full['adapter_bytes'] / r['adapter_bytes']:,.0f}x "
-                     f"smaller, optimizer state "
-                     f"{full['optimizer_state_bytes'] / r['optimizer_state_bytes']:,.0f}x smaller, "
-                     f"peak RSS {full['peak_rss_bytes'] / r['peak_rss_bytes']:.2f}x lower, "
-                     f"BLEU {gap:+.2f} vs full fine-tuning"
-                     + ("" if runs == [1, 1] else f" (means of {runs[0]} and {runs[1]} runs)"))
+        lines.append(
+            f"- {r['method']}: saved {full['adapter_bytes'] / r['adapter_bytes']:,.0f}x "
+            f"smaller, optimizer state "
+            f"{full['optimizer_state_bytes'] / r['optimizer_state_bytes']:,.0f}x smaller, "
+            f"peak RSS {full['peak_rss_bytes'] / r['peak_rss_bytes']:.2f}x lower, "
+            f"BLEU {gap:+.2f} vs full fine-tuning"
+            + ("" if runs == [1, 1] else f" (means of {runs[0]} and {runs[1]} runs)")
+        )
     return lines
 
 
@@ -628,27 +801,39 @@ def check_outputs(cfg: ExperimentConfig, *, fresh: bool = False) -> None:
     """
     data = resolve_path(cfg.data)
     if not data.is_file():
-        raise ConfigError(f"experiment data {data} does not exist (key 'data'); point it at an "
-                          f"E2E CSV with columns mr, ref")
+        raise ConfigError(
+            f"experiment data {data} does not exist (key 'data'); point it at an "
+            f"E2E CSV with columns mr, ref"
+        )
     out = rundir.check_writable(resolve_path(cfg.output_dir), "experiment output_dir")
     if out.is_dir() and any(out.iterdir()) and not rundir.owned(out, layout.Kind.EXPERIMENT):
         mark = rundir.read_mark(out)
-        whose = (f"it is a lora-jax {mark['kind']!r} directory" if mark else
-                 f"it was not created by lora-jax experiment (no {rundir.MARK_FILE} in it)")
-        action = ("--fresh deletes only an experiment's own output_dir" if fresh else
-                  "the experiment writes only into its own output_dir")
-        raise rundir.DirectoryError(f"experiment output_dir {out} is not empty and {whose}; "
-                                    f"nothing was changed ({action}). Set output_dir to a new or "
-                                    f"empty directory")
+        whose = (
+            f"it is a lora-jax {mark['kind']!r} directory"
+            if mark
+            else f"it was not created by lora-jax experiment (no {rundir.MARK_FILE} in it)"
+        )
+        action = (
+            "--fresh deletes only an experiment's own output_dir"
+            if fresh
+            else "the experiment writes only into its own output_dir"
+        )
+        raise rundir.DirectoryError(
+            f"experiment output_dir {out} is not empty and {whose}; "
+            f"nothing was changed ({action}). Set output_dir to a new or "
+            f"empty directory"
+        )
     report_path, plot_path = resolve_path(cfg.report), resolve_path(cfg.plot)
     if report_path == plot_path:
         raise ConfigError(f"report and plot are the same file {report_path}; give each its own")
     for key, path, ours in (("report", report_path, _is_report), ("plot", plot_path, _is_plot)):
         rundir.check_writable(path.parent, f"the directory of {key}")
         if path.exists() and not (path.is_file() and ours(path)):
-            raise ConfigError(f"{key} {path} exists and is not a {key} written by lora-jax "
-                              f"experiment; it is left as it is. Set {key} to another path, or "
-                              f"move that file away")
+            raise ConfigError(
+                f"{key} {path} exists and is not a {key} written by lora-jax "
+                f"experiment; it is left as it is. Set {key} to another path, or "
+                f"move that file away"
+            )
 
 
 def _is_report(path: Path) -> bool:
@@ -687,6 +872,8 @@ def run_command(args: argparse.Namespace) -> int:
     report_path.write_text(report(results, cfg, config_text, command))
     plot(results["rows"], resolve_path(cfg.plot))
     print("\n".join(table(results["rows"])))
-    print(f"\nwritten: {report_path}, {resolve_path(cfg.plot)}, "
-          f"{resolve_path(cfg.output_dir) / RESULTS_FILE}")
+    print(
+        f"\nwritten: {report_path}, {resolve_path(cfg.plot)}, "
+        f"{resolve_path(cfg.output_dir) / RESULTS_FILE}"
+    )
     return 0

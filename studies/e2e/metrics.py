@@ -89,14 +89,14 @@ def bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> floa
     """Corpus BLEU, 0-100: sacrebleu as mteval-v13a (lower-cased 13a tokens)."""
     most = max(len(refs) for refs in references)
     streams = [[refs[i] if i < len(refs) else None for refs in references] for i in range(most)]
-    return sacrebleu.corpus_bleu(list(hypotheses), streams, lowercase=True,
-                                 tokenize="13a").score
+    return sacrebleu.corpus_bleu(list(hypotheses), streams, lowercase=True, tokenize="13a").score
 
 
 def _ngrams(words: Sequence[str]) -> Counter[tuple[str, ...]]:
     """Counts of the 1- to NIST_ORDER-grams of ``words`` (mteval's ``Words2Ngrams``)."""
-    return Counter(tuple(words[i:i + n]) for n in range(1, NIST_ORDER + 1)
-                   for i in range(len(words) - n + 1))
+    return Counter(
+        tuple(words[i : i + n]) for n in range(1, NIST_ORDER + 1) for i in range(len(words) - n + 1)
+    )
 
 
 def nist_length_penalty(ratio: float) -> float:
@@ -175,18 +175,22 @@ def meteor(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> fl
 
     return statistics.fmean(
         meteor_score([coco_tokens(r) for r in refs], coco_tokens(h), wordnet=reader)
-        for h, refs in zip(hypotheses, references, strict=True))
+        for h, refs in zip(hypotheses, references, strict=True)
+    )
 
 
 def rouge_l(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> float:
     """Mean over outputs of the best ROUGE-L F1 among the references (rouge-score)."""
     scorer = RougeScorer(["rougeL"])
-    return statistics.fmean(scorer.score_multi(list(refs), h)["rougeL"].fmeasure
-                            for h, refs in zip(hypotheses, references, strict=True))
+    return statistics.fmean(
+        scorer.score_multi(list(refs), h)["rougeL"].fmeasure
+        for h, refs in zip(hypotheses, references, strict=True)
+    )
 
 
 def cider(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> float:
     """CIDEr-D of pycocoevalcap on COCO-style tokens."""
+
     def joined(text: str) -> str:
         return " ".join(coco_tokens(text))
 
@@ -195,21 +199,28 @@ def cider(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> flo
     return float(Cider().compute_score(gts, res)[0])
 
 
-def score(hypotheses: Sequence[str],
-          references: Sequence[Sequence[str]]) -> dict[str, float | None]:
+def score(
+    hypotheses: Sequence[str], references: Sequence[Sequence[str]]
+) -> dict[str, float | None]:
     """The five metrics of ``hypotheses[i]`` against all of ``references[i]``.
 
     METEOR is None when no WordNet is installed (:func:`notes` says why).
     """
     if len(hypotheses) != len(references) or not hypotheses:
-        raise ValueError(f"need one list of references per output and at least one output; "
-                         f"got {len(hypotheses)} outputs and {len(references)} reference lists")
+        raise ValueError(
+            f"need one list of references per output and at least one output; "
+            f"got {len(hypotheses)} outputs and {len(references)} reference lists"
+        )
     empty = [i for i, refs in enumerate(references) if not refs]
     if empty:
         raise ValueError(f"outputs {empty[:5]} have no reference; every MR needs at least one")
-    return {"BLEU": bleu(hypotheses, references), "NIST": nist(hypotheses, references),
-            "METEOR": meteor(hypotheses, references), "ROUGE_L": rouge_l(hypotheses, references),
-            "CIDEr": cider(hypotheses, references)}
+    return {
+        "BLEU": bleu(hypotheses, references),
+        "NIST": nist(hypotheses, references),
+        "METEOR": meteor(hypotheses, references),
+        "ROUGE_L": rouge_l(hypotheses, references),
+        "CIDEr": cider(hypotheses, references),
+    }
 
 
 def notes(scores: dict[str, float | None]) -> list[str]:

@@ -23,15 +23,65 @@ import nltk
 from nltk.corpus.reader.wordnet import WordNetCorpusReader
 
 DEBIAN_DIR = Path("/usr/share/wordnet")
-MISSING = ("nltk finds no WordNet: install Debian's wordnet-base (`apt-get install "
-           "wordnet-base`, as `make venv` does where apt-get works) or run "
-           "nltk.download('wordnet')")
+MISSING = (
+    "nltk finds no WordNet: install Debian's wordnet-base (`apt-get install "
+    "wordnet-base`, as `make venv` does where apt-get works) or run "
+    "nltk.download('wordnet')"
+)
 
-_LEXICOGRAPHER_FILES = ["adj.all", "adj.pert", "adv.all", "noun.Tops", "noun.act", "noun.animal", "noun.artifact", "noun.attribute", "noun.body", "noun.cognition", "noun.communication", "noun.event", "noun.feeling", "noun.food", "noun.group", "noun.location", "noun.motive", "noun.object", "noun.person", "noun.phenomenon", "noun.plant", "noun.possession", "noun.process", "noun.quantity", "noun.relation", "noun.shape", "noun.state", "noun.substance", "noun.time", "verb.body", "verb.change", "verb.cognition", "verb.communication", "verb.competition", "verb.consumption", "verb.contact", "verb.creation", "verb.emotion", "verb.motion", "verb.perception", "verb.possession", "verb.social", "verb.stative", "verb.weather", "adj.ppl"]
+_LEXICOGRAPHER_FILES = [
+    "adj.all",
+    "adj.pert",
+    "adv.all",
+    "noun.Tops",
+    "noun.act",
+    "noun.animal",
+    "noun.artifact",
+    "noun.attribute",
+    "noun.body",
+    "noun.cognition",
+    "noun.communication",
+    "noun.event",
+    "noun.feeling",
+    "noun.food",
+    "noun.group",
+    "noun.location",
+    "noun.motive",
+    "noun.object",
+    "noun.person",
+    "noun.phenomenon",
+    "noun.plant",
+    "noun.possession",
+    "noun.process",
+    "noun.quantity",
+    "noun.relation",
+    "noun.shape",
+    "noun.state",
+    "noun.substance",
+    "noun.time",
+    "verb.body",
+    "verb.change",
+    "verb.cognition",
+    "verb.communication",
+    "verb.competition",
+    "verb.consumption",
+    "verb.contact",
+    "verb.creation",
+    "verb.emotion",
+    "verb.motion",
+    "verb.perception",
+    "verb.possession",
+    "verb.social",
+    "verb.stative",
+    "verb.weather",
+    "adj.ppl",
+]
 _SYNTACTIC_CATEGORY = {"noun": 1, "verb": 2, "adj": 3, "adv": 4}
 # WordNet 3.0's dict/lexnames: "<number>\t<file name>\t<syntactic category>" per line.
-LEXNAMES = "".join(f"{i:02d}\t{name}\t{_SYNTACTIC_CATEGORY[name.split('.')[0]]}\n"
-                   for i, name in enumerate(_LEXICOGRAPHER_FILES))
+LEXNAMES = "".join(
+    f"{i:02d}\t{name}\t{_SYNTACTIC_CATEGORY[name.split('.')[0]]}\n"
+    for i, name in enumerate(_LEXICOGRAPHER_FILES)
+)
 
 
 class DebianWordNet(WordNetCorpusReader):
