@@ -223,6 +223,9 @@ def test_table_and_ratios_state_the_measured_figures():
         "smaller, peak RSS 3.00x lower, BLEU +1.50 vs full "
         "fine-tuning"
     ]
+    # another reference row, named by the experiment config's `reference`
+    assert ratios([{**full, "method": "top2"}, lora], "top2")[0].endswith("BLEU +1.50 vs top2")
+    assert ratios([lora], "top2") == ["(no row named `top2`, the experiment's `reference`)"]
 
 
 def test_several_seeds_report_mean_and_sample_deviation():
@@ -386,7 +389,7 @@ def test_the_report_and_plot_replace_only_a_report_and_plot(tmp_path):
         check_outputs(cfg)
     assert (tmp_path / "README.md").read_text() == "# My project\n"
     cfg = load_experiment(_quick_experiment(tmp_path))
-    (docs / "results.md").write_text(experiment_lib.REPORT_TITLE + "\n\nold table\n")
+    (docs / "results.md").write_text(experiment_lib.REPORT_MARK + "an old table\n\n|...|\n")
     (docs / "results.png").write_bytes(b"\x89PNG\r\n\x1a\n my own drawing")
     with pytest.raises(ConfigError, match=r"plot .*results.png exists and is not a plot"):
         check_outputs(cfg)

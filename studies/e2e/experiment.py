@@ -80,7 +80,7 @@ RESULTS_FILE = "results.json"
 PROCESS_FILE = "process.json"  # peak RSS and wall time of a run's training process
 EVAL_ARGS_FILE = "eval_args.json"
 LOG_FILE = "log.txt"
-REPORT_TITLE = "# E2E NLG: LoRA vs full fine-tuning vs BitFit on SmolLM2-135M"
+REPORT_MARK = "# E2E NLG: "  # how a report of ours begins (the rest is the config's title)
 # a method's name is a directory name under output_dir: no separators, no '..'
 METHOD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
@@ -124,6 +124,8 @@ class ExperimentConfig:
     seed: int = 0  # the test split; runs use their config's seed
     output_dir: str = "runs/experiments/e2e_table"
     report: str = "docs/results.md"
+    title: str = "LoRA vs full fine-tuning vs BitFit on SmolLM2-135M"  # the report's heading
+    reference: str = "full"  # the method whose row the others are compared with (Ratios)
     plot: str = "docs/results.png"
     overrides: tuple[str, ...] = ()  # run-config overrides shared by every method
     # how a method's learning rate is chosen on the validation MRs: the highest BLEU of the
@@ -660,7 +662,7 @@ def report(results: dict[str, Any], cfg: ExperimentConfig, config_text: str, com
     rows = results["rows"]
     data, machine = results["data"], results["machine"]
     lines = [
-        REPORT_TITLE,
+        REPORT_MARK + cfg.title,
         "",
         "Produced by",
         "",
@@ -722,7 +724,7 @@ def report(results: dict[str, Any], cfg: ExperimentConfig, config_text: str, com
         "",
         "## Ratios",
         "",
-        *ratios(rows),
+        *ratios(rows, cfg.reference),
         "",
         "## The experiment config",
         "",
@@ -770,11 +772,12 @@ def _edge(chosen: float, grid: dict[str, float]) -> str:
     return " (the smallest tried: a smaller rate may be better)" if chosen == rates[0] else ""
 
 
-def ratios(rows: list[dict[str, Any]]) -> list[str]:
-    """Full fine-tuning over each LoRA row: saved bytes and optimizer-state bytes; BLEU gaps."""
-    full = next((r for r in rows if r.get("method") == "full"), None)
+def ratios(rows: list[dict[str, Any]], reference: str = "full") -> list[str]:
+    """The ``reference`` row (full fine-tuning) over each trained row: saved bytes,
+    optimizer-state bytes and peak RSS; BLEU gaps."""
+    full = next((r for r in rows if r.get("method") == reference), None)
     if full is None:
-        return ["(no row named `full`)"]
+        return [f"(no row named `{reference}`, the experiment's `reference`)"]
     lines = []
     for r in rows:
         if r is full or not r.get("trainable_params") or not r.get("adapter_bytes"):
@@ -786,7 +789,7 @@ def ratios(rows: list[dict[str, Any]]) -> list[str]:
             f"smaller, optimizer state "
             f"{full['optimizer_state_bytes'] / r['optimizer_state_bytes']:,.0f}x smaller, "
             f"peak RSS {full['peak_rss_bytes'] / r['peak_rss_bytes']:.2f}x lower, "
-            f"BLEU {gap:+.2f} vs full fine-tuning"
+            f"BLEU {gap:+.2f} vs {'full fine-tuning' if reference == 'full' else reference}"
             + ("" if runs == [1, 1] else f" (means of {runs[0]} and {runs[1]} runs)")
         )
     return lines
@@ -838,7 +841,7 @@ def check_outputs(cfg: ExperimentConfig, *, fresh: bool = False) -> None:
 
 def _is_report(path: Path) -> bool:
     with path.open("rb") as f:
-        return f.read(len(REPORT_TITLE.encode())) == REPORT_TITLE.encode()
+        return f.read(len(REPORT_MARK.encode())) == REPORT_MARK.encode()
 
 
 def _is_plot(path: Path) -> bool:
