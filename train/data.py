@@ -50,7 +50,7 @@ from train.batching import START, Batch, DataPosition, TrainBatches, eval_batche
 from train.config import DataConfig, resolve_path
 from train.errors import UserError
 from train.examples import Example, char_limit, encode_pairs, fit_example, length_status
-from train.formats import COLUMN_ALIASES, FORMATS, MalformedRow, find_columns, is_missing
+from train.formats import FORMATS, MalformedRow, find_columns, is_missing
 from train.ordering import split_by_group
 
 LOCAL_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -516,7 +516,7 @@ def _needs(cfg: DataConfig, split_key: str | None) -> str:
     """What the format reads, for messages: its columns, their other names, the split key."""
     fmt = FORMATS[cfg.format]
     aliases = [
-        f"{name} (or {' / '.join(COLUMN_ALIASES[name])})" if name in COLUMN_ALIASES else name
+        f"{name} (or {' / '.join(fmt.aliases[name])})" if name in fmt.aliases else name
         for name in fmt.columns
     ]
     key = f" and data.split_key={split_key!r}" if split_key and split_key not in fmt.columns else ""
@@ -530,7 +530,7 @@ def _format_rows(
     fmt = FORMATS[cfg.format]
     split_key = cfg.split_key or fmt.split_key
     needed = list(dict.fromkeys(fmt.columns + ((split_key,) if split_key else ())))
-    found = find_columns(table.column_names, needed)
+    found = find_columns(table.column_names, needed, fmt.aliases)
     missing = [name for name, column in found.items() if column is None]
     if missing:
         raise DataError(

@@ -15,8 +15,8 @@ ChatML rather than the paper's plain ``mr || ref`` layout: the base model alread
 answers in this template (so generations are sensible before fine-tuning) and its EOS,
 ``<|im_end|>``, is exactly the end of an assistant turn. The cost is ~10 prompt tokens.
 
-Columns are found by name, ignoring case, surrounding spaces and a byte-order mark; E2E's
-also under Hugging Face ``e2e_nlg``'s names (``COLUMN_ALIASES``).
+Columns are found by name, ignoring case, surrounding spaces and a byte-order mark, and
+under the other names a format knows for them (E2E's: Hugging Face ``e2e_nlg``'s).
 
 ``prompt_completion`` (columns ``prompt``, ``completion``) concatenates the two as they
 are: the data carries its own template. ``text`` (column ``text``) has an empty prompt,
@@ -27,15 +27,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 E2E_INSTRUCTION = "Describe this restaurant in one sentence: "
-# other names of a column: Hugging Face e2e_nlg's, and the E2E challenge's own CSVs' header
-COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
-    "mr": ("meaning_representation",),
-    "ref": ("reference", "human_reference"),
-}
 
 
 class MalformedRow(ValueError):
@@ -51,20 +46,26 @@ def chatml_user_turn(text: str) -> str:
     return f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
 
 
-def find_columns(columns: Sequence[str], names: Sequence[str]) -> dict[str, str | None]:
+def find_columns(
+    columns: Sequence[str],
+    names: Sequence[str],
+    aliases: Mapping[str, tuple[str, ...]] | None = None,
+) -> dict[str, str | None]:
     """For each of ``names``, the column of ``columns`` holding it, or None.
 
     The same name if present; else the first column that equals the name or one of its
-    ``COLUMN_ALIASES`` once case, surrounding spaces and a byte-order mark are ignored.
+    ``aliases`` once case, surrounding spaces and a byte-order mark are ignored.
 
-    >>> find_columns(["\ufeffMR", "human_reference", "other"], ["mr", "ref", "text"])
+    >>> find_columns(["\ufeffMR", "human_reference", "other"], ["mr", "ref", "text"],
+    ...              FORMATS["e2e"].aliases)
     {'mr': '\ufeffMR', 'ref': 'human_reference', 'text': None}
     """
+    aliases = aliases or {}
     by_key = {c.lstrip("\ufeff").strip().lower(): c for c in columns}
     return {
         name: name
         if name in columns
-        else next((by_key[k] for k in (name, *COLUMN_ALIASES.get(name, ())) if k in by_key), None)
+        else next((by_key[k] for k in (name, *aliases.get(name, ())) if k in by_key), None)
         for name in names
     }
 
@@ -107,15 +108,23 @@ def _text(row: Mapping[str, Any]) -> tuple[str, str]:
 
 @dataclass(frozen=True)
 class Format:
-    """The columns a task reads, its default grouping column, and its row formatter."""
+    """The columns a task reads, its default grouping column, its row formatter, and other
+    names its columns go by."""
 
     columns: tuple[str, ...]
     split_key: str | None  # None: every row is its own group
     build: Callable[[Mapping[str, Any]], tuple[str, str]]
+    aliases: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 FORMATS: dict[str, Format] = {
-    "e2e": Format(("mr", "ref"), "mr", _e2e),
+    # aliases: Hugging Face e2e_nlg's names, and the E2E challenge's own CSVs' header
+    "e2e": Format(
+        ("mr", "ref"),
+        "mr",
+        _e2e,
+        {"mr": ("meaning_representation",), "ref": ("reference", "human_reference")},
+    ),
     "prompt_completion": Format(("prompt", "completion"), "prompt", _prompt_completion),
     "text": Format(("text",), None, _text),
 }

@@ -56,7 +56,7 @@ from train.config import DataConfig, load_config
 from train.data import DataError, load_table, select_columns
 from train.examples import Example
 from train.export import adapter_dir, load_adapted
-from train.formats import MalformedRow, e2e_prompt, find_columns, text_field
+from train.formats import FORMATS, MalformedRow, e2e_prompt, find_columns, text_field
 from train.run import load_model
 from train.samples import decode_text, left_padded_prompts
 
@@ -83,7 +83,7 @@ def read_e2e(path: str | Path) -> list[tuple[str, list[str]]]:
     ``find_columns``); others are ignored."""
     path = Path(path).expanduser().resolve()
     table = load_table(str(path))
-    found = find_columns(table.column_names, ["mr", "ref"])
+    found = find_columns(table.column_names, ["mr", "ref"], FORMATS["e2e"].aliases)
     missing = [name for name, column in found.items() if column is None]
     if missing:
         raise DataError(
