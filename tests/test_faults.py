@@ -381,3 +381,14 @@ def test_fresh_empties_only_a_run_directory_of_ours(run_files, tmp_path, capsys)
         ["train", str(config), f"output_dir={foreign}", "--fresh"], capsys
     )
     assert (foreign / "mine.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("data", ["unset", "missing file"])
+def test_missing_data_is_found_before_the_model_loads(
+    run_files, tmp_path, monkeypatch, capsys, data
+):
+    path = "null" if data == "unset" else str(tmp_path / "nope.csv")
+    config, _, _ = write_config(run_files, f"no_data_{data.replace(' ', '_')}", f"data.path={path}")
+    monkeypatch.setattr("models.load", _must_not_load)
+    err = tf.refused(["train", str(config)], capsys)
+    assert ("data.path is not set" if data == "unset" else "nope.csv does not exist") in err

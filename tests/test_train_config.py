@@ -64,7 +64,7 @@ def test_overrides_apply_with_types_and_later_ones_win():
 def test_defaults_without_a_file():
     cfg = load_config()
     assert cfg == RunConfig()
-    assert cfg.model.name == "smollm2-135m" and cfg.data.path == "../shared/data/e2e/devset.csv"
+    assert cfg.model.name == "smollm2-135m" and cfg.data.path is None and cfg.data.eos_token is None
 
 
 @pytest.mark.parametrize(

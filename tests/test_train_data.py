@@ -105,6 +105,7 @@ def first_tokens(batch):
 @pytest.mark.parametrize("packing", [False, True])
 def test_loss_mask_covers_exactly_the_target_tokens(tmp_path, tokenizer, packing):
     cfg = DataConfig(
+        eos_token=EOS,
         path=write_csv(tmp_path / "e2e.csv", ROWS),
         validation_fraction=0.0,
         max_length=128,
@@ -147,7 +148,8 @@ def test_local_formats_load_alike(tmp_path, tokenizer):
         str(tmp_path / "d.parquet"),
     ]
     built = [
-        build_splits(DataConfig(path=p, validation_fraction=0.25), tokenizer, seed=1) for p in paths
+        build_splits(DataConfig(eos_token=EOS, path=p, validation_fraction=0.25), tokenizer, seed=1)
+        for p in paths
     ]
     for other in built[1:]:
         assert [e.ids_L.tolist() for e in other.train] == [e.ids_L.tolist() for e in built[0].train]
@@ -162,7 +164,9 @@ def test_e2e_columns_are_found_under_their_other_names(tmp_path, tokenizer):
     ]
     built = [
         build_splits(
-            DataConfig(path=write_jsonl(tmp_path / name, rows), validation_fraction=0.25),
+            DataConfig(
+                eos_token=EOS, path=write_jsonl(tmp_path / name, rows), validation_fraction=0.25
+            ),
             tokenizer,
             seed=1,
         )
@@ -178,7 +182,7 @@ def test_e2e_columns_are_found_under_their_other_names(tmp_path, tokenizer):
 
 
 def test_real_e2e_split_by_mr_has_no_leakage_and_is_deterministic(tokenizer):
-    cfg = DataConfig(max_length=1024)  # the default path: ../shared/data/e2e/devset.csv
+    cfg = DataConfig(path=str(E2E_DEVSET), max_length=1024, eos_token="<|im_end|>")
     assert E2E_DEVSET.is_file(), f"{E2E_DEVSET} is needed for this test"
     splits = build_splits(cfg, tokenizer, seed=0)
     report = splits.report
@@ -375,7 +379,11 @@ BAD_RECORDS = [
 
 
 def test_malformed_rows_are_skipped_and_counted(tmp_path, tokenizer):
-    cfg = DataConfig(path=write_jsonl(tmp_path / "bad.jsonl", BAD_RECORDS), validation_fraction=0.0)
+    cfg = DataConfig(
+        eos_token=EOS,
+        path=write_jsonl(tmp_path / "bad.jsonl", BAD_RECORDS),
+        validation_fraction=0.0,
+    )
     splits = build_splits(cfg, tokenizer, seed=0)
     assert splits.report.skipped == {"missing": 2, "empty": 1}
     assert len(splits.train) == 2
@@ -383,7 +391,9 @@ def test_malformed_rows_are_skipped_and_counted(tmp_path, tokenizer):
 
 
 def test_malformed_rows_raise_naming_the_row(tmp_path, tokenizer):
-    cfg = DataConfig(path=write_jsonl(tmp_path / "bad.jsonl", BAD_RECORDS), on_malformed="error")
+    cfg = DataConfig(
+        eos_token=EOS, path=write_jsonl(tmp_path / "bad.jsonl", BAD_RECORDS), on_malformed="error"
+    )
     with pytest.raises(DataError, match=r"row 1 of .*column 'ref' is missing.*on_malformed=skip"):
         build_splits(cfg, tokenizer, seed=0)
 
@@ -400,7 +410,7 @@ def test_length_rules(tmp_path, tokenizer):
     ]
     max_length = max(p + t for p, t in lengths[:4])
     assert sum(lengths[4]) > max_length
-    base = DataConfig(path=path, validation_fraction=0.0, max_length=max_length)
+    base = DataConfig(eos_token=EOS, path=path, validation_fraction=0.0, max_length=max_length)
     truncated = build_splits(base, tokenizer, seed=0)
     assert truncated.report.truncated == 1 and len(truncated.train) == 5
     assert max(len(e.ids_L) for e in truncated.train) == max_length
@@ -424,28 +434,44 @@ def test_length_rules(tmp_path, tokenizer):
 )
 def test_unusable_tables_are_errors(tmp_path, tokenizer, records, match):
     with pytest.raises(DataError, match=match):
-        build_splits(DataConfig(path=write_jsonl(tmp_path / "t.jsonl", records)), tokenizer, seed=0)
+        build_splits(
+            DataConfig(eos_token=EOS, path=write_jsonl(tmp_path / "t.jsonl", records)),
+            tokenizer,
+            seed=0,
+        )
 
 
 def test_empty_table_is_an_error(tmp_path, tokenizer):
     (tmp_path / "empty.csv").write_text("mr,ref\n")
     with pytest.raises(DataError, match="could not read data file .*empty.csv"):
-        build_splits(DataConfig(path=str(tmp_path / "empty.csv")), tokenizer, seed=0)
+        build_splits(DataConfig(eos_token=EOS, path=str(tmp_path / "empty.csv")), tokenizer, seed=0)
 
 
 def test_missing_file_and_missing_eos_are_clear_errors(tmp_path, tokenizer):
     with pytest.raises(DataError, match=r"does not exist .*current directory.*data.path="):
-        build_splits(DataConfig(path=str(tmp_path / "nope.csv")), tokenizer, seed=0)
+        build_splits(DataConfig(eos_token=EOS, path=str(tmp_path / "nope.csv")), tokenizer, seed=0)
     with pytest.raises(DataError, match="data.eos_token"):
         build_splits(DataConfig(eos_token="</s>"), tokenizer, seed=0)
+    csv = write_csv(tmp_path / "e2e.csv", ROWS)
+    with pytest.raises(DataError, match="names no EOS token .*set data.eos_token"):
+        build_splits(DataConfig(path=csv), tokenizer, seed=0)  # no model EOS to fall back on
+    eos = tokenizer.token_to_id(EOS)  # the model's EOS, when data.eos_token is unset
+    unset, named = (
+        build_splits(DataConfig(path=csv, eos_token=e), tokenizer, 0, eos) for e in (None, EOS)
+    )
+    assert unset.pad_id == named.pad_id == eos
+    for a, b in zip(unset.train, named.train, strict=True):
+        np.testing.assert_array_equal(a.ids_L, b.ids_L)
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(DataError, match="unsupported extension"):
-        build_splits(DataConfig(path=str(tmp_path / "notes.txt")), tokenizer, seed=0)
+        build_splits(DataConfig(eos_token=EOS, path=str(tmp_path / "notes.txt")), tokenizer, seed=0)
 
 
 def test_text_format_trains_on_every_token_but_the_first(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "t.jsonl", [{"text": ref} for _, ref in ROWS])
-    cfg = DataConfig(path=path, format="text", validation_fraction=0.25, batch_size=3)
+    cfg = DataConfig(
+        eos_token=EOS, path=path, format="text", validation_fraction=0.25, batch_size=3
+    )
     splits = build_splits(cfg, tokenizer, seed=0)
     assert splits.report.train_groups == 9 and splits.report.validation_groups == 3
     batch = next(iter(validation_batches(splits, cfg)))
@@ -457,4 +483,4 @@ def test_text_format_trains_on_every_token_but_the_first(tmp_path, tokenizer):
 def test_a_name_without_a_file_extension_is_a_hub_data_set(monkeypatch, tokenizer):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # no network here: fail fast
     with pytest.raises(DataError, match="could not load data set 'someone/e2e' .* from the hub"):
-        build_splits(DataConfig(path="someone/e2e"), tokenizer, seed=0)
+        build_splits(DataConfig(eos_token=EOS, path="someone/e2e"), tokenizer, seed=0)

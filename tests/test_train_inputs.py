@@ -30,7 +30,9 @@ def tokenizer():
 
 
 def config(path, **fields):
-    return DataConfig(path=str(path), validation_fraction=0.0, max_length=64, **fields)
+    return DataConfig(
+        eos_token=tf.EOS, path=str(path), validation_fraction=0.0, max_length=64, **fields
+    )
 
 
 def write(path, data: bytes | str):

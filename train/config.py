@@ -102,7 +102,7 @@ class LoraSection:
 class DataConfig:
     """Where the examples come from and how they become fixed-shape batches (train/data.py)."""
 
-    path: str = "../shared/data/e2e/devset.csv"  # local .csv/.json/.jsonl/.parquet or a hub name
+    path: str | None = None  # local .csv/.json/.jsonl/.parquet or a hub name; required
     format: Literal["e2e", "prompt_completion", "text"] = "e2e"
     source_split: str = "train"  # the split of the loaded data set to read
     split_key: str | None = None  # grouping column of the split; None: the format's default
@@ -110,7 +110,9 @@ class DataConfig:
     max_length: int = _bounded(96, low=2)  # tokens per row (L)
     batch_size: int = _bounded(8, low=1)  # rows per global batch (B), all processes together
     packing: bool = False  # several examples per row, with segment ids
-    eos_token: str = "<|im_end|>"  # appended to every target; also the padding token
+    # appended to every target; also the padding token. None: the model's own EOS token (its
+    # config's eos_token_id; SmolLM2-Instruct's is <|im_end|>, the end of a ChatML turn)
+    eos_token: str | None = None
     on_malformed: Literal["skip", "error"] = "skip"  # missing/empty/non-string field, long prompt
     on_too_long: Literal["truncate", "skip", "error"] = "truncate"  # prompt+target > max_length
 

@@ -134,10 +134,31 @@ class Table:
         self.skipped[reason] += 1
 
 
+def check_source(cfg: DataConfig) -> None:
+    """Raise DataError unless ``data.path`` is set and, when it names a local file (a known
+    extension), that file exists: found before a model is loaded, not after."""
+    if cfg.path is None:
+        raise DataError(
+            "data.path is not set; give the training data, e.g. data.path=/path/to/train.csv "
+            f"(a local {', '.join(sorted(LOCAL_BUILDERS))} file, or a hub data set name)"
+        )
+    local = resolve_path(cfg.path)
+    if local.suffix.lower() in LOCAL_BUILDERS and not local.exists():
+        raise _missing_file(local, cfg.path)
+
+
+def _missing_file(local: Path, path: str) -> DataError:
+    return DataError(
+        f"data file {local} does not exist (data.path={path!r}; relative paths "
+        f"are resolved against the current directory {Path.cwd()}); pass "
+        f"data.path=/path/to/file{local.suffix}"
+    )
+
+
 def load_table(
     path: str, source_split: str = "train", on_malformed: str | None = None
 ) -> Table | datasets.Dataset:
-    """The rows at ``path``: a local file (relative to the repository root) or a hub data set.
+    """The rows at ``path``: a local file (relative to the current directory) or a hub data set.
 
     ``source_split`` picks the split of a hub data set; a local file is one split. A local
     ``.csv``/``.json``/``.jsonl`` file is a :class:`Table` whose malformed lines are skipped
@@ -158,11 +179,7 @@ def load_table(
                 f"pass data.path=/path/to/file{local.suffix}"
             )
         if not local.is_file():
-            raise DataError(
-                f"data file {local} does not exist (data.path={path!r}; relative paths "
-                f"are resolved against the current directory {Path.cwd()}); pass "
-                f"data.path=/path/to/file{local.suffix}"
-            )
+            raise _missing_file(local, path)
         if builder == "csv":
             return read_csv(local, on_malformed)
         if builder == "json":
@@ -625,14 +642,31 @@ def _all_skipped(cfg: DataConfig, rows: int, skipped: Counter) -> DataError:
     )
 
 
-def build_splits(cfg: DataConfig, tokenizer: Tokenizer, seed: int) -> Splits:
-    """Load, format, tokenise and split the data set described by ``cfg``."""
-    eos_id = tokenizer.token_to_id(cfg.eos_token)
-    if eos_id is None:
+def eos_id(eos_token: str | None, tokenizer: Tokenizer, model_eos_id: int | None) -> int:
+    """The id of ``eos_token`` (``data.eos_token``), or the model's EOS id when it is None."""
+    if eos_token is None:
+        if model_eos_id is None:
+            raise DataError(
+                "the model's config names no EOS token (eos_token_id); set data.eos_token to "
+                "the token that ends a target, e.g. data.eos_token='<|im_end|>'"
+            )
+        return model_eos_id
+    found = tokenizer.token_to_id(eos_token)
+    if found is None:
         raise DataError(
-            f"the tokenizer has no token {cfg.eos_token!r} (data.eos_token); set "
+            f"the tokenizer has no token {eos_token!r} (data.eos_token); set "
             f"data.eos_token to its end-of-sequence token"
         )
+    return found
+
+
+def build_splits(
+    cfg: DataConfig, tokenizer: Tokenizer, seed: int, model_eos_id: int | None = None
+) -> Splits:
+    """Load, format, tokenise and split the data set described by ``cfg``; targets end with
+    ``data.eos_token``, else the model's EOS (``model_eos_id``)."""
+    eos = eos_id(cfg.eos_token, tokenizer, model_eos_id)
+    check_source(cfg)
     table = load_table(cfg.path, cfg.source_split, cfg.on_malformed)
     skipped: Counter = Counter(table.skipped if isinstance(table, Table) else {})
     rows = len(table) + sum(skipped.values())
@@ -641,7 +675,7 @@ def build_splits(cfg: DataConfig, tokenizer: Tokenizer, seed: int) -> Splits:
     formatted = _format_rows(table, cfg, skipped, char_limit(tokenizer, cfg.max_length))
     del table  # its rows may hold long texts that are only needed cut
     pairs = encode_pairs(
-        tokenizer, [r.prompt for r in formatted], [r.target for r in formatted], eos_id
+        tokenizer, [r.prompt for r in formatted], [r.target for r in formatted], eos
     )
     examples, groups, truncated = _fit_lengths(formatted, pairs, cfg, skipped)
     if not examples:
@@ -662,7 +696,7 @@ def build_splits(cfg: DataConfig, tokenizer: Tokenizer, seed: int) -> Splits:
         validation_groups=len({groups[i] for i in val_idx}),
         cut=sum(r.cut for r in formatted),
     )
-    return Splits([examples[i] for i in train_idx], [examples[i] for i in val_idx], eos_id, report)
+    return Splits([examples[i] for i in train_idx], [examples[i] for i in val_idx], eos, report)
 
 
 def train_batches(

@@ -55,7 +55,7 @@ from train.config import (
     resolve_path,
     save_config,
 )
-from train.data import Splits, build_splits, train_batches, validation_batches
+from train.data import Splits, build_splits, check_source, train_batches, validation_batches
 from train.errors import UserError
 from train.evaluate import evaluate
 from train.metrics import MetricsLog, progress_bar
@@ -204,7 +204,7 @@ def setup(cfg: RunConfig, log: Callable[[str], None] = print) -> Setup:
     mesh = mesh_lib.make_mesh(cfg.mesh)
     mesh_lib.check_batch_fits(cfg.data.batch_size, mesh)
     model, base, tokenizer = load_model(cfg.model)
-    splits = build_splits(cfg.data, tokenizer, cfg.seed)
+    splits = build_splits(cfg.data, tokenizer, cfg.seed, model.config.eos_token_id)
     log(f"data: {splits.report.summary()}")
 
     init_key, dropout_key = jax.random.split(jax.random.key(cfg.seed))
@@ -271,6 +271,7 @@ def train(
     rundir.check_writable(run_dir)
     if own_checkpoint_dir:
         rundir.check_writable(checkpoint_dir, "checkpoint directory")
+    check_source(cfg.data)
     method_lib.check_targets(cfg)
     try:
         with contextlib.ExitStack() as cleanup:

@@ -16,7 +16,7 @@ paths are relative to the current directory); a row with a missing or empty fiel
 error naming the row. Each distinct MR is decoded once, in order of first appearance,
 from the prompt that training builds for it (train/formats.py ``e2e_prompt``, tokenised
 without special tokens as train/examples.py does), up to ``--max-new-tokens`` tokens or
-the EOS (the run config's ``data.eos_token``, else ``<|im_end|>``). Decoding is the LoRA
+the EOS (the run config's ``data.eos_token``, else the model's own). Decoding is the LoRA
 paper's beam search by default (:data:`PAPER_DECODING`: 10 beams, length penalty 0.9, no
 repeated 4-gram); ``--greedy`` keeps one beam (and the 4-gram ban) for quick runs. MRs go
 in batches of ``--batch-size``, every batch padded to the same shape so that one
@@ -52,8 +52,9 @@ from studies.e2e import metrics as e2e_metrics
 from studies.e2e.decoding import PAPER_DECODING, Decoding
 from train import layout, rundir
 from train.adapter import AdapterError
-from train.config import DataConfig, load_config
+from train.config import load_config
 from train.data import DataError, load_table, select_columns
+from train.data import eos_id as data_eos_id
 from train.examples import Example
 from train.export import adapter_dir, load_adapted
 from train.formats import FORMATS, MalformedRow, e2e_prompt, find_columns, text_field
@@ -72,7 +73,7 @@ class Target(NamedTuple):
     model: models.Decoder
     params: Any
     tokenizer: Tokenizer
-    eos_token: str
+    eos_token: str | None  # None: the model's own EOS token
     description: str
 
 
@@ -104,12 +105,12 @@ def read_e2e(path: str | Path) -> list[tuple[str, list[str]]]:
     return list(refs.items())
 
 
-def _run_eos_token(adapter_dir: Path) -> str:
-    """``data.eos_token`` of the run that wrote ``adapter_dir``; the default without its config."""
+def _run_eos_token(adapter_dir: Path) -> str | None:
+    """``data.eos_token`` of the run that wrote ``adapter_dir`` (None: the model's own)."""
     for config in (adapter_dir / layout.CONFIG_FILE, adapter_dir.parent / layout.CONFIG_FILE):
         if config.is_file():
             return load_config(config).data.eos_token
-    return DataConfig().eos_token
+    return None
 
 
 def load_target(target: str | Path) -> Target:
@@ -142,17 +143,12 @@ def load_target(target: str | Path) -> Target:
     model, params, tokenizer = models.load(target)
     if tokenizer is None:
         raise FileNotFoundError(f"{target} has no tokenizer.json; add the base model's")
-    return Target(model, params, tokenizer, DataConfig().eos_token, f"model {target}")
+    return Target(model, params, tokenizer, None, f"model {target}")
 
 
 def decode(target: Target, mrs: list[str], decoding: Decoding, batch_size: int = 8) -> list[str]:
     """One output per MR, decoded in batches (the last one padded by repeating its last MR)."""
-    eos_id = target.tokenizer.token_to_id(target.eos_token)
-    if eos_id is None:
-        raise DataError(
-            f"the tokenizer has no EOS token {target.eos_token!r}; set the run "
-            f"config's data.eos_token"
-        )
+    eos_id = data_eos_id(target.eos_token, target.tokenizer, target.model.config.eos_token_id)
     encoded = target.tokenizer.encode_batch(
         [e2e_prompt(mr) for mr in mrs], add_special_tokens=False
     )
