@@ -17,7 +17,7 @@ inside, so the moment is exact and the same on any machine:
 * ``hold-at-step-1``: after step 1, wait until the file named by ``$FAULT_RELEASE`` exists
   (a run that holds its lock while a test starts a second one).
 
-The driver patches the pipeline's own functions (``train.run``, ``train.metrics``,
+The driver patches the pipeline's own functions (``train.run``, ``train.setup``, ``train.metrics``,
 ``train.checkpoint``) and then runs ``train.cli.main`` unchanged.
 """
 
@@ -92,7 +92,9 @@ def plant(fault: str) -> None:
 
         ocp.StandardCheckpointer.save = patched
     elif fault == "kill-in-final-validation":
-        evaluate, calls = run.evaluate, []
+        from train import setup as setup_lib
+
+        evaluate, calls = setup_lib.evaluate, []
 
         def patched(*args, **kwargs):
             calls.append(1)
@@ -100,7 +102,7 @@ def plant(fault: str) -> None:
                 _die()
             return evaluate(*args, **kwargs)
 
-        run.evaluate = patched
+        setup_lib.evaluate = patched
     elif fault in ("sigint-at-step-2", "double-sigint-at-step-2"):
 
         def interrupt(log, text):

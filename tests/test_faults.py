@@ -24,7 +24,8 @@ from train import guard, metrics, rundir
 from train.checkpoint import CheckpointError, Checkpoints
 from train.cli import INTERRUPTED, main
 from train.config import config_to_yaml
-from train.run import DivergenceError, NoLearningError, train
+from train.loop import DivergenceError
+from train.run import NoLearningError, train
 
 import train_fixtures as tf
 

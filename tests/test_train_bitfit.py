@@ -14,7 +14,8 @@ import models
 from models.hf_export import save_hf
 from train import export
 from train.config import ConfigError, ModelConfig
-from train.run import load_model, train
+from train.run import train
+from train.setup import load_model
 
 import train_fixtures as tf
 

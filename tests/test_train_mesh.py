@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 from train import mesh as mesh_lib
 from train.config import ConfigError, MeshConfig
 from train.mesh import put_batch
-from train.run import setup
+from train.setup import setup
 
 import tolerances as tol
 import train_fixtures as tf

@@ -10,7 +10,8 @@ import pytest
 
 from train import mesh as mesh_lib
 from train.batching import assemble, pack_next_fit
-from train.run import setup, train
+from train.run import train
+from train.setup import setup
 
 import tolerances as tol
 import train_fixtures as tf

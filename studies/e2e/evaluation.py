@@ -58,8 +58,8 @@ from train.data import eos_id as data_eos_id
 from train.examples import Example
 from train.export import adapter_dir, load_adapted
 from train.formats import FORMATS, MalformedRow, e2e_prompt, find_columns, text_field
-from train.run import load_model
 from train.samples import decode_text, left_padded_prompts
+from train.setup import load_model
 
 PREDICTIONS_FILE = "predictions.txt"
 SCORES_FILE = "scores.json"

@@ -1,0 +1,171 @@
+"""The updates of a run: :func:`loop` from the restored step to the end, judging each
+update (train/guard.py) before it may be checkpointed, logging, validating and stopping at a
+step boundary on Ctrl-C (:class:`StopOnSigint`).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from train import guard
+from train import mesh as mesh_lib
+from train.batching import TrainBatches
+from train.checkpoint import Checkpoints
+from train.errors import UserError
+from train.metrics import MetricsLog, progress_bar
+from train.setup import Setup
+
+
+class DivergenceError(UserError, FloatingPointError):
+    """Training diverged (train/guard.py); the message names the step, the sign and what
+    was kept."""
+
+
+class NonFiniteLossError(DivergenceError):
+    """The loss or the gradient norm became NaN/inf; the message names the step."""
+
+
+class StopOnSigint:
+    """While inside: the first Ctrl-C asks the loop to stop at the next step boundary (with
+    a checkpoint); a second one interrupts at once. Only the main thread can take signals."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> StopOnSigint:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(
+            "\nstopping at the next step boundary, with a checkpoint (Ctrl-C again to stop "
+            "at once)",
+            file=sys.stderr,
+        )
+
+    def everywhere(self) -> bool:
+        """Has any process of the run been asked to stop? (all processes agree on the step)"""
+        if jax.process_count() == 1:
+            return self.requested
+        return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
+
+
+def validate(
+    s: Setup, state: Any, step: int, metrics_log: MetricsLog, log: Callable[[str], None]
+) -> dict[str, float] | None:
+    result = s.validate(state["params"])
+    if result is not None:
+        metrics_log.write(step, "validation", result)
+        log(
+            f"validation loss at step {step}: {result['loss']:.4f} "
+            f"(perplexity {result['perplexity']:.2f})"
+        )
+    return result
+
+
+def loop(
+    s: Setup,
+    state: Any,
+    stream: TrainBatches,
+    end: int,
+    checkpoints: Checkpoints,
+    resolved: dict[str, Any],
+    metrics_log: MetricsLog,
+    main: bool,
+    judge: guard.DivergenceGuard,
+    stop: StopOnSigint,
+) -> tuple[Any, dict[str, float] | None]:
+    """Updates from ``state["step"]`` to ``end`` (or to a Ctrl-C); a checkpoint every
+    ``checkpoint.every_steps``, at ``end`` and where stopped. Returns (state, the last
+    update's metrics). Raises DivergenceError (nothing saved for that step)."""
+    cfg = s.cfg
+    step = int(state["step"])
+    bar = progress_bar(s.steps, step, main)
+    window: list[float] = []
+    window_s: list[float] = []
+    clock = time.perf_counter()
+    metrics: dict[str, float] | None = None
+    try:
+        while step < end:
+            local = stack([next(stream) for _ in range(cfg.optim.grad_accum_steps)])
+            state, device_metrics = s.step_fn(state, s.frozen, mesh_lib.put_batch(local, s.mesh))
+            metrics = {k: float(np.asarray(v)) for k, v in device_metrics.items()}
+            step += 1
+            reason = judge.check(metrics)
+            if reason:
+                error = NonFiniteLossError if reason.startswith("the loss is") else DivergenceError
+                raise error(divergence_message(reason, step, checkpoints))
+            now = time.perf_counter()
+            step_s, clock = max(now - clock, 1e-9), now
+            tokens_per_s = metrics["tokens"] / step_s
+            window.append(metrics["loss"])
+            window_s.append(step_s)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+            bar.update(1)
+            if step % cfg.logging.every_steps == 0 or step == end:
+                metrics_log.write(
+                    step,
+                    "train",
+                    {
+                        "loss": float(np.mean(window)),
+                        "grad_norm": metrics["grad_norm"],
+                        "learning_rate": float(s.learning_rate(step - 1)),
+                        "tokens_per_s": tokens_per_s,
+                        "step_s": float(np.median(window_s)),
+                        "epoch": stream.position.epoch,
+                    },
+                )
+                window, window_s = [], []
+            if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < end:
+                validate(s, state, step, metrics_log, bar.write)
+            stopping = stop.everywhere()
+            if (
+                step == end
+                or stopping
+                or (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0)
+            ):
+                checkpoints.save(step, state, stream.position, resolved)
+            if stopping:
+                break
+    finally:
+        bar.close()
+    return state, metrics
+
+
+def stack(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """``count`` batches of ``[rows, L]`` -> one of ``[count, rows, L]`` per field."""
+    return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+
+
+def divergence_message(reason: str, step: int, checkpoints: Checkpoints) -> str:
+    checkpoints.wait()
+    latest = checkpoints.latest_step()
+    kept = (
+        f"The last checkpoint (step {latest} in {checkpoints.directory}) was taken before "
+        f"this and passed the same checks; rerunning resumes from it"
+        if latest is not None
+        else "No checkpoint was saved yet"
+    )
+    return (
+        f"training diverged at step {step}: {reason}; it stopped and this step was not "
+        f"saved. {kept}. Lower optim.learning_rate, keep optim.grad_clip set, or check the "
+        f"data (a changed config needs --force-resume to resume)"
+    )

@@ -1,0 +1,179 @@
+"""What a run needs, built once: the model, the data, the trainable half placed on the
+mesh, the initial train state and the compiled steps (:func:`setup` -> :class:`Setup`).
+
+Nothing here writes a file. ``jit`` happens here, with every sharding from train/mesh.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import Mesh
+from omegaconf import OmegaConf
+from tokenizers import Tokenizer
+
+import lora_jax as lj
+import models
+from train import mesh as mesh_lib
+from train import method as method_lib
+from train.batching import START, DataPosition, TrainBatches
+from train.config import ConfigError, ModelConfig, RunConfig
+from train.data import Splits, build_splits, train_batches, validation_batches
+from train.evaluate import evaluate
+from train.optim import optimizer, schedule, total_steps
+from train.step import eval_step, init_state, train_step
+
+
+@dataclass
+class Setup:
+    """Everything a run needs, placed on the mesh and compiled; built by :func:`setup`."""
+
+    cfg: RunConfig
+    model: models.Decoder
+    tokenizer: Tokenizer
+    splits: Splits
+    mesh: Mesh
+    base: Any  # the base params as loaded (host)
+    mask: Any  # trainable mask over the params trained from (adapted for LoRA)
+    frozen: Any  # the frozen half, on the mesh
+    state: Any  # the initial train state, on the mesh
+    steps: int  # optimizer updates in the whole run
+    step_fn: Callable[..., Any]  # jitted train_step(state, frozen, batches_KxBxL)
+    eval_fn: Callable[..., Any]  # jitted eval_step(trainable, frozen, batch_BxL)
+
+    @property
+    def state_shardings(self) -> Any:
+        """The train state's shardings (train/mesh.py ``state_shardings``)."""
+        return jax.tree.map(lambda x: x.sharding, self.state)
+
+    @property
+    def learning_rate(self) -> optax.Schedule:
+        """The learning rate per update (train/optim.py ``schedule``)."""
+        return schedule(self.cfg.optim, self.steps)
+
+    def stream(self, position: DataPosition = START) -> TrainBatches:
+        """This process's training stream, from ``position`` (default: the start)."""
+        return train_batches(
+            self.splits,
+            self.cfg.data,
+            seed=self.cfg.seed,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            position=position,
+        )
+
+    def validate(self, trainable: Any) -> dict[str, float] | None:
+        """Validation loss/perplexity of ``trainable``; None without validation data."""
+        if not self.splits.validation:
+            return None
+        batches = validation_batches(
+            self.splits,
+            self.cfg.data,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            num_batches=self.cfg.eval.num_batches,
+        )
+        return evaluate(self.eval_fn, trainable, self.frozen, batches, self.mesh)
+
+
+def run_info(s: Setup) -> dict[str, Any]:
+    """What the method costs in parameters and optimizer memory, counted from the arrays.
+
+    ``base_params``: elements of the base model; ``trainable_params``: elements the
+    optimizer updates (LoRA factors and bias deltas, every parameter, or the biases);
+    ``added_params``: elements the method adds beside the base (LoRA factors, scales,
+    deltas); ``optimizer_state_bytes``: bytes of the optimizer state (AdamW: two moments
+    per trainable element, plus step counters); ``data``: what became of the rows and
+    how they split (train/data.py ``DataReport``).
+    """
+    base, trainable = _size(s.base), _size(s.state["params"])
+    return {
+        "method": s.cfg.method,
+        "base_params": base,
+        "trainable_params": trainable,
+        "added_params": _size(s.frozen) + trainable - base,
+        "optimizer_state_bytes": sum(x.nbytes for x in jax.tree.leaves(s.state["opt_state"])),
+        "data": dataclasses.asdict(s.splits.report),
+    }
+
+
+def _size(tree: Any) -> int:
+    """Elements in ``tree``'s arrays."""
+    return sum(int(np.size(x)) for x in jax.tree.leaves(tree))
+
+
+def config_dict(cfg: RunConfig) -> dict[str, Any]:
+    """The resolved config as plain JSON-ready containers."""
+    return json.loads(json.dumps(OmegaConf.to_container(OmegaConf.structured(cfg))))
+
+
+def load_model(cfg: ModelConfig) -> tuple[models.Decoder, Any, Tokenizer]:
+    """``models.load`` with the config's options (train/method.py ``model_options``, as
+    ``check_targets`` reads them); the tokenizer must exist."""
+    model, params, tokenizer = models.load(cfg.name, **method_lib.model_options(cfg))
+    if cfg.add_biases and model.config.family != "llama":
+        raise ConfigError(
+            f"model.add_biases=true adds biases to a bias-free Llama model, but "
+            f"{cfg.name!r} is {model.config.family}, which has biases on every "
+            f"projection already; remove model.add_biases"
+        )
+    if tokenizer is None:
+        raise ConfigError(
+            f"model {cfg.name!r} ships no tokenizer (tokenizer.json); add one to "
+            f"the checkpoint directory"
+        )
+    return model, params, tokenizer
+
+
+def setup(cfg: RunConfig, log: Callable[[str], None] = print) -> Setup:
+    """Load, split, place and compile; nothing is written."""
+    mesh = mesh_lib.make_mesh(cfg.mesh)
+    mesh_lib.check_batch_fits(cfg.data.batch_size, mesh)
+    model, base, tokenizer = load_model(cfg.model)
+    splits = build_splits(cfg.data, tokenizer, cfg.seed, model.config.eos_token_id)
+    log(f"data: {splits.report.summary()}")
+
+    init_key, dropout_key = jax.random.split(jax.random.key(cfg.seed))
+    params, mask = method_lib.prepare(cfg.method, base, cfg.lora, init_key)
+    shardings = mesh_lib.param_shardings(models.logical_axes(model), params, mesh)
+    frozen, trainable = lj.split(mesh_lib.place(params, shardings), mask)
+    frozen_sh, trainable_sh = lj.split(shardings, mask)
+    n_trainable, n_all = _size(trainable), _size(params)
+    log(
+        f"method {cfg.method}: {n_trainable:,} trainable of {n_all:,} parameters "
+        f"({100 * n_trainable / n_all:.3f}%); mesh {dict(mesh.shape)}"
+    )
+
+    batches_per_epoch = train_batches(splits, cfg.data, seed=cfg.seed).steps_in_epoch(0)
+    steps = total_steps(cfg.optim, batches_per_epoch)
+    # the method's mask selects every leaf of the trainable half (train/method.py MASKS)
+    tx = lj.optimizer(optimizer(cfg.optim, steps), trainable, method_lib.MASKS[cfg.method])
+    state_sh = mesh_lib.state_shardings(tx, trainable, trainable_sh, mesh)
+    state = jax.jit(lambda p, key: init_state(p, tx, key), out_shardings=state_sh)(
+        trainable, dropout_key
+    )
+
+    forward = method_lib.forward(cfg.method, model.apply, cfg.lora.dropout)
+    replicated = mesh_lib.replicated(mesh)
+    batch_sh = mesh_lib.batch_sharding(mesh, 3)
+    step_fn = jax.jit(
+        train_step(forward, tx, cfg.optim.label_smoothing),
+        in_shardings=(state_sh, frozen_sh, batch_sh),
+        out_shardings=(state_sh, replicated),
+        donate_argnums=(0,),
+    )
+    eval_fn = jax.jit(
+        eval_step(forward),
+        in_shardings=(trainable_sh, frozen_sh, mesh_lib.batch_sharding(mesh, 2)),
+        out_shardings=replicated,
+    )
+    return Setup(
+        cfg, model, tokenizer, splits, mesh, base, mask, frozen, state, steps, step_fn, eval_fn
+    )
