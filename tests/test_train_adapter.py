@@ -79,8 +79,6 @@ def test_a_base_of_another_shape_is_refused_naming_the_parameter(trained):
         adapter_lib.load_adapter(directory, gpt2)
 
 
-# orbax leaves an asyncio callback behind after a failed restore; harmless.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_damaged_adapter_directories_are_refused(trained, tmp_path):
     base, _, directory = trained
     broken = shutil.copytree(directory, tmp_path / "broken")

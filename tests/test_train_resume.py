@@ -80,9 +80,6 @@ def test_config_changes_ignore_what_may_change_on_resume():
     assert config_changes(saved, current) == ["optim.learning_rate: 1.0 -> 2.0"]
 
 
-# orbax leaves an asyncio callback (or coroutine) behind after a failed restore; harmless.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-@pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
 @pytest.mark.parametrize("damage", ["state", "meta"])
 def test_an_unreadable_checkpoint_is_an_error_and_nothing_is_overwritten(run_files, damage):
     model_dir, csv, root = run_files
