@@ -30,34 +30,7 @@ from train.run import NoLearningError, train
 import train_fixtures as tf
 
 DRIVER = Path(__file__).with_name("fault_driver.py")
-QUIET = {"log": lambda _: None}
-# Dropout and accumulation make the RNG and the data position matter (as in
-# test_train_resume.py); checkpoints at steps 2, 4, 6, saved asynchronously.
-RESUME = (
-    "optim.grad_accum_steps=2",
-    "lora.dropout=0.1",
-    "checkpoint.every_steps=2",
-    "checkpoint.async_save=true",
-)
-
 pytestmark = pytest.mark.usefixtures("jax_compilation_cache")
-
-
-def snapshot(directory: Path) -> dict[str, bytes]:
-    """{relative path: bytes} of every file under ``directory``."""
-    return {
-        str(p.relative_to(directory)): p.read_bytes()
-        for p in sorted(directory.rglob("*"))
-        if p.is_file()
-    }
-
-
-def train_losses(run_dir: Path) -> list[tuple[int, float]]:
-    return [
-        (r["step"], r["loss"])
-        for r in metrics.read_records(run_dir / "metrics.jsonl")
-        if r["split"] == "train"
-    ]
 
 
 def assert_same_state(a, b) -> None:
@@ -67,15 +40,15 @@ def assert_same_state(a, b) -> None:
 
 @pytest.fixture(scope="module")
 def straight(run_files):
-    """The reference: the RESUME config trained start to end without a fault."""
+    """The reference: the tf.RESUME config trained start to end without a fault."""
     model_dir, csv, root = run_files
-    return train(tf.tiny_config(model_dir, csv, root / "straight", *RESUME), **QUIET)
+    return train(tf.tiny_config(model_dir, csv, root / "straight", *tf.RESUME), **tf.QUIET)
 
 
 def write_config(run_files, name: str, *overrides: str):
-    """(config YAML path, its RunConfig, run dir) of a RESUME run into ``root/name``."""
+    """(config YAML path, its RunConfig, run dir) of a tf.RESUME run into ``root/name``."""
     model_dir, csv, root = run_files
-    cfg = tf.tiny_config(model_dir, csv, root / name, *RESUME, *overrides)
+    cfg = tf.tiny_config(model_dir, csv, root / name, *tf.RESUME, *overrides)
     path = root / f"{name}.yaml"
     path.write_text(config_to_yaml(cfg))
     return path, cfg, root / name
@@ -127,7 +100,7 @@ def test_a_rerun_after_kill_9_at_any_moment_ends_as_a_straight_run(
     resumed = train(cfg, log=said.append)
     assert resumed.step == 6
     assert_same_state(resumed.state, straight.state)
-    assert train_losses(run_dir) == train_losses(straight.run_dir)
+    assert tf.train_losses(run_dir) == tf.train_losses(straight.run_dir)
     assert resumed.validation_after == straight.validation_after
     assert (run_dir / "adapter" / "adapter.json").is_file()
     assert not (run_dir / rundir.LOCK_FILE).exists()
@@ -151,9 +124,9 @@ def test_ctrl_c_stops_with_one_line_and_exit_130_and_a_rerun_resumes(
         assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["2"]
     else:
         assert "interrupted" in err.splitlines()[-1]
-    resumed = train(cfg, **QUIET)
+    resumed = train(cfg, **tf.QUIET)
     assert_same_state(resumed.state, straight.state)
-    assert train_losses(run_dir) == train_losses(straight.run_dir)
+    assert tf.train_losses(run_dir) == tf.train_losses(straight.run_dir)
 
 
 def _disk_full(*_args, **_kwargs):
@@ -187,9 +160,9 @@ def test_a_full_disk_is_one_line_and_a_rerun_resumes(
     assert "the disk is full" in err
     assert "resumes from the checkpoint at step 2" in err
     monkeypatch.undo()
-    resumed = train(cfg, **QUIET)
+    resumed = train(cfg, **tf.QUIET)
     assert_same_state(resumed.state, straight.state)
-    assert train_losses(run_dir) == train_losses(straight.run_dir)
+    assert tf.train_losses(run_dir) == tf.train_losses(straight.run_dir)
 
 
 def test_a_second_run_on_a_locked_directory_is_refused(run_files, cache, tmp_path, capsys):
@@ -199,10 +172,10 @@ def test_a_second_run_on_a_locked_directory_is_refused(run_files, cache, tmp_pat
     try:
         lines = iter(first.stdout.readline, "")
         assert any(line.strip() == "holding at step 1" for line in lines)
-        before = snapshot(run_dir)
+        before = tf.snapshot(run_dir)
         err = tf.refused(["train", str(config)], capsys)
         assert f"is in use by process {first.pid} on host" in err
-        assert snapshot(run_dir) == before
+        assert tf.snapshot(run_dir) == before
     finally:
         release.touch()
         first.communicate(timeout=300)
@@ -220,11 +193,11 @@ def test_a_foreign_folder_is_refused_and_left_untouched(run_files, monkeypatch, 
     ]:
         (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
         (run_dir / name).write_text(text)
-    before = snapshot(run_dir)
+    before = tf.snapshot(run_dir)
     monkeypatch.setattr("models.load", _must_not_load)
     err = tf.refused(["train", str(config)], capsys)
     assert "is not empty and was not created by lora-jax" in err
-    assert snapshot(run_dir) == before
+    assert tf.snapshot(run_dir) == before
 
 
 def _must_not_load(*_args, **_kwargs):
@@ -233,20 +206,20 @@ def _must_not_load(*_args, **_kwargs):
 
 def test_foreign_files_inside_an_owned_run_are_named_and_kept(run_files, capsys):
     config, cfg, run_dir = write_config(run_files, "owned", "optim.max_steps=2")
-    train(cfg, **QUIET)
+    train(cfg, **tf.QUIET)
     with (run_dir / "metrics.jsonl").open("a") as f:
         f.write('{"note": "added by hand"}\n')
-    before = snapshot(run_dir)
+    before = tf.snapshot(run_dir)
     err = tf.refused(["train", str(config)], capsys)
     assert "metrics.jsonl line" in err and "is not a lora-jax record" in err
-    assert snapshot(run_dir) == before
+    assert tf.snapshot(run_dir) == before
     (run_dir / "metrics.jsonl").write_text(before["metrics.jsonl"].decode().rsplit('{"note"', 1)[0])
     (run_dir / "checkpoints" / "7").mkdir()
     (run_dir / "checkpoints" / "7" / "notes.txt").write_text("mine")
-    before = snapshot(run_dir)
+    before = tf.snapshot(run_dir)
     err = tf.refused(["train", str(config)], capsys)
     assert "checkpoints/7 is not a lora-jax checkpoint" in err and "move it out" in err
-    assert snapshot(run_dir) == before
+    assert tf.snapshot(run_dir) == before
 
 
 @pytest.mark.parametrize("problem", ["is a file", "under a file", "read-only"])
@@ -294,7 +267,7 @@ def test_a_learning_rate_far_too_high_stops_at_the_first_blown_up_update(run_fil
         match=r"diverged at step 1: parameters reached .*"
         r"No checkpoint was saved yet",
     ):
-        train(cfg, **QUIET)
+        train(cfg, **tf.QUIET)
     assert not (root / "lr1e6" / "checkpoints").exists() or not any(
         (root / "lr1e6" / "checkpoints").iterdir()
     )
@@ -307,7 +280,7 @@ def test_divergence_keeps_the_last_good_checkpoint_and_a_sane_rerun_trains(run_f
     sane = tf.tiny_config(
         model_dir, csv, run_dir, "checkpoint.every_steps=1", "checkpoint.keep_last=1"
     )
-    train(sane, stop_after=3, **QUIET)
+    train(sane, stop_after=3, **tf.QUIET)
     wild = tf.tiny_config(
         model_dir,
         csv,
@@ -317,9 +290,9 @@ def test_divergence_keeps_the_last_good_checkpoint_and_a_sane_rerun_trains(run_f
         "optim.learning_rate=1e6",
     )
     with pytest.raises(DivergenceError, match=r"at step 4: .*last checkpoint \(step 3 "):
-        train(wild, force_resume=True, **QUIET)
+        train(wild, force_resume=True, **tf.QUIET)
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["3"]  # kept, not pruned
-    finished = train(sane, **QUIET)
+    finished = train(sane, **tf.QUIET)
     assert finished.step == 6
     assert finished.validation_after["loss"] < finished.validation_before["loss"]
 
@@ -337,16 +310,16 @@ def test_a_checkpoint_saved_after_divergence_is_refused_on_resume(run_files, mon
     )
     # an older version, without the guard, saved the blown-up state
     monkeypatch.setattr(guard, "MAX_GROWTH", float("inf"))
-    assert train(cfg, **QUIET).step == 4  # and saved checkpoints 2 and 4
+    assert train(cfg, **tf.QUIET).step == 4  # and saved checkpoints 2 and 4
     monkeypatch.undo()
-    before = snapshot(run_dir)
+    before = tf.snapshot(run_dir)
     with pytest.raises(
         CheckpointError,
         match=r"checkpoints/4: its parameters reached "
         r".*had diverged before it was saved",
     ):
-        train(cfg, **QUIET)
-    assert snapshot(run_dir) == before
+        train(cfg, **tf.QUIET)
+    assert tf.snapshot(run_dir) == before
 
 
 def test_a_run_stuck_at_ln_v_fails(run_files, tmp_path):
@@ -363,14 +336,14 @@ def test_a_run_stuck_at_ln_v_fails(run_files, tmp_path):
         match=r"learned nothing: its loss ended at 6.2383 "
         r"nats/token, ln V .*512-token",
     ):
-        train(cfg, **QUIET)
+        train(cfg, **tf.QUIET)
     assert not (tmp_path / "stuck" / "adapter").exists()
     assert (tmp_path / "stuck" / "checkpoints" / "6").is_dir()
 
 
 def test_fresh_empties_only_a_run_directory_of_ours(run_files, tmp_path, capsys):
     config, cfg, run_dir = write_config(run_files, "fresh", "optim.max_steps=2")
-    train(cfg, **QUIET)
+    train(cfg, **tf.QUIET)
     (run_dir / "checkpoints" / "2").rename(run_dir / "checkpoints" / "1")  # a stale step
     assert main(["train", str(config), "--fresh"]) == 0
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["2"]

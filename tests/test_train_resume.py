@@ -15,63 +15,38 @@ from train.run import train
 
 import train_fixtures as tf
 
-QUIET = {"log": lambda _: None}
-# Dropout and accumulation make the RNG and the data position matter; 6 updates of 2
-# batches cross two epoch boundaries (36 training examples, 4 batches per epoch).
-RESUME = (
-    "optim.grad_accum_steps=2",
-    "lora.dropout=0.1",
-    "checkpoint.every_steps=2",
-    "checkpoint.async_save=true",
-)
-
-
 pytestmark = pytest.mark.usefixtures("jax_compilation_cache")
-
-
-def snapshot(directory):
-    """{relative path: bytes} of every file under ``directory``."""
-    return {
-        str(p.relative_to(directory)): p.read_bytes()
-        for p in sorted(directory.rglob("*"))
-        if p.is_file()
-    }
-
-
-def train_losses(run_dir):
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in records if r["split"] == "train"]
 
 
 def test_stop_and_resume_is_bitwise_identical_to_a_straight_run(run_files):
     model_dir, csv, root = run_files
-    straight = train(tf.tiny_config(model_dir, csv, root / "straight", *RESUME), **QUIET)
-    cfg = tf.tiny_config(model_dir, csv, root / "paused", *RESUME)
-    stopped = train(cfg, stop_after=3, **QUIET)
+    straight = train(tf.tiny_config(model_dir, csv, root / "straight", *tf.RESUME), **tf.QUIET)
+    cfg = tf.tiny_config(model_dir, csv, root / "paused", *tf.RESUME)
+    stopped = train(cfg, stop_after=3, **tf.QUIET)
     assert stopped.step == 3 and not (root / "paused" / "adapter").exists()
-    resumed = train(cfg, **QUIET)
+    resumed = train(cfg, **tf.QUIET)
     assert straight.step == resumed.step == 6
     for a, b in zip(jax.tree.leaves(straight.state), jax.tree.leaves(resumed.state), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert train_losses(root / "paused") == train_losses(root / "straight")
+    assert tf.train_losses(root / "paused") == tf.train_losses(root / "straight")
     assert resumed.validation_after == straight.validation_after
     assert sorted(p.name for p in (root / "paused" / "checkpoints").iterdir()) == ["4", "6"]
 
 
 def test_resume_with_a_changed_config_is_refused_unless_forced(run_files):
     model_dir, csv, root = run_files
-    train(tf.tiny_config(model_dir, csv, root / "changed", "optim.max_steps=2"), **QUIET)
+    train(tf.tiny_config(model_dir, csv, root / "changed", "optim.max_steps=2"), **tf.QUIET)
     changed = tf.tiny_config(
         model_dir, csv, root / "changed", "optim.max_steps=2", "optim.learning_rate=5e-3"
     )
     with pytest.raises(CheckpointError, match=r"optim.learning_rate: 0.01 -> 0.005.*--force"):
-        train(changed, **QUIET)
-    assert train(changed, force_resume=True, **QUIET).step == 2
+        train(changed, **tf.QUIET)
+    assert train(changed, force_resume=True, **tf.QUIET).step == 2
     # Training longer, or logging differently, is a plain resume.
     longer = tf.tiny_config(
         model_dir, csv, root / "changed", "optim.max_steps=3", "logging.every_steps=2"
     )
-    assert train(longer, **QUIET).step == 3
+    assert train(longer, **tf.QUIET).step == 3
 
 
 def test_config_changes_ignore_what_may_change_on_resume():
@@ -85,33 +60,33 @@ def test_an_unreadable_checkpoint_is_an_error_and_nothing_is_overwritten(run_fil
     model_dir, csv, root = run_files
     run_dir = root / f"damaged_{damage}"
     cfg = tf.tiny_config(model_dir, csv, run_dir, "optim.max_steps=3")
-    train(cfg, stop_after=2, **QUIET)
+    train(cfg, stop_after=2, **tf.QUIET)
     item = run_dir / "checkpoints" / "2" / damage
     if damage == "state":
         shutil.rmtree(item / "d")  # the array data of the latest checkpoint is gone
     else:
         (item / "metadata").write_text('{"data_posit')  # a truncated JSON file
-    before = snapshot(run_dir)
+    before = tf.snapshot(run_dir)
     with pytest.raises(CheckpointError, match=r"checkpoints/2 cannot be read.*Move that"):
-        train(cfg, **QUIET)
-    assert snapshot(run_dir) == before
+        train(cfg, **tf.QUIET)
+    assert tf.snapshot(run_dir) == before
 
 
 def test_a_checkpoint_of_another_format_is_named_and_kept(run_files):
     model_dir, csv, root = run_files
     run_dir = root / "old_format"
     cfg = tf.tiny_config(model_dir, csv, run_dir, "optim.max_steps=3")
-    train(cfg, stop_after=2, **QUIET)
+    train(cfg, stop_after=2, **tf.QUIET)
     meta = run_dir / "checkpoints" / "2" / "meta" / "metadata"
     written = json.loads(meta.read_text())
     assert written.pop("format") == FORMAT
     meta.write_text(json.dumps(written))  # as a version before formats were recorded
-    before = snapshot(run_dir)
+    before = tf.snapshot(run_dir)
     with pytest.raises(
         CheckpointError,
         match=r"checkpoints/2 was written by another version "
         r"of lora-jax \(checkpoint format 1; this version "
         r"reads format 2",
     ):
-        train(cfg, **QUIET)
-    assert snapshot(run_dir) == before
+        train(cfg, **tf.QUIET)
+    assert tf.snapshot(run_dir) == before

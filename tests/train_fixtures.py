@@ -138,6 +138,38 @@ def tiny_config(model_dir: Path, csv: Path, output_dir: Path, *overrides: str) -
     )
 
 
+QUIET = {"log": lambda _: None}  # train(cfg, **QUIET): no log lines
+# Dropout and accumulation make the RNG and the data position matter; 6 updates of 2
+# batches cross two epoch boundaries (36 training examples, 4 batches per epoch);
+# checkpoints at steps 2, 4, 6, saved asynchronously.
+RESUME = (
+    "optim.grad_accum_steps=2",
+    "lora.dropout=0.1",
+    "checkpoint.every_steps=2",
+    "checkpoint.async_save=true",
+)
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    """{relative path: bytes} of every file under ``directory``."""
+    return {
+        str(p.relative_to(directory)): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+def train_losses(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, loss) of every train record of a run's metrics.jsonl."""
+    from train.metrics import read_records
+
+    return [
+        (r["step"], r["loss"])
+        for r in read_records(run_dir / "metrics.jsonl")
+        if r["split"] == "train"
+    ]
+
+
 def refused(argv: list[str], capsys) -> str:
     """The one line a refused ``lora-jax ARGV`` prints: exit status 2, no traceback, and the
     error as the last line of stderr (after any progress bar)."""
