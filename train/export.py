@@ -234,6 +234,7 @@ def _command_line_errors() -> Iterator[None]:
 
 
 def run_merge(args: argparse.Namespace) -> int:
+    print(f"merging the adapter in {args.adapter} into its base model, into {args.out}")
     with _command_line_errors():
         out = merge(args.adapter, args.out, check_base=not args.skip_base_check)
     print(f"merged model: {out}")
@@ -241,6 +242,7 @@ def run_merge(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    print(f"exporting the adapter in {args.adapter} as {args.format}, into {args.out}")
     with _command_line_errors():
         out = export_peft(args.adapter, args.out, check_base=not args.skip_base_check)
     print(f"PEFT adapter: {out}")
@@ -248,6 +250,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_import(args: argparse.Namespace) -> int:
+    print(f"importing the PEFT adapter in {args.peft_dir} for {args.model}, into {args.out}")
     with _command_line_errors():
         out = import_peft(args.peft_dir, args.model, args.out, check_base=not args.skip_base_check)
     print(f"adapter: {out}")

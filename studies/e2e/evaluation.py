@@ -235,6 +235,7 @@ def run_command(args: argparse.Namespace) -> int:
     if args.out:  # before the slow work: a foreign non-empty directory is refused
         rundir.claim(args.out, layout.Kind.EVAL)
     groups = read_e2e(args.data)[: args.limit]
+    print(f"decoding {len(groups)} MRs of {args.data} with {args.target}")
     decoding = dataclasses.replace(
         PAPER_DECODING,
         num_beams=1 if args.greedy else args.num_beams,
