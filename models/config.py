@@ -20,6 +20,21 @@ REMAT_POLICIES = {
 
 
 @dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3's RoPE frequency scaling (Hugging Face ``rope_type: "llama3"``).
+
+    Frequencies whose wavelength is shorter than ``original_max_position_embeddings /
+    high_freq_factor`` are kept; longer than ``... / low_freq_factor`` are divided by
+    ``factor``; in between they are interpolated (models/layers.py ``rope_frequencies``).
+    """
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Shape and numerics of a decoder-only Transformer.
 
@@ -42,6 +57,7 @@ class ModelConfig:
     max_position_embeddings: int
     tie_word_embeddings: bool
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None  # Llama 3's long-context frequency scaling
     norm_eps: float = 1e-5
     scan_layers: bool = False
     remat_policy: str = "none"
@@ -83,7 +99,37 @@ def _gpt2(hidden: int, layers: int, heads: int) -> ModelConfig:
     )
 
 
+def _llama3(
+    hidden: int, mlp: int, layers: int, heads: int, head_dim: int, tied: bool, factor: float
+) -> ModelConfig:
+    """A Llama 3.1 / 3.2 shape: their configs share the vocabulary (128,256), 8 KV heads,
+    RoPE θ = 500,000 with llama3 scaling from an original 8,192 context (low/high frequency
+    factors 1 and 4) to 131,072 positions, RMSNorm ε = 1e-5, and EOS <|end_of_text|> 128001."""
+    return ModelConfig(
+        family="llama",
+        vocab_size=128256,
+        hidden_size=hidden,
+        intermediate_size=mlp,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=8,
+        head_dim=head_dim,
+        max_position_embeddings=131072,
+        tie_word_embeddings=tied,
+        rope_theta=500000.0,
+        rope_scaling=RopeScaling(factor, 1.0, 4.0, 8192),
+        norm_eps=1e-5,
+        eos_token_id=128001,
+    )
+
+
 PRESETS: dict[str, ModelConfig] = {
+    # Shapes from the config.json files of meta-llama/Llama-3.2-1B, Llama-3.1-8B and
+    # Llama-3.1-70B on the Hugging Face hub (hidden, MLP, layers, heads, head_dim, tied
+    # embeddings, RoPE scaling factor); no weights ship with them.
+    "llama-3.2-1b": _llama3(2048, 8192, 16, 32, 64, tied=True, factor=32.0),
+    "llama-3.1-8b": _llama3(4096, 14336, 32, 32, 128, tied=False, factor=8.0),
+    "llama-3.1-70b": _llama3(8192, 28672, 80, 64, 128, tied=False, factor=8.0),
     "gpt2": _gpt2(768, 12, 12),
     "gpt2-medium": _gpt2(1024, 24, 16),
     "gpt2-large": _gpt2(1280, 36, 20),

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from models.config import ModelConfig
+from models.config import ModelConfig, RopeScaling
 
 LEAVES = ("kernel", "embedding", "scale", "bias")  # the parameter names of a models.Decoder
 
@@ -161,7 +161,8 @@ GPT2 = Family(
 
 def _llama_from_hf(hf: dict[str, Any]) -> ModelConfig:
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    _reject(rope.get("rope_type", rope.get("type", "default")) != "default", f"RoPE scaling {rope}")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    _reject(rope_type not in ("default", "llama3"), f"RoPE scaling {rope}")
     _reject(hf.get("hidden_act", "silu") != "silu", f"Llama activation {hf.get('hidden_act')}")
     heads = hf["num_attention_heads"]
     return ModelConfig(
@@ -176,6 +177,14 @@ def _llama_from_hf(hf: dict[str, Any]) -> ModelConfig:
         max_position_embeddings=hf["max_position_embeddings"],
         tie_word_embeddings=hf.get("tie_word_embeddings", False),
         rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+        rope_scaling=RopeScaling(
+            rope["factor"],
+            rope["low_freq_factor"],
+            rope["high_freq_factor"],
+            rope["original_max_position_embeddings"],
+        )
+        if rope_type == "llama3"
+        else None,
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         eos_token_id=_first(hf.get("eos_token_id")),
         pad_token_id=hf.get("pad_token_id"),
@@ -186,6 +195,8 @@ def _llama_from_hf(hf: dict[str, Any]) -> ModelConfig:
 
 def _llama_to_hf(config: ModelConfig) -> dict[str, Any]:
     rope = {"rope_type": "default", "rope_theta": config.rope_theta}
+    if config.rope_scaling is not None:
+        rope |= {"rope_type": "llama3", **dataclasses.asdict(config.rope_scaling)}
     return dict(
         architectures=["LlamaForCausalLM"],
         model_type="llama",

@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models.config import ModelConfig
+from models.config import ModelConfig, RopeScaling
 
 _INIT_STD = 0.02
 
@@ -66,10 +66,34 @@ def norm(config: ModelConfig, name: str) -> nn.Module:
     )
 
 
-def apply_rope(x_BxLxNxH: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> jax.Array:
+    """float32 [head_dim / 2]: RoPE's inverse frequencies θ^(-2i/H), in radians per position,
+    with Llama 3's scaling when given: a frequency of wavelength λ = 2π/f is kept when
+    λ < L0/high, divided by ``factor`` when λ > L0/low, and between those interpolated,
+    f·((1 − t)/factor + t) with t = (L0/λ − low)/(high − low), L0 the original context."""
+    inv_freq_h = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    if scaling is None:
+        return inv_freq_h
+    low, high = scaling.low_freq_factor, scaling.high_freq_factor
+    context = scaling.original_max_position_embeddings
+    wavelength_h = 2 * jnp.pi / inv_freq_h
+    t_h = (context / wavelength_h - low) / (high - low)
+    interpolated_h = inv_freq_h * ((1 - t_h) / scaling.factor + t_h)
+    return jnp.where(
+        wavelength_h < context / high,
+        inv_freq_h,
+        jnp.where(wavelength_h > context / low, inv_freq_h / scaling.factor, interpolated_h),
+    )
+
+
+def apply_rope(
+    x_BxLxNxH: jax.Array,
+    positions_BxL: jax.Array,
+    theta: float,
+    scaling: RopeScaling | None = None,
+) -> jax.Array:
     """Rotate-half rotary embedding (the Hugging Face Llama convention), computed in float32."""
-    H = x_BxLxNxH.shape[-1]
-    inv_freq_h = 1.0 / theta ** (jnp.arange(0, H, 2, dtype=jnp.float32) / H)
+    inv_freq_h = rope_frequencies(x_BxLxNxH.shape[-1], theta, scaling)
     angles_BxLxh = positions_BxL[..., None].astype(jnp.float32) * inv_freq_h
     angles_BxLx1xH = jnp.concatenate([angles_BxLxh, angles_BxLxh], axis=-1)[:, :, None, :]
     x = x_BxLxNxH.astype(jnp.float32)
@@ -146,8 +170,8 @@ class Attention(nn.Module):
             B, L, K, H
         )
         if cfg.family == "llama":
-            q_BxLxNxH = apply_rope(q_BxLxNxH, positions_BxL, cfg.rope_theta)
-            k_BxLxKxH = apply_rope(k_BxLxKxH, positions_BxL, cfg.rope_theta)
+            q_BxLxNxH = apply_rope(q_BxLxNxH, positions_BxL, cfg.rope_theta, cfg.rope_scaling)
+            k_BxLxKxH = apply_rope(k_BxLxKxH, positions_BxL, cfg.rope_theta, cfg.rope_scaling)
         k_BxSxKxH, v_BxSxKxH = k_BxLxKxH, v_BxLxKxH
         if decode:
             cache_exists = self.has_variable("cache", "key")
