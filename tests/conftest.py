@@ -7,9 +7,11 @@ import train_fixtures as tf
 
 @pytest.fixture(scope="module")
 def jax_compilation_cache(tmp_path_factory):
-    """JAX's persistent compilation cache for one test module (see tf.compilation_cache)."""
-    with tf.compilation_cache(tmp_path_factory.getbasetemp() / "jax_cache"):
-        yield
+    """JAX's persistent compilation cache for one test module (see tf.compilation_cache);
+    yields its directory, for processes a test starts."""
+    directory = tmp_path_factory.getbasetemp() / "jax_cache"
+    with tf.compilation_cache(directory):
+        yield directory
 
 
 @pytest.fixture(scope="module")

@@ -73,9 +73,9 @@ def drive(fault: str, *args: str, cache: Path, **env: str) -> subprocess.Popen:
 
 
 @pytest.fixture
-def cache(tmp_path_factory) -> Path:
+def cache(jax_compilation_cache) -> Path:
     """The module's persistent compilation cache (tests/conftest.py), for driven processes."""
-    return tmp_path_factory.getbasetemp() / "jax_cache"
+    return jax_compilation_cache
 
 
 KILLS = [

@@ -95,6 +95,7 @@ def save_adapter(
     if jax.process_index() == 0:
         rundir.claim(directory, layout.Kind.ADAPTER, what="adapter directory")
     with ocp.StandardCheckpointer() as checkpointer:
+        # force: replaces weights/ only inside the adapter directory claimed above (ours)
         checkpointer.save(directory / layout.ADAPTER_WEIGHTS_DIR, tree, force=True)
     if jax.process_index() == 0:
         meta = {

@@ -120,6 +120,8 @@ class Checkpoints:
     ) -> None:
         """Start saving (returns once the arrays are copied to host when async)."""
         meta = {"format": FORMAT, "data_position": position.to_dict(), "config": dict(config)}
+        # force: a step folder here is ours (the directory is claimed, foreign steps refused
+        # at construction); a rerun after --force-resume may save a step again
         self._manager.save(
             step,
             args=ocp.args.Composite(

@@ -229,7 +229,8 @@ def is_user_error(error: BaseException) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lora-jax`` console script; returns the exit status."""
     args = parser().parse_args(argv)
-    sys.stdout.reconfigure(line_buffering=True)  # progress reaches a log file as it happens
+    if hasattr(sys.stdout, "reconfigure"):  # progress reaches a log file as it happens
+        sys.stdout.reconfigure(line_buffering=True)
     try:
         return _function(args.run)(args)
     except KeyboardInterrupt:

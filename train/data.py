@@ -53,6 +53,7 @@ from train.examples import Example, char_limit, encode_pairs, fit_example, lengt
 from train.formats import FORMATS, MalformedRow, find_columns, is_missing
 from train.ordering import split_by_group
 
+_ONE_OBJECT_A_LINE = 'each line must hold one JSON object, e.g. {"mr": "...", "ref": "..."}'
 LOCAL_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 _LONE_CR = re.compile(r"(?<=\r)(?!\n)")  # the end of a line ended by \r alone
 CSV_FIELD_LIMIT = 2**31 - 1  # csv's default is 131072 characters; sys.maxsize overflows a C long
@@ -425,18 +426,14 @@ def read_json(local: Path, on_malformed: str | None = None) -> Table:
                 table.malformed(
                     on_malformed,
                     "bad_json",
-                    f"{where}: not valid JSON ({e.msg}: column {e.colno}); each "
-                    f"line must hold one JSON object, e.g. "
-                    f'{{"mr": "...", "ref": "..."}}',
+                    f"{where}: not valid JSON ({e.msg}: column {e.colno}); {_ONE_OBJECT_A_LINE}",
                 )
                 continue
             if not isinstance(record, dict):
                 table.malformed(
                     on_malformed,
                     "not_object",
-                    f"{where}: a JSON {type(record).__name__}, not an object; each "
-                    f"line must hold one JSON object, e.g. "
-                    f'{{"mr": "...", "ref": "..."}}',
+                    f"{where}: a JSON {type(record).__name__}, not an object; {_ONE_OBJECT_A_LINE}",
                 )
                 continue
             columns.update(dict.fromkeys(record))

@@ -77,7 +77,8 @@ def read_records(path: Path, on_torn: Callable[[str], None] | None = None) -> li
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` through a temporary file and a rename."""
+    """Replace ``path`` with ``text`` through a temporary file and a rename (``path`` is a
+    run's metrics.jsonl: inside a claimed run directory, every line checked as ours)."""
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text(text)
     os.replace(temporary, path)

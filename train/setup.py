@@ -7,6 +7,7 @@ Nothing here writes a file. ``jit`` happens here, with every sharding from train
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,7 +54,7 @@ class Setup:
         """The train state's shardings (train/mesh.py ``state_shardings``)."""
         return jax.tree.map(lambda x: x.sharding, self.state)
 
-    @property
+    @functools.cached_property  # built once: the loop calls it at every logged step
     def learning_rate(self) -> optax.Schedule:
         """The learning rate per update (train/optim.py ``schedule``)."""
         return schedule(self.cfg.optim, self.steps)

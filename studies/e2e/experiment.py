@@ -855,7 +855,7 @@ def fresh_start(cfg: ExperimentConfig) -> None:
     """Delete the experiment's output_dir if it carries the experiment mark (else nothing
     of it: :func:`check_outputs` refuses an unmarked, non-empty one first)."""
     out = resolve_path(cfg.output_dir)
-    if rundir.owned(out, layout.Kind.EXPERIMENT):
+    if rundir.owned(out, layout.Kind.EXPERIMENT):  # the mark: this command created it
         shutil.rmtree(out)
 
 
