@@ -11,6 +11,7 @@ import jax
 from flax import linen as nn
 from tokenizers import Tokenizer
 
+from models.config import PRESETS, get_config
 from models.decoder import Decoder, abstract_variables
 from models.families import UnsupportedArchitectureError
 from models.loaders.checkpoint import ModelFileError
@@ -47,6 +48,11 @@ def _source(name_or_path: str | Path) -> Path:
     raise FileNotFoundError(
         f"cannot load {str(name_or_path)!r}: not an embedded model {sorted(EMBEDDED)}, "
         "not a .gguf file, and not a checkpoint directory"
+        + (
+            f" ({name_or_path!r} is a shape preset without weights: `lora-jax plan` takes it)"
+            if str(name_or_path) in PRESETS
+            else ""
+        )
     )
 
 
@@ -58,10 +64,17 @@ def abstract_load(name_or_path: str | Path, **options: Any) -> tuple[Decoder, di
     Only the checkpoint's config is read (config.json, or a GGUF file's metadata and tensor
     names), so it is cheap and works even where the weights are missing or broken: use it to
     check anything that depends on parameter paths (e.g. LoRA targets) before loading.
+    `name_or_path` may also be a shape preset (`models.PRESETS`: "llama-3.1-8b", ...), which
+    has no weights to `load` but can be planned and compiled (train/plan.py).
     Raises what `load` raises for a name or config it cannot use.
     """
-    path = _source(name_or_path)
-    config = gguf_config(path, **options) if path.suffix == ".gguf" else hf_config(path, **options)
+    if isinstance(name_or_path, str) and name_or_path in PRESETS and name_or_path not in EMBEDDED:
+        config = get_config(name_or_path, **options)
+    else:
+        path = _source(name_or_path)
+        config = (
+            gguf_config(path, **options) if path.suffix == ".gguf" else hf_config(path, **options)
+        )
     model = Decoder(config)
     boxed = abstract_variables(model, 1, 1, decode=False)["params"]
     shapes = jax.tree.map(
