@@ -10,6 +10,7 @@ logits = lj.apply(model.apply)({"params": lj.combine(frozen, trainable)}, x)
 export = lj.merge(params)                         # W + s·A·B, the base tree's shape
 """
 
+from lora_jax import analysis
 from lora_jax._apply import apply, infer_layout
 from lora_jax._config import LoraConfig
 from lora_jax._init import init
@@ -25,6 +26,7 @@ __all__ = [
     "Layout",
     "LoraConfig",
     "adapter",
+    "analysis",
     "apply",
     "bias_mask",
     "combine",
