@@ -50,3 +50,4 @@ class Kind(enum.StrEnum):
     PEFT = "peft"  # lora-jax export --format peft --out
     EVAL = "eval"  # lora-jax eval --out
     EXPERIMENT = "experiment"  # lora-jax experiment's output_dir
+    ANALYSIS = "analysis"  # lora-jax analyze --out
