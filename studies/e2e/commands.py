@@ -1,6 +1,8 @@
-"""The E2E study's commands, ``lora-jax eval`` and ``lora-jax experiment``: their arguments
-here (this module imports nothing heavy, so ``--help`` is instant); the work in
-evaluation.py and experiment.py, imported when a command runs (train/cli.py)."""
+"""The study's commands, ``lora-jax eval`` and ``lora-jax experiment`` (E2E) and ``lora-jax
+analyze`` (the paper's §7): their arguments here (this module imports nothing heavy, so
+``--help`` is instant); the work in evaluation.py, experiment.py and train/analyze.py (it
+reads any LoRA adapter, so it is the pipeline's), imported when a command runs
+(train/cli.py)."""
 
 from __future__ import annotations
 
@@ -53,6 +55,32 @@ def experiment_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def analyze_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "adapters",
+        nargs="+",
+        metavar="ADAPTER_DIR",
+        help="LoRA run or adapter directories; two or more are also compared pairwise "
+        "(e.g. rank 8 against rank 64, or two seeds)",
+    )
+    parser.add_argument(
+        "--out", required=True, metavar="DIR", help="write analysis.json, analysis.md, heat maps"
+    )
+    parser.add_argument(
+        "--draws",
+        type=int,
+        metavar="N",
+        help="random direction pairs averaged for the 'random' column "
+        "(default: lora_jax.analysis.RANDOM_DRAWS)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="of the random directions")
+    parser.add_argument(
+        "--skip-base-check",
+        action="store_true",
+        help="analyse an adapter even if it records a base with other weights",
+    )
+
+
 COMMANDS = {
     "eval": Command(
         "decode the MRs of an E2E CSV and score them (BLEU, NIST, METEOR, ROUGE-L, CIDEr)",
@@ -63,5 +91,10 @@ COMMANDS = {
         "train and evaluate several methods on E2E and write the comparison table",
         experiment_arguments,
         "studies.e2e.experiment:run_command",
+    ),
+    "analyze": Command(
+        "the LoRA paper's section 7 analysis of adapters: ΔW against W, subspace similarity",
+        analyze_arguments,
+        "train.analyze:run_analyze",
     ),
 }
