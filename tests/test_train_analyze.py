@@ -89,3 +89,11 @@ def test_a_non_lora_adapter_is_one_line(adapters, tmp_path, capsys):
     line = tf.refused(["analyze", str(four), str(full), "--out", str(tmp_path / "x")], capsys)
     assert "trained with method 'full'" in line and "LoRA" in line
     assert not (tmp_path / "x").exists()  # the claimed directory is taken back
+
+
+def test_no_random_draws_is_one_line_before_any_work(adapters, tmp_path, capsys):
+    _, four, _, _ = adapters
+    out = tmp_path / "x"
+    line = tf.refused(["analyze", str(four), "--out", str(out), "--draws", "0"], capsys)
+    assert "--draws 0" in line and "at least one" in line
+    assert not out.exists()
