@@ -8,6 +8,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
+
 FAMILIES = ("gpt2", "llama")
 
 # Names accepted by `ModelConfig.remat_policy`; "none" disables rematerialisation.
@@ -43,7 +45,9 @@ class ModelConfig:
     unless `attention_bias` (a bias (out,) on q/k/v/o_proj) or `mlp_bias` (on gate/up/down_proj)
     is set, as in Hugging Face's LlamaConfig; both are ignored for "gpt2", which has them all.
     `dtype` is the compute dtype, `param_dtype` the storage dtype of parameters; both accept a
-    dtype or its name ("bfloat16").
+    dtype or its name ("bfloat16"). `attention` names the attention kernel, one of
+    `models.attention.IMPLEMENTATIONS` ("auto" picks by sequence length; "chunked" holds no
+    L×S array, for long sequences).
     """
 
     family: str
@@ -67,6 +71,7 @@ class ModelConfig:
     pad_token_id: int | None = None
     attention_bias: bool = False
     mlp_bias: bool = False
+    attention: str = "auto"
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -74,6 +79,10 @@ class ModelConfig:
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(
                 f"unknown remat_policy {self.remat_policy!r}; expected one of {tuple(REMAT_POLICIES)}"
+            )
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(
+                f"unknown attention {self.attention!r}; expected one of {ATTENTION_IMPLEMENTATIONS}"
             )
         if self.num_heads % self.num_kv_heads:
             raise ValueError(

@@ -8,8 +8,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from models.attention import Visibility, visibility
 from models.config import REMAT_POLICIES, ModelConfig
-from models.layers import MLP, Attention, dense, embed, norm, visibility
+from models.layers import MLP, Attention, dense, embed, norm
 
 
 class DecoderLayer(nn.Module):
@@ -18,11 +19,11 @@ class DecoderLayer(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxLxD, visible_BxLxS, positions_BxL, cache_offset, decode: bool):
+    def __call__(self, x_BxLxD, visible, positions_BxL, cache_offset, decode: bool):
         cfg = self.config
         h_BxLxD = norm(cfg, "input_layernorm")(x_BxLxD)
         x_BxLxD = x_BxLxD + Attention(cfg, name="self_attn")(
-            h_BxLxD, visible_BxLxS, positions_BxL, cache_offset, decode
+            h_BxLxD, visible, positions_BxL, cache_offset, decode
         )
         h_BxLxD = norm(cfg, "post_attention_layernorm")(x_BxLxD)
         return x_BxLxD + MLP(cfg, name="mlp")(h_BxLxD), None
@@ -59,9 +60,7 @@ class Decoder(nn.Module):
             else jnp.asarray(attention_mask).astype(bool)
         )
         key_valid_BxS, cache_offset = self._cache_mask(valid_BxL, decode)
-        visible_BxLxS = self._visibility(
-            valid_BxL, key_valid_BxS, cache_offset, segment_ids, decode
-        )
+        visible = self._visibility(valid_BxL, key_valid_BxS, cache_offset, segment_ids, decode)
         if positions is None:
             positions = jnp.broadcast_to(cache_offset + jnp.arange(L, dtype=jnp.int32), (B, L))
         positions_BxL = jnp.asarray(positions, jnp.int32)
@@ -86,12 +85,12 @@ class Decoder(nn.Module):
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
             x_BxLxD, _ = stack(cfg, name="layers")(
-                x_BxLxD, visible_BxLxS, positions_BxL, cache_offset, decode
+                x_BxLxD, visible, positions_BxL, cache_offset, decode
             )
         else:
             for i in range(cfg.num_layers):
                 x_BxLxD, _ = layer(cfg, name=f"layers_{i}")(
-                    x_BxLxD, visible_BxLxS, positions_BxL, cache_offset, decode
+                    x_BxLxD, visible, positions_BxL, cache_offset, decode
                 )
 
         x_BxLxD = norm(cfg, "norm")(x_BxLxD)
@@ -102,8 +101,10 @@ class Decoder(nn.Module):
         return logits_BxLxV.astype(jnp.float32)
 
     @staticmethod
-    def _visibility(valid_BxL, key_valid_BxS, cache_offset, segment_ids, decode: bool):
-        """bool (B, L, S): the key slots each query sees (`layers.visibility`).
+    def _visibility(
+        valid_BxL, key_valid_BxS, cache_offset, segment_ids, decode: bool
+    ) -> Visibility:
+        """The key slots each query sees (`models.attention.Visibility`).
 
         Without `segment_ids` every query is in segment 1 and so is every valid key: padding
         hides keys only, as `attention_mask` always has. With them (no cache, so S == L) a

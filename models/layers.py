@@ -1,4 +1,5 @@
-"""Building blocks of the decoder: dense layers, norms, RoPE, attention with a KV cache, MLPs.
+"""Building blocks of the decoder: dense layers, norms, RoPE, attention with a KV cache, MLPs
+(the attention kernels themselves are in models/attention.py).
 
 Shape letters: B batch, L new tokens, S key slots (L, or the cache length when decoding),
 D hidden, N query heads, K key/value heads, G = N // K, H head_dim, F MLP width.
@@ -10,6 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from models.attention import Visibility, attend
+from models.attention import visibility as visibility  # re-exported: callers build masks here
 from models.config import ModelConfig, RopeScaling
 
 _INIT_STD = 0.02
@@ -103,59 +106,21 @@ def apply_rope(
     return out.astype(x_BxLxNxH.dtype)
 
 
-def visibility(
-    query_segment_BxL: jax.Array, key_segment_BxS: jax.Array, query_offset: jax.Array | int
-) -> jax.Array:
-    """bool (B, L, S): may query i see key slot j.
-
-    Query i sits at key slot `query_offset + i`; it sees slot j iff j <= that (causal) and
-    both are in the same segment, a non-zero one (segment 0 marks invalid keys, and a query
-    of segment 0 sees nothing).
-    """
-    L, S = query_segment_BxL.shape[1], key_segment_BxS.shape[1]
-    causal_LxS = jnp.arange(S)[None, :] <= (query_offset + jnp.arange(L))[:, None]
-    key_segment_Bx1xS = key_segment_BxS[:, None, :]
-    same_BxLxS = query_segment_BxL[:, :, None] == key_segment_Bx1xS
-    return causal_LxS[None] & same_BxLxS & (key_segment_Bx1xS != 0)
-
-
-def attend(
-    q_BxLxNxH: jax.Array,
-    k_BxSxKxH: jax.Array,
-    v_BxSxKxH: jax.Array,
-    visible_BxLxS: jax.Array,
-) -> jax.Array:
-    """Grouped-query attention where `visible_BxLxS` (see `visibility`) allows; returns (B, L, N, H).
-
-    Softmax runs in float32; a query with no visible key gets a uniform (finite) distribution.
-    """
-    B, L, N, H = q_BxLxNxH.shape
-    K = k_BxSxKxH.shape[2]
-    q_BxLxKxGxH = q_BxLxNxH.reshape(B, L, K, N // K, H) * jnp.asarray(H**-0.5, q_BxLxNxH.dtype)
-    scores_BxKxGxLxS = jnp.einsum(
-        "blkgh,bskh->bkgls", q_BxLxKxGxH, k_BxSxKxH, preferred_element_type=jnp.float32
-    )
-    visible_Bx1x1xLxS = visible_BxLxS[:, None, None]
-    scores_BxKxGxLxS = jnp.where(visible_Bx1x1xLxS, scores_BxKxGxLxS, jnp.finfo(jnp.float32).min)
-    probs_BxKxGxLxS = jax.nn.softmax(scores_BxKxGxLxS, axis=-1).astype(v_BxSxKxH.dtype)
-    out_BxLxKxGxH = jnp.einsum("bkgls,bskh->blkgh", probs_BxKxGxLxS, v_BxSxKxH)
-    return out_BxLxKxGxH.reshape(B, L, N, H)
-
-
 class Attention(nn.Module):
     """Multi-head / grouped-query self-attention with separate q/k/v/o projections.
 
     In decode mode the keys and values of the new tokens are written into the 'cache'
     collection (`key`, `value`: (B, S, K, H)) at slot `cache_offset`, and the queries attend
     over the whole cache. The call that creates the cache (model.init) attends normally.
-    `visible_BxLxS` says which key slots each query sees (`visibility`). The projections have
-    biases in GPT-2, and in Llama when `attention_bias`.
+    `visible` (`models.attention.Visibility`) says which key slots each query sees; the kernel
+    is `config.attention` (`models.attention.attend`). The projections have biases in GPT-2,
+    and in Llama when `attention_bias`.
     """
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxLxD, visible_BxLxS, positions_BxL, cache_offset, decode: bool):
+    def __call__(self, x_BxLxD, visible: Visibility, positions_BxL, cache_offset, decode: bool):
         cfg = self.config
         B, L, D = x_BxLxD.shape
         N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -186,7 +151,7 @@ class Attention(nn.Module):
                     value.value, v_BxLxKxH.astype(cfg.dtype), start
                 )
                 k_BxSxKxH, v_BxSxKxH = key.value, value.value
-        y_BxLxNxH = attend(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, visible_BxLxS)
+        y_BxLxNxH = attend(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, visible, cfg.attention)
         return dense(cfg, D, ("heads", "embed"), "o_proj", bias)(y_BxLxNxH.reshape(B, L, N * H))
 
 
