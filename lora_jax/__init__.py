@@ -8,10 +8,14 @@ frozen, trainable = lj.split(params)              # differentiate `trainable` on
 tx = lj.optimizer(optax.adamw(2e-4), trainable)   # no state for frozen leaves
 logits = lj.apply(model.apply)({"params": lj.combine(frozen, trainable)}, x)
 export = lj.merge(params)                         # W + s·A·B, the base tree's shape
+bank = lj.stack([adapter_0, adapter_1])           # many adapters of one base, per-example ids
+logits = lj.apply(model.apply)({"params": lj.combine(base, bank)}, x, adapter_ids=ids)
 """
 
 from lora_jax import analysis
 from lora_jax._apply import apply, infer_layout
+from lora_jax._arithmetic import compress, weighted_sum
+from lora_jax._bank import has_bank, put, stack, unstack
 from lora_jax._config import LoraConfig
 from lora_jax._init import init
 from lora_jax._layout import Layout
@@ -30,18 +34,24 @@ __all__ = [
     "apply",
     "bias_mask",
     "combine",
+    "compress",
     "flatten_paths",
     "from_peft",
+    "has_bank",
     "infer_layout",
     "init",
     "materialize",
     "merge",
     "optimizer",
     "partition_specs",
+    "put",
     "split",
+    "stack",
     "summary",
     "to_peft",
     "trainable_mask",
     "unflatten_paths",
     "unmerge",
+    "unstack",
+    "weighted_sum",
 ]

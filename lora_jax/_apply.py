@@ -13,6 +13,16 @@ so a tied LM head sees the same adapted table that `merge` produces), inside
 ``nn.scan`` and ``nn.remat`` too (the scan slices the factors with the
 weights). A trained bias delta is added to the output of its layer.
 
+With an adapter bank (`lj.stack`) beside the weights, the call takes per-example
+``adapter_ids`` (int (batch,), -1: the base alone) and example b gets slot ids[b]'s
+s·(x_b·A)·B: each row *gathers* its slot's factors (A (…, batch, fan_in, R)) and the two
+contractions batch over the rows, so the extra cost stays that of one rank-R adapter
+(fan_in·R + R·fan_out per token, plus reading batch·(fan_in + fan_out)·R factor elements),
+whatever the number of slots; no per-row ΔW is formed. The alternatives cost more: a
+one-hot mix of all n slots multiplies the contractions by n, and ``lax.ragged_dot`` needs
+the rows sorted by adapter and has no fast CPU kernel (measured in
+``benchmarks/many_adapters.py``).
+
 `infer_layout` uses the same interception to read, off a model, how each
 weight's axes split into stacked, input and output axes.
 """
@@ -28,7 +38,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lora_jax import _layout, _tree
+from lora_jax import _bank, _layout, _tree
 from lora_jax._layout import Layout
 
 _KERNEL_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Einsum)
@@ -47,6 +57,11 @@ def apply(apply_fn: Callable[..., Any], *, dropout: float = 0.0) -> Callable[...
         It draws from the usual ``'dropout'`` rng stream and is off when the call
         gets no ``'dropout'`` rng (the deterministic/eval call).
 
+    The returned function also takes ``adapter_ids=`` (int (batch,)) when the params hold
+    an adapter bank (`lj.stack`): example b runs with slot ``adapter_ids[b]``; -1 (or any
+    id outside the bank) runs the base alone. Every layer input's leading axis must be
+    the batch. Without ``adapter_ids`` the call is unchanged.
+
     Example:
       >>> import jax, jax.numpy as jnp, flax.linen as nn, lora_jax as lj
       >>> model = nn.Dense(3)
@@ -59,10 +74,11 @@ def apply(apply_fn: Callable[..., Any], *, dropout: float = 0.0) -> Callable[...
     """
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"lj.apply: dropout {dropout!r} must be a rate in [0, 1).")
-    interceptor = functools.partial(_lora_interceptor, dropout=dropout)
 
     @functools.wraps(apply_fn)
-    def apply_with_lora(*args, **kwargs):
+    def apply_with_lora(*args, adapter_ids=None, **kwargs):
+        ids_B = None if adapter_ids is None else _bank.check_ids(adapter_ids)
+        interceptor = functools.partial(_lora_interceptor, dropout=dropout, ids_B=ids_B)
         with nn.intercept_methods(interceptor):
             return apply_fn(*args, **kwargs)
 
@@ -75,37 +91,103 @@ def _module_params(module: nn.Module) -> Mapping:
     return module.variables.get("params", {})
 
 
-def _lora_interceptor(next_fun, args, kwargs, context, *, dropout: float):
+def _lora_interceptor(next_fun, args, kwargs, context, *, dropout: float, ids_B):
     module, method = context.module, context.method_name
     if method not in ("__call__", "attend"):
         return next_fun(*args, **kwargs)
     own = {k: v for k, v in _module_params(module).items() if not isinstance(v, Mapping)}
     adapted = [k[: -len(_tree.A_SUFFIX)] for k in own if str(k).endswith(_tree.A_SUFFIX)]
+    banked = [k[: -len(_bank.BANK_A)] for k in own if str(k).endswith(_bank.BANK_A)]
     has_delta = "bias" + _tree.DELTA_SUFFIX in own
-    if not adapted and not has_delta:
+    if not adapted and not banked and not has_delta:
         return next_fun(*args, **kwargs)
 
     y = next_fun(*args, **kwargs)
     where = "/".join(module.scope.path)
-    if adapted:
-        weight = adapted[0]
-        factors = [own[weight + s] for s in (_tree.A_SUFFIX, _tree.B_SUFFIX, _tree.SCALE_SUFFIX)]
-        if isinstance(module, nn.Embed):
-            y = y + _embed_term(method, args[0], own[weight], *factors, y.dtype, where)
-        elif isinstance(module, _KERNEL_LAYERS) and method == "__call__":
-            x = _dropout(module, args[0], dropout)
-            x_sub, k_sub, y_sub = _einsum_spec(module, args, kwargs)
-            lay = _check_layout(module, own[weight].shape, factors, where)
-            y = y + _factored_term(x_sub, k_sub, y_sub, x, lay, *factors, y.dtype)
-        else:
-            raise TypeError(
-                f"lj.apply: {where}/{weight} is adapted, but {type(module).__name__} is not a layer "
-                "lj.apply knows how to adapt (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Embed). "
-                "Use lj.materialize(params) with the unmodified model instead."
-            )
+    if banked and ids_B is None:
+        raise ValueError(
+            f"lj.apply: {where}/{banked[0]} has an adapter bank; call with adapter_ids=ids "
+            "(int (batch,), one slot per example, -1 for the base)."
+        )
+    if adapted or banked:
+        x = args[0]
+        if isinstance(module, _KERNEL_LAYERS) and method == "__call__":
+            x = _dropout(module, x, dropout)
+        for weight in adapted:
+            factors = [own[weight + s] for s in _SINGLE]
+            y = y + _adapter_term(module, method, args, kwargs, x, own[weight], factors, y, where)
+        for weight in banked:
+            factors = [own[weight + s] for s in _bank.BANK_SUFFIXES[:3]]
+            y = y + _bank_term(module, method, args, kwargs, x, own[weight], factors, y, ids_B)
     if has_delta and method == "__call__":
         y = y + _bias_delta(module, args, kwargs, own, y)
     return y
+
+
+_SINGLE = (_tree.A_SUFFIX, _tree.B_SUFFIX, _tree.SCALE_SUFFIX)
+
+
+def _adapter_term(module, method, args, kwargs, x, w, factors, y, where, per_row=False):
+    """The low-rank term added to the layer's output `y` for input `x` (dropped out).
+
+    `factors` are A, B, s, or `per_row`, each row's own, gathered (see `_bank_term`).
+    """
+    where = f"{where}/{'embedding' if isinstance(module, nn.Embed) else 'kernel'}"
+    if isinstance(module, nn.Embed):
+        _check_embed(where, w.shape, *(f.shape for f in factors))
+        return _embed_term(method, x, *factors, y.dtype)
+    if isinstance(module, _KERNEL_LAYERS) and method == "__call__":
+        x_sub, k_sub, y_sub = _einsum_spec(module, args, kwargs)
+        lay = _check_layout(module, w.shape, [f.shape for f in factors], where, per_row)
+        row = x_sub[0] if per_row else ""
+        if row and (row in k_sub or row not in y_sub):
+            raise ValueError(
+                f"lj.apply: {where} contracts or stacks its input's leading axis, so "
+                "adapter_ids cannot pick an adapter per example there; give the layer a "
+                "leading batch axis."
+            )
+        return _factored_term(x_sub, k_sub, y_sub, x, lay, *factors, y.dtype, row)
+    raise TypeError(
+        f"lj.apply: {where} is adapted, but {type(module).__name__} is not a layer "
+        "lj.apply knows how to adapt (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Embed). "
+        "Use lj.materialize(params) with the unmodified model instead."
+    )
+
+
+def _bank_term(module, method, args, kwargs, x, w, factors, y, ids_B):
+    """Σ over rows b of slot ids_B[b]'s term: each row gathers its slot's factors."""
+    where = "/".join(module.scope.path)
+    a, b, s = factors
+    n_stack = s.ndim - 1
+    rows = x.shape[0] if x.ndim else None
+    if rows != ids_B.shape[0]:
+        raise ValueError(
+            f"lj.apply: {where} gets an input of shape {x.shape} for {ids_B.shape[0]} "
+            "adapter_ids; give one id per example (the inputs' leading axis)."
+        )
+    if isinstance(module, nn.Embed):
+        _check_embed(f"{where}/embedding", w.shape, a.shape[1:], b.shape[1:], s.shape[1:])
+        return _embed_bank_term(method, x, a, b, s, ids_B, y.dtype)
+    gathered = [_bank.gather(f, ids_B, n_stack) for f in factors]
+    return _adapter_term(module, method, args, kwargs, x, w, gathered, y, where, per_row=True)
+
+
+def _embed_bank_term(method, x, a_NxVxR, b_NxRxD, s_N, ids_B, dtype):
+    """`_embed_term` with each row's slot: token ids x (B, …) → row x of slot ids_B[b]'s A
+    (one element gather per token, not a copy of A per row), then that slot's B."""
+    a_NxVxR, b_NxRxD, s_N = a_NxVxR.astype(dtype), b_NxRxD.astype(dtype), s_N.astype(dtype)
+    n, vocab, rank = a_NxVxR.shape
+    b_BxRxD, s_B = _bank.gather(b_NxRxD, ids_B, 0), _bank.gather(s_N, ids_B, 0)
+    if method == "__call__":
+        rest = string.ascii_uppercase[: x.ndim - 1]  # the token axes after the rows (Z)
+        slot_Bx1 = ids_B.reshape((-1,) + (1,) * (x.ndim - 1))
+        flat_index = jnp.where((slot_Bx1 >= 0) & (slot_Bx1 < n), slot_Bx1 * vocab + x, -1)
+        a_Bx_xR = _bank.gather(a_NxVxR.reshape(n * vocab, rank), flat_index, 0)
+        return jnp.einsum(f"Z{rest}r,Zrd,Z->Z{rest}d", a_Bx_xR, b_BxRxD, s_B)
+    rest = string.ascii_uppercase[: x.ndim - 2]  # attend: x is (rows Z, …, features d)
+    a_BxVxR = _bank.gather(a_NxVxR, ids_B, 0)
+    q_b = jnp.einsum(f"Z{rest}d,Zrd,Z->Z{rest}r", x.astype(dtype), b_BxRxD, s_B)
+    return jnp.einsum(f"Z{rest}r,Zvr->Z{rest}v", q_b, a_BxVxR)
 
 
 def _dropout(module: nn.Module, x: jax.Array, rate: float) -> jax.Array:
@@ -115,13 +197,16 @@ def _dropout(module: nn.Module, x: jax.Array, rate: float) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
-def _embed_term(method, x, table, a, b, s, dtype, where):
-    _layout.check_fits(f"{where}/embedding", table.shape, a.shape, b.shape, s.shape)
-    if table.ndim != 2:
+def _check_embed(where, table_shape, a_shape, b_shape, s_shape) -> None:
+    _layout.check_fits(where, table_shape, a_shape, b_shape, s_shape)
+    if len(table_shape) != 2:
         raise ValueError(
-            f"lj.apply: {where}/embedding has stacked factors {a.shape}; an "
+            f"lj.apply: {where} has stacked factors {a_shape}; an "
             "nn.Embed table adapts as (vocab, features)."
         )
+
+
+def _embed_term(method, x, a, b, s, dtype):
     a, b, s = a.astype(dtype), b.astype(dtype), s.astype(dtype)
     if method == "__call__":  # rows of A for the ids, then B
         return (jnp.take(a, x, axis=0) * s) @ b
@@ -167,15 +252,18 @@ def _normalize(axes, ndim) -> tuple[int, ...]:
     return tuple(a % ndim for a in _as_tuple(axes))
 
 
-def _check_layout(module, w_shape, factors, where) -> Layout:
-    """The layout of the factors; a DenseGeneral must agree with it."""
-    a, b, s = factors
-    lay = _layout.check_fits(f"{where}/kernel", w_shape, a.shape, b.shape, s.shape)
+def _check_layout(module, w_shape, shapes, where, per_row=False) -> Layout:
+    """The layout of the factors of `shapes` (A, B, s; `per_row`, with a row axis after the
+    stacked ones); a DenseGeneral must agree with it."""
+    if per_row:
+        n_stack = len(shapes[2]) - 1
+        shapes = [shape[:n_stack] + shape[n_stack + 1 :] for shape in shapes]
+    lay = _layout.check_fits(where, w_shape, *shapes)
     if isinstance(module, nn.DenseGeneral):
         expected = (len(_as_tuple(module.batch_dims)), len(_as_tuple(module.axis)))
         if lay != expected:
             raise ValueError(
-                f"lj.apply: the factors of {where}/kernel {tuple(w_shape)} were made with layout "
+                f"lj.apply: the factors of {where} {tuple(w_shape)} were made with layout "
                 f"(stack={lay.stack}, fan_in={lay.fan_in}), but this nn.DenseGeneral contracts "
                 f"{expected[1]} input axes over {expected[0]} batch axes. Create them with "
                 "lj.init(key, params, config, layout=lj.infer_layout(model.apply, variables, *args))."
@@ -183,18 +271,20 @@ def _check_layout(module, w_shape, factors, where) -> Layout:
     return lay
 
 
-def _factored_term(x_sub, k_sub, y_sub, x, lay, a, b, s, dtype):
+def _factored_term(x_sub, k_sub, y_sub, x, lay, a, b, s, dtype, row=""):
     """s·(x·A)·B for a layer computing einsum(x_sub,k_sub->y_sub)(x, W).
 
-    `lay` splits the kernel's subscripts `k_sub` into stacked, input and output axes.
+    `lay` splits the kernel's subscripts `k_sub` into stacked, input and output axes. With
+    a `row` letter (an axis of x and y), A, B and s carry that axis after the stacked ones:
+    each row's own factors.
     """
     rank = next(c for c in string.ascii_letters if c not in x_sub + k_sub + y_sub)
     stack, ins, outs = _layout.split(k_sub, lay)
-    a_sub, b_sub = stack + ins + rank, stack + rank + outs
+    a_sub, b_sub, s_sub = stack + row + ins + rank, stack + row + rank + outs, stack + row
     # Keep every index that B or the output still needs; contract the rest.
     t_sub = "".join(dict.fromkeys(c for c in x_sub + a_sub if c in b_sub + y_sub))
     xa = jnp.einsum(
-        f"{x_sub},{a_sub},{stack}->{t_sub}", x.astype(dtype), a.astype(dtype), s.astype(dtype)
+        f"{x_sub},{a_sub},{s_sub}->{t_sub}", x.astype(dtype), a.astype(dtype), s.astype(dtype)
     )
     return jnp.einsum(f"{t_sub},{b_sub}->{y_sub}", xa, b.astype(dtype))
 

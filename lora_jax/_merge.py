@@ -1,4 +1,5 @@
-"""Folding an adapter into its weights and back: `materialize`, `merge`, `unmerge`."""
+"""Folding an adapter into its weights and back: `materialize`, `merge`, `unmerge`; one
+adapter of a bank (`lj.stack`) with ``merge(params, adapter_id=i)``."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lora_jax import _layout, _tree
+from lora_jax import _bank, _layout, _tree
 
 
 def delta(
@@ -90,16 +91,25 @@ def materialize(params: Any) -> Any:
     (but the full-size W + ΔW and its gradient are materialised; `lj.apply`
     avoids both). Accumulates in float32 (or wider) and casts back to W's dtype.
     """
+    if _bank.has_bank(params):
+        raise ValueError(
+            f"the tree holds a bank of {_bank.size(params)} adapters: pick one with "
+            "lj.merge(params, adapter_id=i)."
+        )
     out = _fold(params, +1)
     return _tree.unflatten_like(params, out)
 
 
-def merge(params: Any) -> Any:
+def merge(params: Any, *, adapter_id: int | jax.Array | None = None) -> Any:
     """Folds every adapter into its weight and drops the LoRA leaves (for export).
 
     The result has exactly the base tree's structure, shapes and dtypes, so the
     unmodified model runs it at no extra cost. s·A·B is accumulated in float32 and
     cast back to W's dtype. Trained bias deltas are added to their biases.
+
+    With `adapter_id`, `params` hold the base and a bank (`lj.stack`) and the result is the
+    base with slot `adapter_id` folded in, the bank dropped. The slot's rank-padded factors
+    are used as they are (zeros add nothing), so `adapter_id` may be traced under ``jit``.
 
     Example:
       >>> import jax, jax.numpy as jnp, lora_jax as lj
@@ -108,7 +118,18 @@ def merge(params: Any) -> Any:
       >>> jax.tree.structure(lj.merge(adapted)) == jax.tree.structure(base)
       True
     """
-    return materialize(params)
+    if adapter_id is None:
+        return materialize(params)
+    flat = _tree.flatten(params)
+    single = [p for p in flat if _tree.is_lora_leaf(p)]
+    if single:
+        raise ValueError(
+            f"the tree holds a bank and another adapter ({_tree.path_str(single[0])}); merge "
+            "that one with lj.merge first, or drop it, then pick a slot of the bank."
+        )
+    slot = _bank.slot(params, adapter_id)
+    base = {p: leaf for p, leaf in flat.items() if not _bank.is_bank_leaf(p)}
+    return _tree.unflatten_like(params, _fold(_tree.unflatten_like(params, base), +1, slot))
 
 
 def unmerge(merged: Any, adapter: Any) -> Any:
