@@ -50,7 +50,7 @@ import numpy as np
 
 from lora_jax import _layout, _tree
 
-RANDOM_DRAWS = 16  # random direction pairs averaged for `UpdateVsWeight.random_directions`
+RANDOM_DRAWS = 16  # random direction pairs averaged for `UpdateVsWeight.along_random`
 
 
 def _f64(x: Any) -> np.ndarray:
@@ -94,15 +94,13 @@ class UpdateVsWeight(NamedTuple):
     rank: int  # r: the number of directions, the adapter's rank
     delta_norm: np.ndarray  # ‖ΔW‖_F
     weight_norm: np.ndarray  # ‖W‖_F
-    delta_directions: np.ndarray  # ‖LᵀWR‖_F, L, R: ΔW's top-r left/right singular vectors
-    weight_directions: np.ndarray  # the same along W's own top-r directions
-    random_directions: np.ndarray  # the same along random orthonormal L, R (mean of draws)
-    amplification: np.ndarray  # ‖ΔW‖_F / delta_directions
+    along_delta: np.ndarray  # ‖LᵀWR‖_F, L, R: ΔW's top-r left/right singular vectors
+    along_weight: np.ndarray  # the same along W's own top-r directions
+    along_random: np.ndarray  # the same along random orthonormal L, R (mean of draws)
+    amplification: np.ndarray  # ‖ΔW‖_F / along_delta
 
 
-def delta_directions(
-    a_SxIxR: Any, b_SxRxO: Any, s_S: Any
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def delta_svd(a_SxIxR: Any, b_SxRxO: Any, s_S: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(L (S, fan_in, r), σ (S, r), R (S, fan_out, r)): the thin SVD ΔW = L·diag(σ)·Rᵀ of
     ΔW = s·A·B, from QR factors of A and Bᵀ (ΔW itself is never formed)."""
     q_a_SxIxR, r_a_SxRxR = np.linalg.qr(_f64(a_SxIxR))
@@ -113,7 +111,8 @@ def delta_directions(
 
 
 def projected_norm(w_SxIxO: np.ndarray, l_SxIxR: np.ndarray, r_SxOxR: np.ndarray) -> np.ndarray:
-    """(S,): ‖LᵀWR‖_F, how large W (S, fan_in, fan_out) is in the directions L, R."""
+    """(S,): ‖LᵀWR‖_F, how large W (S, fan_in, fan_out) is in the directions L, R (either
+    may be one (fan, r) basis for every layer)."""
     projected_SxRxR = np.swapaxes(l_SxIxR, -1, -2) @ w_SxIxO @ r_SxOxR
     return np.sqrt(np.sum(projected_SxRxR**2, axis=(-2, -1)))
 
@@ -143,15 +142,15 @@ def update_vs_weight(
     A ΔW that is zero (an untrained adapter, B = 0) has amplification 0.
     """
     w_SxIxO = _f64(w_SxIxO)
-    l_SxIxR, sigma_SxR, r_SxOxR = delta_directions(a_SxIxR, b_SxRxO, s_S)
+    l_SxIxR, sigma_SxR, r_SxOxR = delta_svd(a_SxIxR, b_SxRxO, s_S)
     _, fan_in, fan_out = w_SxIxO.shape
     rank = l_SxIxR.shape[-1]
     rng = np.random.default_rng(seed)
     l_DxIxR = random_directions(fan_in, rank, draws, rng)
     r_DxOxR = random_directions(fan_out, rank, draws, rng)
-    random_SxD = np.sqrt(
-        np.sum(np.einsum("dia,sio,dob->sdab", l_DxIxR, w_SxIxO, r_DxOxR) ** 2, axis=(-2, -1))
-    )
+    random_DxS = np.stack(
+        [projected_norm(w_SxIxO, l_IxR, r_OxR) for l_IxR, r_OxR in zip(l_DxIxR, r_DxOxR)]
+    )  # one draw at a time: (S, r, fan_out) at most in memory
     w_sigma_SxK = np.linalg.svd(w_SxIxO, compute_uv=False)
     delta_norm = np.sqrt(np.sum(sigma_SxR**2, axis=-1))
     along_delta = projected_norm(w_SxIxO, l_SxIxR, r_SxOxR)
@@ -159,9 +158,9 @@ def update_vs_weight(
         rank=rank,
         delta_norm=delta_norm,
         weight_norm=np.sqrt(np.sum(w_sigma_SxK**2, axis=-1)),
-        delta_directions=along_delta,
-        weight_directions=np.sqrt(np.sum(w_sigma_SxK[:, :rank] ** 2, axis=-1)),
-        random_directions=random_SxD.mean(axis=-1),
+        along_delta=along_delta,
+        along_weight=np.sqrt(np.sum(w_sigma_SxK[:, :rank] ** 2, axis=-1)),
+        along_random=random_DxS.mean(axis=0),
         amplification=np.divide(
             delta_norm, along_delta, out=np.zeros_like(delta_norm), where=delta_norm > 0
         ),

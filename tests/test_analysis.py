@@ -129,8 +129,8 @@ def test_amplification_of_a_constructed_update_equals_its_closed_form():
     expected = {
         "delta_norm": delta,
         "weight_norm": np.full(2, math.sqrt(np.sum(sigma**2))),
-        "delta_directions": along,
-        "weight_directions": np.full(2, math.sqrt(10.0**2 + 9.0**2)),
+        "along_delta": along,
+        "along_weight": np.full(2, math.sqrt(10.0**2 + 9.0**2)),
         "amplification": delta / along,
     }
     # Every figure is a norm of products of LAPACK factors (QR, SVD: orthonormal to within

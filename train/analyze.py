@@ -168,8 +168,8 @@ def markdown(result: dict[str, Any]) -> str:
         ]
         lines += [
             f"| {_name(w)} | {w['rank']} | {w['delta_norm']:.4g} | {w['weight_norm']:.4g} | "
-            f"{w['delta_directions']:.4g} | {w['weight_directions']:.4g} | "
-            f"{w['random_directions']:.4g} | {w['amplification']:.4g} |"
+            f"{w['along_delta']:.4g} | {w['along_weight']:.4g} | "
+            f"{w['along_random']:.4g} | {w['amplification']:.4g} |"
             for w in entry["weights"]
         ]
     for pair in result["similarity"]:
