@@ -19,8 +19,6 @@ import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import numpy as np
-
 from models.config import ModelConfig, RopeScaling
 
 LEAVES = ("kernel", "embedding", "scale", "bias")  # the parameter names of a models.Decoder
@@ -352,14 +350,15 @@ def locate(config: ModelConfig, path: str, layer: int | None = None) -> Place | 
     return None
 
 
-def to_ours(place: Place, array: Any, out_in: bool) -> np.ndarray:
+def to_ours(place: Place, array: Any, out_in: bool) -> Any:
     """Our value of `place`'s parameter from its checkpoint tensor `array`, whose matrices are
-    (out, in) if `out_in`: a kernel is transposed, a fused module's part cut out."""
-    value = np.asarray(array)
-    if out_in and place.leaf == "kernel":
-        value = value.T
+    (out, in) if `out_in`: a kernel is transposed, a fused module's part cut out (along the
+    last axis). `array` is a numpy array or a view that reads on use (models/loaders/lazy.py):
+    only `.T`, `.shape` and slicing are used."""
+    value = array.T if out_in and place.leaf == "kernel" else array
     module = place.module
-    return np.split(value, module.parts, axis=-1)[module.part] if module.parts > 1 else value
+    width = value.shape[-1] // module.parts
+    return value[..., module.part * width : (module.part + 1) * width]
 
 
 def to_hf(place: Place, value: Any) -> Any:

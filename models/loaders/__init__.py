@@ -14,9 +14,10 @@ from tokenizers import Tokenizer
 from models.config import PRESETS, get_config
 from models.decoder import Decoder, abstract_variables
 from models.families import UnsupportedArchitectureError
-from models.loaders.checkpoint import ModelFileError
-from models.loaders.gguf import gguf_config, load_gguf
-from models.loaders.hf import hf_config, load_hf
+from models.loaders.arrays import ShardingsFn, flat_shardings
+from models.loaders.checkpoint import ModelFileError, build_params
+from models.loaders.gguf import gguf_config, gguf_tensors
+from models.loaders.hf import hf_config, hf_tensors
 from models.tokenizer import tokenizer_from_dir, tokenizer_from_gguf
 
 # name -> (Python package that ships the file, file name, pip requirement)
@@ -76,17 +77,21 @@ def abstract_load(name_or_path: str | Path, **options: Any) -> tuple[Decoder, di
             gguf_config(path, **options) if path.suffix == ".gguf" else hf_config(path, **options)
         )
     model = Decoder(config)
+    return model, _abstract_params(model)
+
+
+def _abstract_params(model: Decoder) -> dict[str, Any]:
+    """The unboxed params of `model` as `jax.ShapeDtypeStruct`s."""
     boxed = abstract_variables(model, 1, 1, decode=False)["params"]
-    shapes = jax.tree.map(
+    return jax.tree.map(
         lambda p: p.value if isinstance(p, nn.meta.AxisMetadata) else p,
         boxed,
         is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata),
     )
-    return model, shapes
 
 
 def load(
-    name_or_path: str | Path, **options: Any
+    name_or_path: str | Path, *, shardings: ShardingsFn | None = None, **options: Any
 ) -> tuple[Decoder, dict[str, Any], Tokenizer | None]:
     """`model, params, tokenizer = load(...)`.
 
@@ -97,16 +102,33 @@ def load(
     has none); `attention_bias=True` / `mlp_bias=True` add the ones it lacks as zeros, so the
     model computes exactly the checkpoint's function (trainable biases for BitFit). Setting
     either False for a checkpoint that has those biases raises ModelFileError.
-    Returns the Flax module, UNBOXED params (plain arrays in `param_dtype`; logical axis names via
-    `models.logical_axes(model)`), and a `tokenizers.Tokenizer` (None for a checkpoint directory
-    without tokenizer.json).
+
+    `shardings`: where the params go, as a function `(model, shapes) -> tree` of the model and
+    its params as `jax.ShapeDtypeStruct`s (what `abstract_load` returns), giving a tree shaped
+    like `shapes` with a `jax.sharding.Sharding` at every leaf. Each parameter is then a
+    global `jax.Array` laid out so, and each process reads from the checkpoint only the blocks
+    its own devices hold: no host holds the whole model (multi-host: call it in every process
+    after `jax.distributed.initialize`). None: every parameter on this process's first device.
+    The values are the same, bit for bit, whatever the shardings.
+
+    Returns the Flax module, UNBOXED params (`jax.Array`s in `param_dtype`; logical axis names
+    via `models.logical_axes(model)`), and a `tokenizers.Tokenizer` (None for a checkpoint
+    directory without tokenizer.json). A checkpoint that does not fit its config raises
+    ModelFileError, and a shardings tree that does not fit the params ValueError, before any
+    weight is read.
     """
     path = _source(name_or_path)
     if path.suffix == ".gguf":
-        config, params, reader = load_gguf(path, **options)
-        return Decoder(config), params, tokenizer_from_gguf(reader)
-    config, params = load_hf(path, **options)
-    return Decoder(config), params, tokenizer_from_dir(path)
+        config, named, unmatched, reader = gguf_tensors(path, **options)
+        tokenizer = tokenizer_from_gguf(reader)
+    else:
+        config, named, unmatched = hf_tensors(path, **options)
+        tokenizer = tokenizer_from_dir(path)
+    model = Decoder(config)
+    placement = (
+        None if shardings is None else flat_shardings(model, _abstract_params(model), shardings)
+    )
+    return model, build_params(named, unmatched, config, str(path), placement), tokenizer
 
 
 __all__ = [

@@ -1,6 +1,6 @@
 """Checkpoint-format-independent half of loading: naming tensors by the family's table
 (models/families.py), then checking the result against the model's parameter shapes and
-building the (unboxed) params tree."""
+building the (unboxed) params tree of global arrays (arrays.py) from lazy views (lazy.py)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,13 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import Sharding
 
 from models import families
 from models.config import ModelConfig, with_options
 from models.decoder import Decoder, abstract_variables
+from models.loaders.arrays import default_sharding, global_array
+from models.loaders.lazy import LazyTensor, stack
 
 
 class ModelFileError(ValueError):
@@ -33,15 +36,16 @@ def _some(names: list[str], shown: int = 5) -> str:
 
 
 def rename(
-    tensors: Mapping[str, Any],
+    tensors: Mapping[str, LazyTensor],
     config: ModelConfig,
     fmt: str,
-    convert: Callable[[families.Place, Any], np.ndarray],
+    convert: Callable[[families.Place, LazyTensor], LazyTensor],
     prefix: str = "",
-) -> tuple[dict[str, np.ndarray], list[str]]:
+) -> tuple[dict[str, LazyTensor], list[str]]:
     """(our params {"a/b/kernel": array}, names of the tensors that no parameter has) of
     checkpoint `tensors` named in format `fmt` ("hf" or "gguf"): each parameter of the model
-    finds its tensor by the family's table, and `convert(place, tensor)` gives its value.
+    finds its tensor by the family's table, and `convert(place, tensor)` gives its value (a
+    view: nothing is read).
     Tensors `families.dropped` names are skipped; `prefix` is one that some checkpoints leave
     out of their tensor names."""
     wanted = collections.defaultdict(list)
@@ -103,14 +107,21 @@ def configure(
 
 
 def build_params(
-    named: dict[str, np.ndarray], unmatched: list[str], config: ModelConfig, source: str
+    named: dict[str, Any],
+    unmatched: list[str],
+    config: ModelConfig,
+    source: str,
+    shardings: Mapping[str, Sharding] | None = None,
 ) -> dict[str, Any]:
-    """Check `named` against the model and return the params tree in `config.param_dtype`,
-    stacked along a leading layer axis under "layers" when `config.scan_layers`. `named` is
-    consumed (emptied); callers pass a dict they hold no other reference to its arrays by.
+    """Check `named` (our unscanned names -> `LazyTensor` views of checkpoint tensors, or
+    arrays) against the model, then return the params tree of global `jax.Array`s in
+    `config.param_dtype`, stacked along a leading layer axis under "layers" when
+    `config.scan_layers`, each laid out by `shardings[name]` ({"a/b/kernel": Sharding}; None:
+    all on this process's first device). Each process reads only the blocks of each tensor
+    its devices hold (arrays.global_array), one parameter at a time. `named` is consumed.
 
     Raises ModelFileError listing missing and unexpected tensors, or naming a parameter whose
-    shape differs.
+    shape differs, before any tensor is read.
     """
     expected = expected_shapes(config)
     missing = sorted(set(expected) - set(named))
@@ -136,26 +147,35 @@ def build_params(
                 f"but its config describes a model that needs {shape}; the weights and the config "
                 f"do not belong together: download or save the checkpoint again"
             )
-    return _unflatten(_device_arrays(named, config))
+    tensors = _stacked(named, config)
+    default = default_sharding()
+    return _unflatten(
+        {
+            name: global_array(
+                tensors.pop(name),
+                default if shardings is None else shardings[name],
+                config.param_dtype,
+            )
+            for name in list(tensors)
+        }
+    )
 
 
-def _device_arrays(named: dict[str, np.ndarray], config: ModelConfig) -> dict[str, jax.Array]:
-    """`named` as arrays in `config.param_dtype`; with `config.scan_layers`, "layers_{i}/rest"
-    entries become one "layers/rest" with a leading layer axis.
-
-    `named` is emptied as its arrays are converted, one parameter at a time (stacked on the
-    host first), so that the host copy of each can be freed at once: loading then holds about
-    one copy of the model, not the checkpoint's, the converted and the stacked ones together.
-    """
-    out = {}
-    for name in [k for k in named if not (config.scan_layers and k.startswith("layers_"))]:
-        out[name] = jax.numpy.asarray(named.pop(name), config.param_dtype)
-    for rest in sorted({k.split("/", 1)[1] for k in named if k.startswith("layers_0/")}):
-        host = np.stack(
-            [np.asarray(named.pop(f"layers_{i}/{rest}")) for i in range(config.num_layers)]
+def _stacked(named: dict[str, Any], config: ModelConfig) -> dict[str, LazyTensor]:
+    """`named` as views; with `config.scan_layers`, the "layers_{i}/rest" entries stacked into
+    one "layers/rest" with a leading layer axis. Nothing is read; `named` is emptied."""
+    views = {
+        name: tensor if isinstance(tensor, LazyTensor) else LazyTensor.wrap(np.asarray(tensor))
+        for name, tensor in named.items()
+    }
+    named.clear()
+    if not config.scan_layers:
+        return views
+    out = {name: views.pop(name) for name in list(views) if not name.startswith("layers_")}
+    for rest in sorted({k.split("/", 1)[1] for k in views if k.startswith("layers_0/")}):
+        out[f"layers/{rest}"] = stack(
+            [views.pop(f"layers_{i}/{rest}") for i in range(config.num_layers)]
         )
-        out[f"layers/{rest}"] = jax.numpy.asarray(host, config.param_dtype)
-        del host
     return out
 
 

@@ -14,7 +14,8 @@ import numpy as np
 
 from models import families
 from models.config import ModelConfig
-from models.loaders.checkpoint import build_params, configure, rename
+from models.loaders.checkpoint import configure, rename
+from models.loaders.lazy import LazyTensor
 
 
 def field(reader: gguf.GGUFReader | Mapping[str, Any], key: str, default: Any = None) -> Any:
@@ -116,16 +117,26 @@ def unpermute_rope_rows(w_OxI: np.ndarray, num_heads: int) -> np.ndarray:
     )
 
 
-def _to_ours(config: ModelConfig, place: families.Place, w: np.ndarray) -> np.ndarray:
-    """Our value of a parameter from its dequantised tensor (every matrix (out, in))."""
+def _to_ours(config: ModelConfig, place: families.Place, w: LazyTensor) -> LazyTensor:
+    """Our value of a parameter from (a view of) its dequantised tensor (every matrix (out,
+    in)); llama.cpp's Q/K rows are put back in Hugging Face's order by indexing the view."""
     if place.module.rope_heads:
-        w = unpermute_rope_rows(w, getattr(config, place.module.rope_heads))
+        rows = unpermute_rope_rows(np.arange(w.shape[0]), getattr(config, place.module.rope_heads))
+        w = w[rows]
     return families.to_ours(place, w, out_in=True)
 
 
-def dequantize(tensor: gguf.ReaderTensor) -> np.ndarray:
-    """float32 array of a GGUF tensor, shaped like torch (out, in) for matrices."""
-    return np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32)
+def dequantized(tensor: gguf.ReaderTensor) -> LazyTensor:
+    """A float32 view of a GGUF tensor, shaped like torch ((out, in) for matrices). Quantised
+    blocks run along the last axis, so a block of rows is dequantised from those rows alone."""
+    shape = tuple(int(n) for n in reversed(tensor.shape))
+
+    def read(indices: tuple[np.ndarray, ...]) -> np.ndarray:
+        rows = tensor.data[np.ix_(*indices[:-1])] if len(indices) > 1 else tensor.data
+        values = gguf.quants.dequantize(rows, tensor.tensor_type)
+        return np.asarray(values, np.float32)[..., indices[-1]]
+
+    return LazyTensor.of(shape, read)
 
 
 def _has_output(reader: gguf.GGUFReader | Mapping[str, Any], names: Collection[str]) -> bool:
@@ -142,7 +153,7 @@ def _file(path: str | Path) -> Path:
 
 
 def gguf_config(path: str | Path, **options: Any) -> ModelConfig:
-    """The config `load_gguf` would give, from the file's header alone (`read_metadata`: the
+    """The config `gguf_tensors` gives, from the file's header alone (`read_metadata`: the
     metadata and tensor names; no tensor data is read or dequantised)."""
     metadata, names = read_metadata(_file(path))
     config, _ = configure(
@@ -151,21 +162,22 @@ def gguf_config(path: str | Path, **options: Any) -> ModelConfig:
     return config
 
 
-def load_gguf(
+def gguf_tensors(
     path: str | Path, **options: Any
-) -> tuple[ModelConfig, dict[str, Any], gguf.GGUFReader]:
-    """(config with `options` applied, params, reader) from a GGUF file; the reader carries the
-    tokenizer metadata. Biases that `options` add (`attention_bias`, `mlp_bias`) are zeros."""
+) -> tuple[ModelConfig, dict[str, LazyTensor], list[str], gguf.GGUFReader]:
+    """(config with `options` applied, {our parameter name: view of its tensor}, names of the
+    tensors that no parameter has, reader) of a GGUF file, for `checkpoint.build_params`; the
+    reader carries the tokenizer metadata. No tensor is dequantised here. Biases that
+    `options` add (`attention_bias`, `mlp_bias`) are zeros."""
     reader = gguf.GGUFReader(_file(path))
     names = {t.name for t in reader.tensors}
     config, zeros = configure(
         config_from_gguf(reader, _has_output(reader, names)), options, str(path)
     )
     named, unmatched = rename(
-        {t.name: dequantize(t) for t in reader.tensors},
+        {t.name: dequantized(t) for t in reader.tensors},
         config,
         "gguf",
         lambda place, w: _to_ours(config, place, w),
     )
-    named.update(zeros)  # build_params empties it, freeing each dequantised array once converted
-    return config, build_params(named, unmatched, config, str(path)), reader
+    return config, named | zeros, unmatched, reader

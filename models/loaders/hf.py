@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,8 @@ from safetensors import safe_open
 from models import families
 from models.config import ModelConfig
 from models.families import UnsupportedArchitectureError
-from models.loaders.checkpoint import build_params, configure, rename
+from models.loaders.checkpoint import configure, rename
+from models.loaders.lazy import LazyTensor, bounds, select
 
 SUPPORTED_MODEL_TYPES = tuple(families.FAMILIES)
 
@@ -21,8 +23,8 @@ __all__ = [
     "UnsupportedArchitectureError",
     "config_from_hf",
     "hf_config",
-    "load_hf",
-    "read_safetensors",
+    "hf_tensors",
+    "safetensors_tensors",
 ]
 
 
@@ -31,8 +33,10 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     return families.hf_family(hf).config_from_hf(hf)
 
 
-def read_safetensors(directory: Path) -> dict[str, np.ndarray]:
-    """All tensors of every *.safetensors file in `directory` (bfloat16 stays bfloat16)."""
+def safetensors_tensors(directory: Path) -> dict[str, LazyTensor]:
+    """Every tensor of every *.safetensors file in `directory`, as a view that reads (only) the
+    blocks asked of it from its file (bfloat16 stays bfloat16). Only the files' headers are
+    read here."""
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(
@@ -41,9 +45,20 @@ def read_safetensors(directory: Path) -> dict[str, np.ndarray]:
         )
     tensors = {}
     for f in files:
-        with safe_open(f, framework="flax") as reader:
-            tensors.update({k: np.asarray(reader.get_tensor(k)) for k in reader.keys()})
+        with safe_open(f, framework="numpy") as reader:
+            for name in reader.keys():
+                shape = reader.get_slice(name).get_shape()
+                tensors[name] = LazyTensor.of(shape, functools.partial(_read, f, name))
     return tensors
+
+
+def _read(file: Path, name: str, indices: tuple[np.ndarray, ...]) -> np.ndarray:
+    """The block of tensor `name` at the outer product of `indices`: the smallest box that
+    holds them is read, and the file closed again, so that the pages it maps are not kept."""
+    box = bounds(indices)
+    with safe_open(file, framework="numpy") as reader:
+        block = reader.get_slice(name)[box]
+    return select(block, [b.start for b in box], indices)
 
 
 def _configure(
@@ -56,23 +71,26 @@ def _configure(
 
 
 def hf_config(directory: str | Path, **options: Any) -> ModelConfig:
-    """The config `load_hf` would give, from config.json alone: no tensor is read."""
+    """The config `hf_tensors` gives, from config.json alone: no tensor is read."""
     return _configure(Path(directory), options)[0]
 
 
-def load_hf(directory: str | Path, **options: Any) -> tuple[ModelConfig, dict[str, Any]]:
-    """(config with `options` applied, params) from a Hugging Face checkpoint directory.
+def hf_tensors(
+    directory: str | Path, **options: Any
+) -> tuple[ModelConfig, dict[str, LazyTensor], list[str]]:
+    """(config with `options` applied, {our parameter name: view of its tensor}, names of the
+    checkpoint tensors that no parameter has) of a Hugging Face checkpoint directory, for
+    `checkpoint.build_params`. Reads config.json and the files' headers only.
 
     Biases that `options` add (`attention_bias`, `mlp_bias`) are zeros (`checkpoint.configure`).
     """
     directory = Path(directory)
     config, zeros = _configure(directory, options)
     named, unmatched = rename(
-        read_safetensors(directory),
+        safetensors_tensors(directory),
         config,
         "hf",
         lambda place, w: families.to_ours(place, w, out_in=place.module.kind == "linear"),
         prefix=families.family(config).hf_optional_prefix,
     )
-    named.update(zeros)  # build_params empties it, freeing each host array once converted
-    return config, build_params(named, unmatched, config, str(directory))
+    return config, named | zeros, unmatched
