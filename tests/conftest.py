@@ -1,13 +1,6 @@
 """Fixtures shared by the training-pipeline tests (tiny model, tiny data, compile cache)."""
 
-import os
-
 import pytest
-
-# The suite runs on the CPU backend. The test install has libtpu (the [tpu-plan] extra, for
-# the TPU-compiler plan tests), and JAX would otherwise try to start a TPU client on
-# machines that have no TPU; processes the tests start inherit this.
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import train_fixtures as tf
 

@@ -13,7 +13,7 @@ from flax import traverse_util
 import models
 from models.hf_export import save_hf
 from train import export
-from train.config import ConfigError, ModelConfig
+from train.config import ConfigError, ModelConfig, RunConfig
 from train.run import train
 from train.setup import load_model
 
@@ -70,4 +70,4 @@ def test_add_biases_is_refused_for_gpt2(tmp_path):
     shapes = jax.eval_shape(lambda: models.init_params(config, jax.random.key(0)))
     directory = save_hf(tmp_path, config, jax.tree.map(lambda s: jnp.zeros(s.shape), shapes))
     with pytest.raises(ConfigError, match="remove model.add_biases"):
-        load_model(ModelConfig(name=str(directory), add_biases=True))
+        load_model(RunConfig(model=ModelConfig(name=str(directory), add_biases=True)))

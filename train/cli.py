@@ -2,6 +2,7 @@
 
     lora-jax train CONFIG [key=value ...] [--force-resume] [--fresh] [--stop-after N]
                           [--coordinator HOST:PORT --num-processes N --process-id I]
+    lora-jax plan CONFIG [key=value ...] (--topology NAME | --devices N) [--search] [--json OUT]
     lora-jax merge | export | import-peft ...     (train/export.py)
     lora-jax eval | experiment ...                (the E2E study, studies/e2e/)
 
@@ -68,7 +69,7 @@ def initialize_distributed(args: argparse.Namespace) -> None:
     )
 
 
-def _train_arguments(parser: argparse.ArgumentParser) -> None:
+def _config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML run config, e.g. configs/e2e_lora.yaml")
     parser.add_argument(
         "overrides",
@@ -76,6 +77,10 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="key=value",
         help="dotted overrides, e.g. lora.rank=4 data.path=/x.csv",
     )
+
+
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    _config_arguments(parser)
     parser.add_argument(
         "--force-resume",
         action="store_true",
@@ -151,6 +156,24 @@ def _export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", required=True, choices=["peft"])
 
 
+def _plan_arguments(parser: argparse.ArgumentParser) -> None:
+    _config_arguments(parser)
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument(
+        "--topology",
+        metavar="NAME",
+        help="a TPU slice as jax.experimental.topologies names it: v5e:16x16, v5p:4x4x8, v6e:8x8",
+    )
+    target.add_argument("--devices", type=int, metavar="N", help="N host CPU devices")
+    parser.add_argument(
+        "--search",
+        action="store_true",
+        help="also compile meshes, sharding policies, remat and micro-batching; rank those "
+        "that fit",
+    )
+    parser.add_argument("--json", metavar="OUT", help="write the plans as JSON (a new file)")
+
+
 def _import_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("peft_dir", metavar="PEFT_DIR")
     parser.add_argument("--model", required=True, help="the base: a preset or checkpoint path")
@@ -171,6 +194,12 @@ COMMANDS: dict[str, Command] = {
     ),
     "export": Command(
         "export an adapter in another format (peft)", _export_arguments, "train.export:run_export"
+    ),
+    "plan": Command(
+        "compile the train step for a TPU slice or N devices, without weights: memory, "
+        "FLOPs, collectives, step-time bound per device",
+        _plan_arguments,
+        "train.plan:run_command",
     ),
     "import-peft": Command(
         "convert a PEFT LoRA adapter into a lora-jax adapter directory",
@@ -228,7 +257,13 @@ def is_user_error(error: BaseException) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lora-jax`` console script; returns the exit status."""
-    args = parser().parse_args(argv)
+    top = parser()
+    args, extra = top.parse_known_args(argv)
+    # key=value overrides may also follow the flags (argparse stops a positional list there)
+    if extra and hasattr(args, "overrides") and all("=" in x and x[0] != "-" for x in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        top.error(f"unrecognized arguments: {' '.join(extra)}")
     if hasattr(sys.stdout, "reconfigure"):  # progress reaches a log file as it happens
         sys.stdout.reconfigure(line_buffering=True)
     try:

@@ -66,7 +66,10 @@ class ModelConfig:
 
     name: str = "smollm2-135m"  # a preset name or a path understood by models.load
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype
-    param_dtype: Literal["float32", "bfloat16"] = "float32"  # stored parameter dtype
+    # stored parameter dtype of the base; "auto": bfloat16 for a base of >= 1B parameters
+    # that the method freezes (LoRA, BitFit: its factors, biases and optimizer state stay
+    # float32), float32 otherwise (full fine-tuning keeps float32 master weights)
+    param_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     scan_layers: bool = False  # one scanned layer body instead of unrolled layers
     # what each layer keeps for the backward pass (models.REMAT_POLICIES): "dots" keeps the
     # matmul outputs and recomputes the elementwise rest, "full" keeps only the layer's
@@ -137,11 +140,17 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh axis sizes; exactly one axis may be -1, meaning "all remaining devices"."""
+    """Device mesh axis sizes (exactly one may be -1, meaning "all remaining devices") and
+    how the parameters lie on it (train/mesh.py ``BASE_RULES``)."""
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    # the base weights: "fsdp" shards their embed axis over fsdp and heads/MLP/vocabulary
+    # over tensor; "tensor" the latter only; "replicated": a whole copy on every device
+    base: Literal["fsdp", "tensor", "replicated"] = "fsdp"
+    # LoRA factors: "inherit" the sharding of the weight they adapt, or "replicated"
+    factors: Literal["inherit", "replicated"] = "inherit"
 
 
 @dataclass(frozen=True)
@@ -185,7 +194,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _check_bounds(self, "")
-        axes = dataclasses.asdict(self.mesh)
+        axes = {k: getattr(self.mesh, k) for k in ("data", "fsdp", "tensor")}
         bad = {k: v for k, v in axes.items() if v != -1 and v < 1}
         if bad:
             raise ConfigError(

@@ -10,10 +10,14 @@ The device mesh has three named axes, sized by ``mesh`` in the config:
 ``tensor``
     Megatron-style model parallelism over heads, MLP width and vocabulary.
 
-The model names every parameter axis (``models.logical_axes``); :data:`LOGICAL_RULES`
-maps those names onto mesh axes. LoRA factors follow the weight they adapt
-(``lj.partition_specs``: A takes the kernel's input axes, B its output axes, the
-rank is replicated), the optimizer state follows the parameter it belongs to
+The model names every parameter axis (``models.logical_axes``); the base policy
+(``mesh.base``, :data:`BASE_RULES`) maps those names onto mesh axes: ``fsdp`` (the
+default) as above, ``tensor`` (no ``embed`` sharding: each weight is split over
+``tensor`` only and whole along ``fsdp``), or ``replicated``. LoRA factors
+(``mesh.factors``) either ``inherit`` the weight's sharding (``lj.partition_specs``: A
+takes the kernel's input axes, B its output axes, the rank is replicated) or are
+``replicated``: a few small tensors that are then never gathered, which MaxText and
+torchtitan chose. The optimizer state follows the parameter it belongs to
 (:func:`state_shardings`), and a batch ``[rows, L]`` (``[micro, rows, L]`` with
 gradient accumulation) is split over ``data`` x ``fsdp`` along its rows.
 :func:`place` and :func:`put_batch` put host arrays onto the mesh.
@@ -47,6 +51,12 @@ LOGICAL_RULES: dict[str, str | None] = {
     "kv_heads": "tensor",
     "mlp": "tensor",
     "layers": None,  # the stacked axis of scanned layers
+}
+# mesh.base -> the rules of the base weights (and of factors that inherit them)
+BASE_RULES: dict[str, dict[str, str | None]] = {
+    "fsdp": LOGICAL_RULES,
+    "tensor": {**LOGICAL_RULES, "embed": None},
+    "replicated": {},
 }
 
 
@@ -88,8 +98,14 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
     return Mesh(grid, AXES)
 
 
-def spec_for(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
-    """The PartitionSpec of an array of ``shape`` whose axes carry logical ``names``.
+def spec_for(
+    names: Sequence[str | None],
+    shape: Sequence[int],
+    mesh: Mesh,
+    rules: Mapping[str, str | None] = LOGICAL_RULES,
+) -> PartitionSpec:
+    """The PartitionSpec of an array of ``shape`` whose axes carry logical ``names``,
+    mapped by ``rules``.
 
     A mesh axis is dropped (that dimension replicated) when it does not divide the
     dimension or is already used by an earlier dimension.
@@ -101,7 +117,7 @@ def spec_for(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P
     used: set[str] = set()
     spec = []
     for name, size in zip(names, shape, strict=True):
-        axis = LOGICAL_RULES.get(name) if name is not None else None
+        axis = rules.get(name) if name is not None else None
         if axis is None or axis in used or size % mesh.shape[axis]:
             spec.append(None)
             continue
@@ -110,19 +126,28 @@ def spec_for(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> P
     return PartitionSpec(*spec)
 
 
-def param_shardings(logical_axes: Any, params: Any, mesh: Mesh) -> Any:
-    """NamedShardings for ``params`` (base or adapted tree) from the base's logical names.
+def param_shardings(
+    logical_axes: Any, params: Any, mesh: Mesh, base: str = "fsdp", factors: str = "inherit"
+) -> Any:
+    """NamedShardings for ``params`` (base or adapted tree) from the base's logical names,
+    under the ``base`` and ``factors`` policies (``mesh.base``, ``mesh.factors``).
 
     ``logical_axes`` is ``models.logical_axes(model)``, shaped like the *base* params;
-    LoRA leaves of ``params`` get their specs from ``lj.partition_specs``.
+    the leaves ``params`` adds (LoRA factors, scales, bias deltas) get their names from
+    ``lj.partition_specs``.
     """
-    names = lj.partition_specs(logical_axes, params)
-    return jax.tree.map(
-        lambda n, x: NamedSharding(mesh, spec_for(n, x.shape, mesh)),
-        names,
-        params,
-        is_leaf=lambda n: isinstance(n, tuple),
-    )
+    base_rules = BASE_RULES[base]
+    added_rules = base_rules if factors == "inherit" else {}
+    base_paths = set(lj.flatten_paths(logical_axes))
+    names = lj.flatten_paths(lj.partition_specs(logical_axes, params))
+    shardings = {
+        path: NamedSharding(
+            mesh,
+            spec_for(names[path], x.shape, mesh, base_rules if path in base_paths else added_rules),
+        )
+        for path, x in lj.flatten_paths(params).items()
+    }
+    return lj.unflatten_paths(shardings, like=params)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -29,6 +29,7 @@ that every LoRA factor fits its weight.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -38,7 +39,7 @@ import jax.numpy as jnp
 
 import lora_jax as lj
 import models
-from train.config import ADDED_BIASES, ConfigError, LoraSection, ModelConfig, RunConfig
+from train.config import ADDED_BIASES, ConfigError, LoraSection, RunConfig
 
 TARGETS_EXAMPLE = "lora.targets=['.*/(q_proj|v_proj)/kernel']"
 
@@ -55,16 +56,36 @@ def lora_config(section: LoraSection) -> lj.LoraConfig:
     return lj.LoraConfig(**dataclasses.asdict(section))
 
 
-def model_options(cfg: ModelConfig) -> dict[str, Any]:
+FROZEN_BF16_AT = 10**9  # base parameters from which "auto" stores a frozen base in bfloat16
+
+
+def model_options(cfg: RunConfig) -> dict[str, Any]:
     """The ``models.load`` / ``models.abstract_load`` options of a config's ``model`` section:
-    numerics, layer scan, remat and the biases ``model.add_biases`` adds."""
+    numerics (``param_dtype="auto"`` resolved by :func:`resolve`), layer scan, remat and
+    the biases ``model.add_biases`` adds."""
+    model = resolve(cfg).model
     return dict(
-        dtype=cfg.dtype,
-        param_dtype=cfg.param_dtype,
-        scan_layers=cfg.scan_layers,
-        remat_policy=cfg.remat,
-        **(ADDED_BIASES if cfg.add_biases else {}),
+        dtype=model.dtype,
+        param_dtype=model.param_dtype,
+        scan_layers=model.scan_layers,
+        remat_policy=model.remat,
+        **(ADDED_BIASES if model.add_biases else {}),
     )
+
+
+def resolve(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with ``model.param_dtype="auto"`` made concrete: bfloat16 when the method
+    freezes the base (lora, bitfit) and the base has >= 1B parameters (its factors, biases
+    and optimizer state stay float32: ``lj.init`` makes factors float32), else float32.
+    Only the model's config is read (``models.abstract_load``) to count its parameters."""
+    if cfg.model.param_dtype != "auto":
+        return cfg
+    dtype = "float32"
+    if cfg.method != "full":
+        _, shapes = models.abstract_load(cfg.model.name, scan_layers=cfg.model.scan_layers)
+        if sum(math.prod(x.shape) for x in jax.tree.leaves(shapes)) >= FROZEN_BF16_AT:
+            dtype = "bfloat16"
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, param_dtype=dtype))
 
 
 def check_targets(cfg: RunConfig) -> None:
@@ -96,7 +117,7 @@ def check_targets(cfg: RunConfig) -> None:
         config = lora_config(lora)
     except ValueError as e:
         raise ConfigError(f"lora: {_one_line(e)}") from None
-    _, shapes = models.abstract_load(cfg.model.name, **model_options(cfg.model))
+    _, shapes = models.abstract_load(cfg.model.name, **model_options(cfg))
     weights = [
         path
         for path, leaf in lj.flatten_paths(shapes).items()

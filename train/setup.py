@@ -25,7 +25,7 @@ import models
 from train import mesh as mesh_lib
 from train import method as method_lib
 from train.batching import START, DataPosition, TrainBatches
-from train.config import ConfigError, ModelConfig, RunConfig
+from train.config import ConfigError, RunConfig
 from train.data import Splits, build_splits, train_batches, validation_batches
 from train.evaluate import evaluate
 from train.optim import optimizer, schedule, total_steps
@@ -115,58 +115,60 @@ def config_dict(cfg: RunConfig) -> dict[str, Any]:
     return json.loads(json.dumps(OmegaConf.to_container(OmegaConf.structured(cfg))))
 
 
-def load_model(cfg: ModelConfig) -> tuple[models.Decoder, Any, Tokenizer]:
-    """``models.load`` with the config's options (train/method.py ``model_options``, as
-    ``check_targets`` reads them); the tokenizer must exist."""
-    model, params, tokenizer = models.load(cfg.name, **method_lib.model_options(cfg))
-    if cfg.add_biases and model.config.family != "llama":
+def load_model(cfg: RunConfig) -> tuple[models.Decoder, Any, Tokenizer]:
+    """``models.load`` of ``cfg.model`` with its options (train/method.py ``model_options``,
+    as ``check_targets`` reads them); the tokenizer must exist."""
+    model, params, tokenizer = models.load(cfg.model.name, **method_lib.model_options(cfg))
+    if cfg.model.add_biases and model.config.family != "llama":
         raise ConfigError(
             f"model.add_biases=true adds biases to a bias-free Llama model, but "
-            f"{cfg.name!r} is {model.config.family}, which has biases on every "
+            f"{cfg.model.name!r} is {model.config.family}, which has biases on every "
             f"projection already; remove model.add_biases"
         )
     if tokenizer is None:
         raise ConfigError(
-            f"model {cfg.name!r} ships no tokenizer (tokenizer.json); add one to "
+            f"model {cfg.model.name!r} ships no tokenizer (tokenizer.json); add one to "
             f"the checkpoint directory"
         )
     return model, params, tokenizer
 
 
-def setup(cfg: RunConfig, log: Callable[[str], None] = print) -> Setup:
-    """Load, split, place and compile; nothing is written."""
-    mesh = mesh_lib.make_mesh(cfg.mesh)
-    mesh_lib.check_batch_fits(cfg.data.batch_size, mesh)
-    model, base, tokenizer = load_model(cfg.model)
-    splits = build_splits(cfg.data, tokenizer, cfg.seed, model.config.eos_token_id)
-    log(f"data: {splits.report.summary()}")
+@dataclass(frozen=True)
+class Steps:
+    """The jitted steps of a run and the shardings they take and give (:func:`build_steps`)."""
 
-    init_key, dropout_key = jax.random.split(jax.random.key(cfg.seed))
-    params, mask = method_lib.prepare(cfg.method, base, cfg.lora, init_key)
-    shardings = mesh_lib.param_shardings(models.logical_axes(model), params, mesh)
-    frozen, trainable = lj.split(mesh_lib.place(params, shardings), mask)
-    frozen_sh, trainable_sh = lj.split(shardings, mask)
-    n_trainable, n_all = _size(trainable), _size(params)
-    log(
-        f"method {cfg.method}: {n_trainable:,} trainable of {n_all:,} parameters "
-        f"({100 * n_trainable / n_all:.3f}%); mesh {dict(mesh.shape)}"
+    tx: optax.GradientTransformation  # the optimizer of the trainable half
+    shardings: Any  # of the params trained from (base, or adapted for LoRA)
+    frozen: Any  # shardings of the frozen half
+    trainable: Any  # shardings of the trainable half
+    state: Any  # shardings of the train state (train/mesh.py ``state_shardings``)
+    train: Any  # jitted train_step(state, frozen, batches_KxBxL) -> (state, metrics)
+    eval: Any  # jitted eval_step(trainable, frozen, batch_BxL) -> (loss sum, targets)
+
+
+def build_steps(
+    cfg: RunConfig, model: models.Decoder, params: Any, mask: Any, mesh: Mesh, steps: int
+) -> Steps:
+    """The train and eval steps of ``cfg``, jitted with every sharding from train/mesh.py.
+
+    ``params`` (arrays or ``jax.ShapeDtypeStruct``s: only shapes are read) is the tree
+    trained from and ``mask`` its trainable mask (train/method.py ``prepare``); ``steps``,
+    the updates of the whole run, shapes the learning-rate schedule. ``lora-jax train``
+    runs these steps and ``lora-jax plan`` compiles them (train/plan.py).
+    """
+    shardings = mesh_lib.param_shardings(
+        models.logical_axes(model), params, mesh, cfg.mesh.base, cfg.mesh.factors
     )
-
-    batches_per_epoch = train_batches(splits, cfg.data, seed=cfg.seed).steps_in_epoch(0)
-    steps = total_steps(cfg.optim, batches_per_epoch)
+    frozen_sh, trainable_sh = lj.split(shardings, mask)
+    trainable = lj.split(params, mask)[1]
     # the method's mask selects every leaf of the trainable half (train/method.py MASKS)
     tx = lj.optimizer(optimizer(cfg.optim, steps), trainable, method_lib.MASKS[cfg.method])
     state_sh = mesh_lib.state_shardings(tx, trainable, trainable_sh, mesh)
-    state = jax.jit(lambda p, key: init_state(p, tx, key), out_shardings=state_sh)(
-        trainable, dropout_key
-    )
-
     forward = method_lib.forward(cfg.method, model.apply, cfg.lora.dropout)
     replicated = mesh_lib.replicated(mesh)
-    batch_sh = mesh_lib.batch_sharding(mesh, 3)
-    step_fn = jax.jit(
+    train_fn = jax.jit(
         train_step(forward, tx, cfg.optim.label_smoothing),
-        in_shardings=(state_sh, frozen_sh, batch_sh),
+        in_shardings=(state_sh, frozen_sh, mesh_lib.batch_sharding(mesh, 3)),
         out_shardings=(state_sh, replicated),
         donate_argnums=(0,),
     )
@@ -175,6 +177,44 @@ def setup(cfg: RunConfig, log: Callable[[str], None] = print) -> Setup:
         in_shardings=(trainable_sh, frozen_sh, mesh_lib.batch_sharding(mesh, 2)),
         out_shardings=replicated,
     )
+    return Steps(tx, shardings, frozen_sh, trainable_sh, state_sh, train_fn, eval_fn)
+
+
+def setup(cfg: RunConfig, log: Callable[[str], None] = print) -> Setup:
+    """Load, split, place and compile; nothing is written. ``cfg.model.param_dtype="auto"``
+    is resolved (train/method.py ``resolve``): ``Setup.cfg`` says what was loaded."""
+    cfg = method_lib.resolve(cfg)
+    mesh = mesh_lib.make_mesh(cfg.mesh)
+    mesh_lib.check_batch_fits(cfg.data.batch_size, mesh)
+    model, base, tokenizer = load_model(cfg)
+    splits = build_splits(cfg.data, tokenizer, cfg.seed, model.config.eos_token_id)
+    log(f"data: {splits.report.summary()}")
+
+    init_key, dropout_key = jax.random.split(jax.random.key(cfg.seed))
+    params, mask = method_lib.prepare(cfg.method, base, cfg.lora, init_key)
+    batches_per_epoch = train_batches(splits, cfg.data, seed=cfg.seed).steps_in_epoch(0)
+    steps = total_steps(cfg.optim, batches_per_epoch)
+    compiled = build_steps(cfg, model, params, mask, mesh, steps)
+    frozen, trainable = lj.split(mesh_lib.place(params, compiled.shardings), mask)
+    n_trainable, n_all = _size(trainable), _size(params)
+    log(
+        f"method {cfg.method}: {n_trainable:,} trainable of {n_all:,} parameters "
+        f"({100 * n_trainable / n_all:.3f}%); mesh {dict(mesh.shape)}"
+    )
+    state = jax.jit(lambda p, key: init_state(p, compiled.tx, key), out_shardings=compiled.state)(
+        trainable, dropout_key
+    )
     return Setup(
-        cfg, model, tokenizer, splits, mesh, base, mask, frozen, state, steps, step_fn, eval_fn
+        cfg,
+        model,
+        tokenizer,
+        splits,
+        mesh,
+        base,
+        mask,
+        frozen,
+        state,
+        steps,
+        compiled.train,
+        compiled.eval,
     )

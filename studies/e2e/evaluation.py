@@ -118,7 +118,7 @@ def load_target(target: str | Path) -> Target:
     path = Path(target).expanduser()
     if path.suffix in CONFIG_SUFFIXES:
         cfg = load_config(path)
-        model, params, tokenizer = load_model(cfg.model)
+        model, params, tokenizer = load_model(cfg)
         return Target(model, params, tokenizer, cfg.data.eos_token, f"base model {cfg.model.name}")
     try:
         adapter = adapter_dir(path)
