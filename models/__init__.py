@@ -5,6 +5,8 @@ tokenizers and generation.
     logits = model.apply({"params": params}, token_ids)            # (B, L) int32 -> (B, L, V) f32
     new_ids = models.generate(model, params, prompt_ids, max_new_tokens=20)
     model, shapes = models.abstract_load("smollm2-135m")  # params as ShapeDtypeStructs; reads no weight
+    model, params, tokenizer = models.load(path, shardings=lambda model, shapes: tree_of_shardings)
+    # params: global jax.Arrays; each process reads only the blocks its devices hold
 """
 
 from models.config import PRESETS, REMAT_POLICIES, ModelConfig, get_config, with_options
