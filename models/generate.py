@@ -60,6 +60,7 @@ def generate(
     no_repeat_ngram_size: int = 0,
     rng: jax.Array | None = None,
     apply_fn: Callable[..., Any] | None = None,
+    adapter_ids: Any = None,
 ) -> jax.Array:
     """Generate up to `max_new_tokens` tokens after each prompt; returns int32 (B, N).
 
@@ -74,7 +75,11 @@ def generate(
       sum(log p) / generated_length ** length_penalty, and the best one is returned.
     no_repeat_ngram_size: bans tokens that would repeat an n-gram of prompt + output.
     apply_fn: called like `model.apply` (default). When `params` hold LoRA factors
-      (`lj.trainable_mask` finds factors) it is wrapped with `lora_jax.apply`.
+      (`lj.trainable_mask` finds factors) or an adapter bank (`lj.stack`) it is wrapped with
+      `lora_jax.apply`.
+    adapter_ids: int (B,), with a bank in `params`: prompt b decodes with slot
+      adapter_ids[b] (-1: the base alone); each of its beams keeps that slot. Swapping
+      adapters into the bank (`lj.put`) does not recompile.
     """
     cfg = model.config
     prompt_BxP = jnp.asarray(prompt_ids, jnp.int32)
@@ -116,11 +121,18 @@ def generate(
             ]
         )
     )
+    if (adapter_ids is None) == lj.has_bank(params):
+        raise ValueError(
+            "adapter_ids go with params that hold an adapter bank (lj.stack): give both or neither"
+        )
+    ids_B = None if adapter_ids is None else jnp.asarray(adapter_ids, jnp.int32)
+    if ids_B is not None and ids_B.shape != (B,):
+        raise ValueError(f"adapter_ids shape {ids_B.shape} != (batch,) = {(B,)}: one per prompt")
     apply_fn = apply_fn or model.apply
-    if has_lora(params):
+    if has_lora(params) or ids_B is not None:
         apply_fn = _with_lora(apply_fn)
     rng = jax.random.key(0) if rng is None else rng
-    return _generate(model, apply_fn, settings, knobs, params, prompt_BxP, mask_BxP, rng)
+    return _generate(model, apply_fn, settings, knobs, params, prompt_BxP, mask_BxP, rng, ids_B)
 
 
 def has_lora(params: Any) -> bool:
@@ -136,16 +148,18 @@ def _with_lora(apply_fn: Callable[..., Any]) -> Callable[..., Any]:
 
 @functools.partial(jax.jit, static_argnames=("model", "apply_fn", "settings"))
 def _generate(
-    model, apply_fn, settings: _Settings, knobs: _Knobs, params, prompt_BxP, mask_BxP, rng
+    model, apply_fn, settings: _Settings, knobs: _Knobs, params, prompt_BxP, mask_BxP, rng, ids_B
 ):
     B, P = prompt_BxP.shape
     K, N = settings.num_beams, settings.max_new_tokens
     prompt_BxP, mask_BxP = _left_align(prompt_BxP, mask_BxP)
     positions_BxP = jnp.maximum(jnp.cumsum(mask_BxP, axis=1) - 1, 0)
-    # Beams start as K copies of each prompt: rows b*K .. b*K+K-1.
+    # Beams start as K copies of each prompt: rows b*K .. b*K+K-1; beam search reorders
+    # rows within a prompt's K only, so each row keeps its prompt's adapter.
     prompt_RxP, mask_RxP, positions_RxP = (
         jnp.repeat(x, K, axis=0) for x in (prompt_BxP, mask_BxP, positions_BxP)
     )
+    adapter = {} if ids_B is None else {"adapter_ids": jnp.repeat(ids_B, K)}
 
     def step(cache, ids_RxL, mask_RxL, positions_RxL):
         logits_RxLxV, variables = apply_fn(
@@ -155,6 +169,7 @@ def _generate(
             positions_RxL,
             decode=True,
             mutable=["cache"],
+            **adapter,
         )
         return logits_RxLxV[:, -1], variables["cache"]
 
