@@ -18,7 +18,7 @@ from models import families
 from models.config import ModelConfig, with_options
 from models.decoder import Decoder, abstract_variables
 from models.loaders.arrays import default_sharding, global_array
-from models.loaders.lazy import LazyTensor, stack
+from models.loaders.lazy import LazyTensor, stack, zeros
 
 
 class ModelFileError(ValueError):
@@ -80,7 +80,7 @@ def expected_shapes(config: ModelConfig) -> Mapping[str, tuple[int, ...]]:
 
 def configure(
     checkpoint: ModelConfig, options: dict[str, Any], source: str
-) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+) -> tuple[ModelConfig, dict[str, LazyTensor]]:
     """(the checkpoint's own config with `options` applied, {name: zeros} of the biases they add).
 
     `attention_bias` / `mlp_bias` options may give a Llama checkpoint biases it lacks: the
@@ -100,9 +100,7 @@ def configure(
         return config, {}
     present = expected_shapes(with_options(config, **{f: getattr(checkpoint, f) for f in flags}))
     return config, {
-        name: np.zeros(shape, np.float32)
-        for name, shape in expected_shapes(config).items()
-        if name not in present
+        name: zeros(shape) for name, shape in expected_shapes(config).items() if name not in present
     }
 
 

@@ -63,7 +63,7 @@ def _read(file: Path, name: str, indices: tuple[np.ndarray, ...]) -> np.ndarray:
 
 def _configure(
     directory: Path, options: dict[str, Any]
-) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+) -> tuple[ModelConfig, dict[str, LazyTensor]]:
     config_file = directory / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{directory} has no config.json; is it a Hugging Face checkpoint?")

@@ -81,6 +81,11 @@ def stack(tensors: Sequence[LazyTensor]) -> LazyTensor:
     return LazyTensor.of(shape, read)
 
 
+def zeros(shape: Sequence[int]) -> LazyTensor:
+    """float32 zeros of `shape`; only the blocks read are made."""
+    return LazyTensor.of(shape, lambda indices: np.zeros([len(i) for i in indices], np.float32))
+
+
 def bounds(indices: tuple[np.ndarray, ...]) -> tuple[slice, ...]:
     """The smallest box of slices that holds `indices` (one int array per axis)."""
     return tuple(slice(int(i.min()), int(i.max()) + 1) for i in indices)
