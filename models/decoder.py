@@ -12,6 +12,13 @@ from models.attention import Visibility, visibility
 from models.config import REMAT_POLICIES, ModelConfig
 from models.layers import MLP, Attention, dense, embed, norm
 
+# Logical axis names of the activations that the decoder constrains (the residual stream
+# at each layer's input and the logits): a caller that sets flax's logical axis rules and a
+# mesh (train/mesh.py ``ACTIVATION_RULES``) pins how they are split; without rules the
+# constraints are no-ops.
+RESIDUAL_AXES = ("activation_batch", "activation_length", "activation_embed")
+LOGITS_AXES = ("activation_batch", "activation_length", "activation_vocab")
+
 
 class DecoderLayer(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then + mlp(norm(.)). Returns (x_BxLxD, None) for nn.scan."""
@@ -21,6 +28,7 @@ class DecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x_BxLxD, visible, positions_BxL, cache_offset, decode: bool):
         cfg = self.config
+        x_BxLxD = nn.with_logical_constraint(x_BxLxD, RESIDUAL_AXES)
         h_BxLxD = norm(cfg, "input_layernorm")(x_BxLxD)
         x_BxLxD = x_BxLxD + Attention(cfg, name="self_attn")(
             h_BxLxD, visible, positions_BxL, cache_offset, decode
@@ -93,12 +101,12 @@ class Decoder(nn.Module):
                     x_BxLxD, visible, positions_BxL, cache_offset, decode
                 )
 
-        x_BxLxD = norm(cfg, "norm")(x_BxLxD)
+        x_BxLxD = norm(cfg, "norm")(nn.with_logical_constraint(x_BxLxD, RESIDUAL_AXES))
         if cfg.tie_word_embeddings:
             logits_BxLxV = embed_tokens.attend(x_BxLxD)
         else:
             logits_BxLxV = dense(cfg, cfg.vocab_size, ("embed", "vocab"), "lm_head")(x_BxLxD)
-        return logits_BxLxV.astype(jnp.float32)
+        return nn.with_logical_constraint(logits_BxLxV.astype(jnp.float32), LOGITS_AXES)
 
     @staticmethod
     def _visibility(

@@ -76,6 +76,9 @@ class ModelConfig:
     # input, "none" keeps everything. "dots" is the default: on SmolLM2-135M (8×128, CPU,
     # scanned layers) its step is ~5% faster and its XLA peak ~35% lower than "none".
     remat: Literal["none", "dots", "dots_no_batch", "full"] = "dots"
+    # the attention kernel (models/attention.py): "chunked" (flash-style, no L x L scores)
+    # from 1024 x 1024 query-key pairs on, "reference" below; or either, forced
+    attention: Literal["auto", "reference", "chunked"] = "auto"
     # zero-initialised biases on every attention and MLP projection of a bias-free (Llama)
     # model, i.e. HF attention_bias=mlp_bias=True; the model computes the same function;
     # BitFit needs it on Llama

@@ -29,12 +29,13 @@ dimension is replicated instead), so odd sizes work on any mesh, only less shard
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 import optax
+from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import lora_jax as lj
@@ -52,6 +53,16 @@ LOGICAL_RULES: dict[str, str | None] = {
     "mlp": "tensor",
     "layers": None,  # the stacked axis of scanned layers
 }
+# flax logical axis rules of the activations the decoder constrains (models/decoder.py
+# RESIDUAL_AXES, LOGITS_AXES): rows over data x fsdp, the vocabulary over tensor. Pinning
+# them keeps XLA from splitting a matmul along the fsdp-sharded contraction instead (it
+# would then hold every row's [L, V] logits on each device).
+ACTIVATION_RULES = (
+    ("activation_batch", BATCH_AXES),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_vocab", "tensor"),
+)
 # mesh.base -> the rules of the base weights (and of factors that inherit them)
 BASE_RULES: dict[str, dict[str, str | None]] = {
     "fsdp": LOGICAL_RULES,
@@ -148,6 +159,19 @@ def param_shardings(
         for path, x in lj.flatten_paths(params).items()
     }
     return lj.unflatten_paths(shardings, like=params)
+
+
+def with_activation_rules(forward: Callable[..., Any], mesh: Mesh) -> Callable[..., Any]:
+    """``forward`` traced with :data:`ACTIVATION_RULES` on ``mesh`` in force."""
+
+    def constrained(*args: Any, **kwargs: Any) -> Any:
+        with (
+            jax.sharding.use_abstract_mesh(mesh.abstract_mesh),
+            nn.logical_axis_rules(ACTIVATION_RULES),
+        ):
+            return forward(*args, **kwargs)
+
+    return constrained
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

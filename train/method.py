@@ -61,14 +61,15 @@ FROZEN_BF16_AT = 10**9  # base parameters from which "auto" stores a frozen base
 
 def model_options(cfg: RunConfig) -> dict[str, Any]:
     """The ``models.load`` / ``models.abstract_load`` options of a config's ``model`` section:
-    numerics (``param_dtype="auto"`` resolved by :func:`resolve`), layer scan, remat and
-    the biases ``model.add_biases`` adds."""
+    numerics (``param_dtype="auto"`` resolved by :func:`resolve`), layer scan, remat, the
+    attention kernel and the biases ``model.add_biases`` adds."""
     model = resolve(cfg).model
     return dict(
         dtype=model.dtype,
         param_dtype=model.param_dtype,
         scan_layers=model.scan_layers,
         remat_policy=model.remat,
+        attention=model.attention,
         **(ADDED_BIASES if model.add_biases else {}),
     )
 

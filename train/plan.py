@@ -87,6 +87,8 @@ def tpu_target(topology: str) -> Target:
     from jax.experimental import topologies
 
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server off a TPU VM
+    # compiling holds no chip, so other processes may use libtpu at the same time
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         description = topologies.get_topology_desc(
             platform="tpu",
@@ -135,7 +137,7 @@ def target_mesh(cfg: RunConfig, target: Target) -> Mesh:
     if target.chip is not None:
         from jax.experimental import mesh_utils
 
-        grid = mesh_utils.create_device_mesh(shape, target.devices)
+        grid = mesh_utils.create_device_mesh(shape, target.devices, allow_split_physical_axes=True)
     else:
         grid = np.asarray(target.devices, dtype=object).reshape(shape)
     return Mesh(grid, mesh_lib.AXES)

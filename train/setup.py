@@ -164,7 +164,9 @@ def build_steps(
     # the method's mask selects every leaf of the trainable half (train/method.py MASKS)
     tx = lj.optimizer(optimizer(cfg.optim, steps), trainable, method_lib.MASKS[cfg.method])
     state_sh = mesh_lib.state_shardings(tx, trainable, trainable_sh, mesh)
-    forward = method_lib.forward(cfg.method, model.apply, cfg.lora.dropout)
+    forward = mesh_lib.with_activation_rules(
+        method_lib.forward(cfg.method, model.apply, cfg.lora.dropout), mesh
+    )
     replicated = mesh_lib.replicated(mesh)
     train_fn = jax.jit(
         train_step(forward, tx, cfg.optim.label_smoothing),
