@@ -110,6 +110,8 @@ def unpermute_rope_rows(w_OxI: np.ndarray, num_heads: int) -> np.ndarray:
     """Undo llama.cpp's Q/K row permutation (interleaved RoPE -> Hugging Face rotate-half).
 
     llama.cpp stores rows of head h as (head_dim/2, 2) pairs; Hugging Face as (2, head_dim/2).
+    Only the first axis moves: given the row numbers `np.arange(O)`, it returns which stored
+    row each Hugging Face row is (how loading reads a block of rows without the rest).
     """
     O, *rest = w_OxI.shape
     return (
