@@ -166,7 +166,11 @@ def bias_mask(params: Any) -> Any:
 
 
 def optimizer(
-    tx: optax.GradientTransformation, params: Any, mask: Mask | None = None
+    tx: optax.GradientTransformation,
+    params: Any,
+    mask: Mask | None = None,
+    *,
+    loraplus_lr_ratio: float | None = None,
 ) -> optax.GradientTransformation:
     """Wraps `tx` so that only trainable leaves are updated and hold state.
 
@@ -176,6 +180,13 @@ def optimizer(
     as in `split` (default: `trainable_mask`); on the trainable half of another
     mask, give the same mask function (e.g. `bias_mask`), which selects every
     leaf of it.
+
+    With `loraplus_lr_ratio` λ (LoRA+, Hayou et al. 2024, PEFT's
+    ``create_loraplus_optimizer``), the updates of B — and, as PEFT groups them, of
+    the other one-axis trainables beside it: DoRA magnitudes and bias deltas — are
+    multiplied by λ after `tx`: B's learning rate is λ× A's for any `tx` whose update
+    is linear in its learning rate (every optax alias: sgd, adam, adamw, ...). One
+    `tx` serves all leaves, so a global-norm clip inside it still sees every gradient.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, lora_jax as lj
@@ -189,4 +200,15 @@ def optimizer(
     labels = _tree.map_with_path(
         lambda p, leaf: _tree.wrap_like(leaf, "trainable" if trains[p] else "frozen"), params
     )
-    return optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, labels)
+    masked = optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, labels)
+    if loraplus_lr_ratio is None:
+        return masked
+    if not loraplus_lr_ratio > 0:
+        raise ValueError(
+            f"lj.optimizer: loraplus_lr_ratio {loraplus_lr_ratio!r} must be positive; "
+            "LoRA+ uses ratios of 2 to 16 (B's learning rate over A's)."
+        )
+    faster = _tree.map_with_path(
+        lambda p, leaf: _tree.wrap_like(leaf, trains[p] and _tree.is_loraplus_b_leaf(p)), params
+    )
+    return optax.chain(masked, optax.masked(optax.scale(loraplus_lr_ratio), faster))

@@ -11,6 +11,7 @@ module, named after the weight (for a leaf ``kernel``)::
   kernel_lora_a      A, shape (*stack, *in_axes, r)      trainable
   kernel_lora_b      B, shape (*stack, r, *out_axes)     trainable
   kernel_lora_scale  s, shape (*stack,), float32         frozen
+  kernel_lora_magnitude  DoRA's m, shape (*stack, *out)  trainable (``use_dora``)
   bias_lora_delta    a bias update, the bias's shape     trainable
 
 so the tree describes itself: `lora_jax._layout.check_fits` reads the
@@ -35,8 +36,10 @@ A_SUFFIX = "_lora_a"
 B_SUFFIX = "_lora_b"
 SCALE_SUFFIX = "_lora_scale"
 DELTA_SUFFIX = "_lora_delta"
-LORA_SUFFIXES = (A_SUFFIX, B_SUFFIX, SCALE_SUFFIX, DELTA_SUFFIX)
-TRAINABLE_SUFFIXES = (A_SUFFIX, B_SUFFIX, DELTA_SUFFIX)
+MAGNITUDE_SUFFIX = "_lora_magnitude"
+LORA_SUFFIXES = (A_SUFFIX, B_SUFFIX, SCALE_SUFFIX, DELTA_SUFFIX, MAGNITUDE_SUFFIX)
+TRAINABLE_SUFFIXES = (A_SUFFIX, B_SUFFIX, DELTA_SUFFIX, MAGNITUDE_SUFFIX)
+LORAPLUS_B_SUFFIXES = (B_SUFFIX, DELTA_SUFFIX, MAGNITUDE_SUFFIX)
 
 
 def path_str(path: Path) -> str:
@@ -53,6 +56,12 @@ def is_lora_leaf(path: Path) -> bool:
 
 def is_trainable_leaf(path: Path) -> bool:
     return leaf_name(path).endswith(TRAINABLE_SUFFIXES)
+
+
+def is_loraplus_b_leaf(path: Path) -> bool:
+    """Whether LoRA+ gives the leaf B's learning rate: B itself and, as PEFT groups them,
+    the one-axis trainables (DoRA magnitudes, bias deltas)."""
+    return leaf_name(path).endswith(LORAPLUS_B_SUFFIXES)
 
 
 def sibling(path: Path, name: str) -> Path:
