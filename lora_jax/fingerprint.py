@@ -14,12 +14,20 @@ import numpy as np
 SAMPLES = 64
 
 
+def picks(size: int) -> np.ndarray:
+    """Flat indices of the sampled values of an array of `size` elements."""
+    return np.linspace(0, size - 1, min(size, SAMPLES)).astype(int)
+
+
 def update(digest: hashlib._Hash, name: str, array) -> None:
-    """Feeds `name` and `SAMPLES` evenly spaced values of `array` (as float32) into `digest`."""
+    """Feeds `name` and `SAMPLES` evenly spaced values of `array` (as float32) into `digest`.
+
+    `array` may also be those values already picked (``flat[picks(size)]``): picking from
+    at most `SAMPLES` values takes them all.
+    """
     values_N = np.asarray(array).reshape(-1)
-    picks = np.linspace(0, values_N.size - 1, min(values_N.size, SAMPLES)).astype(int)
     digest.update(name.encode())
-    digest.update(values_N[picks].astype(np.float32).tobytes())
+    digest.update(values_N[picks(values_N.size)].astype(np.float32).tobytes())
 
 
 def sha256(named_arrays) -> str:

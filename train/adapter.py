@@ -52,14 +52,25 @@ class AdapterError(UserError, ValueError):
 def fingerprint(base_params: Any) -> dict[str, Any]:
     """``{"leaves": {path: {"shape", "dtype"}}, "sample_sha256": hex}`` of a base tree.
 
-    The leaves must be addressable from this process (e.g. fresh from ``models.load``).
+    The leaves may be host arrays or global arrays spread over many processes: only the
+    sampled values (``lj_fingerprint.picks``) of each are gathered, never a whole leaf.
     """
     flat = sorted(lj.flatten_paths(base_params).items())
     leaves = {
-        path: {"shape": list(np.shape(leaf)), "dtype": str(np.asarray(leaf).dtype)}
+        path: {"shape": list(np.shape(leaf)), "dtype": str(np.dtype(leaf.dtype))}
         for path, leaf in flat
     }
-    return {"leaves": leaves, "sample_sha256": lj_fingerprint.sha256(flat)}
+    samples = [(path, _sampled(leaf)) for path, leaf in flat]
+    return {"leaves": leaves, "sample_sha256": lj_fingerprint.sha256(samples)}
+
+
+def _sampled(leaf: Any) -> np.ndarray:
+    """The fingerprint's sampled values of ``leaf``, on this host."""
+    if not isinstance(leaf, jax.Array) or leaf.is_fully_addressable:
+        return np.asarray(leaf)
+    picks = lj_fingerprint.picks(leaf.size)
+    replicated = jax.sharding.NamedSharding(leaf.sharding.mesh, jax.sharding.PartitionSpec())
+    return np.asarray(jax.jit(lambda x: x.reshape(-1)[picks], out_shardings=replicated)(leaf))
 
 
 def artifact(params: Any, trainable_mask: Any, base_params: Any) -> Any:

@@ -20,7 +20,8 @@ takes the kernel's input axes, B its output axes, the rank is replicated) or are
 torchtitan chose. The optimizer state follows the parameter it belongs to
 (:func:`state_shardings`), and a batch ``[rows, L]`` (``[micro, rows, L]`` with
 gradient accumulation) is split over ``data`` x ``fsdp`` along its rows.
-:func:`place` and :func:`put_batch` put host arrays onto the mesh.
+:func:`put_batch` puts a process's rows onto the mesh (the base is loaded onto it:
+train/setup.py).
 
 A mesh axis that does not divide a dimension is dropped for that dimension (the
 dimension is replicated instead), so odd sizes work on any mesh, only less sharded.
@@ -200,16 +201,6 @@ def state_shardings(
         "opt_state": opt_state,
         "rng": replicated(mesh),
     }
-
-
-def place(tree: Any, shardings: Any) -> Any:
-    """Host arrays -> global arrays with ``shardings`` (every process holds the same values)."""
-
-    def put(x, sharding):
-        host = np.asarray(x)
-        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-
-    return jax.tree.map(put, tree, shardings)
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

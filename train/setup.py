@@ -1,5 +1,6 @@
-"""What a run needs, built once: the model, the data, the trainable half placed on the
-mesh, the initial train state and the compiled steps (:func:`setup` -> :class:`Setup`).
+"""What a run needs, built once: the model (each process loading only its blocks of the
+base), the data, the params placed on the mesh, the initial train state and the compiled
+steps (:func:`setup` -> :class:`Setup`).
 
 Nothing here writes a file. ``jit`` happens here, with every sharding from train/mesh.py.
 """
@@ -41,7 +42,7 @@ class Setup:
     tokenizer: Tokenizer
     splits: Splits
     mesh: Mesh
-    base: Any  # the base params as loaded (host)
+    base: Any  # the base params as loaded (global arrays, ``mesh.base`` layout)
     mask: Any  # trainable mask over the params trained from (adapted for LoRA)
     frozen: Any  # the frozen half, on the mesh
     state: Any  # the initial train state, on the mesh
@@ -115,10 +116,22 @@ def config_dict(cfg: RunConfig) -> dict[str, Any]:
     return json.loads(json.dumps(OmegaConf.to_container(OmegaConf.structured(cfg))))
 
 
-def load_model(cfg: RunConfig) -> tuple[models.Decoder, Any, Tokenizer]:
+def load_model(cfg: RunConfig, mesh: Mesh | None = None) -> tuple[models.Decoder, Any, Tokenizer]:
     """``models.load`` of ``cfg.model`` with its options (train/method.py ``model_options``,
-    as ``check_targets`` reads them); the tokenizer must exist."""
-    model, params, tokenizer = models.load(cfg.model.name, **method_lib.model_options(cfg))
+    as ``check_targets`` reads them); the tokenizer must exist. With a ``mesh`` the base
+    comes as global arrays laid out by the ``mesh.base`` policy, each process reading
+    only the blocks its devices hold; without, on this process's first device."""
+    shardings = None
+    if mesh is not None:
+
+        def shardings(model: models.Decoder, shapes: Any) -> Any:
+            return mesh_lib.param_shardings(
+                models.logical_axes(model), shapes, mesh, cfg.mesh.base, cfg.mesh.factors
+            )
+
+    model, params, tokenizer = models.load(
+        cfg.model.name, shardings=shardings, **method_lib.model_options(cfg)
+    )
     if cfg.model.add_biases and model.config.family != "llama":
         raise ConfigError(
             f"model.add_biases=true adds biases to a bias-free Llama model, but "
@@ -188,16 +201,23 @@ def setup(cfg: RunConfig, log: Callable[[str], None] = print) -> Setup:
     cfg = method_lib.resolve(cfg)
     mesh = mesh_lib.make_mesh(cfg.mesh)
     mesh_lib.check_batch_fits(cfg.data.batch_size, mesh)
-    model, base, tokenizer = load_model(cfg)
+    model, base, tokenizer = load_model(cfg, mesh)
     splits = build_splits(cfg.data, tokenizer, cfg.seed, model.config.eos_token_id)
     log(f"data: {splits.report.summary()}")
 
     init_key, dropout_key = jax.random.split(jax.random.key(cfg.seed))
-    params, mask = method_lib.prepare(cfg.method, base, cfg.lora, init_key)
+
+    def prepared(base: Any, key: jax.Array) -> Any:
+        return method_lib.prepare(cfg.method, base, cfg.lora, key)[0]
+
+    shapes = jax.eval_shape(prepared, base, init_key)
+    mask = method_lib.MASKS[cfg.method](shapes)
     batches_per_epoch = train_batches(splits, cfg.data, seed=cfg.seed).steps_in_epoch(0)
     steps = total_steps(cfg.optim, batches_per_epoch)
-    compiled = build_steps(cfg, model, params, mask, mesh, steps)
-    frozen, trainable = lj.split(mesh_lib.place(params, compiled.shardings), mask)
+    compiled = build_steps(cfg, model, shapes, mask, mesh, steps)
+    # the factors are made where they live: no process holds more than its blocks
+    params = jax.jit(prepared, out_shardings=compiled.shardings)(base, init_key)
+    frozen, trainable = lj.split(params, mask)
     n_trainable, n_all = _size(trainable), _size(params)
     log(
         f"method {cfg.method}: {n_trainable:,} trainable of {n_all:,} parameters "
