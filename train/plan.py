@@ -360,35 +360,31 @@ def _matmul_flops(op: str, result: str, rest: str, shapes: dict[str, str]) -> fl
 
 
 def plan(cfg: RunConfig, target: Target) -> dict[str, Any]:
-    """Compile ``cfg``'s train step for ``target`` and report its per-device costs."""
+    """Compile ``cfg``'s train step for ``target`` and report its per-device costs.
+
+    A step the TPU compiler refuses for want of memory is a plan that does not fit: its
+    temporaries are the compiler's figure from the refusal, and it has no FLOPs,
+    collectives or bound (nothing was compiled).
+    """
     cfg = method_lib.resolve(cfg)
     method_lib.check_targets(cfg)
     mesh = target_mesh(cfg, target)
     mesh_lib.check_batch_fits(cfg.data.batch_size, mesh)
     run = abstract_run(cfg, mesh)
-    compiled = _compile(run)
-    memory = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops, collective_costs = hlo_costs(compiled.as_text())
+    context = run.model.config.max_position_embeddings
+    if cfg.data.max_length > context:
+        raise ConfigError(
+            f"data.max_length={cfg.data.max_length} exceeds the context of "
+            f"{cfg.model.name!r} ({context} tokens); lower data.max_length"
+        )
     devices = len(target.devices)
-    total = (
-        memory.argument_size_in_bytes
-        + memory.output_size_in_bytes
-        - memory.alias_size_in_bytes
-        + memory.temp_size_in_bytes
-    )
     tokens = cfg.optim.grad_accum_steps * cfg.data.batch_size * cfg.data.max_length
-    model = model_flops(cfg, run.model, run.params, cfg.method) / devices
-    bound, per_s = None, None
-    if target.chip is not None:
-        chip = target.chip
-        bound = max(flops / chip.peak_flops, cost.get("bytes accessed", 0.0) / chip.hbm_bytes_per_s)
-        per_s = {
-            f"mfu_{round(100 * m)}": (tokens / devices) / (model / (m * chip.peak_flops))
-            for m in (1.0, 0.4)
-        }
-    return {
+    held = {
+        "frozen": shard_bytes(run.frozen),
+        "state": shard_bytes(run.state),
+        "batch": shard_bytes(run.batch),
+    }
+    result = {
         "topology": target.name,
         "devices": devices,
         "chip": dataclasses.asdict(target.chip) if target.chip else None,
@@ -397,6 +393,54 @@ def plan(cfg: RunConfig, target: Target) -> dict[str, Any]:
         "mesh": dict(mesh.shape),
         "policy": policy(cfg),
         "tokens_per_step": tokens,
+        "model_flops": model_flops(cfg, run.model, run.params, cfg.method) / devices,
+    }
+    try:
+        compiled = _compile(run)
+    except jax.errors.JaxRuntimeError as e:
+        needed = _REFUSED.search(str(e))
+        if needed is None:
+            raise
+        temp = round(float(needed.group(1)) * _UNITS[needed.group(2)])
+        arguments = sum(held.values())
+        return result | {
+            "per_device": {
+                "arguments": arguments,
+                "output": None,
+                "alias": None,
+                "temp": temp,
+                "total": arguments + temp,
+                "capacity": target.capacity,
+                **held,
+            },
+            "fits": False,
+            "compiled_flops": None,
+            "xla_cost_analysis_flops": None,
+            "collectives": None,
+            "step_time_lower_bound_s": None,
+            "tokens_per_s_per_device": None,
+            "refused": " ".join(str(e).split()),
+        }
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops, collective_costs = hlo_costs(compiled.as_text())
+    total = (
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        - memory.alias_size_in_bytes
+        + memory.temp_size_in_bytes
+    )
+    bound, per_s = None, None
+    if target.chip is not None:
+        chip = target.chip
+        bound = max(flops / chip.peak_flops, cost.get("bytes accessed", 0.0) / chip.hbm_bytes_per_s)
+        per_s = {
+            f"mfu_{round(100 * m)}": (tokens / devices)
+            / (result["model_flops"] / (m * chip.peak_flops))
+            for m in (1.0, 0.4)
+        }
+    return result | {
         "per_device": {
             "arguments": memory.argument_size_in_bytes,
             "output": memory.output_size_in_bytes,
@@ -404,18 +448,20 @@ def plan(cfg: RunConfig, target: Target) -> dict[str, Any]:
             "temp": memory.temp_size_in_bytes,
             "total": total,
             "capacity": target.capacity,
-            "frozen": shard_bytes(run.frozen),
-            "state": shard_bytes(run.state),
-            "batch": shard_bytes(run.batch),
+            **held,
         },
         "fits": total <= target.capacity,
         "compiled_flops": flops,
-        "model_flops": model,
         "xla_cost_analysis_flops": float(cost.get("flops", 0.0)),
         "collectives": collective_costs,
         "step_time_lower_bound_s": bound,
         "tokens_per_s_per_device": per_s,
     }
+
+
+# the TPU compiler's refusal: "... memory required for HLO temporaries (21.79G) exceeds ..."
+_REFUSED = re.compile(r"RESOURCE_EXHAUSTED.*?temporaries \(([\d.]+)([KMGT]?)\)")
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
 def _compile(run: Abstract) -> Any:
@@ -511,18 +557,22 @@ def table(plans: Sequence[dict[str, Any]]) -> str:
             f"| {pol['remat']} | {pol['grad_accum_steps']} "
             f"| {d['arguments'] / GiB:.2f} | {d['temp'] / GiB:.2f} | {d['total'] / GiB:.2f} "
             f"| {d['capacity'] / GiB:.1f} | {'yes' if p['fits'] else 'no'} "
-            f"| {p['compiled_flops'] / 1e12:.1f} | {p['model_flops'] / 1e12:.1f} "
+            f"| {_tera(p['compiled_flops'])} | {_tera(p['model_flops'])} "
             f"| {f'{bound:.3f}' if bound is not None else '-'} "
             f"| {f'{per_s[MFU_40]:,.0f}' if per_s else '-'} |"
         )
     return "\n".join(rows)
 
 
+def _tera(flops: float | None) -> str:
+    return "-" if flops is None else f"{flops / 1e12:.1f}"
+
+
 def collective_lines(p: dict[str, Any]) -> str:
     """One line: the collectives of a plan's step, count and GiB per device."""
     parts = [
         f"{kind} ×{c['count']} ({c['bytes'] / GiB:.2f} GiB)"
-        for kind, c in sorted(p["collectives"].items())
+        for kind, c in sorted((p["collectives"] or {}).items())
     ]
     return f"{p['method']}: " + (", ".join(parts) if parts else "none")
 
