@@ -89,6 +89,9 @@ def tpu_target(topology: str) -> Target:
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server off a TPU VM
     # compiling holds no chip, so other processes may use libtpu at the same time
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    # what a TPU VM's environment would say; off one, libtpu warns at start-up without them
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", _accelerator_type(topology))
     try:
         description = topologies.get_topology_desc(
             platform="tpu",
@@ -108,6 +111,14 @@ def tpu_target(topology: str) -> Target:
     if kind not in CHIPS:
         raise ConfigError(f"--topology {topology}: no published figures for {kind!r} chips")
     return Target(topology, devices, CHIPS[kind], CHIPS[kind].hbm_bytes)
+
+
+def _accelerator_type(topology: str) -> str:
+    """Cloud TPU's accelerator type of a topology name: ``v5e:2x2`` -> ``v5litepod-4``."""
+    generation, _, shape = topology.partition(":")
+    chips = math.prod(int(x) for x in shape.split("x") if x.isdigit()) if shape else 1
+    name = {"v5e": "v5litepod", "v6e": "v6e"}.get(generation, generation)
+    return f"{name}-{chips * (2 if generation in ('v4', 'v5p') else 1)}"
 
 
 def cpu_target(count: int) -> Target:
