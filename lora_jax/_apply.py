@@ -38,7 +38,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lora_jax import _bank, _layout, _tree
+from lora_jax import _bank, _dora, _layout, _tree
 from lora_jax._layout import Layout
 
 _KERNEL_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Einsum)
@@ -115,7 +115,11 @@ def _lora_interceptor(next_fun, args, kwargs, context, *, dropout: float, ids_B)
             x = _dropout(module, x, dropout)
         for weight in adapted:
             factors = [own[weight + s] for s in _SINGLE]
-            y = y + _adapter_term(module, method, args, kwargs, x, own[weight], factors, y, where)
+            term = _adapter_term(module, method, args, kwargs, x, own[weight], factors, y, where)
+            magnitude = own.get(weight + _tree.MAGNITUDE_SUFFIX)
+            if magnitude is not None:
+                term = _dora_term(module, args, kwargs, x, own, weight, factors, term, y)
+            y = y + term
         for weight in banked:
             factors = [own[weight + s] for s in _bank.BANK_SUFFIXES[:3]]
             y = y + _bank_term(module, method, args, kwargs, x, own[weight], factors, y, ids_B)
@@ -289,12 +293,42 @@ def _factored_term(x_sub, k_sub, y_sub, x, lay, a, b, s, dtype, row=""):
     return jnp.einsum(f"{t_sub},{b_sub}->{y_sub}", xa, b.astype(dtype))
 
 
+def _dora_term(module, args, kwargs, x, own, weight, factors, lora_term, y):
+    """What DoRA adds to the layer's output `y` (PEFT's ``DoraLinearLayer.forward``):
+    (g − 1)·(x·W) + g·s·(x·A)·B with g = m / ‖W + s·A·B‖_col, broadcast over the output's
+    feature axes; x·W is `y` less its bias, or x·W again when dropout changed x (as PEFT).
+    """
+    if not isinstance(module, _KERNEL_LAYERS):
+        raise TypeError(
+            f"lj.apply: {'/'.join(module.scope.path)} has a DoRA magnitude, but DoRA adapts "
+            "kernels of nn.Dense, DenseGeneral and Einsum only."
+        )
+    w = own[weight]
+    x_sub, k_sub, y_sub = _einsum_spec(module, args, kwargs)
+    lay = _layout.check_fits(weight, w.shape, *(f.shape for f in factors))
+    magnitude = own[weight + _tree.MAGNITUDE_SUFFIX]
+    g = _dora.magnitude_scale(magnitude, w, *factors, lay).astype(y.dtype)
+    stack, _, outs = _layout.split(k_sub, lay)
+    if x is args[0]:
+        bias = own.get("bias")
+        base = y if bias is None else y - _bias_like_output(module, args, kwargs, bias, y)
+    else:
+        base = jnp.einsum(f"{x_sub},{k_sub}->{y_sub}", x.astype(y.dtype), w.astype(y.dtype))
+    per_feature = f"{y_sub},{stack}{outs}->{y_sub}"
+    return jnp.einsum(per_feature, base, g - 1) + jnp.einsum(per_feature, lora_term, g)
+
+
 def _bias_delta(module, args, kwargs, own, y):
     """The bias delta shaped to broadcast over the layer's output, as its bias is."""
-    delta = own["bias" + _tree.DELTA_SUFFIX].astype(y.dtype)
+    return _bias_like_output(module, args, kwargs, own["bias" + _tree.DELTA_SUFFIX], y)
+
+
+def _bias_like_output(module, args, kwargs, bias, y):
+    """A bias-shaped array shaped to broadcast over the layer's output, as its bias is."""
+    delta = bias.astype(y.dtype)
     if isinstance(module, nn.Einsum):
         _, broadcast_shape = module._get_bias_shape(
-            _equation(module, args, kwargs), args[0], own["kernel"]
+            _equation(module, args, kwargs), args[0], _module_params(module)["kernel"]
         )
         return delta.reshape(broadcast_shape)
     if isinstance(module, nn.DenseGeneral) and _as_tuple(module.batch_dims):

@@ -43,6 +43,9 @@ class LoraConfig:
         (`pattern_matches`: ``"q_proj"`` matches ``".../q_proj/kernel"``). The
         first matching key wins.
       alpha_pattern: per-path alpha overrides, same matching rule.
+      use_dora: DoRA (PEFT's ``use_dora``): a trained magnitude m (*stack, *out) beside
+        each adapted kernel, W' = m ⊙ (W + s·A·B) / ‖W + s·A·B‖_col (`lora_jax._dora`).
+        Kernels only (nn.Dense, DenseGeneral, Einsum), not embeddings.
     """
 
     rank: int
@@ -54,6 +57,7 @@ class LoraConfig:
     bias: str = "none"
     rank_pattern: Mapping[str, int] | None = None
     alpha_pattern: Mapping[str, float] | None = None
+    use_dora: bool = False
 
     def __post_init__(self):
         def fail(field, problem, fix):

@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lora_jax import _layout, _tree
+from lora_jax import _dora, _layout, _tree
 from lora_jax._config import LoraConfig
 from lora_jax._layout import Layout
 
@@ -30,7 +30,8 @@ def init(
     removing one target leaves the others' factors as they were.
     For each target W of shape (*stack, *in, *out) it adds A (*stack, *in, r),
     B (*stack, r, *out) — one of them zero, so the adapted model starts equal to
-    the base — and the frozen scale s (*stack,) = alpha/r. Factors are float32
+    the base — and the frozen scale s (*stack,) = alpha/r; with ``config.use_dora``
+    also DoRA's magnitude m (*stack, *out) = ‖W‖_col. Factors are float32
     for bfloat16/float16 weights (the weight's dtype otherwise). With
     ``config.bias != "none"`` the selected biases gain a zero delta.
 
@@ -105,7 +106,15 @@ def _factors(key, path, w, lay: Layout, config: LoraConfig) -> dict[str, jax.Arr
         a = jax.random.uniform(key, a_shape, dtype, -bound, bound)
         b = jnp.zeros(b_shape, dtype)
     scale = jnp.full(s_shape, config.scale_for(name), jnp.float32)
-    return {_tree.A_SUFFIX: a, _tree.B_SUFFIX: b, _tree.SCALE_SUFFIX: scale}
+    factors = {_tree.A_SUFFIX: a, _tree.B_SUFFIX: b, _tree.SCALE_SUFFIX: scale}
+    if config.use_dora:
+        if _tree.leaf_name(path) == "embedding":
+            raise ValueError(
+                f"{name}: DoRA adapts kernels, not embedding tables; leave the embedding "
+                "out of LoraConfig.targets or set use_dora=False."
+            )
+        factors[_tree.MAGNITUDE_SUFFIX] = _dora.weight_norm(w, lay).astype(dtype)
+    return factors
 
 
 def _trained_biases(flat, targets, mode: str) -> list:

@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lora_jax import _bank, _layout, _tree
+from lora_jax import _bank, _dora, _layout, _tree
 
 
 def delta(
@@ -22,6 +22,19 @@ def delta(
     )
     dw_SxIxO = jnp.einsum("sir,sro->sio", a_SxIxR * s_S[:, None, None], b_SxRxO)
     return dw_SxIxO.reshape(w_shape)
+
+
+def _dora_direction(name: str, adapted: jax.Array, m: jax.Array, get) -> jax.Array:
+    """m ⊙ V / ‖V‖_col for V = W + s·A·B (*stack, *in, *out): DoRA's merged weight."""
+    lay = _layout.check_fits(
+        name,
+        adapted.shape,
+        *(get(x).shape for x in (_tree.A_SUFFIX, _tree.B_SUFFIX, _tree.SCALE_SUFFIX)),
+    )
+    _dora.check_magnitude(name, adapted.shape, m.shape, lay)
+    in_axes = tuple(range(lay.stack, lay.stack + lay.fan_in))
+    norm = jnp.sqrt(jnp.sum(adapted * adapted, axis=in_axes, keepdims=True))
+    return adapted * (jnp.expand_dims(m.astype(adapted.dtype), in_axes) / norm)
 
 
 def _fold(params: Any, sign: int, adapter_flat: dict | None = None) -> dict:
@@ -66,7 +79,16 @@ def _fold(params: Any, sign: int, adapter_flat: dict | None = None) -> dict:
             get(_tree.SCALE_SUFFIX),
             accumulate,
         )
-        out[path] = _tree.wrap_like(out[path], (w.astype(accumulate) + sign * dw).astype(w.dtype))
+        adapted = w.astype(accumulate) + sign * dw
+        magnitude = _tree.lora_path(path, _tree.MAGNITUDE_SUFFIX)
+        if magnitude in lora:
+            if sign < 0:
+                raise ValueError(
+                    f"{name}: a DoRA adapter cannot be unmerged (W' = m·(W + sAB)/‖W + sAB‖ "
+                    "does not give W back without the norm); keep the base weights instead."
+                )
+            adapted = _dora_direction(name, adapted, _tree.value(lora[magnitude]), get)
+        out[path] = _tree.wrap_like(out[path], adapted.astype(w.dtype))
     for path, leaf in lora.items():
         if _tree.leaf_name(path).endswith(_tree.DELTA_SUFFIX):
             bias_path = _tree.base_of(path)
@@ -102,6 +124,8 @@ def materialize(params: Any) -> Any:
 
 def merge(params: Any, *, adapter_id: int | jax.Array | None = None) -> Any:
     """Folds every adapter into its weight and drops the LoRA leaves (for export).
+
+    A DoRA adapter merges to m ⊙ (W + s·A·B) / ‖W + s·A·B‖_col.
 
     The result has exactly the base tree's structure, shapes and dtypes, so the
     unmodified model runs it at no extra cost. s·A·B is accumulated in float32 and

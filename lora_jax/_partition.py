@@ -17,7 +17,7 @@ from typing import Any
 
 import optax
 
-from lora_jax import _layout, _tree
+from lora_jax import _dora, _layout, _tree
 
 Mask = Any  # a tree of bools shaped like the params, or a function params -> such a tree
 
@@ -114,7 +114,10 @@ def check_adapter_fits(flat: dict) -> None:
                 raise ValueError(
                     f"{name}: its partner leaves {missing} are missing; the adapter is incomplete."
                 )
-            _layout.check_fits(_tree.path_str(base), get(base), get(path), *map(get, parts))
+            lay = _layout.check_fits(_tree.path_str(base), get(base), get(path), *map(get, parts))
+            magnitude = _tree.lora_path(base, _tree.MAGNITUDE_SUFFIX)
+            if magnitude in flat:
+                _dora.check_magnitude(_tree.path_str(base), get(base), get(magnitude), lay)
         elif (
             _tree.leaf_name(path).endswith(_tree.DELTA_SUFFIX)
             and _tree.value(flat[path]).shape != _tree.value(flat[base]).shape

@@ -10,7 +10,7 @@ from lora_jax import _tree
 def summary(params: Any) -> str:
     """A plain-text table: each adapted weight, its shape, rank, scale and trainable count.
 
-    The last lines give the totals: trainable parameters (A, B and bias deltas)
+    The last lines give the totals: trainable parameters (A, B, DoRA magnitudes and bias deltas)
     and their share of all parameters of the base model. The ranks and counts
     are read off the tree, so the table is true for any tree `lj.init` made.
     """
@@ -22,6 +22,7 @@ def summary(params: Any) -> str:
         a, b, s = (
             _tree.lora_path(path, x) for x in (_tree.A_SUFFIX, _tree.B_SUFFIX, _tree.SCALE_SUFFIX)
         )
+        m = _tree.lora_path(path, _tree.MAGNITUDE_SUFFIX)
         scale = _tree.value(flat[s]).reshape(-1)
         rows.append(
             (
@@ -29,7 +30,7 @@ def summary(params: Any) -> str:
                 str(tuple(_tree.value(flat[path]).shape)),
                 str(_tree.value(flat[a]).shape[-1]),
                 f"{float(scale[0]):g}" if scale.size else "-",
-                size(a) + size(b),
+                size(a) + size(b) + (size(m) if m in flat else 0),
             )
         )
     rows += [

@@ -44,7 +44,7 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax import _config, _layout, _partition, _tree, fingerprint
+from lora_jax import _config, _dora, _layout, _partition, _tree, fingerprint
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -59,11 +59,10 @@ _MODULE_NAME = r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*"
 _TENSOR_KEY = re.compile(
     rf"{re.escape(KEY_PREFIX)}(?P<module>{_MODULE_NAME})\."
     r"(?P<what>lora_A\.weight|lora_B\.weight|lora_embedding_A|"
-    r"lora_embedding_B|base_layer\.weight)"
+    r"lora_embedding_B|base_layer\.weight|lora_magnitude_vector)"
 )
 # Config fields that change what an adapter computes and that this converter does not implement.
 _UNSUPPORTED = (
-    "use_dora",
     "lora_bias",
     "modules_to_save",
     "layer_replication",
@@ -259,6 +258,8 @@ def to_peft(
         a, b, s, lay = _factors(flat, path)
         factors[path], layouts[path] = (a, b, s), lay
     sites = _sites(base, module_map, layouts)
+    magnitudes = _magnitudes(flat, adapted, layouts)
+    dora: dict[str, Any] = {}
     site_of = {(site.path, site.layer): site for group in sites.values() for site in group}
 
     blocks: dict[str, dict[int, tuple]] = collections.defaultdict(dict)
@@ -272,6 +273,8 @@ def to_peft(
                     "for it; pass to_peft a module_map that does"
                 )
             blocks[site.module.name][site.module.part] = (a_SxIxR[i], b_SxRxO[i], s_S[i])
+            if path in magnitudes:
+                dora[site.module.name] = _dora_vector(site, sites, magnitudes[path][i])
 
     tensors, ranks, alphas, kinds = {}, {}, {}, set()
     for name, parts in blocks.items():
@@ -279,6 +282,8 @@ def to_peft(
         a_RxI, b_OxR, s = _fuse(sites[name], parts)
         key_a, key_b = _tensor_keys(module)
         tensors[key_a], tensors[key_b] = a_RxI, b_OxR
+        if name in dora:
+            tensors[KEY_PREFIX + name + "." + MAGNITUDE_KEY] = dora[name]
         ranks[name] = a_RxI.shape[0]
         alphas[name] = _number(s * (math.sqrt(ranks[name]) if use_rslora else ranks[name]))
         kinds.add(module.kind)
@@ -302,7 +307,7 @@ def to_peft(
         "ensure_weight_tying": bool(tied_outputs),
         "init_lora_weights": True,
         "inference_mode": True,
-        "use_dora": False,
+        "use_dora": bool(dora),
         "lora_bias": False,
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -318,6 +323,43 @@ def to_peft(
     save_file(tensors, str(directory / WEIGHTS_FILE), metadata=metadata)
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return directory
+
+
+MAGNITUDE_KEY = "lora_magnitude_vector"
+
+
+def _magnitudes(flat: Mapping, adapted: list, layouts: Mapping) -> dict:
+    """{weight path: DoRA magnitudes (S, fan_out)} of the DoRA-adapted weights; PEFT's
+    use_dora is one flag for the whole adapter, so all or none must have one."""
+    found = {
+        p: _tree.value(flat[_tree.lora_path(p, _tree.MAGNITUDE_SUFFIX)])
+        for p in adapted
+        if _tree.lora_path(p, _tree.MAGNITUDE_SUFFIX) in flat
+    }
+    if found and len(found) != len(adapted):
+        plain = next(_tree.path_str(p) for p in adapted if p not in found)
+        raise PeftFormatError(
+            f"{plain} has no DoRA magnitude but other weights do; PEFT's use_dora holds for "
+            "every module of an adapter: export the DoRA and the plain weights apart"
+        )
+    return {
+        p: np.asarray(m, np.float32).reshape(
+            -1, _layout.fans(_tree.value(flat[p]).shape, layouts[p])[1]
+        )
+        for p, m in found.items()
+    }
+
+
+def _dora_vector(site: _Site, sites: Mapping, m_O) -> Any:
+    """A module's lora_magnitude_vector (fan_out,): one weight's m; a module fused from
+    several weights has per-column norms PEFT computes over all of them, which this
+    converter does not write."""
+    if len(sites[site.module.name]) != 1:
+        raise PeftFormatError(
+            f"module {site.module.name!r} fuses several of our weights; a DoRA adapter on a "
+            "fused module cannot be exported: merge it instead (lj.merge)"
+        )
+    return m_O
 
 
 def _tie(
@@ -553,11 +595,13 @@ def from_peft(
         b_OxR = _checked(key_b, parts["B"], (fan_out, rank), name, bases)
         if check_base and "base" in parts:
             _check_base_layer(name, parts["base"], flat, sites[name])
+        m_O = _magnitude(parts, module, fan_out, config)
         start = 0
         for site in sites[name]:
             b_block_OxR = b_OxR[start : start + site.fan_out]
             start += site.fan_out
-            blocks[site.path][site.layer] = (a_RxI.T, b_block_OxR.T, s)
+            m_block_O = None if m_O is None else m_O[start - site.fan_out : start]
+            blocks[site.path][site.layer] = (a_RxI.T, b_block_OxR.T, s, m_block_O)
 
     if (
         check_base
@@ -623,8 +667,8 @@ def _group_tensors(
                 f"{name!r}; {bases.mismatch()}: load {bases.theirs}, or (calling "
                 "from_peft) give a module map (or tied) that names it"
             )
-        if what == "base_layer.weight":
-            found[name]["base"] = array
+        if what in ("base_layer.weight", MAGNITUDE_KEY):
+            found[name]["base" if what == "base_layer.weight" else "M"] = array
             continue
         if what.startswith("lora_embedding") != (kinds[name] == "embedding"):
             raise PeftFormatError(
@@ -773,20 +817,36 @@ def _check_base_layer(name: str, saved, flat: Mapping, sites: list[_Site]) -> No
         )
 
 
+def _magnitude(parts: Mapping, module: HFModule, fan_out: int, config: Mapping):
+    """The DoRA magnitude (fan_out,) of a module read from PEFT, or None without use_dora.
+    Each entry is one output column's, so a fused module's splits like its lora_B."""
+    key = KEY_PREFIX + module.name + "." + MAGNITUDE_KEY
+    if not config.get("use_dora"):
+        if "M" in parts:
+            raise PeftFormatError(f"unexpected key {key!r}: the config has use_dora false")
+        return None
+    if "M" not in parts:
+        raise PeftFormatError(f"missing tensor {key!r} in {WEIGHTS_FILE} (use_dora is true)")
+    return np.asarray(_checked(key, parts["M"], (fan_out,), module.name), np.float32)
+
+
 def _leaves(path: _tree.Path, leaf, lay: _layout.Layout, layers: Mapping[int | None, tuple]):
     """{leaf path: leaf} of A (*stack, *in, r), B (*stack, r, *out), s (*stack,) for one weight
     from its per-layer (A (fan_in, r), B (r, fan_out), s); the layer is None when unstacked.
 
     Layers the adapter skips get zero factors; lower ranks are padded with zero columns.
+    With DoRA magnitudes m (fan_out,) (the fourth entry, else None) the weight also gets
+    m (*stack, *out); a skipped layer's is ‖W‖_col, which leaves it unchanged.
     """
     w = _tree.value(leaf)
     fan_in, fan_out = _layout.fans(w.shape, lay)
-    rank = max(a.shape[-1] for a, _, _ in layers.values())
+    rank = max(a.shape[-1] for a, *_ in layers.values())
     fill = next(iter(layers.values()))[2]
-    skipped = (jnp.zeros((fan_in, rank)), jnp.zeros((rank, fan_out)), fill)
-    a_list, b_list, s_list = [], [], []
+    skipped = (jnp.zeros((fan_in, rank)), jnp.zeros((rank, fan_out)), fill, None)
+    a_list, b_list, s_list, m_list = [], [], [], []
     for layer in [None] if None in layers else range(w.shape[0]):
-        a_IxR, b_RxO, s = layers.get(layer, skipped)
+        a_IxR, b_RxO, s, m_O = layers.get(layer, skipped)
+        m_list.append(m_O)
         pad = rank - a_IxR.shape[-1]
         a_list.append(jnp.pad(a_IxR, ((0, 0), (0, pad))))
         b_list.append(jnp.pad(b_RxO, ((0, pad), (0, 0))))
@@ -795,8 +855,15 @@ def _leaves(path: _tree.Path, leaf, lay: _layout.Layout, layers: Mapping[int | N
         jnp.stack(a_list), jnp.stack(b_list), jnp.asarray(s_list, jnp.float32), w.shape, lay
     )
     dtype = _layout.factor_dtype(w.dtype)
-    return {
+    out = {
         _tree.lora_path(path, _tree.A_SUFFIX): _tree.new_leaf_like(leaf, a.astype(dtype)),
         _tree.lora_path(path, _tree.B_SUFFIX): _tree.new_leaf_like(leaf, b.astype(dtype)),
         _tree.lora_path(path, _tree.SCALE_SUFFIX): _tree.new_leaf_like(leaf, s),
     }
+    if any(m is not None for m in m_list):
+        w_norm = _dora.weight_norm(w, lay).reshape(-1, fan_out)
+        m_shape = w.shape[: lay.stack] + w.shape[lay.stack + lay.fan_in :]
+        m = jnp.stack([w_norm[i] if m is None else jnp.asarray(m) for i, m in enumerate(m_list)])
+        m = m.astype(dtype).reshape(m_shape)
+        out[_tree.lora_path(path, _tree.MAGNITUDE_SUFFIX)] = _tree.new_leaf_like(leaf, m)
+    return out
