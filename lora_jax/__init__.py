@@ -21,6 +21,7 @@ from lora_jax._init import init
 from lora_jax._layout import Layout
 from lora_jax._merge import materialize, merge, unmerge
 from lora_jax._partition import adapter, bias_mask, combine, optimizer, split, trainable_mask
+from lora_jax._residual import convert_to_lora
 from lora_jax._summary import summary
 from lora_jax._tree import flatten_paths, unflatten_paths
 from lora_jax.peft import from_peft, to_peft
@@ -35,6 +36,7 @@ __all__ = [
     "bias_mask",
     "combine",
     "compress",
+    "convert_to_lora",
     "flatten_paths",
     "from_peft",
     "has_bank",

@@ -8,7 +8,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-INITS = ("gaussian", "kaiming_uniform")
+INITS = ("gaussian", "kaiming_uniform", "pissa", "olora")
 BIAS_MODES = ("none", "all", "lora_only")
 
 
@@ -33,7 +33,10 @@ class LoraConfig:
         ``init_lora_weights="gaussian"``) or ``"kaiming_uniform"`` (uniform in
         ±1/sqrt(fan_in), loralib's and PEFT's default). B is zero. For an
         embedding the roles are swapped, as in loralib and PEFT: A = 0 and
-        B ~ N(0, 1).
+        B ~ N(0, 1). ``"pissa"`` and ``"olora"`` (PEFT's names) take A and B from W's
+        SVD or QR and return the residual W − s·A·B as the base (`lora_jax._residual`):
+        the adapter is then valid only on that residual base; `lj.convert_to_lora`
+        makes it a plain adapter of the original.
       use_rslora: scale by alpha/sqrt(rank) instead of alpha/rank.
       bias: which biases train, as in loralib: ``"none"``, ``"all"`` (every leaf
         named ``bias``) or ``"lora_only"`` (biases of the adapted modules). A

@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lora_jax import _dora, _layout, _tree
+from lora_jax import _dora, _layout, _merge, _residual, _tree
 from lora_jax._config import LoraConfig
 from lora_jax._layout import Layout
 
@@ -24,7 +24,9 @@ def init(
 ) -> Any:
     """Returns `params` with LoRA factors beside every targeted weight.
 
-    Base leaves are the very same objects as in `params` (nothing is copied).
+    Base leaves are the very same objects as in `params` (nothing is copied), except
+    with ``init="pissa"``/``"olora"``: those return each target as the residual
+    W − s·A·B (the adapter is valid only on that base; see `lj.convert_to_lora`).
     Each target's factor draws from ``key`` folded with a hash of its path, so
     the result does not depend on the order of the tree's dicts, and adding or
     removing one target leaves the others' factors as they were.
@@ -73,12 +75,19 @@ def init(
         factors = _factors(path_key, path, w, lay, config)
         for suffix, array in factors.items():
             new[_tree.lora_path(path, suffix)] = _tree.new_leaf_like(leaf, array)
+        if config.init in _residual.RESIDUAL_INITS:  # W_res = W − s·A·B, in W's dtype
+            acc = _layout.factor_dtype(w.dtype)
+            dw = _merge.delta(_tree.path_str(path), w.shape, *(factors[x] for x in _SUFFIXES), acc)
+            new[path] = _tree.wrap_like(leaf, (w.astype(acc) - dw).astype(w.dtype))
     for path in _trained_biases(flat, targets, config.bias):
         b = _tree.value(flat[path])
         new[_tree.sibling(path, "bias" + _tree.DELTA_SUFFIX)] = _tree.new_leaf_like(
             flat[path], jnp.zeros(b.shape, _layout.factor_dtype(b.dtype))
         )
     return _tree.unflatten_like(params, new)
+
+
+_SUFFIXES = (_tree.A_SUFFIX, _tree.B_SUFFIX, _tree.SCALE_SUFFIX)
 
 
 def _factors(key, path, w, lay: Layout, config: LoraConfig) -> dict[str, jax.Array]:
@@ -95,7 +104,15 @@ def _factors(key, path, w, lay: Layout, config: LoraConfig) -> dict[str, jax.Arr
         )
     dtype = _layout.factor_dtype(w.dtype)
     a_shape, b_shape, s_shape = _layout.factor_shapes(w.shape, lay, rank)
-    if _tree.leaf_name(path) == "embedding":
+    residual = config.init in _residual.RESIDUAL_INITS
+    if residual and _tree.leaf_name(path) == "embedding":
+        raise ValueError(
+            f"{name}: init={config.init!r} adapts kernels, not embedding tables; leave the "
+            "embedding out of LoraConfig.targets or use init='gaussian'."
+        )
+    if residual:
+        a, b = _residual.principal_factors(config.init, w, lay, rank, config.scale_for(name))
+    elif _tree.leaf_name(path) == "embedding":
         a = jnp.zeros(a_shape, dtype)
         b = jax.random.normal(key, b_shape, dtype)
     elif config.init == "gaussian":

@@ -44,7 +44,7 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax import _config, _dora, _layout, _partition, _tree, fingerprint
+from lora_jax import _config, _dora, _layout, _partition, _residual, _tree, fingerprint
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -214,6 +214,7 @@ def to_peft(
     tied: Mapping[str, str | None] | None = None,
     base_model_name_or_path: str | None = None,
     task_type: str | None = "CAUSAL_LM",
+    init: str | None = None,
 ) -> Path:
     """Writes the adapter of `params` as PEFT writes a LoRA adapter (module docstring).
 
@@ -232,6 +233,9 @@ def to_peft(
         lora_A/lora_B are the embedding's lora_embedding_B/A transposed), and refused
         where PEFT cannot tie it.
       dropout, base_model_name_or_path, task_type: copied into the config.
+      init: the adapter's ``LoraConfig.init``. A PiSSA/OLoRA adapter applies to the residual
+        base that `lj.init` returned, not the original one a PEFT adapter is loaded on, so
+        it is refused: export ``lj.convert_to_lora(params, initial)`` instead.
 
     A module's r is the rank of its factors and its alpha = s·r (s·sqrt(r) with rsLoRA);
     the most common values become ``r``/``lora_alpha`` and the others go to
@@ -241,6 +245,12 @@ def to_peft(
     Returns:
       The directory.
     """
+    if init in _residual.RESIDUAL_INITS:
+        raise PeftFormatError(
+            f"an init={init!r} adapter applies to the residual base W - s*A*B, not the "
+            "original base PEFT loads it on; export lj.convert_to_lora(params, initial) "
+            "(a rank-2r adapter of the original base) instead"
+        )
     flat = _tree.flatten(params)
     deltas = [_tree.path_str(p) for p in flat if _tree.leaf_name(p).endswith(_tree.DELTA_SUFFIX)]
     if deltas:
