@@ -160,7 +160,7 @@ def _model_and_params(attention_kernel, **overrides):
     return models.Decoder(config), models.init_params(config, jax.random.key(0))
 
 
-def test_the_model_gives_the_same_logits_and_generations_with_either_kernel():
+def test_the_model_gives_the_same_logits_with_either_kernel_with_and_without_the_cache():
     model_ref, params = _model_and_params("reference")
     model_chunked, _ = _model_and_params("chunked")
     ids = jax.random.randint(jax.random.key(1), (2, 12), 0, 128)
@@ -190,12 +190,6 @@ def test_the_model_gives_the_same_logits_and_generations_with_either_kernel():
         logits[name] = jnp.concatenate(outs, axis=1)
     atol = tol.logits_atol(model_ref.config, logits["reference"], keys=8)
     tol.assert_close(logits["chunked"], logits["reference"], atol, "cached logits")
-
-    generate = {
-        name: models.generate(m, params, ids[:, :6], attention_mask=prompt_mask, max_new_tokens=5)
-        for name, m in (("reference", model_ref), ("chunked", model_chunked))
-    }
-    np.testing.assert_array_equal(generate["chunked"], generate["reference"])
 
 
 def _largest_square(jaxpr, length: int) -> tuple[int, ...] | None:
