@@ -37,6 +37,7 @@ INTERRUPTED = 130  # exit status after Ctrl-C (128 + SIGINT), as a shell reports
 LIBRARY_ERRORS = (
     ("lora_jax.peft", "PeftFormatError"),
     ("models.loaders.checkpoint", "ModelFileError"),
+    ("models.gguf_export", "GGUFExportError"),
 )
 
 
@@ -151,9 +152,38 @@ def _skip_base_check_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _export_arguments(parser: argparse.ArgumentParser) -> None:
+def _merge_arguments(parser: argparse.ArgumentParser) -> None:
     _adapter_arguments(parser)
-    parser.add_argument("--format", required=True, choices=["peft"])
+    parser.add_argument(
+        "--base-only",
+        action="store_true",
+        help="write the adapter's base model alone (the transformers base of a GGUF model, "
+        "for --base-model-name-or-path of a PEFT export)",
+    )
+    parser.add_argument(
+        "--orbax", action="store_true", help="also write the merged params as an orbax tree"
+    )
+
+
+def _export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("adapter", metavar="RUN_OR_ADAPTER_DIR")
+    parser.add_argument(
+        "--out", required=True, metavar="DIR_OR_FILE", help="peft: a directory; gguf: a file"
+    )
+    _skip_base_check_argument(parser)
+    parser.add_argument("--format", required=True, choices=["peft", "gguf"])
+    parser.add_argument(
+        "--base-model-name-or-path",
+        metavar="PATH_OR_ID",
+        help="peft: the base transformers loads the adapter onto (default: the base's "
+        "checkpoint directory; for a GGUF base, one written by lora-jax merge --base-only)",
+    )
+    parser.add_argument(
+        "--serving-safe",
+        action="store_true",
+        help="peft: one rank and alpha, scales folded into lora_B, for engines that take "
+        "one scale per adapter (vLLM, TensorRT-LLM)",
+    )
 
 
 def _plan_arguments(parser: argparse.ArgumentParser) -> None:
@@ -188,12 +218,14 @@ COMMANDS: dict[str, Command] = {
         "train.cli:run_train",
     ),
     "merge": Command(
-        "merge an adapter into its base: Hugging Face checkpoint + orbax params",
-        _adapter_arguments,
+        "merge an adapter into its base: a Hugging Face checkpoint",
+        _merge_arguments,
         "train.export:run_merge",
     ),
     "export": Command(
-        "export an adapter in another format (peft)", _export_arguments, "train.export:run_export"
+        "export an adapter as PEFT or llama.cpp GGUF",
+        _export_arguments,
+        "train.export:run_export",
     ),
     "plan": Command(
         "compile the train step for a TPU slice or N devices, without weights: memory, "

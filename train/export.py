@@ -1,13 +1,23 @@
-"""``lora-jax merge``, ``lora-jax export --format peft`` and ``lora-jax import-peft``.
+"""``lora-jax merge``, ``lora-jax export --format peft|gguf`` and ``lora-jax import-peft``.
 
-    lora-jax merge RUN_OR_ADAPTER_DIR --out DIR
-        DIR/config.json, model.safetensors, tokenizer.json, tokenizer_config.json:
+    lora-jax merge RUN_OR_ADAPTER_DIR --out DIR [--base-only] [--orbax]
+        DIR/config.json, model.safetensors, tokenizer.json, tokenizer_config.json (mode 0644):
             a Hugging Face checkpoint (``AutoModelForCausalLM.from_pretrained(DIR)``,
-            ``models.load(DIR)``) of the merged weights W + s·A·B;
-        DIR/params/: the same merged params as an orbax (StandardSave) tree.
-    lora-jax export --format peft RUN_OR_ADAPTER_DIR --out DIR
+            ``models.load(DIR)``) of the merged weights W + s·A·B, written tensor by tensor
+            (models/hf_export.py); ``--base-only``: of the base without the adapter (the
+            transformers base of a GGUF-loaded model, for PEFT);
+        DIR/params/ (``--orbax`` only): the same merged params as an orbax (StandardSave) tree.
+    lora-jax export --format peft RUN_OR_ADAPTER_DIR --out DIR [--base-model-name-or-path P]
+            [--serving-safe]
         DIR/adapter_config.json + adapter_model.safetensors, as PEFT writes them
-        (``peft.PeftModel.from_pretrained(base_model, DIR)``).
+        (``peft.AutoPeftModelForCausalLM.from_pretrained(DIR)``); ``base_model_name_or_path``
+        is P, by default the base's checkpoint directory (a GGUF base has none: write one
+        with ``merge --base-only``). ``--serving-safe``: one rank, one alpha, scales folded
+        into lora_B (train/peft_uniform.py), for engines that take one scale per adapter.
+    lora-jax export --format gguf RUN_OR_ADAPTER_DIR --out FILE.gguf
+        a llama.cpp LoRA adapter (models/gguf_export.py) for the base's GGUF file
+        (``llama-cli -m BASE.gguf --lora FILE.gguf``). FILE is written whole or not at all,
+        and replaces only a file this command wrote.
     lora-jax import-peft PEFT_DIR --model NAME --out ADAPTER_DIR
         a PEFT LoRA adapter as a lora-jax adapter directory (train/adapter.py) for ``NAME``.
 
@@ -26,8 +36,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -38,13 +49,15 @@ from tokenizers import Tokenizer
 import lora_jax as lj
 import models
 from lora_jax.peft import SKIP_BASE_CHECK, PeftFormatError
+from models.gguf_export import save_gguf_adapter
 from models.hf_export import save_hf
 from models.hf_names import peft_module_map, tied_modules
 from train import adapter as adapter_lib
-from train import layout, rundir
+from train import layout, peft_uniform, rundir
 from train.config import ADDED_BIASES
 
 IMPORTED_FROM = "imported_from"  # adapter.json: the PEFT directory an adapter came from
+GGUF_SOURCE_KEY = "lora_jax.exported_from"  # a GGUF adapter's header: the adapter directory
 
 
 class Adapted(NamedTuple):
@@ -123,47 +136,157 @@ def claimed(directory: str | Path, kind: str, what: str) -> Iterator[Path]:
         raise
 
 
-def merge(run_or_adapter: str | Path, out: str | Path, *, check_base: bool = True) -> Path:
-    """Write the merged model to `out` as a Hugging Face checkpoint and an orbax tree.
+def merge(
+    run_or_adapter: str | Path,
+    out: str | Path,
+    *,
+    check_base: bool = True,
+    base_only: bool = False,
+    orbax: bool = False,
+) -> Path:
+    """Write the merged model (``base_only``: the base alone) to `out` as a Hugging Face
+    checkpoint, streamed tensor by tensor; ``orbax``: also the merged tree in orbax.
 
     `out` must be new, empty, or a directory ``merge`` wrote before (rundir.DirectoryError).
     """
     with claimed(out, layout.Kind.MERGED, "--out directory") as directory:
-        adapted = load_adapted(run_or_adapter, check_base=check_base)
-        merged = lj.merge(adapted.params) if adapted.meta["method"] == "lora" else adapted.params
-        save_hf(directory, adapted.model.config, merged, adapted.tokenizer)
-        with ocp.StandardCheckpointer() as checkpointer:
-            # force: replaces params/ only in a directory merge claimed (and so wrote)
-            checkpointer.save(directory / layout.MERGED_PARAMS_DIR, merged, force=True)
+        if base_only:
+            meta = adapter_lib.read_meta(adapter_dir(run_or_adapter))
+            adapted = Adapted(*models.load(meta["model"], **_load_options(meta)), meta)
+        else:
+            adapted = load_adapted(run_or_adapter, check_base=check_base)
+        params = adapted.params
+        save_hf(directory, adapted.model.config, params, adapted.tokenizer, merge=True)
+        if orbax:
+            with ocp.StandardCheckpointer() as checkpointer:
+                # force: replaces params/ only in a directory merge claimed (and so wrote)
+                checkpointer.save(
+                    directory / layout.MERGED_PARAMS_DIR, lj.merge(params), force=True
+                )
     return Path(out)
 
 
-def export_peft(run_or_adapter: str | Path, out: str | Path, *, check_base: bool = True) -> Path:
-    """Write a LoRA run's adapter to `out` as a PEFT adapter.
+def base_model_name_or_path(meta: dict[str, Any]) -> str:
+    """Where transformers finds the adapter's base: its checkpoint directory (absolute).
 
+    Raises AdapterError, naming ``merge --base-only``, for a base transformers cannot load
+    by that name (an embedded model or a GGUF file)."""
+    model = meta["model"]
+    if Path(model).is_dir():
+        return str(Path(model).absolute())
+    raise adapter_lib.AdapterError(
+        f"the base {model!r} is a GGUF model, which transformers cannot load by name; write "
+        "it as a transformers checkpoint with `lora-jax merge --base-only RUN_OR_ADAPTER_DIR "
+        "--out BASE_DIR` and pass --base-model-name-or-path BASE_DIR (or a hub id)"
+    )
+
+
+def export_peft(
+    run_or_adapter: str | Path,
+    out: str | Path,
+    *,
+    check_base: bool = True,
+    base_model: str | None = None,
+    serving_safe: bool = False,
+    say: Callable[[str], None] = print,
+) -> Path:
+    """Write a LoRA run's adapter to `out` as a PEFT adapter whose
+    ``base_model_name_or_path`` is `base_model` (default: `base_model_name_or_path`).
+
+    ``serving_safe``: normalised by `peft_uniform.uniform` (one r, alpha = r, no rsLoRA);
+    each change is passed to `say`, in words.
     `out` must be new, empty, or a directory ``export`` wrote before (rundir.DirectoryError).
     """
     with claimed(out, layout.Kind.PEFT, "--out directory") as directory:
-        adapted = load_adapted(run_or_adapter, check_base=check_base)
-        if adapted.meta["method"] != "lora":
-            raise adapter_lib.AdapterError(
-                f"the adapter was trained with method "
-                f"{adapted.meta['method']!r}; only LoRA adapters "
-                "export to PEFT (use lora-jax merge for a full "
-                "checkpoint)"
-            )
+        adapted = _lora_adapted(run_or_adapter, check_base, "PEFT")
+        base_model = base_model or base_model_name_or_path(adapted.meta)
         config = adapted.model.config
         lora = adapted.meta.get("lora") or {}
+        params, changes = adapted.params, []
+        if serving_safe:
+            params, changes = peft_uniform.uniform(params)
         lj.to_peft(
             directory,
-            adapted.params,
+            params,
             peft_module_map(config),
             tied=tied_modules(config),
-            use_rslora=lora.get("use_rslora", False),
+            use_rslora=lora.get("use_rslora", False) and not serving_safe,
             dropout=lora.get("dropout", 0.0),
-            base_model_name_or_path=adapted.meta["model"],
+            base_model_name_or_path=base_model,
         )
+        if serving_safe:
+            _check_uniform(directory)
+            for change in changes or ["nothing: the adapter had one rank and scale 1"]:
+                say(f"serving-safe: {change}")
     return Path(out)
+
+
+def _check_uniform(directory: Path) -> None:
+    """PeftFormatError unless the written adapter has one r and one alpha (a fused module,
+    GPT-2's c_attn, has the sum of its parts' ranks)."""
+    written = lj.peft.read_config(directory)
+    if written["rank_pattern"] or written["alpha_pattern"]:
+        raise PeftFormatError(
+            f"the adapter cannot be given one rank: fused modules get the sum of their parts' "
+            f"ranks ({written['rank_pattern']}); adapt all of q, k, v or none of them"
+        )
+
+
+def _lora_adapted(run_or_adapter: str | Path, check_base: bool, target: str) -> Adapted:
+    """`load_adapted`, refusing an adapter that is not LoRA factors (`target`: the format)."""
+    adapted = load_adapted(run_or_adapter, check_base=check_base)
+    if adapted.meta["method"] != "lora":
+        raise adapter_lib.AdapterError(
+            f"the adapter was trained with method {adapted.meta['method']!r}; only LoRA "
+            f"adapters export to {target} (use lora-jax merge for a full checkpoint)"
+        )
+    return adapted
+
+
+def export_gguf(run_or_adapter: str | Path, out: str | Path, *, check_base: bool = True) -> Path:
+    """Write a LoRA run's adapter to the file `out` as a llama.cpp GGUF LoRA adapter.
+
+    `out` must not exist, or be a GGUF adapter this command wrote (its header names
+    ``GGUF_SOURCE_KEY``); anything else is refused (rundir.DirectoryError). The file is
+    written beside `out` and renamed into place: a failure leaves nothing.
+    """
+    out = Path(out).expanduser().absolute()
+    _check_replaceable_gguf(out)
+    directory = adapter_dir(run_or_adapter)
+    adapted = _lora_adapted(directory, check_base, "GGUF")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    try:
+        save_gguf_adapter(
+            partial,
+            adapted.model.config,
+            adapted.params,
+            metadata={
+                GGUF_SOURCE_KEY: str(directory.absolute()),
+                "lora_jax.base": adapted.meta["model"],
+            },
+        )
+        os.chmod(partial, 0o644)
+        os.replace(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)
+    return out
+
+
+def _check_replaceable_gguf(out: Path) -> None:
+    if not out.exists():
+        return
+    import gguf
+
+    try:
+        written = GGUF_SOURCE_KEY in gguf.GGUFReader(out).fields
+    except Exception:  # not a GGUF file at all
+        written = False
+    if not written or not out.is_file():
+        raise rundir.DirectoryError(
+            f"--out {out} exists and was not written by lora-jax export --format gguf; "
+            "nothing was changed. Choose a new file name"
+        )
 
 
 def import_peft(
@@ -234,17 +357,40 @@ def _command_line_errors() -> Iterator[None]:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    print(f"merging the adapter in {args.adapter} into its base model, into {args.out}")
+    what = "writing the base model of" if args.base_only else "merging into its base model"
+    print(f"{what} the adapter in {args.adapter}, into {args.out}")
     with _command_line_errors():
-        out = merge(args.adapter, args.out, check_base=not args.skip_base_check)
-    print(f"merged model: {out}")
+        out = merge(
+            args.adapter,
+            args.out,
+            check_base=not args.skip_base_check,
+            base_only=args.base_only,
+            orbax=args.orbax,
+        )
+    print(f"{'base' if args.base_only else 'merged'} model: {out}")
     return 0
 
 
 def run_export(args: argparse.Namespace) -> int:
     print(f"exporting the adapter in {args.adapter} as {args.format}, into {args.out}")
+    check_base = not args.skip_base_check
+    if args.format == "gguf" and (args.base_model_name_or_path or args.serving_safe):
+        raise adapter_lib.AdapterError(
+            "--base-model-name-or-path and --serving-safe are PEFT options; "
+            "drop them for --format gguf"
+        )
     with _command_line_errors():
-        out = export_peft(args.adapter, args.out, check_base=not args.skip_base_check)
+        if args.format == "gguf":
+            out = export_gguf(args.adapter, args.out, check_base=check_base)
+            print(f"llama.cpp LoRA adapter: {out}")
+            return 0
+        out = export_peft(
+            args.adapter,
+            args.out,
+            check_base=check_base,
+            base_model=args.base_model_name_or_path,
+            serving_safe=args.serving_safe,
+        )
     print(f"PEFT adapter: {out}")
     return 0
 
