@@ -253,3 +253,33 @@ def test_plan_refuses_bad_targets_in_one_line(tmp_path, capsys):
     existing.write_text("{}")
     message = tf.refused(["plan", config, "--devices", "8", "--json", str(existing)], capsys)
     assert "exists" in message and existing.read_text() == "{}"
+
+
+def test_search_candidates_keep_the_tokens_of_an_update(tiny):
+    """--search varies mesh, policies, remat and micro-batches, never the tokens of an
+    update; every mesh uses all devices and every micro-batch splits over them."""
+    found = list(plan_lib.candidates(tiny, 8, num_kv_heads=tf.KV_HEADS))
+    rows = tiny.data.batch_size * tiny.optim.grad_accum_steps
+    assert found and len({str(c) for c in found}) == len(found)
+    for c in found:
+        assert c.data.batch_size * c.optim.grad_accum_steps == rows
+        assert c.mesh.data * c.mesh.fsdp * c.mesh.tensor == 8
+        assert c.data.batch_size % (c.mesh.data * c.mesh.fsdp) == 0
+        assert tf.KV_HEADS % c.mesh.tensor == 0
+    assert {c.mesh.base for c in found} == {"fsdp", "tensor", "replicated"}
+    assert {c.mesh.factors for c in found} == {"inherit", "replicated"}
+    assert {c.model.remat for c in found} == {tiny.model.remat, "full"}
+
+
+@pytest.mark.parametrize(
+    ("name", "method", "stored"),
+    [
+        ("llama-3.2-1b", "lora", "bfloat16"),  # 1.24B parameters, frozen
+        ("llama-3.2-1b", "full", "float32"),  # trained: float32 master weights
+        ("tiny-llama", "lora", "float32"),  # below 1B
+    ],
+)
+def test_auto_param_dtype(name, method, stored):
+    cfg = load_config(None, [f"model.name={name}", f"method={method}"])
+    assert cfg.model.param_dtype == "auto"
+    assert plan_lib.method_lib.resolve(cfg).model.param_dtype == stored
