@@ -21,6 +21,7 @@ from lora_jax._init import init
 from lora_jax._layout import Layout
 from lora_jax._merge import materialize, merge, unmerge
 from lora_jax._partition import adapter, bias_mask, combine, optimizer, split, trainable_mask
+from lora_jax._quantize import QuantizedArray, dequantize, quantize
 from lora_jax._residual import convert_to_lora
 from lora_jax._summary import summary
 from lora_jax._tree import flatten_paths, unflatten_paths
@@ -30,11 +31,13 @@ from lora_jax.sharding import partition_specs
 __all__ = [
     "Layout",
     "LoraConfig",
+    "QuantizedArray",
     "adapter",
     "analysis",
     "apply",
     "bias_mask",
     "combine",
+    "dequantize",
     "compress",
     "convert_to_lora",
     "flatten_paths",
@@ -47,6 +50,7 @@ __all__ = [
     "optimizer",
     "partition_specs",
     "put",
+    "quantize",
     "split",
     "stack",
     "summary",

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 
 from lora_jax import _bank, _dora, _layout, _tree
 from lora_jax._layout import Layout
+from lora_jax._quantize import QuantizedArray
 
 _KERNEL_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Einsum)
 
@@ -96,13 +97,15 @@ def _lora_interceptor(next_fun, args, kwargs, context, *, dropout: float, ids_B)
     if method not in ("__call__", "attend"):
         return next_fun(*args, **kwargs)
     own = {k: v for k, v in _module_params(module).items() if not isinstance(v, Mapping)}
+    quantized = [k for k, v in own.items() if isinstance(v, QuantizedArray)]
+    own = {k: v.dequantize() if k in quantized else v for k, v in own.items()}
     adapted = [k[: -len(_tree.A_SUFFIX)] for k in own if str(k).endswith(_tree.A_SUFFIX)]
     banked = [k[: -len(_bank.BANK_A)] for k in own if str(k).endswith(_bank.BANK_A)]
     has_delta = "bias" + _tree.DELTA_SUFFIX in own
-    if not adapted and not banked and not has_delta:
+    if not adapted and not banked and not has_delta and not quantized:
         return next_fun(*args, **kwargs)
 
-    y = next_fun(*args, **kwargs)
+    y = _dequantized_call(module, args, kwargs, own) if quantized else next_fun(*args, **kwargs)
     where = "/".join(module.scope.path)
     if banked and ids_B is None:
         raise ValueError(
@@ -291,6 +294,24 @@ def _factored_term(x_sub, k_sub, y_sub, x, lay, a, b, s, dtype, row=""):
         f"{x_sub},{a_sub},{s_sub}->{t_sub}", x.astype(dtype), a.astype(dtype), s.astype(dtype)
     )
     return jnp.einsum(f"{t_sub},{b_sub}->{y_sub}", xa, b.astype(dtype))
+
+
+def _dequantized_call(module, args, kwargs, own):
+    """The layer's output with its quantized kernel dequantised here (`lj.quantize`):
+    einsum(x, W) plus the bias, in the layer's dtype."""
+    if not isinstance(module, _KERNEL_LAYERS) or "kernel" not in own:
+        raise TypeError(
+            f"lj.apply: {'/'.join(module.scope.path)} holds a quantized weight, but only "
+            "the kernels of nn.Dense, DenseGeneral and Einsum run quantized; leave it out "
+            "of lj.quantize's targets."
+        )
+    x = args[0]
+    x_sub, k_sub, y_sub = _einsum_spec(module, args, kwargs)
+    dtype = module.dtype or jnp.result_type(x, own["kernel"])
+    y = jnp.einsum(f"{x_sub},{k_sub}->{y_sub}", x.astype(dtype), own["kernel"].astype(dtype))
+    if own.get("bias") is not None:
+        y = y + _bias_like_output(module, args, kwargs, own["bias"], y)
+    return y
 
 
 def _dora_term(module, args, kwargs, x, own, weight, factors, lora_term, y):
