@@ -124,7 +124,7 @@ def _ids():
 
 def test_merge_writes_a_transformers_checkpoint_and_orbax_params(run, tmp_path):
     model_dir, run_dir, params = run
-    out = export.merge(run_dir, tmp_path / "merged")
+    out = export.merge(run_dir, tmp_path / "merged", orbax=True)
     model, _, _ = models.load(model_dir, scan_layers=True)
     ids = _ids()
     ours = np.asarray(lj.apply(model.apply)({"params": params}, ids))

@@ -74,7 +74,7 @@ def test_merge_writes_only_into_its_own_directory(run, tmp_path, capsys):
     _intact(user, kept)
     with pytest.raises(DirectoryError):  # not into the run itself either
         export.merge(run_dir, run_dir)
-    merged = export.merge(run_dir, tmp_path / "merged")
+    merged = export.merge(run_dir, tmp_path / "merged", orbax=True)
     assert rundir.owned(merged, layout.Kind.MERGED)
     assert (merged / "model.safetensors").is_file() and (merged / layout.MERGED_PARAMS_DIR).is_dir()
     export.merge(run_dir, merged)  # again into its own directory: replaced
