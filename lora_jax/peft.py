@@ -836,7 +836,10 @@ def _magnitude(parts: Mapping, module: HFModule, fan_out: int, config: Mapping):
             raise PeftFormatError(f"unexpected key {key!r}: the config has use_dora false")
         return None
     if "M" not in parts:
-        raise PeftFormatError(f"missing tensor {key!r} in {WEIGHTS_FILE} (use_dora is true)")
+        raise PeftFormatError(
+            f"missing tensor {key!r} in {WEIGHTS_FILE}: use_dora is set, so every module "
+            "needs its DoRA magnitude; the file is incomplete"
+        )
     return np.asarray(_checked(key, parts["M"], (fan_out,), module.name), np.float32)
 
 
