@@ -12,7 +12,8 @@ import optax
 import pytest
 
 import lora_jax as lj
-from tests.tolerances import assert_close, dot_error
+
+from tolerances import assert_close, dot_error
 
 LR, RATIO = 0.1, 16.0
 
