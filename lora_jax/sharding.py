@@ -6,6 +6,7 @@ and a spec (or logical axis names) ``(*S, *I, *O)``,
   A (*stack, *in, r)   gets  (*S, *I, None)
   B (*stack, r, *out)  gets  (*S, None, *O)
   s (*stack,)          gets  (*S)
+  m (*stack, *out)     gets  (*S, *O)           (DoRA's magnitude)
   a bias delta         gets  the bias's spec
 
 The rank axis is always replicated: it is tiny, and sharding it would turn the
@@ -70,6 +71,8 @@ def partition_specs(base_specs: Any, params: Any) -> Any:
             out[path] = make(*stack, *ins, None)
         elif name.endswith(_tree.B_SUFFIX):
             out[path] = make(*stack, None, *outs)
+        elif name.endswith(_tree.MAGNITUDE_SUFFIX):  # DoRA's m: one value per output
+            out[path] = make(*stack, *outs)
         else:
             out[path] = make(*stack)
     return _tree.unflatten_like(params, out)

@@ -64,6 +64,17 @@ def test_specs_follow_the_kernel_axes():
     assert specs["embed_tokens"]["embedding_lora_b"] == P(None, "fsdp")
 
 
+def test_a_dora_magnitude_follows_the_output_axes():
+    """DoRA's m holds one value per output column (stacked layers first): the kernel's
+    output spec, like B's."""
+    stacked = {"layers": {"kernel": jnp.zeros((3, 8, 16))}}
+    config = lj.LoraConfig(2, 4, "kernel", use_dora=True)
+    adapted = lj.init(jax.random.key(0), stacked, config)
+    specs = lj.partition_specs({"layers": {"kernel": P(None, "fsdp", "tensor")}}, adapted)
+    assert adapted["layers"]["kernel_lora_magnitude"].shape == (3, 16)
+    assert specs["layers"]["kernel_lora_magnitude"] == P(None, "tensor")
+
+
 def test_logical_axis_names_map_the_same_way():
     kernel = {"d": {"kernel": jnp.zeros((8, 16))}}
     adapted = lj.init(jax.random.key(0), kernel, lj.LoraConfig(2, 4, "d/kernel"))
