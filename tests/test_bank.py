@@ -1,7 +1,10 @@
 """Adapter banks (lj.stack, unstack, put, apply with adapter_ids, merge(adapter_id=)) and
 adapter arithmetic (lj.weighted_sum, lj.compress)."""
 
+import functools
 import itertools
+from collections.abc import Callable
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -54,6 +57,17 @@ MAX_RANK = 4
 IDS = [2, -1, 0, 1, 0, -1]  # every slot, the base twice, a slot twice
 
 
+def _random_like(shapes, rng, leaf_value):
+    """A tree of `shapes` (from `jax.eval_shape`) filled eagerly by numpy: what
+    `leaf_value(path string, shape, rng)` returns, in each leaf's dtype."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: jnp.asarray(
+            leaf_value(jax.tree_util.keystr(path), leaf.shape, rng), leaf.dtype
+        ),
+        shapes,
+    )
+
+
 def _adapters(base, specs, seed, layout=None):
     """Adapters of `base` with random (non-zero) A and B, one per (rank, targets, alpha): the
     shapes of lj.init's (traced, not run), the values drawn by numpy (fast, eager)."""
@@ -63,28 +77,74 @@ def _adapters(base, specs, seed, layout=None):
         config = lj.LoraConfig(r, alpha, targets)
         shapes = jax.eval_shape(lambda c=config: lj.adapter(lj.init(KEY, base, c, layout=layout)))
         out.append(
-            jax.tree_util.tree_map_with_path(
-                lambda path, leaf, r=r, alpha=alpha: (
-                    jnp.full(leaf.shape, alpha / r, leaf.dtype)
-                    if "scale" in jax.tree_util.keystr(path)
-                    else jnp.asarray(0.3 * rng.standard_normal(leaf.shape), leaf.dtype)
-                ),
+            _random_like(
                 shapes,
+                rng,
+                lambda path, shape, rng, r=r, alpha=alpha: (
+                    np.full(shape, alpha / r)
+                    if "scale" in path
+                    else 0.3 * rng.standard_normal(shape)
+                ),
             )
         )
     return out
 
 
+def base_params(cfg, seed=0):
+    """Random params of a `models` decoder: models.init_params's shapes (traced, not run;
+    compiling it takes seconds), norm scales 1 and weights N(0, 0.02²) drawn by numpy."""
+    shapes = jax.eval_shape(lambda: models.init_params(cfg, KEY))
+    return _random_like(
+        shapes,
+        np.random.default_rng(seed),
+        lambda path, shape, rng: (
+            np.ones(shape) if "norm" in path else 0.02 * rng.standard_normal(shape)
+        ),
+    )
+
+
 KEY = jax.random.key(0)
+
+
+class Case(NamedTuple):
+    """A model, its base params, inputs, adapters of LLAMA_ADAPTERS or ATTENTION_ADAPTERS, the
+    outputs' chain depth (tolerances), `run`: the jitted lj.apply(model.apply) of the bank,
+    and `plain`: the jitted model.apply of the base and of each adapter merged (one program
+    for all of them: each distinct tree would compile its own)."""
+
+    model: nn.Module
+    base: dict
+    x: jax.Array
+    adapters: list
+    depth: int
+    run: Callable
+    plain: Callable
+
+    def alone(self, adapter) -> jax.Array:
+        """The outputs for `x` with `adapter` merged into the base (None: the base)."""
+        params = self.base if adapter is None else lj.merge(lj.combine(self.base, adapter))
+        return self.plain({"params": params}, self.x)
+
+
+@functools.cache
+def case(name: str) -> Case:
+    """The case `name` of CASES, built once per session."""
+    return CASES[name]()
 
 
 def _llama(scan):
     cfg = models.with_options(models.get_config("tiny-llama"), scan_layers=scan)
     model = models.Decoder(cfg)
-    base = jax.jit(models.init_params, static_argnums=0)(cfg, jax.random.key(0))
+    base = base_params(cfg)
     x = jax.random.randint(jax.random.key(1), (len(IDS), 7), 0, cfg.vocab_size)
-    # n: the decoder's logits chain (tolerances.config_depth) with the bank's padded rank.
-    return model, base, x, _adapters(base, LLAMA_ADAPTERS, 10), tol.config_depth(cfg, 7, MAX_RANK)
+    # n: the decoder's logits chain (tolerances.config_depth) with R + 2 per adapted
+    # projection: the bank's padded rank R, or the merged W + s·A·B's R-term sum, scale
+    # product and addition (the references below are merged).
+    depth = tol.config_depth(cfg, 7, MAX_RANK + 2)
+    adapters = _adapters(base, LLAMA_ADAPTERS, 10)
+    return Case(
+        model, base, x, adapters, depth, jax.jit(lj.apply(model.apply)), jax.jit(model.apply)
+    )
 
 
 def _scanned_attention():
@@ -92,11 +152,15 @@ def _scanned_attention():
     x = jax.random.normal(jax.random.key(3), (len(IDS), 5, 24))  # tokens differ after a norm
     variables = init_variables(model, x)
     layout = lj.infer_layout(model.apply, variables, x)
-    # n per block: LayerNorm (2·24), q/k/v projection (24) + rank, scores (6), softmax and
-    # weighted sum (2·5), o_proj (24) + rank, residual and element-wise functions.
-    depth = 2 * (2 * 24 + 24 + MAX_RANK + 6 + 2 * 5 + 24 + MAX_RANK + 6 * E)
+    # n per block: LayerNorm (2·24), q/k/v projection (24) + R + 2 (the padded rank, or the
+    # merged weight's R-term sum, scale product and addition), scores (6), softmax and
+    # weighted sum (2·5), o_proj (24) + R + 2, residual and element-wise functions.
+    depth = 2 * (2 * 24 + 24 + MAX_RANK + 2 + 6 + 2 * 5 + 24 + MAX_RANK + 2 + 6 * E)
     adapters = _adapters(variables["params"], ATTENTION_ADAPTERS, 20, layout)
-    return model, variables["params"], x, adapters, depth
+    base = variables["params"]
+    return Case(
+        model, base, x, adapters, depth, jax.jit(lj.apply(model.apply)), jax.jit(model.apply)
+    )
 
 
 CASES = {
@@ -106,29 +170,25 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_each_row_of_a_mixed_batch_equals_its_own_adapter_alone(case):
-    model, base, x, adapters, depth = CASES[case]()
-    bank = lj.stack(adapters)
-    run = jax.jit(lj.apply(model.apply))
-    mixed = run({"params": lj.combine(base, bank)}, x, adapter_ids=jnp.array(IDS))
-    # Second code path: each adapter alone through the single-adapter forward (its own rank,
-    # no padding, no gather), the base alone through the unmodified model.
-    alone = {-1: jax.jit(model.apply)({"params": base}, x)}
-    for i, adapter in enumerate(adapters):
-        alone[i] = run({"params": lj.combine(base, adapter)}, x)
+@pytest.mark.parametrize("name", CASES)
+def test_each_row_of_a_mixed_batch_equals_its_own_adapter_alone(name):
+    c = case(name)
+    mixed = c.run({"params": lj.combine(c.base, lj.stack(c.adapters))}, c.x, adapter_ids=IDS)
+    # Second code path: each adapter alone, merged into the base (its own rank, no padding,
+    # no gather, no factored forward), and the base alone, through the unmodified model.
+    alone = {i: c.alone(adapter) for i, adapter in enumerate(c.adapters)}
+    alone[-1] = c.alone(None)
     expected = jnp.stack([alone[i][row] for row, i in enumerate(IDS)])
-    tol.assert_close(mixed, expected, tol.chain_atol(depth, tol.scale_of(expected)), case)
+    atol = tol.chain_atol(c.depth, tol.scale_of(expected))
+    tol.assert_close(mixed, expected, atol, name)
     # The adapters matter here: each row is far from the others' results.
     for row, i in enumerate(IDS):
         for j in {*IDS} - {i}:
-            assert not tol.close(
-                mixed[row], alone[j][row], tol.chain_atol(depth, tol.scale_of(expected))
-            )
+            assert not tol.close(mixed[row], alone[j][row], atol)
 
 
 def test_unstack_gives_each_adapter_back_exactly():
-    _, base, _, adapters, _ = _llama(scan=True)
+    adapters = case("tiny_llama_scanned").adapters
     bank = lj.stack(adapters)
     for i, adapter in enumerate(adapters):
         back = lj.flatten_paths(lj.unstack(bank, i))
@@ -140,7 +200,8 @@ def test_unstack_gives_each_adapter_back_exactly():
 
 
 def test_merge_of_a_slot_equals_merging_that_adapter():
-    _, base, _, adapters, _ = _llama(scan=True)
+    c = case("tiny_llama_scanned")
+    base, adapters = c.base, c.adapters
     params = lj.combine(base, lj.stack(adapters))
     for i, adapter in enumerate(adapters):
         merged = lj.merge(params, adapter_id=i)
@@ -164,7 +225,8 @@ def test_merge_of_a_slot_equals_merging_that_adapter():
 
 def test_a_merged_slot_is_its_closed_form():
     """merge(adapter_id=i) against s_i·A_i·B_i in float64 from the adapter's own factors."""
-    _, base, _, adapters, _ = _llama(scan=True)
+    c = case("tiny_llama_scanned")
+    base, adapters = c.base, c.adapters
     merged = lj.merge(lj.combine(base, lj.stack(adapters)), adapter_id=1)
     path = "layers/mlp/up_proj/kernel"
     flat = lj.flatten_paths(adapters[1])
@@ -178,33 +240,30 @@ def test_a_merged_slot_is_its_closed_form():
 
 
 def test_hot_swaps_do_not_recompile_and_take_effect():
-    model, base, x, adapters, depth = _llama(scan=True)
-    bank = lj.stack(adapters)
-
-    @jax.jit
-    def step(bank, x_BxL, ids_B):
-        return lj.apply(model.apply)({"params": lj.combine(base, bank)}, x_BxL, adapter_ids=ids_B)
-
-    ids = jnp.array(IDS)
-    step(bank, x, ids)
-    compiled = step._cache_size()
+    c = case("tiny_llama_scanned")
+    base, bank, ids = c.base, lj.stack(c.adapters), jnp.array(IDS)
+    before = c.run({"params": lj.combine(base, bank)}, c.x, adapter_ids=ids)
+    compiled = c.run._cache_size()
+    # Adapters of ranks 1..3 (every target's bank rank is 3 or 4), one per slot's targets.
+    incoming = [
+        _adapters(base, [(1 + j, targets, alpha)], 1000 + j)[0]
+        for j, (_, targets, alpha) in enumerate(LLAMA_ADAPTERS)
+    ]
     for swap in range(100):
-        # Adapters of ranks 1..3 (every target's bank rank is 3 or 4), various targets.
-        r, targets, alpha = LLAMA_ADAPTERS[swap % 3]
-        incoming = _adapters(base, [(1 + swap % 3, targets, alpha)], 1000 + swap)[0]
-        bank = lj.put(bank, swap % 3, incoming)
-        logits = step(bank, x, ids)
-    assert step._cache_size() == compiled
-    # The last swap wrote slot 99 % 3 = 0: its rows now run `incoming`.
-    alone = lj.apply(model.apply)({"params": lj.combine(base, incoming)}, x)
+        bank = lj.put(bank, swap % 3, incoming[swap % 3])
+        logits = c.run({"params": lj.combine(base, bank)}, c.x, adapter_ids=ids)
+    assert c.run._cache_size() == compiled
+    # The last swap wrote slot 99 % 3 = 0: its rows now run incoming[0], not adapter 0.
+    alone = c.alone(incoming[0])
     rows = [row for row, i in enumerate(IDS) if i == 0]
-    tol.assert_close(
-        logits[rows, :], alone[rows, :], tol.chain_atol(depth, tol.scale_of(alone[rows, :]))
-    )
+    atol = tol.chain_atol(c.depth, tol.scale_of(alone[rows, :]))
+    tol.assert_close(logits[rows, :], alone[rows, :], atol)
+    assert not tol.close(logits[rows, :], before[rows, :], atol)
 
 
 def test_weighted_sum_is_the_sum_of_the_deltas():
-    _, base, _, adapters, _ = _llama(scan=False)
+    c = case("tiny_llama")
+    base, adapters = c.base, c.adapters
     weights = [0.5, -2.0, 1.5]
     zero = jax.tree.map(jnp.zeros_like, base)  # merging onto zeros gives ΔW itself
     got = lj.flatten_paths(lj.merge(lj.combine(zero, lj.weighted_sum(adapters, weights))))
