@@ -13,9 +13,10 @@ part and follows the stacked (``nn.scan``) axes, so a scan over layers still sli
 layers; without stacked axes it is the leading axis. The padded rows of A and columns of B
 are zero, so slot i computes exactly adapter i's s·A·B, and a slot without the target adds
 nothing. The rank leaf is what makes `unstack` exact (each adapter's own rank and targets).
-The names are not LoRA leaves of `lora_jax._tree`: `lj.combine(base, bank)` puts a bank
-beside the base without checking it against an adapter's shapes, and `lj.split` keeps it
-frozen. Bias deltas do not go into a bank (merge them into the base first).
+The names are `lora_jax._tree`'s: `lj.combine(base, bank)` checks the bank's shapes against
+the weights (`check_fits`), `lj.trainable_mask` and `lj.split` train A and B (not s or the
+ranks), `lj.partition_specs` replicates the adapter axis, `lj.summary` counts the bank.
+Bias deltas do not go into a bank (merge them into the base first).
 """
 
 from __future__ import annotations
@@ -27,18 +28,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax import _tree
+from lora_jax import _layout, _tree
+from lora_jax._layout import Layout
+from lora_jax._tree import BANK_A, BANK_B, BANK_RANK, BANK_SCALE, BANK_SUFFIXES, is_bank_leaf
 
-BANK_A = "_bank_a"
-BANK_B = "_bank_b"
-BANK_SCALE = "_bank_scale"
-BANK_RANK = "_bank_rank"
-BANK_SUFFIXES = (BANK_A, BANK_B, BANK_SCALE, BANK_RANK)
 ADAPTER_SUFFIXES = (_tree.A_SUFFIX, _tree.B_SUFFIX, _tree.SCALE_SUFFIX)
-
-
-def is_bank_leaf(path: _tree.Path) -> bool:
-    return _tree.leaf_name(path).endswith(BANK_SUFFIXES)
 
 
 def bank_path(weight: _tree.Path, suffix: str) -> _tree.Path:
@@ -73,6 +67,25 @@ def bank_parts(flat: dict, weight: _tree.Path) -> tuple[jax.Array, ...]:
     return tuple(parts)
 
 
+def check_fits(where: str, w_shape, a_shape, b_shape, s_shape, rank_shape) -> Layout:
+    """The layout of a bank's factors at weight `where` of shape `w_shape`: one slot's (A, B,
+    s without the adapter axis) must fit W as an adapter's do, and every part must hold the
+    same n slots after the same stacked axes; a ValueError naming the weight otherwise."""
+    n_stack = len(s_shape) - 1
+    slots = {
+        shape[n_stack] if len(shape) > n_stack else None
+        for shape in (a_shape, b_shape, s_shape, rank_shape)
+    }
+    if n_stack < 0 or len(slots) != 1 or tuple(rank_shape) != tuple(s_shape):
+        raise ValueError(
+            f"{where}: the bank's parts (A {tuple(a_shape)}, B {tuple(b_shape)}, s "
+            f"{tuple(s_shape)}, rank {tuple(rank_shape)}) do not hold one number of slots "
+            "after the stacked axes; pass the tree lj.stack returns."
+        )
+    without = lambda shape: tuple(shape[:n_stack]) + tuple(shape[n_stack + 1 :])
+    return _layout.check_fits(where, w_shape, without(a_shape), without(b_shape), without(s_shape))
+
+
 def stack(adapters: Sequence[Any]) -> Any:
     """Stacks adapters of one base into one bank (see the module docstring for its leaves).
 
@@ -104,9 +117,7 @@ def stack(adapters: Sequence[Any]) -> Any:
     if not adapters:
         raise ValueError("lj.stack: give at least one adapter.")
     flats = [adapter_flat(a, i) for i, a in enumerate(adapters)]
-    weights = list(
-        dict.fromkeys(w for flat in flats for w in _tree.adapted_weights(flat))
-    )
+    weights = list(dict.fromkeys(w for flat in flats for w in _tree.adapted_weights(flat)))
     template = next(iter(_tree.flatten(adapters[0]).values()))
     out = {}
     for weight in weights:

@@ -1,7 +1,8 @@
 """Which leaves train: `split`, `combine`, `adapter`, `trainable_mask`, `bias_mask`, `optimizer`.
 
-By default the trainable leaves are the LoRA factors A and B and the bias
-deltas; everything else — the base weights and the scales s — is frozen. The
+By default the trainable leaves are the LoRA factors A and B (of an adapter or of
+a bank of adapters, `lj.stack`), DoRA magnitudes and the bias deltas; everything
+else — the base weights, the scales s, a bank's ranks — is frozen. The
 tree itself says which is which (see `lora_jax._tree`), so none of these needs
 a config. `split` and `optimizer` also take any other *mask*, as optax does: a
 tree of bools shaped like the params, or a function from params to one; e.g.
@@ -17,7 +18,7 @@ from typing import Any
 
 import optax
 
-from lora_jax import _dora, _layout, _tree
+from lora_jax import _bank, _dora, _layout, _tree
 
 Mask = Any  # a tree of bools shaped like the params, or a function params -> such a tree
 
@@ -95,9 +96,10 @@ def combine(frozen: Any, trainable: Any) -> Any:
 
 
 def check_adapter_fits(flat: dict) -> None:
-    """Raises a ValueError naming the first adapter leaf that does not fit its weight."""
+    """Raises a ValueError naming the first adapter or bank leaf that does not fit its
+    weight."""
     for path in flat:
-        if not _tree.is_lora_leaf(path):
+        if not _tree.is_adapter_leaf(path):
             continue
         base = _tree.base_of(path)
         name = _tree.path_str(path)
@@ -106,14 +108,20 @@ def check_adapter_fits(flat: dict) -> None:
                 f"{name}: no weight {_tree.path_str(base)!r} beside it; the adapter "
                 "and the base come from different models."
             )
-        if _tree.leaf_name(path).endswith(_tree.A_SUFFIX):
+        leaf = _tree.leaf_name(path)
+        if leaf.endswith((_tree.A_SUFFIX, _tree.BANK_A)):
             get = lambda p: _tree.value(flat[p]).shape
-            parts = [_tree.lora_path(base, s) for s in (_tree.B_SUFFIX, _tree.SCALE_SUFFIX)]
+            is_bank = leaf.endswith(_tree.BANK_A)
+            partners = _tree.BANK_SUFFIXES[1:] if is_bank else (_tree.B_SUFFIX, _tree.SCALE_SUFFIX)
+            parts = [_tree.lora_path(base, s) for s in partners]
             missing = [_tree.path_str(p) for p in parts if p not in flat]
             if missing:
                 raise ValueError(
                     f"{name}: its partner leaves {missing} are missing; the adapter is incomplete."
                 )
+            if is_bank:
+                _bank.check_fits(_tree.path_str(base), get(base), get(path), *map(get, parts))
+                continue
             lay = _layout.check_fits(_tree.path_str(base), get(base), get(path), *map(get, parts))
             magnitude = _tree.lora_path(base, _tree.MAGNITUDE_SUFFIX)
             if magnitude in flat:
@@ -129,19 +137,21 @@ def check_adapter_fits(flat: dict) -> None:
 
 
 def adapter(params: Any) -> Any:
-    """The adapter alone: every LoRA leaf (A, B, scales, bias deltas), nothing of the base.
+    """The adapter alone: every LoRA leaf (A, B, scales, bias deltas) and bank leaf,
+    nothing of the base.
 
     This is what an adapter checkpoint holds, and what `unmerge` takes.
     """
     flat = _tree.flatten(params)
-    lora = {p: leaf for p, leaf in flat.items() if _tree.is_lora_leaf(p)}
+    lora = {p: leaf for p, leaf in flat.items() if _tree.is_adapter_leaf(p)}
     if not lora:
         raise ValueError("the tree holds no LoRA adapter; call lj.init first.")
     return _tree.unflatten_like(params, lora)
 
 
 def trainable_mask(params: Any) -> Any:
-    """A tree of bools shaped like `params`: True for A, B and bias deltas.
+    """A tree of bools shaped like `params`: True for A and B (a bank's too), DoRA
+    magnitudes and bias deltas.
 
     Use it with ``optax.masked`` or build labels for ``optax.multi_transform``;
     `optimizer` does the latter for you.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lora_jax import _tree
+from lora_jax import _bank, _tree
 
 
 def summary(params: Any) -> str:
@@ -12,11 +12,13 @@ def summary(params: Any) -> str:
 
     The last lines give the totals: trainable parameters (A, B, DoRA magnitudes and bias deltas)
     and their share of all parameters of the base model. The ranks and counts
-    are read off the tree, so the table is true for any tree `lj.init` made.
+    are read off the tree, so the table is true for any tree `lj.init` made. A bank
+    (`lj.stack`) of n adapters shows its padded rank R as ``R x n`` and its scale as
+    ``bank``; its count is every slot's A and B.
     """
     flat = _tree.flatten(params)
     size = lambda p: int(_tree.value(flat[p]).size)
-    base_total = sum(size(p) for p in flat if not _tree.is_lora_leaf(p))
+    base_total = sum(size(p) for p in flat if not _tree.is_adapter_leaf(p))
     rows = []
     for path in _tree.adapted_weights(flat):
         a, b, s = (
@@ -33,6 +35,11 @@ def summary(params: Any) -> str:
                 size(a) + size(b) + (size(m) if m in flat else 0),
             )
         )
+    for path in _bank.banked_weights(flat):
+        a, b, s = (_bank.bank_path(path, x) for x in (_tree.BANK_A, _tree.BANK_B, _tree.BANK_SCALE))
+        rank, n = _tree.value(flat[a]).shape[-1], _tree.value(flat[s]).shape[-1]
+        shape = str(tuple(_tree.value(flat[path]).shape))
+        rows.append((_tree.path_str(path), shape, f"{rank} x {n}", "bank", size(a) + size(b)))
     rows += [
         (_tree.path_str(p), str(tuple(_tree.value(flat[p]).shape)), "-", "-", size(p))
         for p in flat

@@ -17,6 +17,14 @@ module, named after the weight (for a leaf ``kernel``)::
 so the tree describes itself: `lora_jax._layout.check_fits` reads the
 number of stacked (``nn.scan``) and input axes off the shapes.
 
+An adapter *bank* (`lora_jax._bank`: n adapters, per-example ids) names its leaves
+likewise, with an adapter axis of size n after the stacked ones::
+
+  kernel_bank_a      (*stack, n, *in_axes, R)   trainable
+  kernel_bank_b      (*stack, n, R, *out_axes)  trainable
+  kernel_bank_scale  (*stack, n), float32       frozen
+  kernel_bank_rank   (*stack, n), int32         frozen
+
 `flatten_paths` and `unflatten_paths` are the public flat view: ``{path string:
 leaf}``, the strings that ``LoraConfig.targets`` matches and `summary` prints.
 """
@@ -38,8 +46,13 @@ SCALE_SUFFIX = "_lora_scale"
 DELTA_SUFFIX = "_lora_delta"
 MAGNITUDE_SUFFIX = "_lora_magnitude"
 LORA_SUFFIXES = (A_SUFFIX, B_SUFFIX, SCALE_SUFFIX, DELTA_SUFFIX, MAGNITUDE_SUFFIX)
-TRAINABLE_SUFFIXES = (A_SUFFIX, B_SUFFIX, DELTA_SUFFIX, MAGNITUDE_SUFFIX)
-LORAPLUS_B_SUFFIXES = (B_SUFFIX, DELTA_SUFFIX, MAGNITUDE_SUFFIX)
+BANK_A = "_bank_a"
+BANK_B = "_bank_b"
+BANK_SCALE = "_bank_scale"
+BANK_RANK = "_bank_rank"
+BANK_SUFFIXES = (BANK_A, BANK_B, BANK_SCALE, BANK_RANK)
+TRAINABLE_SUFFIXES = (A_SUFFIX, B_SUFFIX, DELTA_SUFFIX, MAGNITUDE_SUFFIX, BANK_A, BANK_B)
+LORAPLUS_B_SUFFIXES = (B_SUFFIX, DELTA_SUFFIX, MAGNITUDE_SUFFIX, BANK_B)
 
 
 def path_str(path: Path) -> str:
@@ -52,6 +65,15 @@ def leaf_name(path: Path) -> str:
 
 def is_lora_leaf(path: Path) -> bool:
     return leaf_name(path).endswith(LORA_SUFFIXES)
+
+
+def is_bank_leaf(path: Path) -> bool:
+    return leaf_name(path).endswith(BANK_SUFFIXES)
+
+
+def is_adapter_leaf(path: Path) -> bool:
+    """A leaf of an adapter or of a bank of adapters: not the base's."""
+    return is_lora_leaf(path) or is_bank_leaf(path)
 
 
 def is_trainable_leaf(path: Path) -> bool:
@@ -75,12 +97,13 @@ def lora_path(path: Path, suffix: str) -> Path:
 
 
 def base_of(path: Path) -> Path:
-    """The path of the weight a LoRA leaf belongs to (``kernel_lora_a`` → ``kernel``)."""
+    """The path of the weight a LoRA or bank leaf belongs to (``kernel_lora_a``,
+    ``kernel_bank_a`` → ``kernel``)."""
     name = leaf_name(path)
-    for suffix in LORA_SUFFIXES:
+    for suffix in LORA_SUFFIXES + BANK_SUFFIXES:
         if name.endswith(suffix):
             return sibling(path, name[: -len(suffix)])
-    raise ValueError(f"{path_str(path)} is not a LoRA leaf")
+    raise ValueError(f"{path_str(path)} is not a LoRA or bank leaf")
 
 
 def flatten(tree: Any) -> dict[Path, Any]:

@@ -10,7 +10,13 @@ and a spec (or logical axis names) ``(*S, *I, *O)``,
   a bias delta         gets  the bias's spec
 
 The rank axis is always replicated: it is tiny, and sharding it would turn the
-two thin matmuls of the factored forward into collectives.
+two thin matmuls of the factored forward into collectives. A bank's factors
+(`lj.stack`) carry an adapter axis of n slots after the stacked axes, also
+replicated (every example may pick any slot):
+
+  A_bank (*stack, n, *in, R)   gets  (*S, None, *I, None)
+  B_bank (*stack, n, R, *out)  gets  (*S, None, None, *O)
+  s_bank, rank_bank (*stack, n) get  (*S, None)
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from typing import Any
 
 from jax.sharding import PartitionSpec
 
-from lora_jax import _layout, _tree
+from lora_jax import _bank, _layout, _tree
 
 
 def partition_specs(base_specs: Any, params: Any) -> Any:
@@ -47,29 +53,33 @@ def partition_specs(base_specs: Any, params: Any) -> Any:
     flat = _tree.flatten(params)
     out = {}
     for path in flat:
-        base = _tree.base_of(path) if _tree.is_lora_leaf(path) else path
+        base = _tree.base_of(path) if _tree.is_adapter_leaf(path) else path
         if base not in flat_specs:
             raise ValueError(
                 f"partition_specs: no spec for {_tree.path_str(base)!r}; base_specs "
                 "must be shaped like the base params tree."
             )
         spec = flat_specs[base]
-        if not _tree.is_lora_leaf(path) or _tree.leaf_name(path).endswith(_tree.DELTA_SUFFIX):
+        if not _tree.is_adapter_leaf(path) or _tree.leaf_name(path).endswith(_tree.DELTA_SUFFIX):
             out[path] = spec
             continue
-        a, b, s = (
-            _tree.value(flat[_tree.lora_path(base, x)]).shape
-            for x in (_tree.A_SUFFIX, _tree.B_SUFFIX, _tree.SCALE_SUFFIX)
+        name = _tree.leaf_name(path)
+        is_bank = _tree.is_bank_leaf(path)
+        suffixes = (
+            _tree.BANK_SUFFIXES if is_bank else (_tree.A_SUFFIX, _tree.B_SUFFIX, _tree.SCALE_SUFFIX)
         )
+        shapes = [_tree.value(flat[_tree.lora_path(base, x)]).shape for x in suffixes]
         w_shape = _tree.value(flat[base]).shape
-        lay = _layout.check_fits(_tree.path_str(base), w_shape, a, b, s)
+        check = _bank.check_fits if is_bank else _layout.check_fits
+        lay = check(_tree.path_str(base), w_shape, *shapes)
         axes = tuple(spec) + (None,) * (len(w_shape) - len(tuple(spec)))
         stack, ins, outs = _layout.split(axes, lay)
         make = PartitionSpec if isinstance(spec, PartitionSpec) else (lambda *xs: xs)
-        name = _tree.leaf_name(path)
-        if name.endswith(_tree.A_SUFFIX):
+        if is_bank:  # the adapter axis after the stacked ones, replicated
+            stack = (*stack, None)
+        if name.endswith((_tree.A_SUFFIX, _tree.BANK_A)):
             out[path] = make(*stack, *ins, None)
-        elif name.endswith(_tree.B_SUFFIX):
+        elif name.endswith((_tree.B_SUFFIX, _tree.BANK_B)):
             out[path] = make(*stack, None, *outs)
         elif name.endswith(_tree.MAGNITUDE_SUFFIX):  # DoRA's m: one value per output
             out[path] = make(*stack, *outs)
