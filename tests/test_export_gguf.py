@@ -9,8 +9,11 @@ The slow test runs llama.cpp itself (llama-cpp-python) on the embedded SmolLM2 G
 
 from __future__ import annotations
 
+import math
+
 import gguf
 import jax
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -139,3 +142,69 @@ def test_refusals_are_one_line_and_touch_nothing(run, tmp_path, capsys):
     tied_model = models.with_options(models.load(tied_dir)[0].config, tie_word_embeddings=True)
     with pytest.raises(gguf_export.GGUFExportError, match="tied embeddings"):
         gguf_export.lora_tensors(tied_model, tied)
+
+
+@pytest.mark.slow
+def test_llama_cpp_applies_the_export_as_lora_jax_does(tmp_path):
+    """llama.cpp (llama-cpp-python, installed by the Makefile) on the embedded Q4_1 SmolLM2
+    GGUF with the exported adapter, against lora-jax's unmerged forward on the same weights
+    dequantised: the same greedy tokens, logits within the bound below."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="make venv installs llama-cpp-python")
+    model, base, tokenizer = models.load("smollm2-135m")
+    config = lj.LoraConfig(
+        8,
+        16,
+        r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel",
+        use_rslora=True,
+        rank_pattern={"v_proj": 4},
+    )
+    params = _bumped(lj.init(jax.random.key(0), base, config), size=0.02)
+    options = dict(dtype="float32", param_dtype="float32", scan_layers=False, remat="none")
+    adapter = _save(tmp_path / "adapter", "smollm2-135m", base, params, config, options)
+    out = export.export_gguf(adapter, tmp_path / "adapter.gguf")
+    llm = llama_cpp.Llama(
+        model_path=str(models.embedded_gguf("smollm2-135m")),
+        lora_path=str(out),
+        n_ctx=64,
+        logits_all=True,
+        verbose=False,
+        n_threads=2,
+    )
+    ids = tokenizer.encode("The capital of France is").ids
+    llm.eval(ids)
+    for _ in range(NEW_TOKENS):  # llama.cpp's own greedy continuation
+        ids.append(int(np.argmax(llm.scores[len(ids) - 1])))
+        llm.eval(ids[-1:])
+    theirs = np.asarray(llm.scores[: len(ids)], np.float64)
+    ours = np.asarray(jax.jit(lj.apply(model.apply))({"params": params}, np.array([ids])))[0]
+    atol = _llama_cpp_atol(model.config, ours)
+    tol.assert_close(theirs, ours, atol, "llama.cpp against lora-jax")
+    # the adapter moves the logits far beyond that bound, so a misread adapter cannot pass
+    unadapted = {k: v for k, v in lj.flatten_paths(params).items() if "_lora_" not in k}
+    base_logits = np.asarray(model.apply({"params": lj.unflatten_paths(unadapted)}, [ids]))[0]
+    assert np.max(np.abs(ours - base_logits)) > 4 * atol
+    # every greedy token llama.cpp picked is lora-jax's top-1, or within the bound of it
+    chosen = ours[np.arange(len(ids) - 1), ids[1:]]
+    prompt = len(ids) - NEW_TOKENS - 1
+    assert np.all(chosen[prompt:] >= ours[prompt:-1].max(-1) - 2 * atol)
+
+
+NEW_TOKENS = 8
+
+
+def _llama_cpp_atol(config, expected) -> float:
+    """|llama.cpp − lora-jax| for logits of the same dequantised weights.
+
+    llama.cpp's CPU kernels multiply Q4_1 weights by activations quantised to Q8_1: each
+    block of 32 rounded to 8 bits, an error of at most 1/254 of the block's largest value,
+    i.e. bfloat16's unit roundoff u = 2^-8 relative to the block; its K/V cache and the
+    attention products round to float16 (2^-11, counted at u too). That is n = 5 such
+    roundings per layer (the attention input, o_proj's, the MLP input, down_proj's, the
+    cache) and one for the head. Against n·u ≈ 0.6 the worst case (tolerances.chain_atol)
+    is vacuous, so this takes the typical size of n independent roundings, √n·u (the
+    tolerances.py docstring: the worst case is ~√n times it), at the logits' scale, on
+    two sides. The adapter's own products are float32 (a negligible 2^-24 each).
+    Measured on the embedded SmolLM2: 0.6 of this bound (0.37 without the adapter).
+    """
+    n = 5 * config.num_layers + 1
+    return 2 * math.sqrt(n) * tol.unit_roundoff(ml_dtypes.bfloat16) * tol.scale_of(expected)
