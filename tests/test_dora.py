@@ -28,11 +28,13 @@ RANK = 4
 
 
 def test_the_expansion_equals_the_direct_column_norm():
-    # W (stack 3, fan_in 2x8, fan_out 5): a stacked weight with two input axes.
-    k = jax.random.split(jax.random.key(0), 3)
-    w = jax.random.normal(k[0], (3, 2, 8, 5))
-    a = jax.random.normal(k[1], (3, 2, 8, RANK))
-    b = jax.random.normal(k[2], (3, RANK, 5))
+    # W (stack 3, fan_in 2x8, fan_out 5): a stacked weight with two input axes. numpy draws
+    # them: an eager jax.random.normal compiles once per shape, seconds each on a small CPU.
+    rng = np.random.default_rng(0)
+    w, a, b = (
+        jnp.asarray(rng.standard_normal(shape, np.float32))
+        for shape in [(3, 2, 8, 5), (3, 2, 8, RANK), (3, RANK, 5)]
+    )
     s = jnp.array([0.5, 2.0, 1.0])
     got = _dora.adapted_norm(w, a, b, s, Layout(1, 2))
 
@@ -70,16 +72,27 @@ def llama(tmp_path_factory):
     return model, params, hf
 
 
+@pytest.fixture(scope="module")
+def dora(llama):
+    """(DoRA params, their factored logits on IDS): shared by the tests that only read them."""
+    model, base, _ = llama
+    params = _dora_params(base)
+    return params, np.asarray(lj.apply(model.apply)({"params": params}, IDS))
+
+
 def _dora_params(base, seed=1):
-    """A DoRA adapter that does something: A, B and m all moved off their init."""
+    """A DoRA adapter that does something: A, B and m all moved off their init. The noise is
+    numpy's (one eager jax.random compile per leaf shape costs seconds, not coverage)."""
     params = lj.init(jax.random.key(0), base, lj.LoraConfig(RANK, 8, TARGETS, use_dora=True))
+    rng = np.random.default_rng(seed)
 
     def bump(path, x):
         name = str(path[-1].key)
-        noise = jax.random.normal(jax.random.fold_in(jax.random.key(seed), x.size), x.shape)
         if name.endswith(("_lora_a", "_lora_b")):
-            return x + 0.1 * noise
-        return x * (1 + 0.2 * noise) if name.endswith("_lora_magnitude") else x
+            return x + 0.1 * rng.standard_normal(x.shape, np.float32)
+        if name.endswith("_lora_magnitude"):
+            return x * (1 + 0.2 * rng.standard_normal(x.shape, np.float32))
+        return x
 
     return jax.tree_util.tree_map_with_path(bump, params)
 
@@ -101,16 +114,15 @@ def _maps(model):
     return dict(module_map=peft_module_map(model.config), tied=tied_modules(model.config))
 
 
-def test_our_dora_adapter_runs_in_peft_with_equal_logits(llama, tmp_path):
-    model, base, hf = llama
-    params = _dora_params(base)
+def test_our_dora_adapter_runs_in_peft_with_equal_logits(llama, dora, tmp_path):
+    model, _, hf = llama
+    params, ours = dora
     directory = lj.to_peft(tmp_path, params, **_maps(model))
     peft_model = peft.PeftModel.from_pretrained(hf, directory).eval()
     try:
         theirs = _torch_logits(peft_model)
     finally:
         peft_model.unload()
-    ours = np.asarray(lj.apply(model.apply)({"params": params}, IDS))
     plain = np.asarray(lj.apply(model.apply)({"params": _without_magnitudes(params)}, IDS))
     assert not tol.close(plain, theirs, _atol(model, theirs))  # the magnitudes matter
     tol.assert_close(ours, theirs, _atol(model, theirs), "DoRA logits vs PEFT")
@@ -136,10 +148,9 @@ def test_a_peft_dora_adapter_loads_with_equal_logits(llama, tmp_path):
     tol.assert_close(ours, theirs, _atol(model, theirs), "PEFT DoRA loaded")
 
 
-def test_merge_equals_the_factored_forward(llama):
-    model, base, _ = llama
-    params = _dora_params(base)
-    factored = np.asarray(lj.apply(model.apply)({"params": params}, IDS))
+def test_merge_equals_the_factored_forward(llama, dora):
+    model, _, _ = llama
+    params, factored = dora
     merged = np.asarray(model.apply({"params": lj.merge(params)}, IDS))
     tol.assert_close(merged, factored, _atol(model, factored), "merged DoRA")
     with pytest.raises(ValueError, match="DoRA adapter cannot be unmerged"):
@@ -167,23 +178,27 @@ def _largest_temporary(fn, *args) -> int:
     return walk(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
-def test_the_gradient_forms_no_fan_in_by_fan_out_temporary(tmp_path):
+def test_the_gradient_forms_no_fan_in_by_fan_out_temporary(llama):
     # hidden 64, mlp 96: the smallest adapted kernel has 64·64 = 4096 elements, more than any
-    # activation of 1x5 tokens (logits 5·96) or the RoPE/mask tables of 32 positions.
-    hf = hf_model("llama", hidden_size=64, intermediate_size=96, num_attention_heads=4)
-    hf.save_pretrained(tmp_path)
-    model, base, _ = models.load(tmp_path)
-    params = _dora_params(base)
+    # activation of 1x5 tokens (logits 5·96) or the RoPE/mask tables of 32 positions. Only
+    # shapes matter to a jaxpr, so the params are ShapeDtypeStructs (nothing is initialised).
+    config = models.with_options(
+        llama[0].config, hidden_size=64, intermediate_size=96, num_heads=4, head_dim=16
+    )
+    model = models.Decoder(config)
+    base = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0)))
+    dora_config = lj.LoraConfig(RANK, 8, TARGETS, use_dora=True)
+    params = jax.eval_shape(lambda b: lj.init(jax.random.key(0), b, dora_config), base)
     frozen, trainable = lj.split(params)
     ids = IDS[:1, :5]
 
-    def loss(forward, trainable):
+    def loss(forward, trainable, frozen):
         return jnp.sum(forward({"params": lj.combine(frozen, trainable)}, ids) ** 2)
 
     factored = lj.apply(model.apply)
     through_merge = lambda variables, x: model.apply({"params": lj.merge(variables["params"])}, x)
     smallest_kernel = 64 * 64
     grad = lambda forward: jax.grad(functools.partial(loss, forward))
-    assert _largest_temporary(grad(factored), trainable) < smallest_kernel
+    assert _largest_temporary(grad(factored), trainable, frozen) < smallest_kernel
     # The walk does see a formed W' (the check can fail): merging inside the loss forms it.
-    assert _largest_temporary(grad(through_merge), trainable) >= smallest_kernel
+    assert _largest_temporary(grad(through_merge), trainable, frozen) >= smallest_kernel

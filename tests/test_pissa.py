@@ -4,6 +4,8 @@ principal factors against PEFT's ``init_lora_weights`` on the same weights, and
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 import peft
@@ -31,6 +33,14 @@ def llama(tmp_path_factory):
     return model, params
 
 
+@pytest.fixture(scope="module")
+def initial(llama):
+    """init -> our initial adapter of that init (each factorised once, read by two tests)."""
+    _, base = llama
+    config = lambda init: lj.LoraConfig(RANK, ALPHA, TARGETS, init=init)
+    return functools.cache(lambda init: lj.init(jax.random.key(0), base, config(init)))
+
+
 def _maps(model):
     return dict(module_map=peft_module_map(model.config), tied=tied_modules(model.config))
 
@@ -48,9 +58,9 @@ def _sensitivity(init: str, w: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("init", ["pissa", "olora"])
-def test_init_equals_peft(llama, init):
+def test_init_equals_peft(llama, initial, init):
     model, base = llama
-    ours = lj.init(jax.random.key(0), base, lj.LoraConfig(RANK, ALPHA, TARGETS, init=init))
+    ours = initial(init)
     theirs = peft.get_peft_model(
         hf_model("llama"),
         peft.LoraConfig(
@@ -80,12 +90,15 @@ def test_init_equals_peft(llama, init):
 
 
 @pytest.mark.parametrize("init", ["pissa", "olora"])
-def test_the_converted_adapter_gives_the_same_output_on_the_original_base(llama, init, tmp_path):
+def test_the_converted_adapter_gives_the_same_output_on_the_original_base(
+    llama, initial, init, tmp_path
+):
     model, base = llama
-    initial = lj.init(jax.random.key(0), base, lj.LoraConfig(RANK, ALPHA, TARGETS, init=init))
+    initial = initial(init)
+    rng = np.random.default_rng(0)  # numpy: an eager jax.random compiles once per shape
     trained = jax.tree_util.tree_map_with_path(  # a "trained" adapter: A and B moved
         lambda p, x: (
-            x + 0.05 * jax.random.normal(jax.random.key(x.size), x.shape)
+            x + 0.05 * rng.standard_normal(x.shape, np.float32)
             if str(p[-1].key).endswith(("_lora_a", "_lora_b"))
             else x
         ),
