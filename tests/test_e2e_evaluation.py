@@ -14,12 +14,15 @@ import math
 
 import pytest
 
+import lora_jax as lj
 from studies.e2e import evaluation as e2e_eval
 from studies.e2e import metrics as e2e_metrics
 from studies.e2e.wordnet import wordnet
+from train.adapter import save_adapter
 from train.cli import main
 from train.config import config_to_yaml
 from train.data import DataError
+from train.export import load_adapted
 
 import train_fixtures as tf
 
@@ -292,3 +295,44 @@ def test_eval_greedy_limit_and_errors(trained, tmp_path, capsys):
     assert "pass a YAML run config, a run or adapter directory" in capsys.readouterr().err
     assert main(["eval", str(run_dir), "--data", str(csv), "--max-new-tokens", "500"]) == 2
     assert "lower --max-new-tokens" in capsys.readouterr().err
+
+
+def _compressed_copy(run_dir, out, rank):
+    """An adapter directory beside `run_dir`'s: its LoRA adapter re-compressed to `rank`
+    (lj.compress), another adapter of the same base without a second training run."""
+    adapted = load_adapted(run_dir)
+    small, _ = lj.compress(lj.adapter(adapted.params), rank)
+    meta = adapted.meta
+    save_adapter(
+        out,
+        small,
+        method="lora",
+        model_name=meta["model"],
+        lora={**meta["lora"], "rank": rank},
+        base_fingerprint=meta["base_fingerprint"],
+        model_options=meta["model_options"],
+    )
+    return out
+
+
+def test_adapters_decoded_together_score_as_each_alone(trained, tmp_path, capsys):
+    config, run_dir, csv = trained
+    adapters = [run_dir / "adapter", _compressed_copy(run_dir, tmp_path / "rank1" / "adapter", 1)]
+    # 3 MRs in a batch of 4: the padding row is decoded too, for each adapter.
+    quick = ["--data", str(csv), "--greedy", "--limit", "3", "--max-new-tokens", "8"]
+    quick += ["--batch-size", "4"]
+    for i, adapter in enumerate(adapters):
+        assert main(["eval", str(adapter), *quick, "--out", str(tmp_path / f"alone{i}")]) == 0
+    together = tmp_path / "together"
+    assert main(["eval", *map(str, adapters), *quick, "--out", str(together)]) == 0
+    outputs = []
+    for i, adapter in enumerate(adapters):
+        mixed = together / f"{i}-{adapter.parent.name}"
+        for name in (e2e_eval.PREDICTIONS_FILE, e2e_eval.SCORES_FILE):
+            assert (mixed / name).read_text() == (tmp_path / f"alone{i}" / name).read_text()
+        outputs.append((mixed / e2e_eval.PREDICTIONS_FILE).read_text())
+    assert len(outputs[0].splitlines()) == 3
+    assert outputs[0] != outputs[1]  # two adapters, not one decoded twice
+    capsys.readouterr()
+    assert main(["eval", str(run_dir), str(config), "--data", str(csv)]) == 2
+    assert "neither a run directory nor an adapter directory" in capsys.readouterr().err

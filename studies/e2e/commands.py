@@ -14,10 +14,12 @@ from train.cli import Command
 
 def eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "target",
+        "targets",
+        nargs="+",
         metavar="CONFIG_OR_RUN_DIR",
         help="YAML run config (its base model), run/adapter directory (LoRA "
-        "unmerged), or a model directory such as lora-jax merge's output",
+        "unmerged), or a model directory such as lora-jax merge's output; several LoRA "
+        "run/adapter directories of one base decode together, each scored on its own",
     )
     parser.add_argument(
         "--data",

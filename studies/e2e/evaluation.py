@@ -1,7 +1,7 @@
 """``lora-jax eval``: decode every distinct MR of an E2E CSV and score it against all its refs.
 
-    lora-jax eval CONFIG_OR_RUN_DIR --data PATH [--out DIR] [--greedy | --num-beams N]
-                  [--limit N] [--batch-size N] [--max-new-tokens N]
+    lora-jax eval CONFIG_OR_RUN_DIR [RUN_DIR ...] --data PATH [--out DIR]
+                  [--greedy | --num-beams N] [--limit N] [--batch-size N] [--max-new-tokens N]
 
 CONFIG_OR_RUN_DIR is what to evaluate:
 
@@ -33,6 +33,13 @@ With ``--out DIR``::
     scores.md        the scores as a table (also on the paper's scale), with the settings
 
 DIR must be new, empty or an earlier ``--out`` of ``lora-jax eval`` (train/rundir.py).
+
+Several run or adapter directories of LoRA adapters of one base are decoded together, in
+one pass over the MRs: their adapters go into one bank (``lj.stack``) and every batch holds
+each MR once per adapter, each row decoding with its own (``models.generate(...,
+adapter_ids=)``). Each adapter gets its own scores, as if evaluated alone (the same tokens,
+up to float rounding at a near tie), and with ``--out DIR`` its own files in
+``DIR/<i>-<name>/`` (i: its position on the command line, name: its run directory's).
 """
 
 from __future__ import annotations
@@ -43,15 +50,17 @@ import json
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import jax.numpy as jnp
 import numpy as np
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
+import lora_jax as lj
 import models
 from studies.e2e import metrics as e2e_metrics
 from studies.e2e.decoding import PAPER_DECODING, Decoding
 from train import layout, rundir
-from train.adapter import AdapterError
+from train.adapter import AdapterError, load_adapter, read_meta
 from train.config import load_config
 from train.data import DataError, load_table, select_columns
 from train.data import eos_id as data_eos_id
@@ -75,6 +84,7 @@ class Target(NamedTuple):
     tokenizer: Tokenizer
     eos_token: str | None  # None: the model's own EOS token
     description: str
+    slots: int = 0  # > 0: params hold a bank of that many adapters (`load_bank`)
 
 
 def read_e2e(path: str | Path) -> list[tuple[str, list[str]]]:
@@ -146,8 +156,55 @@ def load_target(target: str | Path) -> Target:
     return Target(model, params, tokenizer, None, f"model {target}")
 
 
+def load_bank(targets: list[str | Path]) -> tuple[Target, list[str]]:
+    """Several LoRA run or adapter directories of one base as one Target whose params hold
+    their bank (``lj.stack``, slot i: ``targets[i]``), and each adapter's description.
+
+    Raises AdapterError (one line) for a directory that is not a LoRA adapter, or whose base
+    (model, shapes, fingerprint) is not the first one's."""
+    directories = [adapter_dir(t) for t in targets]
+    first = load_adapted(directories[0])
+    adapted = lj.flatten_paths(lj.adapter(first.params)) if first.meta["method"] == "lora" else {}
+    if not adapted:
+        raise AdapterError(
+            f"{directories[0]} holds a {first.meta['method']} adapter; several adapters decode "
+            "together only as LoRA adapters of one base: evaluate it alone"
+        )
+    base = lj.unflatten_paths(
+        {p: v for p, v in lj.flatten_paths(first.params).items() if p not in adapted}
+    )
+    adapters, descriptions = [], []
+    for directory in directories:
+        meta = first.meta if directory == directories[0] else read_meta(directory)
+        if meta["method"] != "lora" or meta["model"] != first.meta["model"]:
+            raise AdapterError(
+                f"{directory} holds a {meta['method']} adapter of {meta['model']}; decoding "
+                f"together needs LoRA adapters of one base ({first.meta['model']})"
+            )
+        adapters.append(lj.adapter(load_adapter(directory, base)))  # checks the fingerprint
+        descriptions.append(f"lora adapter {directory.resolve()} on {meta['model']}")
+    bank = Target(
+        first.model,
+        lj.combine(base, lj.stack(adapters)),
+        first.tokenizer,
+        _run_eos_token(directories[0]),
+        f"{len(adapters)} LoRA adapters of {first.meta['model']} in one bank",
+        slots=len(adapters),
+    )
+    return bank, descriptions
+
+
 def decode(target: Target, mrs: list[str], decoding: Decoding, batch_size: int = 8) -> list[str]:
     """One output per MR, decoded in batches (the last one padded by repeating its last MR)."""
+    return decode_each(target, mrs, decoding, batch_size)[0]
+
+
+def decode_each(
+    target: Target, mrs: list[str], decoding: Decoding, batch_size: int = 8
+) -> list[list[str]]:
+    """One output per MR for each adapter of the target's bank (``target.slots``; a target
+    without a bank: one list). A batch of `batch_size` MRs decodes as batch_size x slots
+    rows, slot-major: row r runs slot ``r // batch_size``."""
     eos_id = data_eos_id(target.eos_token, target.tokenizer, target.model.config.eos_token_id)
     encoded = target.tokenizer.encode_batch(
         [e2e_prompt(mr) for mr in mrs], add_special_tokens=False
@@ -161,12 +218,14 @@ def decode(target: Target, mrs: list[str], decoding: Decoding, batch_size: int =
             f"{decoding.max_new_tokens} exceeds the model's context of {context} "
             f"tokens; lower --max-new-tokens"
         )
-    outputs = []
+    slots = max(target.slots, 1)
+    bank = {"adapter_ids": jnp.repeat(jnp.arange(slots), batch_size)} if target.slots else {}
+    outputs = [[] for _ in range(slots)]
     with tqdm(total=len(examples), unit="MR", desc="eval") as bar:
         for start in range(0, len(examples), batch_size):
             batch = examples[start : start + batch_size]
             ids_BxP, mask_BxP = left_padded_prompts(
-                batch + batch[-1:] * (batch_size - len(batch)), eos_id, length
+                (batch + batch[-1:] * (batch_size - len(batch))) * slots, eos_id, length
             )
             new_BxN = np.asarray(
                 models.generate(
@@ -177,12 +236,12 @@ def decode(target: Target, mrs: list[str], decoding: Decoding, batch_size: int =
                     eos_token_id=eos_id,
                     pad_token_id=eos_id,
                     **dataclasses.asdict(decoding),
+                    **bank,
                 )
             )
-            outputs += [
-                " ".join(decode_text(target.tokenizer, row, eos_id).split())
-                for row in new_BxN[: len(batch)]
-            ]
+            for slot, out in enumerate(outputs):
+                rows = new_BxN[slot * batch_size : slot * batch_size + len(batch)]
+                out += [" ".join(decode_text(target.tokenizer, r, eos_id).split()) for r in rows]
             bar.update(len(batch))
     return outputs
 
@@ -235,19 +294,27 @@ def run_command(args: argparse.Namespace) -> int:
     if args.out:  # before the slow work: a foreign non-empty directory is refused
         rundir.claim(args.out, layout.Kind.EVAL)
     groups = read_e2e(args.data)[: args.limit]
-    print(f"decoding {len(groups)} MRs of {args.data} with {args.target}")
+    print(f"decoding {len(groups)} MRs of {args.data} with {', '.join(map(str, args.targets))}")
     decoding = dataclasses.replace(
         PAPER_DECODING,
         num_beams=1 if args.greedy else args.num_beams,
         max_new_tokens=args.max_new_tokens,
     )
-    target = load_target(args.target)
-    predictions = decode(target, [mr for mr, _ in groups], decoding, args.batch_size)
-    scores = e2e_metrics.score(predictions, [refs for _, refs in groups])
-    markdown = report(
-        scores, description=target.description, data=args.data, mrs=len(groups), decoding=decoding
-    )
-    print(markdown)
-    if args.out:
-        print(f"written: {write_outputs(args.out, predictions, scores, markdown)}")
+    if len(args.targets) == 1:
+        target = load_target(args.targets[0])
+        descriptions, outs = [target.description], [args.out]
+        predictions = [decode(target, [mr for mr, _ in groups], decoding, args.batch_size)]
+    else:
+        target, descriptions = load_bank(args.targets)
+        names = [f"{i}-{adapter_dir(t).resolve().parent.name}" for i, t in enumerate(args.targets)]
+        outs = [args.out and Path(args.out) / name for name in names]
+        predictions = decode_each(target, [mr for mr, _ in groups], decoding, args.batch_size)
+    for description, out, outputs in zip(descriptions, outs, predictions, strict=True):
+        scores = e2e_metrics.score(outputs, [refs for _, refs in groups])
+        markdown = report(
+            scores, description=description, data=args.data, mrs=len(groups), decoding=decoding
+        )
+        print(markdown)
+        if out:
+            print(f"written: {write_outputs(out, outputs, scores, markdown)}")
     return 0
