@@ -163,11 +163,17 @@ def adapter_flat(adapter: Any, i: int) -> dict:
     """The LoRA leaves of adapter number `i` (named in errors), checked to be factors with
     scales and no bias delta."""
     flat = {p: leaf for p, leaf in _tree.flatten(adapter).items() if _tree.is_lora_leaf(p)}
-    deltas = [p for p in flat if _tree.leaf_name(p).endswith(_tree.DELTA_SUFFIX)]
-    if deltas:
+    extra = [p for p in flat if _tree.leaf_name(p).endswith(_tree.DELTA_SUFFIX)]
+    if extra:
         raise ValueError(
-            f"lj.stack: adapter {i} has a bias delta ({_tree.path_str(deltas[0])}); a bank holds "
+            f"lj.stack: adapter {i} has a bias delta ({_tree.path_str(extra[0])}); a bank holds "
             "factors only: fold the deltas into the base first."
+        )
+    extra = [p for p in flat if _tree.leaf_name(p).endswith(_tree.MAGNITUDE_SUFFIX)]
+    if extra:
+        raise ValueError(
+            f"lj.stack: adapter {i} is a DoRA adapter ({_tree.path_str(extra[0])}); a bank holds "
+            "plain LoRA factors only: merge DoRA adapters (lj.merge) instead."
         )
     if not _tree.adapted_weights(flat):
         raise ValueError(f"lj.stack: adapter {i} holds no LoRA factors (*_lora_a leaves).")

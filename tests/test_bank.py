@@ -358,6 +358,7 @@ def test_compress_is_the_optimal_truncation(keep):
         (lambda b, a: lj.put(b, 5, a["one"]), "not a slot of this bank of 2"),
         (lambda b, a: lj.put(b, 0, a["other_target"]), "has no slot for"),
         (lambda b, a: lj.stack([a["one"], a["delta"]]), "bias delta"),
+        (lambda b, a: lj.stack([a["one"], a["dora"]]), "DoRA adapter"),
         (lambda b, a: lj.merge(lj.combine(a["base"], b)), "pick one with"),
         (lambda b, a: lj.weighted_sum([a["one"]], [1.0, 2.0]), "one weight per adapter"),
     ],
@@ -376,6 +377,7 @@ def test_bad_bank_input_is_one_clear_error(call, message):
         "wide": make(3, "d/kernel"),
         "other_target": make(1, "e/kernel"),
         "delta": make(1, "d/kernel", bias="all"),
+        "dora": make(1, "d/kernel", use_dora=True),
     }
     bank = lj.stack([adapters["one"], make(2, "d/kernel")])
     with pytest.raises(ValueError, match=message):
