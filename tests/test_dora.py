@@ -81,9 +81,11 @@ def dora(llama):
 
 
 def _dora_params(base, seed=1):
-    """A DoRA adapter that does something: A, B and m all moved off their init. The noise is
-    numpy's (one eager jax.random compile per leaf shape costs seconds, not coverage)."""
-    params = lj.init(jax.random.key(0), base, lj.LoraConfig(RANK, 8, TARGETS, use_dora=True))
+    """A DoRA adapter that does something: A, B and m all moved off their init. `lj.init` runs
+    jitted and the noise is numpy's: eagerly every op (each jax.random draw per leaf shape)
+    compiles apart, seconds on a small CPU."""
+    config = lj.LoraConfig(RANK, 8, TARGETS, use_dora=True)
+    params = jax.jit(lj.init, static_argnums=2)(jax.random.key(0), base, config)
     rng = np.random.default_rng(seed)
 
     def bump(path, x):

@@ -35,10 +35,12 @@ def llama(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def initial(llama):
-    """init -> our initial adapter of that init (each factorised once, read by two tests)."""
+    """init -> our initial adapter of that init, factorised once (read by two tests) and
+    jitted (eagerly every op compiles apart, seconds on a small CPU)."""
     _, base = llama
+    init_jit = jax.jit(lj.init, static_argnums=2)
     config = lambda init: lj.LoraConfig(RANK, ALPHA, TARGETS, init=init)
-    return functools.cache(lambda init: lj.init(jax.random.key(0), base, config(init)))
+    return functools.cache(lambda init: init_jit(jax.random.key(0), base, config(init)))
 
 
 def _maps(model):
