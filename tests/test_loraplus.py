@@ -19,9 +19,13 @@ LR, RATIO = 0.1, 16.0
 
 
 def _params_and_grads():
-    base = {"d": {"kernel": jax.random.normal(jax.random.key(0), (8, 6)), "bias": jnp.zeros(6)}}
-    params = lj.init(jax.random.key(1), base, lj.LoraConfig(2, 4, "kernel", bias="all"))
-    grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(2), x.shape), params)
+    """(adapted params, gradients): drawn by numpy and `lj.init` jitted, as eagerly each
+    jax.random draw compiles apart per shape (seconds on a small CPU)."""
+    rng = np.random.default_rng(0)
+    base = {"d": {"kernel": rng.standard_normal((8, 6), np.float32), "bias": jnp.zeros(6)}}
+    config = lj.LoraConfig(2, 4, "kernel", bias="all")
+    params = jax.jit(lj.init, static_argnums=2)(jax.random.key(1), base, config)
+    grads = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape, np.float32)), params)
     return params, grads
 
 
@@ -52,6 +56,22 @@ def test_one_sgd_step_matches_the_closed_form():
     assert not np.any(d["kernel"]) and not np.any(d["kernel_lora_scale"])
 
 
+def _three_steps(tx, params, grads):
+    """`params` after 3 steps of `tx` on gradients (1 + step)·grads. Jitted: one compile,
+    where eagerly each optax op compiles apart."""
+
+    @jax.jit
+    def run(params):
+        state = tx.init(params)
+        for step in range(3):
+            g = jax.tree.map(lambda x: x * (1.0 + step), grads)
+            updates, state = tx.update(g, state, params)
+            params = optax.apply_updates(params, updates)
+        return params
+
+    return run(params)
+
+
 @pytest.mark.parametrize("make", [optax.adam, lambda lr: optax.adamw(lr, weight_decay=0.1)])
 def test_three_adam_steps_equal_per_group_optimizers(make):
     params, grads = _params_and_grads()
@@ -60,14 +80,7 @@ def test_three_adam_steps_equal_per_group_optimizers(make):
         {"a": make(LR), "b": make(LR * RATIO), "frozen": optax.set_to_zero()},
         _group_labels(params),
     )
-    p_ours, p_ref = params, params
-    s_ours, s_ref = ours.init(params), groups.init(params)
-    for step in range(3):
-        g = jax.tree.map(lambda x: x * (1.0 + step), grads)
-        u, s_ours = ours.update(g, s_ours, p_ours)
-        p_ours = optax.apply_updates(p_ours, u)
-        u, s_ref = groups.update(g, s_ref, p_ref)
-        p_ref = optax.apply_updates(p_ref, u)
+    p_ours, p_ref = _three_steps(ours, params, grads), _three_steps(groups, params, grads)
 
     # Adam's update is lr·(m̂/(√v̂+ε) + wd·p): ours rounds λ·(lr·x) where the reference
     # rounds (λ·lr)·x, one extra rounding of the update per step. The gradients are positive
