@@ -151,14 +151,12 @@ def test_llama_cpp_applies_the_export_as_lora_jax_does(tmp_path):
     dequantised: the same greedy tokens, logits within the bound below."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="make venv installs llama-cpp-python")
     model, base, tokenizer = models.load("smollm2-135m")
+    # Q and K: the rows GGUF permutes; rsLoRA with two ranks: two scales under one alpha. An
+    # adapter that keeps the model fluent: one that wrecks it amplifies llama.cpp's rounding.
     config = lj.LoraConfig(
-        8,
-        16,
-        r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel",
-        use_rslora=True,
-        rank_pattern={"v_proj": 4},
+        8, 16, r"(q_proj|k_proj)/kernel", use_rslora=True, rank_pattern={"k_proj": 4}
     )
-    params = _bumped(lj.init(jax.random.key(0), base, config), size=0.02)
+    params = _bumped(lj.init(jax.random.key(0), base, config), size=0.05)
     options = dict(dtype="float32", param_dtype="float32", scan_layers=False, remat="none")
     adapter = _save(tmp_path / "adapter", "smollm2-135m", base, params, config, options)
     out = export.export_gguf(adapter, tmp_path / "adapter.gguf")
@@ -204,7 +202,8 @@ def _llama_cpp_atol(config, expected) -> float:
     is vacuous, so this takes the typical size of n independent roundings, √n·u (the
     tolerances.py docstring: the worst case is ~√n times it), at the logits' scale, on
     two sides. The adapter's own products are float32 (a negligible 2^-24 each).
-    Measured on the embedded SmolLM2: 0.6 of this bound (0.37 without the adapter).
+    Measured on the embedded SmolLM2: 0.63 of this bound (0.41 without the adapter); the
+    adapter moves the logits by 8x it.
     """
     n = 5 * config.num_layers + 1
     return 2 * math.sqrt(n) * tol.unit_roundoff(ml_dtypes.bfloat16) * tol.scale_of(expected)
