@@ -18,30 +18,33 @@ from test_export_gguf import CONFIG, _bumped, _save
 
 import lora_jax as lj
 import models
-from train import cli, layout
+from train import cli, export, layout
 
 import tolerances as tol
 import train_fixtures as tf
 
 IDS = np.array([[5, 17, 3, 42, 8, 23, 11]], np.int32)
 
-# Loads a PEFT directory as a user would, knowing nothing but the directory.
+# Loads PEFT directories as a user would, knowing nothing but the directory; saves
+# <directory>/logits.npy for the token ids in argv[1].
 _LOAD = """
 import sys, numpy as np, torch
 from peft import AutoPeftModelForCausalLM
-model = AutoPeftModelForCausalLM.from_pretrained(sys.argv[1], torch_dtype=torch.float32).eval()
-ids = torch.tensor(np.load(sys.argv[2]), dtype=torch.long)
-with torch.no_grad():
-    np.save(sys.argv[3], model(input_ids=ids).logits.numpy())
+ids = torch.tensor(np.load(sys.argv[1]), dtype=torch.long)
+for directory in sys.argv[2:]:
+    model = AutoPeftModelForCausalLM.from_pretrained(directory, torch_dtype=torch.float32)
+    with torch.no_grad():
+        np.save(directory + "/logits.npy", model.eval()(input_ids=ids).logits.numpy())
 """
 
 
-def _auto_peft_logits(directory, tmp_path) -> np.ndarray:
+def _auto_peft_logits(directories, tmp_path) -> list[np.ndarray]:
+    """Each directory's logits from one fresh process with the hub offline (one torch import)."""
     np.save(tmp_path / "ids.npy", IDS)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    argv = [sys.executable, "-c", _LOAD, str(directory), str(tmp_path / "ids.npy")]
-    subprocess.run([*argv, str(tmp_path / "logits.npy")], check=True, env=env)
-    return np.load(tmp_path / "logits.npy")
+    argv = [sys.executable, "-c", _LOAD, str(tmp_path / "ids.npy"), *map(str, directories)]
+    subprocess.run(argv, check=True, env=env)
+    return [np.load(d / "logits.npy") for d in directories]
 
 
 @pytest.fixture(scope="module")
@@ -57,28 +60,40 @@ def run(tmp_path_factory):
     return adapter, ours, atol
 
 
-def test_auto_peft_loads_the_export_offline_with_our_logits(run, tmp_path, capsys):
-    adapter, ours, atol = run
-    out = tmp_path / "peft"
-    assert cli.main(["export", "--format", "peft", str(adapter), "--out", str(out)]) == 0
-    written = json.loads((out / "adapter_config.json").read_text())
+@pytest.fixture(scope="module")
+def exports(run, tmp_path_factory):
+    """(plain export, serving-safe export, what --serving-safe printed, their PEFT logits)."""
+    adapter, _, _ = run
+    root = tmp_path_factory.mktemp("exports")
+    plain, safe = root / "peft", root / "safe"
+    assert cli.main(["export", "--format", "peft", str(adapter), "--out", str(plain)]) == 0
+    said = []
+    export.export_peft(adapter, safe, serving_safe=True, say=said.append)
+    return plain, safe, said, _auto_peft_logits([plain, safe], root)
+
+
+def test_auto_peft_loads_the_export_offline_with_our_logits(run, exports):
+    _, ours, atol = run
+    plain, _, _, (logits, _) = exports
+    written = json.loads((plain / "adapter_config.json").read_text())
     assert written["rank_pattern"] and written["use_rslora"]  # the patterns survive as PEFT's
-    tol.assert_close(_auto_peft_logits(out, tmp_path), ours, atol)
+    tol.assert_close(logits, ours, atol)
 
 
-def test_serving_safe_has_one_rank_and_alpha_and_the_same_logits(run, tmp_path, capsys):
+def test_serving_safe_has_one_rank_and_alpha_and_the_same_logits(run, exports, capsys):
     adapter, ours, atol = run
-    out = tmp_path / "safe"
-    argv = ["export", "--format", "peft", str(adapter), "--out", str(out), "--serving-safe"]
-    assert cli.main(argv) == 0
-    said = capsys.readouterr().out
+    _, out, said, (_, logits) = exports
+    said = "\n".join(said)
     assert "ranks [2, 4] padded with zeros to r=4" in said and "folded into lora_B" in said
+    argv = ["export", "--format", "peft", str(adapter), "--out", str(out), "--serving-safe"]
+    assert cli.main(argv) == 0  # the command line prints the same, and replaces its own export
+    assert said in capsys.readouterr().out
     written = json.loads((out / "adapter_config.json").read_text())
     assert (written["r"], written["lora_alpha"], written["use_rslora"]) == (4, 4, False)
     assert not written["rank_pattern"] and not written["alpha_pattern"]
     assert not written["modules_to_save"]
     # B·s rounds once more in float32 than s·(x·A)·B: within the same chain bound
-    tol.assert_close(_auto_peft_logits(out, tmp_path), ours, atol)
+    tol.assert_close(logits, ours, atol)
 
 
 def test_merged_checkpoint_is_one_copy_readable_by_all(run, tmp_path):
@@ -104,8 +119,6 @@ def adapter_base(adapter):
 
 
 def test_a_gguf_base_names_merge_base_only(tmp_path):
-    from train import export
-
     meta = {"model": "smollm2-135m"}
     with pytest.raises(export.adapter_lib.AdapterError, match="merge --base-only"):
         export.base_model_name_or_path(meta)
