@@ -16,7 +16,7 @@ An **adapter directory** (train/adapter.py)::
     adapter.json       method, model and load options, LoRA config, leaf specs, base fingerprint
 
 A **merged directory** (``lora-jax merge --out``): a Hugging Face checkpoint
-(models/hf_export.py) and ``params/``, the same merged tree in orbax.
+(models/hf_export.py), and with ``--orbax`` ``params/``, the same merged tree in orbax.
 
 Each directory carries an ownership mark naming its :class:`Kind` (train/rundir.py): a
 command writes only into a new, empty or same-kind directory.
