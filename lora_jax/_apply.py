@@ -21,9 +21,11 @@ contractions batch over the rows, so the extra cost stays that of one rank-R ada
 whatever the number of slots; no per-row ΔW is formed. The alternatives cost more: a
 one-hot mix of all n slots multiplies the contractions by n, and ``lax.ragged_dot`` needs
 the rows sorted by adapter. Measured (``benchmarks/many_adapters.py``, results/
-many_adapters.json; CPU, 576 → 576, rank 8, 16 rows, a bank of 16): at 128 tokens per row
-one-hot takes 3.4–6.9× and ragged_dot 33–41× the gather's time for k = 1, 4, 16 distinct
-slots; at 1 token per row (decoding) one-hot 1.08–1.24× and ragged_dot 2.2–2.8×.
+many_adapters.json; CPU, 576 → 576, rank 8, 16 rows, a bank of 16, k = 1, 4, 16 distinct
+slots): at 32 tokens per row one-hot takes 2.0–2.2× and ragged_dot 14–20× the gather's
+time (at 128 tokens, in a noisier run: 3.4–6.9× and 33–41×); at 1 token per row (decoding)
+ragged_dot takes 1.8–2.0×, and one-hot 0.79–0.88× (1.08–1.24× in the noisier run): a
+fraction of a millisecond per layer either way, so one kernel, the gather, serves both.
 
 `infer_layout` uses the same interception to read, off a model, how each
 weight's axes split into stacked, input and output axes.
