@@ -173,7 +173,9 @@ CASES = {
 @pytest.mark.parametrize("name", CASES)
 def test_each_row_of_a_mixed_batch_equals_its_own_adapter_alone(name):
     c = case(name)
-    mixed = c.run({"params": lj.combine(c.base, lj.stack(c.adapters))}, c.x, adapter_ids=IDS)
+    mixed = c.run(
+        {"params": lj.combine(c.base, lj.stack(c.adapters))}, c.x, adapter_ids=jnp.array(IDS)
+    )
     # Second code path: each adapter alone, merged into the base (its own rank, no padding,
     # no gather, no factored forward), and the base alone, through the unmodified model.
     alone = {i: c.alone(adapter) for i, adapter in enumerate(c.adapters)}
