@@ -1,7 +1,7 @@
 """docs/pod.md: `lora-jax plan` for Llama-3.1-8B and -70B on TPU slices, LoRA beside full
 fine-tuning, and the sharding policies compared on one slice.
 
-    python -m benchmarks.pod [--out docs/pod.md] [--json benchmarks/results/pod.json]
+    python -m benchmarks.pod [--out docs/pod.md] [--json benchmarks/results/pod.json] [--render]
 
 Every figure is the TPU compiler's (libtpu, the ``[tpu-plan]`` extra) for the train step
 ``lora-jax train`` runs, compiled from shapes alone (train/plan.py). Global batches are
@@ -69,30 +69,74 @@ def plan_case(case: Case, extra: tuple[str, ...] = (), full: bool = True) -> lis
     return plans
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="docs/pod.md")
-    parser.add_argument("--json", default="benchmarks/results/pod.json")
-    args = parser.parse_args(argv)
-    started = time.time()
-    sections, results = [], {"cases": {}, "policies": []}
+def findings(results: dict[str, Any]) -> str:
+    """What the plans say, read off ``results``: memory of LoRA against full fine-tuning per
+    slice, and what each policy of the 8B comparison costs against the configuration."""
+    lines = []
+    for title, (lora, full) in results["cases"].items():
+        cap = lora["per_device"]["capacity"] / plan_lib.GiB
+        lora_gib, full_gib = (p["per_device"]["total"] / plan_lib.GiB for p in (lora, full))
+        verdict = (
+            "both fit"
+            if lora["fits"] and full["fits"]
+            else "only LoRA fits"
+            if lora["fits"]
+            else "neither fits"
+        )
+        speed = ""
+        if lora["tokens_per_s_per_device"] and full["tokens_per_s_per_device"]:
+            ratio = (
+                lora["tokens_per_s_per_device"]["mfu_40"]
+                / full["tokens_per_s_per_device"]["mfu_40"]
+            )
+            speed = f"; at equal MFU LoRA processes {ratio:.2f}x the tokens (fewer FLOPs)"
+        lines.append(
+            f"- **{title}**: LoRA {lora_gib:.2f} GiB per chip, full fine-tuning "
+            f"{full_gib:.2f} GiB, of {cap:.0f}: {verdict}{speed}."
+        )
+    base, *variants = results["policies"]
+    base_gib = base["per_device"]["total"] / plan_lib.GiB
+    lines.append(f"- **Policies** (8B LoRA on v5e-256, {base_gib:.2f} GiB per chip as configured):")
+    for p in variants:
+        gathers = (p["collectives"] or {}).get("all-gather")
+        gathered = (
+            f", all-gathers {gathers['count']:,} ({gathers['bytes'] / plan_lib.GiB:.1f} GiB)"
+            if gathers
+            else ""
+        )
+        gib = p["per_device"]["total"] / plan_lib.GiB
+        args = (p["per_device"]["arguments"] - base["per_device"]["arguments"]) / plan_lib.GiB
+        lines.append(
+            f"  - {p['variation']}: {gib:.2f} GiB ({'fits' if p['fits'] else 'does not fit'}"
+            f"; arguments {args:+.2f} GiB{gathered}). {WHY.get(p['variation'], '')}"
+        )
+    return "\n".join(lines)
+
+
+# why each policy of POLICIES costs what it does (the mechanism; the figures are computed)
+WHY = {
+    POLICIES[0][0]: "One whole 8,192-token row per chip and the 128,256-entry vocabulary "
+    "whole on it: the row's float32 logits (4.2 GB) and their gradient alone take most "
+    "of a v5e. Splitting the vocabulary over tensor=4 and the update into 4 micro-batches "
+    "is what makes 8B fit.",
+    POLICIES[1][0]: "The factors and their AdamW moments whole on every chip cost a few "
+    "hundred MiB of arguments and the same FLOPs; fewer but not smaller gathers (the "
+    "weights they adapt are gathered anyway), so `inherit` stays the default.",
+    POLICIES[2][0]: "Keeping every matmul output of 32 layers at 8,192 tokens is an order "
+    "of magnitude beyond the chip: full remat (only each layer's input kept) is required.",
+}
+
+
+def render(results: dict[str, Any]) -> str:
+    """docs/pod.md from the results of :func:`main` (``benchmarks/results/pod.json``)."""
+    sections = []
     for case in CASES:
-        print(f"{case.title} ...", flush=True)
-        plans = plan_case(case)
-        results["cases"][case.title] = plans
+        plans = results["cases"][case.title]
         sections.append(
             f"### {case.title}\n\n`lora-jax plan configs/pod/{case.config} --topology "
             f"{case.topology} {' '.join(case.overrides)}`\n\n{plan_lib.table(plans)}\n\n"
             + "\n".join(f"- {plan_lib.collective_lines(p)}" for p in plans)
         )
-    baseline = CASES[0]
-    compared = [results["cases"][baseline.title][0]]
-    for what, extra in POLICIES:
-        print(f"policy: {what} ...", flush=True)
-        p = plan_case(baseline, extra, full=False)[0]
-        p["variation"] = what
-        compared.append(p)
-    results["policies"] = compared
     chips = sorted({c.topology.split(":")[0] for c in CASES})
     chip_lines = "\n".join(
         f"- {c.name}: {c.hbm_bytes / plan_lib.GiB:.0f} GiB HBM, {c.peak_flops / 1e12:.0f} "
@@ -100,18 +144,24 @@ def main(argv: list[str] | None = None) -> int:
         for c in plan_lib.CHIPS.values()
         if c.name in chips
     )
-    text = f"""# Pod-scale plans
+    return f"""# Pod-scale plans
 
-Generated by `python -m benchmarks.pod` ({(time.time() - started) / 60:.0f} min on this
-machine), which runs `lora-jax plan` (train/plan.py) for each slice: the TPU compiler
-(libtpu 0.0.42, no TPU needed) compiles the very train step `lora-jax train` runs, from
-shapes alone, and reports per chip. LoRA is r=16 on every projection (q, k, v, o, gate,
-up, down; configs/pod/), bf16 base and activations, float32 factors and AdamW state,
-scanned layers with full remat, chunked attention; 8,192 tokens per row.
+Generated by `python -m benchmarks.pod` ({results["minutes"]:.0f} min on a 2-core CPU),
+which runs `lora-jax plan` (train/plan.py) for each slice: the TPU compiler (libtpu
+0.0.42, no TPU needed) compiles the very train step `lora-jax train` runs, from shapes
+alone, and reports per chip. LoRA is r=16 on every projection (q, k, v, o, gate, up,
+down; configs/pod/), bf16 base and activations, float32 factors and AdamW state, scanned
+layers with full remat, chunked attention; 8,192 tokens per row, >= 1M tokens per update.
 
-How to read the columns:
+## What the plans say
+
+{findings(results)}
+
+## How to read the tables
+
 - **arguments / temp / total**: the compiler's own memory figures per chip (total =
-  arguments + outputs - donated + temporaries) against the chip's HBM.
+  arguments + outputs - donated + temporaries) against the chip's HBM; a step the
+  compiler refuses shows its figure for the temporaries and no FLOPs.
 - **compiled TFLOP**: the dot and convolution FLOPs of the compiled step, each loop body
   weighed by its trip count (XLA's cost analysis counts a scanned layer once); it includes
   remat's recomputation and the flash attention's backward recompute.
@@ -119,6 +169,7 @@ How to read the columns:
   per token, LoRA 4·P + 3·a + 6·F (no weight gradients of the frozen P; F factor elements).
 - **step ≥ s**: max(compiled FLOPs / peak, bytes accessed / HBM bandwidth), a lower bound.
 - **tokens/s/chip @40%**: tokens per chip over (model FLOPs / (0.4 x peak)).
+- **collectives**: per chip and step, loop bodies counted as often as they run.
 
 Chips:
 {chip_lines}
@@ -129,13 +180,39 @@ Chips:
 
 ## Policies for the 8B LoRA step on v5e-256
 
-{plan_lib.table(compared)}
+{plan_lib.table(results["policies"])}
 
 Rows in order: the configuration above, then
 {chr(10).join(f"{i + 2}. {what}" for i, (what, _) in enumerate(POLICIES))}.
 """
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="docs/pod.md")
+    parser.add_argument("--json", default="benchmarks/results/pod.json")
+    parser.add_argument(
+        "--render", action="store_true", help="only write --out again from the --json results"
+    )
+    args = parser.parse_args(argv)
+    if args.render:
+        results = json.loads(Path(args.json).read_text())
+    else:
+        started = time.time()
+        results = {"cases": {}, "policies": []}
+        for case in CASES:
+            print(f"{case.title} ...", flush=True)
+            results["cases"][case.title] = plan_case(case)
+        baseline = CASES[0]
+        results["policies"] = [results["cases"][baseline.title][0]]
+        for what, extra in POLICIES:
+            print(f"policy: {what} ...", flush=True)
+            p = plan_case(baseline, extra, full=False)[0]
+            results["policies"].append(p | {"variation": what})
+        results["minutes"] = (time.time() - started) / 60
+        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+    text = render(results)
     Path(args.out).write_text(text)
-    Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
     print(text)
     return 0
 
