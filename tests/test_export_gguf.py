@@ -149,7 +149,7 @@ def test_llama_cpp_applies_the_export_as_lora_jax_does(tmp_path):
     """llama.cpp (llama-cpp-python, installed by the Makefile) on the embedded Q4_1 SmolLM2
     GGUF with the exported adapter, against lora-jax's unmerged forward on the same weights
     dequantised: the same greedy tokens, logits within the bound below."""
-    llama_cpp = pytest.importorskip("llama_cpp", reason="make venv installs llama-cpp-python")
+    llama_cpp = pytest.importorskip("llama_cpp", reason="make test installs llama-cpp-python")
     model, base, tokenizer = models.load("smollm2-135m")
     # Q and K: the rows GGUF permutes; rsLoRA with two ranks: two scales under one alpha. An
     # adapter that keeps the model fluent: one that wrecks it amplifies llama.cpp's rounding.
