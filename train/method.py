@@ -188,6 +188,15 @@ def prepare(method: str, params: Any, lora: LoraSection, key: jax.Array) -> tupl
     return params, mask
 
 
+def prepared_shapes(method: str, params: Any, lora: LoraSection) -> tuple[Any, Any]:
+    """(the shapes :func:`prepare` gives ``params`` (arrays or shapes), its mask): nothing
+    is computed, so a run can lay out and compile for the tree before making it."""
+    shapes = jax.eval_shape(
+        lambda p, key: prepare(method, p, lora, key)[0], params, jax.random.key(0)
+    )
+    return shapes, MASKS[method](shapes)
+
+
 def forward(method: str, apply_fn: Callable[..., Any], dropout: float) -> Callable[..., Any]:
     """``apply_fn`` (``model.apply``) as the method runs it: LoRA's factored forward, with
     LoRA dropout drawn from the ``'dropout'`` rng stream, or unchanged."""

@@ -160,7 +160,6 @@ class Abstract:
 
     model: models.Decoder
     params: Any  # ShapeDtypeStructs of the params trained from
-    mask: Any
     steps: Steps
     state: Any  # ShapeDtypeStructs (with shardings) of the train state
     frozen: Any  # of the frozen half
@@ -170,25 +169,20 @@ class Abstract:
 def abstract_run(cfg: RunConfig, mesh: Mesh) -> Abstract:
     """The model, params, train state and batch of ``cfg`` on ``mesh``, all abstract."""
     model, base = models.abstract_load(cfg.model.name, **method_lib.model_options(cfg))
-    params = jax.eval_shape(
-        lambda b, key: method_lib.prepare(cfg.method, b, cfg.lora, key)[0],
-        base,
-        jax.random.key(0),
-    )
-    mask = method_lib.MASKS[cfg.method](params)
+    params, mask = method_lib.prepared_shapes(cfg.method, base, cfg.lora)
     steps = build_steps(cfg, model, params, mask, mesh, cfg.optim.max_steps or SCHEDULE_STEPS)
-    trainable = lj.split(params, mask)[1]
+    frozen, trainable = lj.split(params, mask)
     state = _with(
         jax.eval_shape(lambda p: init_state(p, steps.tx, jax.random.key(0)), trainable),
         steps.state,
     )
-    frozen = _with(lj.split(params, mask)[0], steps.frozen)
+    frozen = _with(frozen, steps.frozen)
     shape = (cfg.optim.grad_accum_steps, cfg.data.batch_size, cfg.data.max_length)
     batch_sharding = mesh_lib.batch_sharding(mesh, 3)
     batch = {
         k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding) for k in BATCH_FIELDS
     }
-    return Abstract(model, params, mask, steps, state, frozen, batch)
+    return Abstract(model, params, steps, state, frozen, batch)
 
 
 def _with(shapes: Any, shardings: Any) -> Any:

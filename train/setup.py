@@ -210,8 +210,7 @@ def setup(cfg: RunConfig, log: Callable[[str], None] = print) -> Setup:
     def prepared(base: Any, key: jax.Array) -> Any:
         return method_lib.prepare(cfg.method, base, cfg.lora, key)[0]
 
-    shapes = jax.eval_shape(prepared, base, init_key)
-    mask = method_lib.MASKS[cfg.method](shapes)
+    shapes, mask = method_lib.prepared_shapes(cfg.method, base, cfg.lora)
     batches_per_epoch = train_batches(splits, cfg.data, seed=cfg.seed).steps_in_epoch(0)
     steps = total_steps(cfg.optim, batches_per_epoch)
     compiled = build_steps(cfg, model, shapes, mask, mesh, steps)
