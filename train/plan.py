@@ -68,7 +68,7 @@ CHIPS = {
     "TPU v4": Chip("v4", 32 * GiB, 275e12, 1228e9, "https://cloud.google.com/tpu/docs/v4"),
     "TPU v5 lite": Chip("v5e", 16 * GiB, 197e12, 819e9, "https://cloud.google.com/tpu/docs/v5e"),
     "TPU v5": Chip("v5p", 95 * GiB, 459e12, 2765e9, "https://cloud.google.com/tpu/docs/v5p"),
-    "TPU v6 lite": Chip("v6e", 32 * GiB, 918e12, 1640e9, "https://cloud.google.com/tpu/docs/v6e"),
+    "TPU v6 lite": Chip("v6e", 32 * GiB, 918e12, 1638e9, "https://cloud.google.com/tpu/docs/v6e"),
 }
 
 
