@@ -29,6 +29,7 @@ that every LoRA factor fits its weight.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -81,12 +82,17 @@ def resolve(cfg: RunConfig) -> RunConfig:
     Only the model's config is read (``models.abstract_load``) to count its parameters."""
     if cfg.model.param_dtype != "auto":
         return cfg
-    dtype = "float32"
-    if cfg.method != "full":
-        _, shapes = models.abstract_load(cfg.model.name, scan_layers=cfg.model.scan_layers)
-        if sum(math.prod(x.shape) for x in jax.tree.leaves(shapes)) >= FROZEN_BF16_AT:
-            dtype = "bfloat16"
+    frozen_large = cfg.method != "full" and _base_parameters(cfg.model.name) >= FROZEN_BF16_AT
+    dtype = "bfloat16" if frozen_large else "float32"
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, param_dtype=dtype))
+
+
+@functools.lru_cache(maxsize=16)
+def _base_parameters(name: str) -> int:
+    """Elements of the base ``name``, from its config (kept: a run resolves its config in
+    check_targets, model_options and setup)."""
+    _, shapes = models.abstract_load(name)
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
 
 
 def check_targets(cfg: RunConfig) -> None:
