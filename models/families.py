@@ -19,7 +19,10 @@ import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from models.config import ModelConfig, RopeScaling
+from models.layers import rope_frequencies
 
 LEAVES = ("kernel", "embedding", "scale", "bias")  # the parameter names of a models.Decoder
 
@@ -54,8 +57,11 @@ class Family:
 
     config_from_hf: ModelConfig from a transformers config.json dict.
     config_to_hf: the family's part of a config.json (`hf_config` adds the common fields).
-    config_from_gguf: (metadata getter `get(key, default)`, has an output tensor) ->
-      ModelConfig; None when the family has no GGUF names.
+    config_from_gguf: (metadata getter `get(key, default)`, has an output tensor, getter of
+      a small tensor's values `tensor(name)` (None when absent)) -> ModelConfig; None when
+      the family has no GGUF names.
+    gguf_config_tensors: GGUF tensors that are part of the config, not parameters (read by
+      `config_from_gguf`, skipped when loading).
     hf_buffers: transformers tensors that are not parameters (skipped when loading).
     hf_optional_prefix: a prefix of transformers names that some checkpoints leave out.
     peft_ties_head: whether PEFT ties an embedding adapter to the output module.
@@ -65,7 +71,10 @@ class Family:
     modules: tuple[Module, ...]
     config_from_hf: Callable[[dict[str, Any]], ModelConfig]
     config_to_hf: Callable[[ModelConfig], dict[str, Any]]
-    config_from_gguf: Callable[[Callable[..., Any], bool], ModelConfig] | None = None
+    config_from_gguf: (
+        Callable[[Callable[..., Any], bool, Callable[[str], Any]], ModelConfig] | None
+    ) = None
+    gguf_config_tensors: tuple[str, ...] = ()
     hf_buffers: tuple[str, ...] = ()
     hf_optional_prefix: str = ""
     peft_ties_head: bool = True
@@ -215,8 +224,19 @@ def _llama_to_hf(config: ModelConfig) -> dict[str, Any]:
     )
 
 
-def _llama_from_gguf(get: Callable[..., Any], has_output: bool) -> ModelConfig:
+ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's RoPE frequency divisors (Llama 3.1 on)
+# Llama 3's pre-training context, Hugging Face's rope_scaling.original_max_position_embeddings
+# in every Llama 3.1 / 3.2 config.json; GGUF files of those models do not record it
+LLAMA3_ORIGINAL_CONTEXT = 8192
+
+
+def _llama_from_gguf(
+    get: Callable[..., Any], has_output: bool, tensor: Callable[[str], Any]
+) -> ModelConfig:
     heads, hidden = get("llama.attention.head_count"), get("llama.embedding_length")
+    head_dim = get("llama.rope.dimension_count", hidden // heads)
+    theta = get("llama.rope.freq_base", 10000.0)
+    divisors = tensor(ROPE_FREQS)
     return ModelConfig(
         family="llama",
         vocab_size=get("llama.vocab_size") or len(get("tokenizer.ggml.tokens")),
@@ -225,14 +245,66 @@ def _llama_from_gguf(get: Callable[..., Any], has_output: bool) -> ModelConfig:
         num_layers=get("llama.block_count"),
         num_heads=heads,
         num_kv_heads=get("llama.attention.head_count_kv", heads),
-        head_dim=get("llama.rope.dimension_count", hidden // heads),
+        head_dim=head_dim,
         max_position_embeddings=get("llama.context_length"),
         tie_word_embeddings=not has_output,
-        rope_theta=get("llama.rope.freq_base", 10000.0),
+        rope_theta=theta,
+        rope_scaling=None
+        if divisors is None
+        else llama3_scaling(
+            np.asarray(divisors, np.float64),
+            theta,
+            head_dim,
+            get("llama.rope.scaling.original_context_length", LLAMA3_ORIGINAL_CONTEXT),
+        ),
         norm_eps=get("llama.attention.layer_norm_rms_epsilon"),
         eos_token_id=get("tokenizer.ggml.eos_token_id"),
         pad_token_id=get("tokenizer.ggml.padding_token_id"),
     )
+
+
+def llama3_scaling(
+    divisors_h: np.ndarray, theta: float, head_dim: int, original_context: int
+) -> RopeScaling | None:
+    """Llama 3's RoPE scaling from llama.cpp's `rope_freqs` tensor, or None when it scales
+    nothing (every divisor 1).
+
+    llama.cpp stores, per frequency f_i = θ^(-2i/H), the divisor d_i it applies (f_i / d_i):
+    1 for wavelengths λ_i = 2π/f_i < L0/high, `factor` for λ_i > L0/low and between those
+    1/d = (1 − t)/factor + t with t = (L0/λ − low)/(high − low) (models/layers.py
+    ``rope_frequencies``). So factor = max d, and the divisors strictly between 1 and factor
+    give t_i = (1/d_i − 1/factor)/(1 − 1/factor), with L0/λ_i = low + (high − low)·t_i: a
+    line whose intercept and slope are low and high − low (a least-squares fit over those
+    points; at least two are needed). L0 is not in the file and only fixes the units of low
+    and high: with `original_context` (Llama 3's 8192) they come out as the model's config
+    says (1 and 4). The result is checked: its frequencies must equal f_i / d_i to float32
+    precision, else UnsupportedArchitectureError (not Llama 3's scaling).
+    """
+    divisors_h = np.asarray(divisors_h, np.float64)
+    if np.all(divisors_h == 1.0):
+        return None
+    inv_freq_h = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    _reject(divisors_h.shape != inv_freq_h.shape, f"{ROPE_FREQS} of shape {divisors_h.shape}")
+    factor = float(divisors_h.max())
+    between = (divisors_h > 1.0 + 1e-6) & (divisors_h < factor * (1.0 - 1e-6))
+    t_m = (1.0 / divisors_h[between] - 1.0 / factor) / (1.0 - 1.0 / factor)
+    x_m = original_context * inv_freq_h[between] / (2 * np.pi)  # L0 / λ
+    _reject(
+        len(t_m) < 2,
+        f"{ROPE_FREQS} with {len(t_m)} interpolated frequencies (Llama 3's scaling is "
+        f"identified from two or more)",
+    )
+    slope, low = np.polyfit(t_m, x_m, 1)
+    # the fit of float32 divisors is exact to ~1e-6; a config's factors are round numbers
+    scaling = RopeScaling(factor, round(low, 4), round(low + slope, 4), original_context)
+    ours_h = np.asarray(rope_frequencies(head_dim, theta, scaling), np.float64)
+    mismatch = np.max(np.abs(ours_h * divisors_h / inv_freq_h - 1.0))
+    _reject(
+        mismatch > 1e-5,  # float32 frequencies (2^-24 relative) through a few operations
+        f"{ROPE_FREQS} that is not Llama 3's RoPE scaling (the closest, {scaling}, is off "
+        f"by {mismatch:.2g} relative)",
+    )
+    return scaling
 
 
 _L, _B = "model.layers.{i}.", "blk.{i}."
@@ -274,6 +346,7 @@ LLAMA = Family(
     config_from_hf=_llama_from_hf,
     config_to_hf=_llama_to_hf,
     config_from_gguf=_llama_from_gguf,
+    gguf_config_tensors=(ROPE_FREQS,),
 )
 
 FAMILIES = {f.name: f for f in (GPT2, LLAMA)}
@@ -368,9 +441,10 @@ def to_hf(place: Place, value: Any) -> Any:
 
 
 def dropped(config: ModelConfig, fmt: str) -> set[str]:
-    """Checkpoint tensors that loading skips: buffers, and a tied output head (it is the
-    embedding; some checkpoints save it anyway)."""
-    names = set()
+    """Checkpoint tensors that loading skips: buffers, tensors of the config (GGUF's
+    `rope_freqs`), and a tied output head (it is the embedding; some checkpoints save it
+    anyway)."""
+    names = set(family(config).gguf_config_tensors) if fmt == "gguf" else set()
     if fmt == "hf":
         names = {b.format(i=i) for b in family(config).hf_buffers for i in range(config.num_layers)}
     head = locate(config, "lm_head/kernel")

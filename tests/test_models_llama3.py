@@ -105,3 +105,86 @@ def test_a_rope_scaling_we_do_not_implement_is_refused():
         rope_type="llama3", rope_theta=500000.0, **dataclasses.asdict(RopeScaling(8, 1, 4, 8192))
     )
     assert FAMILIES["llama"].config_from_hf(hf) == PRESETS["llama-3.1-8b"]
+
+
+def _llama_cpp_rope_freqs(config: models.ModelConfig) -> np.ndarray:
+    """``rope_freqs.weight`` as llama.cpp's converter (convert_hf_to_gguf.py, LlamaModel)
+    computes it from a Hugging Face config: per frequency, the divisor llama.cpp applies."""
+    s = config.rope_scaling
+    freqs = 1.0 / config.rope_theta ** (np.arange(0, config.head_dim, 2) / config.head_dim)
+    low_wavelength = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelength = s.original_max_position_embeddings / s.high_freq_factor
+    factors = []
+    for freq in freqs:
+        wavelength = 2 * np.pi / freq
+        if wavelength < high_wavelength:
+            factors.append(1.0)
+        elif wavelength > low_wavelength:
+            factors.append(s.factor)
+        else:
+            smooth = (s.original_max_position_embeddings / wavelength - s.low_freq_factor) / (
+                s.high_freq_factor - s.low_freq_factor
+            )
+            factors.append(1 / ((1 - smooth) / s.factor + smooth))
+    return np.asarray(factors, np.float32)
+
+
+def _write_gguf(path, config: models.ModelConfig, rope_freqs: np.ndarray | None) -> str:
+    """A GGUF header of ``config`` (Llama) with the embedding and, when given, rope_freqs."""
+    gguf = pytest.importorskip("gguf")
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for key, value in {
+        "block_count": config.num_layers,
+        "embedding_length": config.hidden_size,
+        "feed_forward_length": config.intermediate_size,
+        "attention.head_count": config.num_heads,
+        "attention.head_count_kv": config.num_kv_heads,
+        "context_length": config.max_position_embeddings,
+        "vocab_size": 16,
+    }.items():
+        writer.add_uint32(f"llama.{key}", value)
+    writer.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+    writer.add_float32("llama.rope.freq_base", config.rope_theta)
+    writer.add_tensor("token_embd.weight", np.ones((16, config.hidden_size), np.float32))
+    if rope_freqs is not None:
+        writer.add_tensor("rope_freqs.weight", rope_freqs)
+    writer.add_tensor("output.weight", np.ones((16, config.hidden_size), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(path)
+
+
+@pytest.mark.parametrize("name", ["llama-3.2-1b", "llama-3.1-8b"])
+def test_a_gguf_file_s_rope_freqs_give_the_model_s_llama3_scaling(tmp_path, name):
+    """Llama 3.1+ GGUF files carry the RoPE scaling only as llama.cpp's per-frequency
+    divisors; loading must recover the scaling of the model's config.json, by both readers
+    (the header-only config and the tensor reader, which must not call it an unknown
+    tensor), and run transformers' llama3 frequencies."""
+    from models.loaders.gguf import gguf_config, gguf_tensors
+
+    preset = dataclasses.replace(PRESETS[name], num_layers=1)
+    path = _write_gguf(tmp_path / "m.gguf", preset, _llama_cpp_rope_freqs(preset))
+    from_header = gguf_config(path)
+    from_tensors, _, unmatched, _ = gguf_tensors(path)
+    assert from_header.rope_scaling == from_tensors.rope_scaling == preset.rope_scaling
+    assert "rope_freqs.weight" not in unmatched and "token_embd.weight" not in unmatched
+    theirs, _ = ROPE_INIT_FUNCTIONS["llama3"](_hf_config(preset), "cpu")
+    ours = rope_frequencies(preset.head_dim, preset.rope_theta, from_header.rope_scaling)
+    # float32, a power, a division and at most 8 further roundings each, on values <= 1
+    tol.assert_close(np.asarray(ours), theirs.numpy(), tol.chain_atol(12, 1.0), "frequencies")
+    # without rope_freqs the file is unscaled
+    plain = _write_gguf(tmp_path / "plain.gguf", preset, None)
+    assert gguf_config(plain).rope_scaling is None
+
+
+def test_gguf_rope_freqs_that_are_not_llama3_s_scaling_are_refused(tmp_path):
+    preset = dataclasses.replace(PRESETS["llama-3.1-8b"], num_layers=1)
+    divisors = _llama_cpp_rope_freqs(preset)
+    divisors[3] = 2.0  # a kept frequency divided: no llama3 scaling gives this
+    path = _write_gguf(tmp_path / "odd.gguf", preset, divisors)
+    from models.loaders.gguf import gguf_config
+
+    with pytest.raises(models.UnsupportedArchitectureError, match="not Llama 3's RoPE scaling"):
+        gguf_config(path)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import models
-from models.loaders.gguf import config_from_gguf, field, read_metadata
+from models.loaders.gguf import config_from_gguf, field, read_f32, read_metadata
 from train.cli import main
 from train.config import ConfigError, DataConfig, save_config
 from train.data import DataError, build_splits, load_table
@@ -458,13 +458,17 @@ def test_gguf_metadata_is_read_as_gguf_reader_reads_it(tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    metadata, names = read_metadata(path)
+    metadata, infos = read_metadata(path)
     reader = gguf.GGUFReader(path)
     assert (
-        names
+        list(infos)
         == [t.name for t in reader.tensors]
         == ["token_embd.weight", "output.weight", "blk.0.attn_norm.weight"]
     )
     assert metadata == {k: field(reader, k) for k in reader.fields if not k.startswith("GGUF.")}
     assert config_from_gguf(metadata, True) == config_from_gguf(reader, True)
     assert metadata["tokenizer.ggml.tokens"][2:4] == ["é", "a b"]
+    # each tensor's data is where GGUFReader finds it
+    for t in reader.tensors:
+        assert infos[t.name].offset == t.data_offset
+        np.testing.assert_array_equal(read_f32(path, infos[t.name]), np.asarray(t.data))

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import mmap
 import struct
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import gguf
 import numpy as np
@@ -44,11 +44,20 @@ _SCALARS = {
 _STRING, _ARRAY = 8, 9
 
 
-def read_metadata(path: str | Path) -> tuple[dict[str, Any], list[str]]:
-    """(metadata {key: value}, tensor names) of a GGUF file (version 2 or 3), values decoded as
-    `GGUFReader`'s `contents()` decodes them. Reads only the header, in plain Python: a
-    `GGUFReader` builds a numpy view of every array element (SmolLM2's 100k vocabulary
-    strings: seconds), which a config does not need."""
+class TensorInfo(NamedTuple):
+    """Where a GGUF tensor lies: its dims (GGUF's order, fastest first), ggml type, and
+    the byte offset of its data from the start of the file."""
+
+    dims: tuple[int, ...]
+    ggml_type: int
+    offset: int
+
+
+def read_metadata(path: str | Path) -> tuple[dict[str, Any], dict[str, TensorInfo]]:
+    """(metadata {key: value}, {tensor name: TensorInfo}) of a GGUF file (version 2 or 3),
+    values decoded as `GGUFReader`'s `contents()` decodes them. Reads only the header, in
+    plain Python: a `GGUFReader` builds a numpy view of every array element (SmolLM2's 100k
+    vocabulary strings: seconds), which a config does not need."""
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
         if data[:4] != b"GGUF":
             raise ValueError(f"{path} is not a GGUF file (no GGUF magic)")
@@ -89,20 +98,38 @@ def read_metadata(path: str | Path) -> tuple[dict[str, Any], list[str]]:
         for _ in range(n_fields):
             key = string()
             metadata[key] = value(unpack("I"))
-        names = []
+        infos = []
         for _ in range(n_tensors):
-            names.append(string())
-            n_dims = unpack("I")
-            offset += 8 * n_dims + 4 + 8  # dims (u64 each), type (u32), data offset (u64)
-    return metadata, names
+            name = string()
+            dims = tuple(unpack("Q") for _ in range(unpack("I")))
+            infos.append((name, dims, unpack("I"), unpack("Q")))  # type, offset in the data
+        alignment = metadata.get("general.alignment", 32)
+        data_start = -(-offset // alignment) * alignment  # the data follows, aligned
+    return metadata, {
+        name: TensorInfo(dims, kind, data_start + at) for name, dims, kind, at in infos
+    }
 
 
-def config_from_gguf(reader: gguf.GGUFReader | Mapping[str, Any], has_output: bool) -> ModelConfig:
-    """ModelConfig from GGUF metadata; the LM head is tied unless `has_output` (the file has
-    the output head's tensor, `output.weight` in Llama)."""
+def read_f32(path: str | Path, info: TensorInfo) -> np.ndarray:
+    """The values of a float32 tensor (a small one: it is read whole), shaped like torch."""
+    if info.ggml_type != gguf.GGMLQuantizationType.F32:
+        raise ValueError(f"{path}: expected a float32 tensor, got ggml type {info.ggml_type}")
+    count = int(np.prod(info.dims))
+    values = np.fromfile(path, np.float32, count=count, offset=info.offset)
+    return values.reshape(tuple(reversed(info.dims)))
+
+
+def config_from_gguf(
+    reader: gguf.GGUFReader | Mapping[str, Any],
+    has_output: bool,
+    tensor: Callable[[str], np.ndarray | None] = lambda name: None,
+) -> ModelConfig:
+    """ModelConfig from GGUF metadata and the small tensors that belong to the config
+    (`tensor(name)`, None when the file lacks it: Llama 3.1's `rope_freqs`); the LM head is
+    tied unless `has_output` (the file has the output head's tensor, `output.weight`)."""
     family = families.gguf_family(field(reader, "general.architecture"))
     return family.config_from_gguf(
-        lambda key, default=None: field(reader, key, default), has_output
+        lambda key, default=None: field(reader, key, default), has_output, tensor
     )
 
 
@@ -157,9 +184,16 @@ def _file(path: str | Path) -> Path:
 def gguf_config(path: str | Path, **options: Any) -> ModelConfig:
     """The config `gguf_tensors` gives, from the file's header alone (`read_metadata`: the
     metadata and tensor names; no tensor data is read or dequantised)."""
-    metadata, names = read_metadata(_file(path))
+    path = _file(path)
+    metadata, infos = read_metadata(path)
     config, _ = configure(
-        config_from_gguf(metadata, _has_output(metadata, names)), options, str(path)
+        config_from_gguf(
+            metadata,
+            _has_output(metadata, infos),
+            lambda name: read_f32(path, infos[name]) if name in infos else None,
+        ),
+        options,
+        str(path),
     )
     return config
 
@@ -172,9 +206,15 @@ def gguf_tensors(
     reader carries the tokenizer metadata. No tensor is dequantised here. Biases that
     `options` add (`attention_bias`, `mlp_bias`) are zeros."""
     reader = gguf.GGUFReader(_file(path))
-    names = {t.name for t in reader.tensors}
+    tensors = {t.name: t for t in reader.tensors}
     config, zeros = configure(
-        config_from_gguf(reader, _has_output(reader, names)), options, str(path)
+        config_from_gguf(
+            reader,
+            _has_output(reader, tensors),
+            lambda name: np.asarray(dequantized(tensors[name])) if name in tensors else None,
+        ),
+        options,
+        str(path),
     )
     named, unmatched = rename(
         {t.name: dequantized(t) for t in reader.tensors},
