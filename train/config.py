@@ -102,6 +102,12 @@ class LoraSection:
     bias: Literal["none", "all", "lora_only"] = "none"
     rank_pattern: dict[str, int] | None = None  # {regex or trailing path segment: rank}
     alpha_pattern: dict[str, float] | None = None
+    # k adapters trained together on the frozen base (train/bank.py), each saved as its own
+    # adapter directory; lj.LoraConfig does not take these two (train/method.py lora_config)
+    num_adapters: int = _bounded(1, low=1)
+    # adapter j's A is drawn as a run with seed init_seeds[j] draws its one (the first half
+    # of jax.random.split(key(s))); None: seed + j. Data order and dropout follow ``seed``.
+    init_seeds: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -139,6 +145,9 @@ class OptimConfig:
     grad_clip: float | None = _bounded(1.0, low=0.0)  # global-norm clip; None: no clipping
     grad_accum_steps: int = _bounded(1, low=1)  # micro-batches (data batches) per update
     label_smoothing: float = _bounded(0.0, low=0.0, below=1.0)
+    # one peak rate per adapter (lora.num_adapters of them), each on the schedule above;
+    # None: every adapter uses learning_rate
+    learning_rates: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -214,6 +223,40 @@ class RunConfig:
                 "lora.targets is empty; give regexes over parameter paths, "
                 "e.g. lora.targets=['.*/(q_proj|v_proj)/kernel']"
             )
+        _check_adapters(self)
+
+
+def _check_adapters(cfg: RunConfig) -> None:
+    """ConfigError for per-adapter settings that do not fit ``lora.num_adapters`` (k), or
+    k > 1 with what the k-adapter step does not handle per adapter."""
+    k = cfg.lora.num_adapters
+    for key, values in (
+        ("optim.learning_rates", cfg.optim.learning_rates),
+        ("lora.init_seeds", cfg.lora.init_seeds),
+    ):
+        if values is not None and len(values) != k:
+            raise ConfigError(
+                f"{key} has {len(values)} value(s) for lora.num_adapters={k}; give one per "
+                f"adapter, or set lora.num_adapters={len(values)}"
+            )
+    if any(lr < 0 for lr in cfg.optim.learning_rates or ()):
+        raise ConfigError(
+            f"optim.learning_rates must be >= 0, got {list(cfg.optim.learning_rates)}"
+        )
+    if any(s < 0 for s in cfg.lora.init_seeds or ()):
+        raise ConfigError(f"lora.init_seeds must be >= 0, got {list(cfg.lora.init_seeds)}")
+    if k == 1:
+        return
+    if cfg.method != "lora":
+        raise ConfigError(
+            f"lora.num_adapters={k} trains {k} LoRA adapters, but method={cfg.method} has no "
+            f"adapters; set method=lora, or lora.num_adapters=1"
+        )
+    if cfg.lora.bias != "none":
+        raise ConfigError(
+            f"lora.num_adapters={k} holds the adapters in one bank (lj.stack), which has no "
+            f"bias deltas; set lora.bias=none, or train one adapter per run"
+        )
 
 
 def _check_bounds(node: Any, prefix: str) -> None:
