@@ -19,7 +19,7 @@ from lora_jax._bank import has_bank, put, stack, unstack
 from lora_jax._config import LoraConfig
 from lora_jax._init import init
 from lora_jax._layout import Layout
-from lora_jax._merge import materialize, merge, unmerge
+from lora_jax._merge import materialize, merge, merge_error, unmerge
 from lora_jax._partition import adapter, bias_mask, combine, optimizer, split, trainable_mask
 from lora_jax._quantize import QuantizedArray, dequantize, quantize
 from lora_jax._residual import convert_to_lora
@@ -47,6 +47,7 @@ __all__ = [
     "init",
     "materialize",
     "merge",
+    "merge_error",
     "optimizer",
     "partition_specs",
     "put",

@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lora_jax import _bank, _dora, _layout, _tree
+from lora_jax import _bank, _dora, _layout, _quantize, _tree
 
 
 def delta(
@@ -37,8 +37,12 @@ def _dora_direction(name: str, adapted: jax.Array, m: jax.Array, get) -> jax.Arr
     return adapted * (jnp.expand_dims(m.astype(adapted.dtype), in_axes) / norm)
 
 
-def _fold(params: Any, sign: int, adapter_flat: dict | None = None) -> dict:
-    """W ± s·A·B and b ± δ for every adapter, as a flat tree without the LoRA leaves."""
+def _fold(
+    params: Any, sign: int, adapter_flat: dict | None = None, requantize: bool = False
+) -> dict:
+    """W ± s·A·B and b ± δ for every adapter, as a flat tree without the LoRA leaves. A
+    quantized W (`lj.quantize`) is dequantised first; with `requantize` the sum is stored
+    back in W's format, else as a plain array of W's dtype."""
     flat = _tree.flatten(params)
     lora = (
         adapter_flat
@@ -58,7 +62,15 @@ def _fold(params: Any, sign: int, adapter_flat: dict | None = None) -> dict:
                 f"{name}: the adapter has factors for a weight the tree lacks; "
                 "it was made for another base model."
             )
-        w = _tree.value(out[path])
+        w = quantized = _tree.value(out[path])
+        if isinstance(quantized, _quantize.QuantizedArray):
+            if sign < 0:
+                raise ValueError(
+                    f"{name}: a quantized weight cannot be unmerged exactly (the merge "
+                    "requantised W + s·A·B to the format's grid); keep the quantized base "
+                    "and the adapter apart instead."
+                )
+            w = quantized.dequantize(jnp.promote_types(quantized.dtype, jnp.float32))
 
         def get(suffix):
             part = _tree.lora_path(path, suffix)
@@ -88,7 +100,16 @@ def _fold(params: Any, sign: int, adapter_flat: dict | None = None) -> dict:
                     "does not give W back without the norm); keep the base weights instead."
                 )
             adapted = _dora_direction(name, adapted, _tree.value(lora[magnitude]), get)
-        out[path] = _tree.wrap_like(out[path], adapted.astype(w.dtype))
+        if not isinstance(quantized, _quantize.QuantizedArray):
+            adapted = adapted.astype(w.dtype)
+        elif requantize:
+            lay = _layout.check_fits(name, w.shape, *(get(x).shape for x in _SINGLE))
+            adapted = _quantize.quantize_array(
+                adapted, quantized.fmt, lay, quantized.block_size, quantized.dtype
+            )
+        else:
+            adapted = adapted.astype(quantized.dtype)
+        out[path] = _tree.wrap_like(out[path], adapted)
     for path, leaf in lora.items():
         if _tree.leaf_name(path).endswith(_tree.DELTA_SUFFIX):
             bias_path = _tree.base_of(path)
@@ -105,21 +126,28 @@ def _fold(params: Any, sign: int, adapter_flat: dict | None = None) -> dict:
     return out
 
 
+_SINGLE = (_tree.A_SUFFIX, _tree.B_SUFFIX, _tree.SCALE_SUFFIX)
+
+
 def materialize(params: Any) -> Any:
     """W + s·A·B for every adapted weight, as a tree shaped like the base tree.
 
     The generic path: run *any* JAX function of the base parameters on the
     result. Inside a jitted, differentiated step the gradient flows to A and B
     (but the full-size W + ΔW and its gradient are materialised; `lj.apply`
-    avoids both). Accumulates in float32 (or wider) and casts back to W's dtype.
+    avoids both). Accumulates in float32 (or wider) and casts back to W's dtype. A
+    quantized W (`lj.quantize`) gives a plain array: dequant(W) + s·A·B in W's dtype.
     """
+    _refuse_bank(params)
+    return _tree.unflatten_like(params, _fold(params, +1))
+
+
+def _refuse_bank(params: Any) -> None:
     if _bank.has_bank(params):
         raise ValueError(
             f"the tree holds a bank of {_bank.size(params)} adapters: pick one with "
             "lj.merge(params, adapter_id=i)."
         )
-    out = _fold(params, +1)
-    return _tree.unflatten_like(params, out)
 
 
 def merge(params: Any, *, adapter_id: int | jax.Array | None = None) -> Any:
@@ -130,6 +158,13 @@ def merge(params: Any, *, adapter_id: int | jax.Array | None = None) -> Any:
     The result has exactly the base tree's structure, shapes and dtypes, so the
     unmodified model runs it at no extra cost. s·A·B is accumulated in float32 and
     cast back to W's dtype. Trained bias deltas are added to their biases.
+
+    A quantized W (`lj.quantize`; PEFT users meet it as peft #2321) merges by dequantise →
+    add s·A·B (float32) → requantise in W's format (same block size, nf4's double-quantised
+    scales): the result is a quantized tree of the same structure, and rounding the sum to
+    the format's grid adds the format's error again (nf4: up to half the largest level gap
+    times the block scale per element; int8: half a step). `merge_error` measures it.
+    Such a merge cannot be unmerged (`unmerge` refuses it).
 
     With `adapter_id`, `params` hold the base and a bank (`lj.stack`) and the result is the
     base with slot `adapter_id` folded in, the bank dropped. The slot's rank-padded factors
@@ -143,7 +178,8 @@ def merge(params: Any, *, adapter_id: int | jax.Array | None = None) -> Any:
       True
     """
     if adapter_id is None:
-        return materialize(params)
+        _refuse_bank(params)
+        return _tree.unflatten_like(params, _fold(params, +1, requantize=True))
     flat = _tree.flatten(params)
     single = [p for p in flat if _tree.is_lora_leaf(p)]
     if single:
@@ -153,7 +189,29 @@ def merge(params: Any, *, adapter_id: int | jax.Array | None = None) -> Any:
         )
     slot = _bank.slot(params, adapter_id)
     base = {p: leaf for p, leaf in flat.items() if not _bank.is_bank_leaf(p)}
-    return _tree.unflatten_like(params, _fold(_tree.unflatten_like(params, base), +1, slot))
+    return _tree.unflatten_like(
+        params, _fold(_tree.unflatten_like(params, base), +1, slot, requantize=True)
+    )
+
+
+def merge_error(params: Any) -> dict[str, jax.Array]:
+    """{path of each quantized adapted weight: max |dequant(merge(W)) − (dequant(W) + ΔW)|}
+    (float32 scalars): what requantising the merge (`merge`) costs, ΔW the adapter's exact
+    update (s·A·B, or DoRA's) in float32. Empty when no adapted weight is quantized."""
+    flat = _tree.flatten(params)
+    quantized = [
+        p
+        for p in _tree.adapted_weights(flat)
+        if isinstance(_tree.value(flat[p]), _quantize.QuantizedArray)
+    ]
+    if not quantized:
+        return {}
+    exact = _tree.flatten(materialize(_quantize.dequantize(params, jnp.float32)))
+    merged = _tree.flatten(_quantize.dequantize(merge(params), jnp.float32))
+    return {
+        _tree.path_str(p): jnp.max(jnp.abs(_tree.value(merged[p]) - _tree.value(exact[p])))
+        for p in quantized
+    }
 
 
 def unmerge(merged: Any, adapter: Any) -> Any:
