@@ -52,9 +52,27 @@ MASKS: dict[str, Callable[[Any], Any]] = {
 }
 
 
+# fields of the ``lora`` section that say how many adapters train, not what one adapter is
+ADAPTER_COUNT_FIELDS = ("num_adapters", "init_seeds")
+
+
 def lora_config(section: LoraSection) -> lj.LoraConfig:
-    """The ``lj.LoraConfig`` of a config's ``lora`` section."""
-    return lj.LoraConfig(**dataclasses.asdict(section))
+    """The ``lj.LoraConfig`` of a config's ``lora`` section (the config of each adapter)."""
+    fields = dataclasses.asdict(section)
+    for name in ADAPTER_COUNT_FIELDS:
+        fields.pop(name)
+    return lj.LoraConfig(**fields)
+
+
+def init_keys(cfg: RunConfig) -> jax.Array:
+    """The key of each adapter's initial factors: a run draws its adapter with the first
+    half of ``jax.random.split(key(seed))``; with ``lora.num_adapters = k`` adapter j is
+    drawn as a run of seed ``lora.init_seeds[j]`` (default ``seed + j``) draws its one.
+    One key for k = 1, else k keys (shape (k,)). Dropout and data order follow ``seed``."""
+    k = cfg.lora.num_adapters
+    seeds = cfg.lora.init_seeds or tuple(cfg.seed + j for j in range(k))
+    keys = [jax.random.split(jax.random.key(s))[0] for s in seeds]
+    return keys[0] if k == 1 else jnp.stack(keys)
 
 
 FROZEN_BF16_AT = 10**9  # base parameters from which "auto" stores a frozen base in bfloat16
@@ -177,11 +195,20 @@ def _examples(paths: Sequence[str], shown: int = 12) -> str:
 def prepare(method: str, params: Any, lora: LoraSection, key: jax.Array) -> tuple[Any, Any]:
     """(params to train from, trainable mask): adapted params for LoRA, else ``params``.
 
+    With ``lora.num_adapters = k > 1``, ``key`` holds k keys (:func:`init_keys`) and the
+    params hold a bank (``lj.stack``) of the k adapters ``lj.init`` draws with them.
     The mask is a tree of bools shaped like the returned params (:data:`MASKS`).
     """
     if method not in MASKS:
         raise ConfigError(f"unknown method {method!r}; use lora, full or bitfit")
-    if method == "lora":
+    if method == "lora" and lora.num_adapters > 1:
+        config = lora_config(lora)
+        adapters = [lj.adapter(lj.init(k, params, config)) for k in key]
+        try:
+            params = lj.combine(params, lj.stack(adapters))
+        except ValueError as e:
+            raise ConfigError(f"lora.num_adapters={lora.num_adapters}: {_one_line(e)}") from None
+    elif method == "lora":
         params = lj.init(key, params, lora_config(lora))
     mask = MASKS[method](params)
     if method == "bitfit" and not any(jax.tree.leaves(mask)):
@@ -197,9 +224,9 @@ def prepare(method: str, params: Any, lora: LoraSection, key: jax.Array) -> tupl
 def prepared_shapes(method: str, params: Any, lora: LoraSection) -> tuple[Any, Any]:
     """(the shapes :func:`prepare` gives ``params`` (arrays or shapes), its mask): nothing
     is computed, so a run can lay out and compile for the tree before making it."""
-    shapes = jax.eval_shape(
-        lambda p, key: prepare(method, p, lora, key)[0], params, jax.random.key(0)
-    )
+    k = lora.num_adapters
+    keys = jax.random.key(0) if k == 1 else jax.random.split(jax.random.key(0), k)
+    shapes = jax.eval_shape(lambda p, key: prepare(method, p, lora, key)[0], params, keys)
     return shapes, MASKS[method](shapes)
 
 
