@@ -83,6 +83,10 @@ class ModelConfig:
     # model, i.e. HF attention_bias=mlp_bias=True; the model computes the same function;
     # BitFit needs it on Llama
     add_biases: bool = False
+    # the frozen kernels that lora.targets adapts, stored quantized (lj.quantize after
+    # lj.init; QLoRA's nf4 with double-quantised block scales of 64, or int8 per channel)
+    # and dequantised inside each layer; method=lora only
+    quantize: Literal["none", "int8", "nf4"] = "none"
 
 
 # The models.load options of model.add_biases=true (Hugging Face LlamaConfig's flags).
@@ -97,11 +101,13 @@ class LoraSection:
     alpha: float = _bounded(16.0, above=0.0)  # scale alpha / rank (alpha / sqrt(rank): rsLoRA)
     targets: tuple[str, ...] = (".*/(q_proj|v_proj)/kernel",)  # regexes over whole param paths
     dropout: float = _bounded(0.0, low=0.0, below=1.0)
-    init: Literal["gaussian", "kaiming_uniform"] = "gaussian"  # how A is drawn; B = 0
+    # how A is drawn (B = 0), or PiSSA / OLoRA: A, B from W's SVD / QR, the base W − s·A·B
+    init: Literal["gaussian", "kaiming_uniform", "pissa", "olora"] = "gaussian"
     use_rslora: bool = False
     bias: Literal["none", "all", "lora_only"] = "none"
     rank_pattern: dict[str, int] | None = None  # {regex or trailing path segment: rank}
     alpha_pattern: dict[str, float] | None = None
+    use_dora: bool = False  # DoRA: a trained magnitude beside each adapted kernel
     # k adapters trained together on the frozen base (train/bank.py), each saved as its own
     # adapter directory; lj.LoraConfig does not take these two (train/method.py lora_config)
     num_adapters: int = _bounded(1, low=1)
@@ -148,6 +154,8 @@ class OptimConfig:
     # one peak rate per adapter (lora.num_adapters of them), each on the schedule above;
     # None: every adapter uses learning_rate
     learning_rates: tuple[float, ...] | None = None
+    # LoRA+ (lj.optimizer): B's (and DoRA magnitudes', bias deltas') rate this times A's
+    loraplus_lr_ratio: float | None = _bounded(None, above=0.0)
 
 
 @dataclass(frozen=True)
@@ -224,6 +232,7 @@ class RunConfig:
                 "e.g. lora.targets=['.*/(q_proj|v_proj)/kernel']"
             )
         _check_adapters(self)
+        _check_variants(self)
 
 
 def _check_adapters(cfg: RunConfig) -> None:
@@ -257,6 +266,32 @@ def _check_adapters(cfg: RunConfig) -> None:
             f"lora.num_adapters={k} holds the adapters in one bank (lj.stack), which has no "
             f"bias deltas; set lora.bias=none, or train one adapter per run"
         )
+
+
+def _check_variants(cfg: RunConfig) -> None:
+    """ConfigError for a LoRA variant (``model.quantize``, ``optim.loraplus_lr_ratio``,
+    ``lora.use_dora``, ``lora.init`` pissa/olora) where it does not apply."""
+    lora_only = {
+        "model.quantize": cfg.model.quantize != "none",
+        "optim.loraplus_lr_ratio": cfg.optim.loraplus_lr_ratio is not None,
+    }
+    for key, used in lora_only.items():
+        if used and cfg.method != "lora":
+            raise ConfigError(
+                f"{key} applies to LoRA's frozen base and factors, but method={cfg.method} "
+                f"has none; set method=lora, or leave {key} unset"
+            )
+    k = cfg.lora.num_adapters
+    per_adapter_base = {
+        "lora.use_dora=true": cfg.lora.use_dora,
+        f"lora.init={cfg.lora.init}": cfg.lora.init in ("pissa", "olora"),
+    }
+    for key, used in per_adapter_base.items():
+        if used and k > 1:
+            raise ConfigError(
+                f"{key} is not supported with lora.num_adapters={k} (a bank holds plain "
+                f"LoRA factors of one shared base); train one adapter per run"
+            )
 
 
 def _check_bounds(node: Any, prefix: str) -> None:
