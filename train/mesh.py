@@ -146,19 +146,21 @@ def param_shardings(
 
     ``logical_axes`` is ``models.logical_axes(model)``, shaped like the *base* params;
     the leaves ``params`` adds (LoRA factors, scales, bias deltas) get their names from
-    ``lj.partition_specs``.
+    ``lj.partition_specs``. A quantized kernel (``model.quantize``, ``lj.QuantizedArray``)
+    is replicated: its packed blocks run across the weight's axes.
     """
     base_rules = BASE_RULES[base]
     added_rules = base_rules if factors == "inherit" else {}
     base_paths = set(lj.flatten_paths(logical_axes))
     names = lj.flatten_paths(lj.partition_specs(logical_axes, params))
-    shardings = {
-        path: NamedSharding(
-            mesh,
-            spec_for(names[path], x.shape, mesh, base_rules if path in base_paths else added_rules),
-        )
-        for path, x in lj.flatten_paths(params).items()
-    }
+
+    def sharding(path: str, x: Any) -> Any:
+        if isinstance(x, lj.QuantizedArray):  # its buffers have no logical axes: replicated
+            return jax.tree.map(lambda _: replicated(mesh), x)
+        rules = base_rules if path in base_paths else added_rules
+        return NamedSharding(mesh, spec_for(names[path], x.shape, mesh, rules))
+
+    shardings = {path: sharding(path, x) for path, x in lj.flatten_paths(params).items()}
     return lj.unflatten_paths(shardings, like=params)
 
 

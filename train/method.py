@@ -64,15 +64,19 @@ def lora_config(section: LoraSection) -> lj.LoraConfig:
     return lj.LoraConfig(**fields)
 
 
+def init_seeds(cfg: RunConfig) -> tuple[int, ...]:
+    """Each adapter's init seed: ``lora.init_seeds``, else ``seed + j`` for adapter j."""
+    return cfg.lora.init_seeds or tuple(cfg.seed + j for j in range(cfg.lora.num_adapters))
+
+
 def init_keys(cfg: RunConfig) -> jax.Array:
     """The key of each adapter's initial factors: a run draws its adapter with the first
     half of ``jax.random.split(key(seed))``; with ``lora.num_adapters = k`` adapter j is
-    drawn as a run of seed ``lora.init_seeds[j]`` (default ``seed + j``) draws its one.
-    One key for k = 1, else k keys (shape (k,)). Dropout and data order follow ``seed``."""
-    k = cfg.lora.num_adapters
-    seeds = cfg.lora.init_seeds or tuple(cfg.seed + j for j in range(k))
-    keys = [jax.random.split(jax.random.key(s))[0] for s in seeds]
-    return keys[0] if k == 1 else jnp.stack(keys)
+    drawn as a run of seed ``init_seeds(cfg)[j]`` draws its one (so it is the adapter of
+    the run with ``seed`` = that seed, or with ``lora.init_seeds`` = [that seed]). One key
+    for k = 1, else k keys (shape (k,)). Dropout and data order follow ``seed``."""
+    keys = [jax.random.split(jax.random.key(s))[0] for s in init_seeds(cfg)]
+    return keys[0] if len(keys) == 1 else jnp.stack(keys)
 
 
 FROZEN_BF16_AT = 10**9  # base parameters from which "auto" stores a frozen base in bfloat16
@@ -192,8 +196,14 @@ def _examples(paths: Sequence[str], shown: int = 12) -> str:
     return f"{', '.join(distinct[:shown])}{more}{alike}" if paths else "none"
 
 
-def prepare(method: str, params: Any, lora: LoraSection, key: jax.Array) -> tuple[Any, Any]:
+def prepare(
+    method: str, params: Any, lora: LoraSection, key: jax.Array, quantize: str = "none"
+) -> tuple[Any, Any]:
     """(params to train from, trainable mask): adapted params for LoRA, else ``params``.
+
+    With ``quantize`` (``model.quantize``: ``"int8"`` or ``"nf4"``) every kernel LoRA
+    adapts is then stored quantized (``lj.quantize``, after ``lj.init`` so that DoRA's
+    magnitudes and PiSSA's residual come from the full-precision W); it stays frozen.
 
     With ``lora.num_adapters = k > 1``, ``key`` holds k keys (:func:`init_keys`) and the
     params hold a bank (``lj.stack``) of the k adapters ``lj.init`` draws with them.
@@ -210,6 +220,8 @@ def prepare(method: str, params: Any, lora: LoraSection, key: jax.Array) -> tupl
             raise ConfigError(f"lora.num_adapters={lora.num_adapters}: {_one_line(e)}") from None
     elif method == "lora":
         params = lj.init(key, params, lora_config(lora))
+    if quantize != "none":
+        params = quantize_adapted(params, quantize)
     mask = MASKS[method](params)
     if method == "bitfit" and not any(jax.tree.leaves(mask)):
         raise ConfigError(
@@ -221,12 +233,22 @@ def prepare(method: str, params: Any, lora: LoraSection, key: jax.Array) -> tupl
     return params, mask
 
 
-def prepared_shapes(method: str, params: Any, lora: LoraSection) -> tuple[Any, Any]:
+def quantize_adapted(params: Any, fmt: str) -> Any:
+    """``params`` with every kernel that has LoRA factors (an adapter's or a bank's) stored
+    as ``fmt`` (``lj.quantize``)."""
+    factor = re.compile("(_lora_a|_bank_a)$")
+    adapted = [factor.sub("", p) for p in lj.flatten_paths(params) if factor.search(p)]
+    return lj.quantize(params, fmt, "^(" + "|".join(map(re.escape, adapted)) + ")$")
+
+
+def prepared_shapes(
+    method: str, params: Any, lora: LoraSection, quantize: str = "none"
+) -> tuple[Any, Any]:
     """(the shapes :func:`prepare` gives ``params`` (arrays or shapes), its mask): nothing
     is computed, so a run can lay out and compile for the tree before making it."""
     k = lora.num_adapters
     keys = jax.random.key(0) if k == 1 else jax.random.split(jax.random.key(0), k)
-    shapes = jax.eval_shape(lambda p, key: prepare(method, p, lora, key)[0], params, keys)
+    shapes = jax.eval_shape(lambda p, key: prepare(method, p, lora, key, quantize)[0], params, keys)
     return shapes, MASKS[method](shapes)
 
 
