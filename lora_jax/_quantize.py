@@ -163,11 +163,14 @@ def quantize(
         raise ValueError(f"lj.quantize: unknown format {fmt!r}; use one of {FORMATS}.")
     flat = _tree.flatten(params)
     out = dict(flat)
-    for path, leaf in flat.items():
+    # Layouts by the base's leaves alone: an adapter's one-axis scales beside a stacked
+    # kernel would hide its stacked axis from the flattening rule.
+    base = {p: leaf for p, leaf in flat.items() if not _tree.is_adapter_leaf(p)}
+    for path, leaf in base.items():
         name = _tree.path_str(path)
-        if _tree.is_lora_leaf(path) or not _layout.is_matrix(leaf) or not re.search(targets, name):
+        if not _layout.is_matrix(leaf) or not re.search(targets, name):
             continue
-        lay = _layout.resolve(layout, path, flat)
+        lay = _layout.resolve(layout, path, base)
         out[path] = quantize_array(_tree.value(leaf), fmt, lay, block_size)
     return _tree.unflatten_like(params, out)
 

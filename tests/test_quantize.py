@@ -145,3 +145,16 @@ def test_the_factored_forward_runs_a_quantized_base_as_its_dequantised_copy():
         assert quantized["layers_0"]["kernel"].data.dtype == jnp.dtype(
             "int8" if fmt == "int8" else "uint8"
         )
+
+
+def test_an_adapted_stacked_kernel_is_quantized_per_layer():
+    # Beside the factors, the kernel's scale leaf (3,) has one axis; the layout still comes
+    # from the base's leaves (W stacked over 3 layers), so each layer has its own blocks.
+    config = lj.LoraConfig(2, 4, "kernel")
+    quantize = jax.jit(
+        lambda w: lj.quantize(lj.init(jax.random.key(0), {"proj": {"kernel": w}}, config), "nf4")
+    )
+    q = quantize(W)["proj"]["kernel"]
+    expected = _quantized("nf4")
+    assert q.data.shape == expected.data.shape == (3, 40, 32)
+    np.testing.assert_array_equal(q.data, expected.data)  # one computation, same input
