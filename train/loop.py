@@ -1,6 +1,12 @@
 """The updates of a run: :func:`loop` from the restored step to the end, judging each
 update (train/guard.py) before it may be checkpointed, logging, validating and stopping at a
 step boundary on Ctrl-C (:class:`StopOnSigint`).
+
+With ``lora.num_adapters = k > 1`` (train/bank.py) every adapter's update is judged by its
+own guard; when one diverges the run stops as a single-adapter run does, the message naming
+the adapter and its learning rate, and nothing of that step is saved for any adapter (the
+adapters share a checkpoint). Metrics records of adapter j have the split
+``<split>/adapter_<j>`` (train/bank.py ``adapter_split``).
 """
 
 from __future__ import annotations
@@ -16,13 +22,15 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from train import bank as bank_lib
 from train import guard
 from train import mesh as mesh_lib
 from train.batching import TrainBatches
 from train.checkpoint import Checkpoints
 from train.errors import UserError
 from train.metrics import MetricsLog, progress_bar
-from train.setup import Setup
+from train.setup import Setup, peak_learning_rates
+from train.step import updates_done
 
 
 class DivergenceError(UserError, FloatingPointError):
@@ -70,15 +78,34 @@ class StopOnSigint:
 
 def validate(
     s: Setup, state: Any, step: int, metrics_log: MetricsLog, log: Callable[[str], None]
-) -> dict[str, float] | None:
-    result = s.validate(state["params"])
-    if result is not None:
-        metrics_log.write(step, "validation", result)
+) -> list[dict[str, float]] | None:
+    """Each adapter's validation loss (train/setup.py ``Setup.validate``), logged."""
+    results = s.validate(state["params"])
+    for j, result in enumerate(results or []):
+        metrics_log.write(step, split_of("validation", j, s), result)
         log(
-            f"validation loss at step {step}: {result['loss']:.4f} "
+            f"validation loss{adapter_label(j, s)} at step {step}: {result['loss']:.4f} "
             f"(perplexity {result['perplexity']:.2f})"
         )
-    return result
+    return results
+
+
+def split_of(split: str, j: int, s: Setup) -> str:
+    """The metrics split of adapter ``j``'s records: ``split`` itself for a single adapter."""
+    return split if s.num_adapters == 1 else bank_lib.adapter_split(split, j)
+
+
+def adapter_label(j: int, s: Setup) -> str:
+    """`` of adapter j (learning rate r)`` when several adapters train, else nothing."""
+    if s.num_adapters == 1:
+        return ""
+    return f" of adapter {j} (optim.learning_rates[{j}] = {peak_learning_rates(s.cfg)[j]:g})"
+
+
+def per_adapter(device_metrics: dict[str, Any], k: int) -> list[dict[str, float]]:
+    """The step's metrics (float32 [] each, or [k] with k adapters) as k dicts of floats."""
+    host = {name: np.asarray(v).reshape(-1) for name, v in device_metrics.items()}
+    return [{name: float(v[j]) for name, v in host.items()} for j in range(k)]
 
 
 def loop(
@@ -90,50 +117,58 @@ def loop(
     resolved: dict[str, Any],
     metrics_log: MetricsLog,
     main: bool,
-    judge: guard.DivergenceGuard,
+    judges: list[guard.DivergenceGuard],
     stop: StopOnSigint,
-) -> tuple[Any, dict[str, float] | None]:
+) -> tuple[Any, list[dict[str, float]] | None]:
     """Updates from ``state["step"]`` to ``end`` (or to a Ctrl-C); a checkpoint every
-    ``checkpoint.every_steps``, at ``end`` and where stopped. Returns (state, the last
-    update's metrics). Raises DivergenceError (nothing saved for that step)."""
+    ``checkpoint.every_steps``, at ``end`` and where stopped. ``judges``: one guard per
+    adapter. Returns (state, each adapter's metrics of the last update). Raises
+    DivergenceError (nothing saved for that step)."""
     cfg = s.cfg
-    step = int(state["step"])
+    step = updates_done(state)
     bar = progress_bar(s.steps, step, main)
-    window: list[float] = []
+    windows: list[list[float]] = [[] for _ in judges]
     window_s: list[float] = []
     clock = time.perf_counter()
-    metrics: dict[str, float] | None = None
+    metrics: list[dict[str, float]] | None = None
     try:
         while step < end:
             local = stack([next(stream) for _ in range(cfg.optim.grad_accum_steps)])
             state, device_metrics = s.step_fn(state, s.frozen, mesh_lib.put_batch(local, s.mesh))
-            metrics = {k: float(np.asarray(v)) for k, v in device_metrics.items()}
+            metrics = per_adapter(device_metrics, s.num_adapters)
             step += 1
-            reason = judge.check(metrics)
-            if reason:
-                error = NonFiniteLossError if reason.startswith("the loss is") else DivergenceError
-                raise error(divergence_message(reason, step, checkpoints))
+            for j, (judge, adapter_metrics) in enumerate(zip(judges, metrics, strict=True)):
+                reason = judge.check(adapter_metrics)
+                if reason:
+                    error = (
+                        NonFiniteLossError if reason.startswith("the loss is") else DivergenceError
+                    )
+                    reason = f"{reason}{adapter_label(j, s)}"
+                    raise error(divergence_message(reason, step, checkpoints))
             now = time.perf_counter()
             step_s, clock = max(now - clock, 1e-9), now
-            tokens_per_s = metrics["tokens"] / step_s
-            window.append(metrics["loss"])
+            tokens_per_s = metrics[0]["tokens"] / step_s  # every adapter reads the same rows
+            for window, adapter_metrics in zip(windows, metrics, strict=True):
+                window.append(adapter_metrics["loss"])
             window_s.append(step_s)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+            losses = "/".join(f"{m['loss']:.4f}" for m in metrics)
+            bar.set_postfix(loss=losses, tok_s=f"{tokens_per_s:,.0f}")
             bar.update(1)
             if step % cfg.logging.every_steps == 0 or step == end:
-                metrics_log.write(
-                    step,
-                    "train",
-                    {
-                        "loss": float(np.mean(window)),
-                        "grad_norm": metrics["grad_norm"],
-                        "learning_rate": float(s.learning_rate(step - 1)),
-                        "tokens_per_s": tokens_per_s,
-                        "step_s": float(np.median(window_s)),
-                        "epoch": stream.position.epoch,
-                    },
-                )
-                window, window_s = [], []
+                for j, (window, adapter_metrics) in enumerate(zip(windows, metrics, strict=True)):
+                    metrics_log.write(
+                        step,
+                        split_of("train", j, s),
+                        {
+                            "loss": float(np.mean(window)),
+                            "grad_norm": adapter_metrics["grad_norm"],
+                            "learning_rate": float(s.learning_rates[j](step - 1)),
+                            "tokens_per_s": tokens_per_s,
+                            "step_s": float(np.median(window_s)),
+                            "epoch": stream.position.epoch,
+                        },
+                    )
+                windows, window_s = [[] for _ in judges], []
             if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < end:
                 validate(s, state, step, metrics_log, bar.write)
             stopping = stop.everywhere()

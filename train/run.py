@@ -15,13 +15,18 @@ that step is saved, so the newest checkpoint is the last good one), and a run th
 stuck at ln V raises :class:`NoLearningError`. Ctrl-C stops at the next step boundary with a
 checkpoint (:class:`RunStopped`); a full disk becomes one :class:`rundir.DiskFullError`.
 
-The run directory (``output_dir``) ends up as train/layout.py describes.
+The run directory (``output_dir``) ends up as train/layout.py describes. With
+``lora.num_adapters = k > 1`` (train/bank.py) the k adapters train together and each is
+written as its own adapter directory ``adapter_<j>/`` (``run_info.json`` lists them with
+their learning rates); no samples are generated (``lora-jax eval`` decodes each) and no
+loss curve drawn (metrics.jsonl holds each adapter's records).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,10 +34,11 @@ from pathlib import Path
 from typing import Any
 
 import jax
-from jax.sharding import Mesh
+import numpy as np
 
 import lora_jax as lj
 from train import adapter as adapter_lib
+from train import bank as bank_lib
 from train import guard, layout, rundir
 from train import loop as loop_lib
 from train import mesh as mesh_lib
@@ -45,8 +51,8 @@ from train.errors import UserError
 from train.metrics import MetricsLog
 from train.plot import plot_loss_curve
 from train.samples import Sample, distinct_prompts, generate_samples
-from train.setup import Setup, config_dict, run_info, setup
-from train.step import max_abs
+from train.setup import Setup, adapter_dirs, config_dict, peak_learning_rates, run_info, setup
+from train.step import max_abs, updates_done
 
 
 class NoLearningError(UserError, FloatingPointError):
@@ -62,15 +68,28 @@ class RunStopped(Exception):
 
 
 @dataclass
+class AdapterResult:
+    """One adapter of a run: where it is saved, how it was trained, how it validates."""
+
+    directory: Path  # its adapter directory (written once the run has finished)
+    learning_rate: float  # peak
+    init_seed: int
+    validation_before: dict[str, float] | None  # at the step the run (re)started from
+    validation_after: dict[str, float] | None
+
+
+@dataclass
 class RunResult:
     """What a finished (or stopped) run leaves behind."""
 
     run_dir: Path
     step: int  # updates done
+    # the adapter's validation (None with lora.num_adapters > 1: see ``adapters``)
     validation_before: dict[str, float] | None  # at the step the run (re)started from
     validation_after: dict[str, float] | None
     samples: list[Sample] = field(default_factory=list)
     state: Any = None  # the final train state (train/step.py)
+    adapters: list[AdapterResult] = field(default_factory=list)  # one per adapter
 
 
 def train(
@@ -157,12 +176,12 @@ def _run(
     )
     cleanup.callback(checkpoints.close)  # pending saves finish on any exit
     resolved = config_dict(cfg)
-    start_max_abs = _max_abs(s.state["params"], s.mesh)
+    start_max_abs = _max_abs(s, s.state["params"])
     state, stream = _restore_latest(s, checkpoints, resolved, force_resume, start_max_abs, log)
     if main:
         save_config(cfg, run_dir / layout.CONFIG_FILE)
         (run_dir / layout.RUN_INFO_FILE).write_text(json.dumps(run_info(s), indent=1) + "\n")
-    start = int(state["step"])
+    start = updates_done(state)
     metrics_log = MetricsLog(
         run_dir,
         jsonl=cfg.logging.jsonl,
@@ -184,33 +203,58 @@ def _run(
             resolved,
             metrics_log,
             main,
-            guard.DivergenceGuard(start_max_abs),
+            [guard.DivergenceGuard(start) for start in start_max_abs],
             stop,
         )
     checkpoints.wait()
-    step = int(state["step"])
+    step = updates_done(state)
     if step < end:  # Ctrl-C
         raise RunStopped(step, run_dir)
-    if (
-        step == s.steps
-        and last is not None
-        and guard.never_learned(last["loss"], last["grad_norm"], s.model.config.vocab_size)
-    ):
-        raise NoLearningError(_no_learning_message(last, s, checkpoints))
+    vocab = s.model.config.vocab_size
+    for j, adapter_last in enumerate(last if step == s.steps and last else []):
+        if guard.never_learned(adapter_last["loss"], adapter_last["grad_norm"], vocab):
+            raise NoLearningError(_no_learning_message(adapter_last, j, s, checkpoints))
     after = loop_lib.validate(s, state, step, metrics_log, log)
     samples = _finish(s, state, run_dir, log) if step == s.steps else []
-    if main:
+    if main and s.num_adapters == 1:  # train/plot.py draws one adapter's splits
         plot_loss_curve(
             metrics_log.records,
             run_dir / layout.LOSS_CURVE_FILE,
             f"{cfg.method} fine-tuning of {Path(cfg.model.name).name}",
         )
-    return RunResult(run_dir, step, before, after, samples, state)
+    adapters = [
+        AdapterResult(run_dir / directory, peak, seed, *validations)
+        for directory, peak, seed, *validations in zip(
+            adapter_dirs(cfg),
+            peak_learning_rates(cfg),
+            method_lib.init_seeds(cfg),
+            before or [None] * s.num_adapters,
+            after or [None] * s.num_adapters,
+            strict=True,
+        )
+    ]
+    single = s.num_adapters == 1
+    return RunResult(
+        run_dir,
+        step,
+        adapters[0].validation_before if single else None,
+        adapters[0].validation_after if single else None,
+        samples,
+        state,
+        adapters,
+    )
 
 
-def _max_abs(tree: Any, mesh: Mesh) -> float:
-    """max |x| over ``tree`` (global arrays on ``mesh``), as a host float on every process."""
-    return float(jax.jit(max_abs, out_shardings=mesh_lib.replicated(mesh))(tree))
+def _max_abs(s: Setup, trainable: Any) -> list[float]:
+    """max |x| over each adapter's part of ``trainable`` (global arrays on ``s.mesh``;
+    for methods other than LoRA, the whole), as host floats on every process."""
+    each = (
+        max_abs
+        if s.axes is None
+        else functools.partial(bank_lib.max_abs_each, axes=s.axes["params"])
+    )
+    found = jax.jit(each, out_shardings=mesh_lib.replicated(s.mesh))(trainable)
+    return [float(x) for x in np.asarray(found).reshape(-1)]
 
 
 def _restore_latest(
@@ -218,7 +262,7 @@ def _restore_latest(
     checkpoints: Checkpoints,
     resolved: dict[str, Any],
     force: bool,
-    start_max_abs: float,
+    start_max_abs: list[float],
     log: Callable[[str], None],
 ) -> tuple[Any, TrainBatches]:
     """(state, stream) at the latest checkpoint, after checking the config and that its
@@ -234,7 +278,9 @@ def _restore_latest(
             f"--force-resume to continue anyway"
         )
     state, position = checkpoints.restore(step, abstract_like(s.state, s.state_shardings))
-    reason = guard.blow_up(_max_abs(state["params"], s.mesh), start_max_abs)
+    found = _max_abs(s, state["params"])
+    reasons = [guard.blow_up(x, start) for x, start in zip(found, start_max_abs, strict=True)]
+    reason = next((f"{r}{loop_lib.adapter_label(j, s)}" for j, r in enumerate(reasons) if r), None)
     if reason:
         raise CheckpointError(
             f"cannot resume from {checkpoints.directory / str(step)}: its {reason}, so training "
@@ -245,10 +291,11 @@ def _restore_latest(
     return state, s.stream(position)
 
 
-def _no_learning_message(last: dict[str, float], s: Setup, checkpoints: Checkpoints) -> str:
+def _no_learning_message(last: dict[str, float], j: int, s: Setup, checkpoints: Checkpoints) -> str:
     vocab = s.model.config.vocab_size
     return (
-        f"the run learned nothing: its loss ended at {last['loss']:.4f} nats/token, ln V "
+        f"the run learned nothing: the loss{loop_lib.adapter_label(j, s)} ended at "
+        f"{last['loss']:.4f} nats/token, ln V "
         f"(a uniform guess over the {vocab:,}-token vocabulary), with gradient norm "
         f"{last['grad_norm']:.2g}, so no learning rate can move it. No adapter was written; "
         f"the checkpoints in {checkpoints.directory} are kept. Check model.name (is the "
@@ -257,19 +304,39 @@ def _no_learning_message(last: dict[str, float], s: Setup, checkpoints: Checkpoi
 
 
 def _finish(s: Setup, state: Any, run_dir: Path, log: Callable[[str], None]) -> list[Sample]:
-    """Write the adapter directory; return greedy samples (single-process runs)."""
+    """Write the adapter directory (one per adapter); return greedy samples (single-process
+    runs of one adapter)."""
     cfg = s.cfg
     final = lj.combine(s.frozen, state["params"])
     lora = method_lib.lora_config(cfg.lora).to_dict() if cfg.method == "lora" else None
-    saved = adapter_lib.save_adapter(
-        run_dir / layout.ADAPTER_DIR,
-        adapter_lib.artifact(final, s.mask, s.base),
+    save = functools.partial(
+        adapter_lib.save_adapter,
         method=cfg.method,
         model_name=cfg.model.name,
         lora=lora,
         base_fingerprint=adapter_lib.fingerprint(s.base),
         model_options=dataclasses.asdict(cfg.model),
     )
+    if s.num_adapters > 1:
+        for j, (directory, peak, seed) in enumerate(
+            zip(
+                adapter_dirs(cfg), peak_learning_rates(cfg), method_lib.init_seeds(cfg), strict=True
+            )
+        ):
+            # adapter j alone, as a run of one adapter holds it: its A, B and scales
+            params = lj.combine(s.base, lj.unstack(final, j))
+            mask = lj.trainable_mask(params)
+            extra = {
+                "learning_rate": peak,
+                "init_seed": seed,
+                "trained_with_adapters": s.num_adapters,
+            }
+            saved = save(
+                run_dir / directory, adapter_lib.artifact(params, mask, s.base), extra=extra
+            )
+            log(f"adapter {j} (learning rate {peak:g}): {saved}")
+        return []
+    saved = save(run_dir / layout.ADAPTER_DIR, adapter_lib.artifact(final, s.mask, s.base))
     log(f"adapter: {saved}")
     if not cfg.eval.samples or jax.process_count() > 1:
         return []

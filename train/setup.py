@@ -12,6 +12,7 @@ import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -23,6 +24,8 @@ from tokenizers import Tokenizer
 
 import lora_jax as lj
 import models
+from train import bank as bank_lib
+from train import layout
 from train import mesh as mesh_lib
 from train import method as method_lib
 from train.batching import START, DataPosition, TrainBatches
@@ -48,17 +51,28 @@ class Setup:
     state: Any  # the initial train state, on the mesh
     steps: int  # optimizer updates in the whole run
     step_fn: Callable[..., Any]  # jitted train_step(state, frozen, batches_KxBxL)
-    eval_fn: Callable[..., Any]  # jitted eval_step(trainable, frozen, batch_BxL)
+    # jitted eval_step(trainable, frozen, batch_BxL), with lora.num_adapters > 1 of one
+    # adapter of the bank: eval_step(trainable, frozen, batch_BxL, j) (train/bank.py)
+    eval_fn: Callable[..., Any]
+    axes: dict | None = None  # the adapter axis of each state leaf (train/bank.py); k = 1: None
 
     @property
     def state_shardings(self) -> Any:
         """The train state's shardings (train/mesh.py ``state_shardings``)."""
         return jax.tree.map(lambda x: x.sharding, self.state)
 
+    @property
+    def num_adapters(self) -> int:
+        """k, the adapters trained together (``lora.num_adapters``)."""
+        return self.cfg.lora.num_adapters
+
     @functools.cached_property  # built once: the loop calls it at every logged step
-    def learning_rate(self) -> optax.Schedule:
-        """The learning rate per update (train/optim.py ``schedule``)."""
-        return schedule(self.cfg.optim, self.steps)
+    def learning_rates(self) -> list[optax.Schedule]:
+        """Each adapter's learning rate per update (train/optim.py ``schedule``)."""
+        return [
+            schedule(dataclasses.replace(self.cfg.optim, learning_rate=peak), self.steps)
+            for peak in peak_learning_rates(self.cfg)
+        ]
 
     def stream(self, position: DataPosition = START) -> TrainBatches:
         """This process's training stream, from ``position`` (default: the start)."""
@@ -71,18 +85,40 @@ class Setup:
             position=position,
         )
 
-    def validate(self, trainable: Any) -> dict[str, float] | None:
-        """Validation loss/perplexity of ``trainable``; None without validation data."""
+    def validate(self, trainable: Any) -> list[dict[str, float]] | None:
+        """Validation loss/perplexity of each adapter of ``trainable`` (one, unless
+        ``lora.num_adapters > 1``); None without validation data."""
         if not self.splits.validation:
             return None
-        batches = validation_batches(
-            self.splits,
-            self.cfg.data,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-            num_batches=self.cfg.eval.num_batches,
+        steps = (
+            [self.eval_fn]
+            if self.axes is None
+            else [functools.partial(self._eval_one, j=j) for j in range(self.num_adapters)]
         )
-        return evaluate(self.eval_fn, trainable, self.frozen, batches, self.mesh)
+        return [
+            evaluate(
+                step,
+                trainable,
+                self.frozen,
+                validation_batches(
+                    self.splits,
+                    self.cfg.data,
+                    process_index=jax.process_index(),
+                    process_count=jax.process_count(),
+                    num_batches=self.cfg.eval.num_batches,
+                ),
+                self.mesh,
+            )
+            for step in steps
+        ]
+
+    def _eval_one(self, trainable: Any, frozen: Any, batch: Any, j: int) -> Any:
+        return self.eval_fn(trainable, frozen, batch, np.int32(j))
+
+
+def peak_learning_rates(cfg: RunConfig) -> tuple[float, ...]:
+    """Each adapter's peak learning rate: ``optim.learning_rates``, else ``learning_rate``."""
+    return cfg.optim.learning_rates or (cfg.optim.learning_rate,) * cfg.lora.num_adapters
 
 
 def run_info(s: Setup) -> dict[str, Any]:
@@ -103,7 +139,24 @@ def run_info(s: Setup) -> dict[str, Any]:
         "added_params": _size(s.frozen) + trainable - base,
         "optimizer_state_bytes": sum(x.nbytes for x in jax.tree.leaves(s.state["opt_state"])),
         "data": dataclasses.asdict(s.splits.report),
+        "adapters": [
+            {"directory": str(directory), "learning_rate": peak, "init_seed": seed}
+            for directory, peak, seed in zip(
+                adapter_dirs(s.cfg),
+                peak_learning_rates(s.cfg),
+                method_lib.init_seeds(s.cfg),
+                strict=True,
+            )
+        ],
     }
+
+
+def adapter_dirs(cfg: RunConfig) -> list[Path]:
+    """Where each adapter is saved, relative to the run directory: ``adapter/`` for one,
+    ``adapter_<j>/`` for each of ``lora.num_adapters > 1`` (train/bank.py)."""
+    k = cfg.lora.num_adapters
+    names = [layout.ADAPTER_DIR] if k == 1 else [bank_lib.adapter_dir_name(j) for j in range(k)]
+    return [Path(name) for name in names]
 
 
 def _size(tree: Any) -> int:
@@ -156,7 +209,8 @@ class Steps:
     trainable: Any  # shardings of the trainable half
     state: Any  # shardings of the train state (train/mesh.py ``state_shardings``)
     train: Any  # jitted train_step(state, frozen, batches_KxBxL) -> (state, metrics)
-    eval: Any  # jitted eval_step(trainable, frozen, batch_BxL) -> (loss sum, targets)
+    eval: Any  # jitted eval_step(trainable, frozen, batch_BxL[, j]) -> (loss sum, targets)
+    axes: dict | None  # the adapter axis of each state leaf (train/bank.py); k = 1: None
 
 
 def build_steps(
@@ -167,32 +221,46 @@ def build_steps(
     ``params`` (arrays or ``jax.ShapeDtypeStruct``s: only shapes are read) is the tree
     trained from and ``mask`` its trainable mask (train/method.py ``prepare``); ``steps``,
     the updates of the whole run, shapes the learning-rate schedule. ``lora-jax train``
-    runs these steps and ``lora-jax plan`` compiles them (train/plan.py).
+    runs these steps and ``lora-jax plan`` compiles them (train/plan.py). With
+    ``lora.num_adapters > 1`` the params hold a bank and the steps are train/bank.py's.
     """
     shardings = mesh_lib.param_shardings(
         models.logical_axes(model), params, mesh, cfg.mesh.base, cfg.mesh.factors
     )
     frozen_sh, trainable_sh = lj.split(shardings, mask)
-    trainable = lj.split(params, mask)[1]
-    # the method's mask selects every leaf of the trainable half (train/method.py MASKS)
-    tx = lj.optimizer(optimizer(cfg.optim, steps), trainable, method_lib.MASKS[cfg.method])
+    frozen, trainable = lj.split(params, mask)
+
+    def make_tx(peak: Any) -> optax.GradientTransformation:
+        # the method's mask selects every leaf of the trainable half (train/method.py MASKS)
+        optim = dataclasses.replace(cfg.optim, learning_rate=peak)
+        return lj.optimizer(optimizer(optim, steps), trainable, method_lib.MASKS[cfg.method])
+
+    peaks = peak_learning_rates(cfg)
+    tx = make_tx(peaks[0])
     state_sh = mesh_lib.state_shardings(tx, trainable, trainable_sh, mesh)
     forward = mesh_lib.with_activation_rules(
         method_lib.forward(cfg.method, model.apply, cfg.lora.dropout), mesh
     )
     replicated = mesh_lib.replicated(mesh)
+    smoothing = cfg.optim.label_smoothing
+    if cfg.lora.num_adapters == 1:
+        axes = None
+        step, evaluation = train_step(forward, tx, smoothing), eval_step(forward)
+        eval_sh = (trainable_sh, frozen_sh, mesh_lib.batch_sharding(mesh, 2))
+    else:
+        axes = bank_lib.state_axes(tx, trainable, bank_lib.adapter_axes(trainable, params))
+        frozen_axes = bank_lib.adapter_axes(frozen, params)
+        step = bank_lib.train_step(forward, make_tx, peaks, smoothing, axes, frozen_axes)
+        evaluation = bank_lib.eval_step(forward, axes["params"], frozen_axes)
+        eval_sh = (trainable_sh, frozen_sh, mesh_lib.batch_sharding(mesh, 2), replicated)
     train_fn = jax.jit(
-        train_step(forward, tx, cfg.optim.label_smoothing),
+        step,
         in_shardings=(state_sh, frozen_sh, mesh_lib.batch_sharding(mesh, 3)),
         out_shardings=(state_sh, replicated),
         donate_argnums=(0,),
     )
-    eval_fn = jax.jit(
-        eval_step(forward),
-        in_shardings=(trainable_sh, frozen_sh, mesh_lib.batch_sharding(mesh, 2)),
-        out_shardings=replicated,
-    )
-    return Steps(tx, shardings, frozen_sh, trainable_sh, state_sh, train_fn, eval_fn)
+    eval_fn = jax.jit(evaluation, in_shardings=eval_sh, out_shardings=replicated)
+    return Steps(tx, shardings, frozen_sh, trainable_sh, state_sh, train_fn, eval_fn, axes)
 
 
 def setup(cfg: RunConfig, log: Callable[[str], None] = print) -> Setup:
@@ -205,7 +273,14 @@ def setup(cfg: RunConfig, log: Callable[[str], None] = print) -> Setup:
     splits = build_splits(cfg.data, tokenizer, cfg.seed, model.config.eos_token_id)
     log(f"data: {splits.report.summary()}")
 
-    init_key, dropout_key = jax.random.split(jax.random.key(cfg.seed))
+    if cfg.lora.num_adapters > 1 and jax.process_count() > 1:
+        raise ConfigError(
+            f"lora.num_adapters={cfg.lora.num_adapters} runs in one process only (each "
+            f"adapter is cut out of the bank on the host when saved); run one process, or "
+            f"one adapter per run"
+        )
+    init_key = method_lib.init_keys(cfg)
+    dropout_key = jax.random.split(jax.random.key(cfg.seed))[1]
 
     def prepared(base: Any, key: jax.Array) -> Any:
         return method_lib.prepare(cfg.method, base, cfg.lora, key)[0]
@@ -222,7 +297,11 @@ def setup(cfg: RunConfig, log: Callable[[str], None] = print) -> Setup:
         f"method {cfg.method}: {n_trainable:,} trainable of {n_all:,} parameters "
         f"({100 * n_trainable / n_all:.3f}%); mesh {dict(mesh.shape)}"
     )
-    state = jax.jit(lambda p, key: init_state(p, compiled.tx, key), out_shardings=compiled.state)(
+    if compiled.axes is None:
+        make_state = functools.partial(init_state, tx=compiled.tx)
+    else:
+        make_state = functools.partial(bank_lib.init_state, tx=compiled.tx, axes=compiled.axes)
+    state = jax.jit(lambda p, key: make_state(p, rng=key), out_shardings=compiled.state)(
         trainable, dropout_key
     )
     return Setup(
@@ -238,4 +317,5 @@ def setup(cfg: RunConfig, log: Callable[[str], None] = print) -> Setup:
         steps,
         compiled.train,
         compiled.eval,
+        compiled.axes,
     )

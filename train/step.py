@@ -25,6 +25,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 import lora_jax as lj
@@ -92,9 +93,15 @@ def init_state(params: Any, tx: optax.GradientTransformation, rng: jax.Array) ->
 
 
 def train_step(
-    forward: Callable[..., Any], tx: optax.GradientTransformation, label_smoothing: float
+    forward: Callable[..., Any],
+    tx: optax.GradientTransformation,
+    label_smoothing: float,
+    combine: Callable[[Any, Any], Any] = lj.combine,
 ) -> Callable[[State, Any, Batch], tuple[State, dict]]:
     """``step(state, frozen, batches_KxBxL) -> (state, metrics)``: one optimizer update.
+
+    ``combine(frozen, trainable)`` makes the params ``forward`` runs (train/bank.py gives
+    one slot of a bank as one adapter's leaves).
 
     Gradients of the K micro-batches are summed in float32 by a ``lax.scan``, so memory
     is that of one micro-batch. ``metrics`` (float32 []): ``loss`` (nats per target
@@ -113,7 +120,7 @@ def train_step(
             rngs = {"dropout": jax.random.fold_in(step_key, index)}
 
             def objective(trainable):
-                params = lj.combine(frozen, trainable)
+                params = combine(frozen, trainable)
                 return loss_sum(forward, params, batch, label_smoothing, rngs)[0] / denominator
 
             value, grads = jax.value_and_grad(objective)(state["params"])
@@ -143,6 +150,12 @@ def train_step(
     return step
 
 
+def updates_done(state: State) -> int:
+    """The updates ``state`` has had, on the host (its ``step``; with several adapters,
+    train/bank.py, each adapter's step, the same for all)."""
+    return int(np.asarray(state["step"]).max())
+
+
 def max_abs(tree: Any) -> jax.Array:
     """float32 []: max |x| over every element of ``tree`` (NaN if any element is NaN)."""
     return jnp.max(
@@ -150,11 +163,13 @@ def max_abs(tree: Any) -> jax.Array:
     )
 
 
-def eval_step(forward: Callable[..., Any]) -> Callable[[Any, Any, Batch], tuple[Any, Any]]:
+def eval_step(
+    forward: Callable[..., Any], combine: Callable[[Any, Any], Any] = lj.combine
+) -> Callable[[Any, Any, Batch], tuple[Any, Any]]:
     """``step(trainable, frozen, batch_BxL) -> (summed loss, target tokens)``; no smoothing,
-    no dropout."""
+    no dropout. ``combine`` as in :func:`train_step`."""
 
     def step(trainable: Any, frozen: Any, batch: Batch):
-        return loss_sum(forward, lj.combine(frozen, trainable), batch, 0.0)
+        return loss_sum(forward, combine(frozen, trainable), batch, 0.0)
 
     return step

@@ -1,0 +1,130 @@
+"""train/bank.py through train/run.py: k LoRA adapters trained together on one frozen base
+(``lora.num_adapters``) equal k separate runs, and the settings they refuse."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+import lora_jax as lj
+import models
+from train import adapter as adapter_lib
+from train import layout
+from train.config import ConfigError, load_config
+from train.metrics import read_records
+from train.run import train
+
+import tolerances as tol
+import train_fixtures as tf
+
+pytestmark = pytest.mark.usefixtures("jax_compilation_cache")
+
+RATES = (1e-2, 3e-3, 1e-3)
+# dropout: each adapter must draw its separate run's masks; no remat: the step compiles in
+# 2/3 of the time (remat is the model's business, not the bank's)
+SETTINGS = ("lora.dropout=0.1", "checkpoint.every_steps=2", "model.remat=none")
+# tiny_config's run: the tiny Llama over 40 keys with rank-4 LoRA, 8 rows of 40 tokens.
+FORWARD = tol.decoder_depth(
+    layers=tf.LAYERS, hidden=tf.HIDDEN, mlp=tf.MLP, head_dim=tf.HEAD_DIM, keys=40, rank=4
+)
+
+
+def run_atol(updates: int, scale: float) -> float:
+    """Two runs that differ in the order of float32 reductions only (vmap batches the
+    adapters' matmuls, so XLA may sum in another order): the chain of a loss or parameter
+    after ``updates`` updates of 8 x 40 tokens (tolerances.train_depth, as
+    tests/test_train_mesh.py bounds 8 devices against 1). Measured: adapters and losses
+    differ by 1/300 to 1/3000 of it; adapter 0 against adapter 1's run by 1500x it."""
+    return tol.chain_atol(tol.train_depth(FORWARD, tf.VOCAB, 8 * 40, updates), scale)
+
+
+def adapter_leaves(directory, base):
+    """The saved adapter's LoRA leaves {path: array}, loaded onto ``base``."""
+    return {
+        p: np.asarray(v)
+        for p, v in lj.flatten_paths(lj.adapter(adapter_lib.load_adapter(directory, base))).items()
+    }
+
+
+def train_losses(run_dir, split):
+    return [r["loss"] for r in read_records(run_dir / layout.METRICS_FILE) if r["split"] == split]
+
+
+def test_k_adapters_trained_together_equal_k_separate_runs(run_files):
+    model_dir, csv, root = run_files
+    rates = f"optim.learning_rates=[{','.join(map(str, RATES))}]"
+    cfg = tf.tiny_config(model_dir, csv, root / "together", "lora.num_adapters=3", rates, *SETTINGS)
+    # stopped after 3 of 6 updates and resumed: the checkpoint holds the whole bank
+    assert train(cfg, stop_after=3, **tf.QUIET).step == 3
+    together = train(cfg, **tf.QUIET)
+    alone = [
+        # adapter j's separate run: its rate, the init seed the bank gave it (seed + j)
+        train(
+            tf.tiny_config(
+                model_dir,
+                csv,
+                root / f"alone_{j}",
+                f"optim.learning_rate={rate}",
+                f"lora.init_seeds=[{j}]",
+                *SETTINGS,
+            ),
+            **tf.QUIET,
+        )
+        for j, rate in enumerate(RATES)
+    ]
+    info = json.loads((root / "together" / layout.RUN_INFO_FILE).read_text())
+    assert [(a["directory"], a["learning_rate"]) for a in info["adapters"]] == [
+        (f"adapter_{j}", rate) for j, rate in enumerate(RATES)
+    ]
+    base = models.load(str(model_dir))[1]
+    for j, (adapter, single) in enumerate(zip(together.adapters, alone, strict=True)):
+        assert adapter.directory == root / "together" / f"adapter_{j}"
+        assert adapter.learning_rate == RATES[j]
+        ours = adapter_leaves(adapter.directory, base)
+        theirs = adapter_leaves(single.adapters[0].directory, base)
+        assert ours.keys() == theirs.keys()
+        for path, expected in theirs.items():
+            tol.assert_close(
+                ours[path], expected, run_atol(6, tol.scale_of(expected)), f"adapter {j} {path}"
+            )
+        loss = single.validation_after["loss"]
+        tol.assert_close(
+            adapter.validation_after["loss"], loss, run_atol(6, loss), f"adapter {j} val"
+        )
+        # the logged training losses, update by update (loss k after k - 1 updates)
+        split = f"train/adapter_{j}"
+        for k, (a, b) in enumerate(
+            zip(train_losses(root / "together", split), train_losses(single.run_dir, "train"))
+        ):
+            tol.assert_close(a, b, run_atol(k, b), f"adapter {j} train loss {k + 1}")
+    # the bound tells the rates apart: adapter 0 is not adapter 1's separate run
+    ours = adapter_leaves(together.adapters[0].directory, base)
+    theirs = adapter_leaves(alone[1].adapters[0].directory, base)
+    assert not all(tol.close(ours[p], e, run_atol(6, tol.scale_of(e))) for p, e in theirs.items())
+
+
+@pytest.mark.parametrize(
+    "overrides, problem",
+    [
+        (
+            ["lora.num_adapters=2", "optim.learning_rates=[1e-3]"],
+            "optim.learning_rates has 1 value(s) for lora.num_adapters=2",
+        ),
+        (["lora.init_seeds=[1, 2]"], "lora.init_seeds has 2 value(s) for lora.num_adapters=1"),
+        (["lora.num_adapters=2", "method=full"], "method=full has no adapters; set method=lora"),
+        (["lora.num_adapters=2", "method=bitfit"], "method=bitfit has no adapters"),
+        (["lora.num_adapters=2", "lora.bias=all"], "no bias deltas; set lora.bias=none"),
+        (
+            ["lora.num_adapters=2", "optim.learning_rates=[1e-3, -1e-3]"],
+            "optim.learning_rates must be >= 0",
+        ),
+        (["lora.num_adapters=0"], "'lora.num_adapters' must be >= 1"),
+    ],
+)
+def test_adapter_settings_that_cannot_work_are_refused_in_one_line(overrides, problem):
+    with pytest.raises(ConfigError, match=re.escape(problem)) as e:
+        load_config(None, overrides)
+    assert "\n" not in str(e.value)
