@@ -41,8 +41,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
-from lora_jax import _bank, _dora, _layout, _tree
+from lora_jax import _bank, _dora, _layout, _traced, _tree
 from lora_jax._layout import Layout
 from lora_jax._quantize import QuantizedArray
 
@@ -83,11 +84,31 @@ def apply(apply_fn: Callable[..., Any], *, dropout: float = 0.0) -> Callable[...
     @functools.wraps(apply_fn)
     def apply_with_lora(*args, adapter_ids=None, **kwargs):
         ids_B = None if adapter_ids is None else _bank.check_ids(adapter_ids)
-        interceptor = functools.partial(_lora_interceptor, dropout=dropout, ids_B=ids_B)
-        with nn.intercept_methods(interceptor):
-            return apply_fn(*args, **kwargs)
+
+        def intercepted(consumed: set, strict: bool):
+            interceptor = functools.partial(
+                _lora_interceptor, dropout=dropout, ids_B=ids_B, consumed=consumed, strict=strict
+            )
+            return nn.intercept_methods(interceptor)
+
+        if not isinstance(args[0], nnx.State):
+            consumed: set = set()
+            try:
+                with intercepted(consumed, strict=True):
+                    out = apply_fn(*args, **kwargs)
+                if not _traced.pending(args[0], consumed):
+                    return out
+            except _LeftToRewrite:
+                pass
+        consumed = set()
+        with intercepted(consumed, strict=False):
+            return _traced.call(apply_fn, args, kwargs, consumed, dropout)
 
     return apply_with_lora
+
+
+class _LeftToRewrite(Exception):
+    """A layer other than the stock ones owns an adapted weight: run `_traced.call`."""
 
 
 def _module_params(module: nn.Module) -> Mapping:
@@ -96,7 +117,12 @@ def _module_params(module: nn.Module) -> Mapping:
     return module.variables.get("params", {})
 
 
-def _lora_interceptor(next_fun, args, kwargs, context, *, dropout: float, ids_B):
+def _lora_interceptor(
+    next_fun, args, kwargs, context, *, dropout: float, ids_B, consumed: set, strict: bool
+):
+    """Adds the adapters of a stock layer's weights to its output and records their paths
+    (and its bias's, with a delta) in `consumed`. Another module's adapted weights are left
+    to the rewrite (`lora_jax._traced`); with `strict`, meeting one raises `_LeftToRewrite`."""
     module, method = context.module, context.method_name
     if method not in ("__call__", "attend"):
         return next_fun(*args, **kwargs)
@@ -104,7 +130,13 @@ def _lora_interceptor(next_fun, args, kwargs, context, *, dropout: float, ids_B)
     quantized = [k for k, v in own.items() if isinstance(v, QuantizedArray)]
     own = {k: v.dequantize() if k in quantized else v for k, v in own.items()}
     adapted = [k[: -len(_tree.A_SUFFIX)] for k in own if str(k).endswith(_tree.A_SUFFIX)]
+    if adapted and not isinstance(module, (*_KERNEL_LAYERS, nn.Embed)):
+        if strict:
+            raise _LeftToRewrite
+        adapted = []
     banked = [k[: -len(_bank.BANK_A)] for k in own if str(k).endswith(_bank.BANK_A)]
+    scope = tuple(module.scope.path) if own else ()
+    consumed.update(scope + (weight,) for weight in adapted + banked)
     has_delta = "bias" + _tree.DELTA_SUFFIX in own
     if not adapted and not banked and not has_delta and not quantized:
         return next_fun(*args, **kwargs)
@@ -132,6 +164,7 @@ def _lora_interceptor(next_fun, args, kwargs, context, *, dropout: float, ids_B)
             y = y + _bank_term(module, method, args, kwargs, x, own[weight], factors, y, ids_B)
     if has_delta and method == "__call__":
         y = y + _bias_delta(module, args, kwargs, own, y)
+        consumed.add(scope + ("bias",))
     return y
 
 
