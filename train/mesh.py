@@ -57,12 +57,14 @@ LOGICAL_RULES: dict[str, str | None] = {
 # flax logical axis rules of the activations the decoder constrains (models/decoder.py
 # RESIDUAL_AXES, LOGITS_AXES): rows over data x fsdp, the vocabulary over tensor. Pinning
 # them keeps XLA from splitting a matmul along the fsdp-sharded contraction instead (it
-# would then hold every row's [L, V] logits on each device).
+# would then hold every row's [L, V] logits on each device). Attention heads over tensor,
+# as their projections split them: TPU's splash kernel runs per device on that split.
 ACTIVATION_RULES = (
     ("activation_batch", BATCH_AXES),
     ("activation_length", None),
     ("activation_embed", None),
     ("activation_vocab", "tensor"),
+    ("activation_heads", "tensor"),
 )
 # mesh.base -> the rules of the base weights (and of factors that inherit them)
 BASE_RULES: dict[str, dict[str, str | None]] = {
