@@ -289,6 +289,22 @@ def _slice(eqn, invals):
     return t.with_factors(_bind(eqn, t.w), factors)
 
 
+def _split(eqn, invals):
+    """Consecutive slices along one axis (``jnp.split``: a fused projection's parts)."""
+    (t,) = invals
+    axis, sizes = eqn.params["axis"], eqn.params["sizes"]
+    parts, start = [], 0
+    for w, size in zip(_bind(eqn, t.w), sizes, strict=True):
+        factors = []
+        for f, axes in t.factors():
+            if axis in axes:
+                f = lax.slice_in_dim(f, start, start + int(size), axis=axes.index(axis))
+            factors.append((f, axes))
+        parts.append(t.with_factors(w, factors))
+        start += int(size)
+    return parts
+
+
 def _dynamic_slice(eqn, invals):
     t, starts = invals[0], invals[1:]
     if any(isinstance(v, Tracked) for v in starts) or len(starts) != t.w.ndim:
@@ -533,6 +549,7 @@ _RULES: dict[str, Callable] = {
     "reshape": _reshape,
     "slice": _slice,
     "dynamic_slice": _dynamic_slice,
+    "split": _split,
     "gather": _gather,
     "dot_general": _dot_general,
     "pjit": _inline("jaxpr"),

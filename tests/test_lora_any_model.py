@@ -326,3 +326,70 @@ def test_a_reshape_mixing_input_and_output_axes_is_a_clear_error():
     adapted = lj.init(jax.random.key(1), {"w": jnp.ones((4, 6))}, lj.LoraConfig(RANK, 4, r"w"))
     with pytest.raises(ValueError, match=r"w reaches `reshape`"):
         lj.apply(lambda p, x: x @ p["w"].reshape(6, 4))(adapted, jnp.ones((2, 6)))
+
+
+# ---------------------------------------------------------------- views and control flow
+
+
+def _custom_vjp_matmul():
+    @jax.custom_vjp
+    def matmul(x, w):
+        return x @ w
+
+    matmul.defvjp(lambda x, w: (x @ w, (x, w)), lambda res, g: (g @ res[1].T, res[0].T @ g))
+    return matmul
+
+
+def _while_over_layers(p, x):
+    def body(carry):
+        i, h = carry
+        return i + 1, jnp.tanh(h @ p["ws"][i])
+
+    return lax.while_loop(lambda c: c[0] < LAYERS, body, (0, x))[1]
+
+
+# Each reads the adapted weights of `_VIEW_TREE` through views and control flow; x (2, 6).
+VIEWS = {
+    "weight_on_the_left": lambda p, x: jnp.einsum("io,bi->ob", p["w"], x),
+    "bfloat16_and_split_outputs": lambda p, x: jnp.einsum(
+        "bi,ihd->bhd", x.astype(jnp.bfloat16), p["w"].astype(jnp.bfloat16).reshape(6, 2, 4)
+    ),
+    "fused_projection_sliced": lambda p, x: jnp.prod(
+        jnp.stack([x @ part for part in jnp.split(p["qkv"], 3, axis=1)]), axis=0
+    ),
+    "tied_head_transposed": lambda p, x: (x @ p["w"]) @ p["w"].T,
+    "layer_index_in_fori_loop": lambda p, x: lax.fori_loop(
+        0, LAYERS, lambda i, h: jnp.tanh(h @ p["ws"][i]), x
+    ),
+    "layer_index_in_while_loop": _while_over_layers,
+    "stacked_axis_as_batch": lambda p, x: jnp.einsum(
+        "lbi,lio->lbo", jnp.stack([x] * LAYERS), p["ws"]
+    ),
+    "broadcast_to_a_batch": lambda p, x: jnp.einsum(
+        "lbi,lio->lbo", jnp.stack([x] * LAYERS), jnp.broadcast_to(p["w"], (LAYERS, 6, 8))
+    ),
+    "cond": lambda p, x: lax.cond(jnp.sum(x) > 0, lambda: x @ p["w"], lambda: jnp.tanh(x @ p["w"])),
+    "checkpoint": lambda p, x: jax.checkpoint(lambda x: jnp.tanh(x @ p["w"]))(x),
+    "custom_vjp": lambda p, x: _custom_vjp_matmul()(x, p["w"]),
+}
+
+
+@pytest.mark.parametrize("name", VIEWS)
+def test_views_and_control_flow_match_the_merged_weight(name):
+    fn = VIEWS[name]
+    base = {
+        "w": jax.random.normal(jax.random.key(0), (6, 8)),
+        "qkv": jax.random.normal(jax.random.key(1), (6, 12)),
+        "ws": jax.random.normal(jax.random.key(2), (LAYERS, 6, 6)) / 6**0.5,
+    }
+    config = lj.LoraConfig(RANK, 4, r"w|qkv|ws")
+    adapted = _nonzero_adapter(lj.init(jax.random.key(3), base, config), jax.random.key(4))
+    x = jax.random.normal(jax.random.key(5), (2, 6))
+    factored = jax.jit(lj.apply(fn))(adapted, x)
+    merged = jax.jit(fn)(lj.merge(adapted), x)
+    # At most LAYERS matmuls of 8 or fewer terms, each adapted, a tanh and a product each,
+    # in the output's dtype (bfloat16: both paths round W' and the products to it).
+    depth = LAYERS * (8 + _adapter_depth(1) + tol.ELEMENTWISE + 1)
+    atol = tol.chain_atol(depth, tol.scale_of(merged), dtype=merged.dtype)
+    tol.assert_close(factored, merged, atol, name)
+    assert not tol.close(factored, jax.jit(fn)(base, x), 1e-3)
