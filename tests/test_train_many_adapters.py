@@ -11,9 +11,11 @@ import pytest
 
 import lora_jax as lj
 import models
+from studies.e2e import experiment as experiment_lib
 from train import adapter as adapter_lib
 from train import layout
 from train.config import ConfigError, load_config
+from train.loop import DivergenceError
 from train.metrics import read_records
 from train.run import train
 
@@ -100,10 +102,42 @@ def test_k_adapters_trained_together_equal_k_separate_runs(run_files):
             zip(train_losses(root / "together", split), train_losses(single.run_dir, "train"))
         ):
             tol.assert_close(a, b, run_atol(k, b), f"adapter {j} train loss {k + 1}")
+    # lora-jax experiment reads each adapter as the run at its rate (grid_in_one_process)
+    process = {"peak_rss_bytes": 1, "wall_s": 1.0}  # what the experiment's process wrapper writes
+    for directory in (root / "together", alone[0].run_dir):
+        (directory / experiment_lib.PROCESS_FILE).write_text(json.dumps(process))
+    single_summary = experiment_lib.run_summary(alone[0].run_dir)
+    for j, adapter in enumerate(together.adapters):
+        summary = experiment_lib.run_summary(root / "together", adapter=j)
+        assert summary["validation_loss"] == adapter.validation_after["loss"]
+        assert summary["trained_together"] == 3
+        for key in ("trainable_params", "optimizer_state_bytes"):  # one adapter's share
+            assert summary[key] == single_summary[key]
     # the bound tells the rates apart: adapter 0 is not adapter 1's separate run
     ours = adapter_leaves(together.adapters[0].directory, base)
     theirs = adapter_leaves(alone[1].adapters[0].directory, base)
     assert not all(tol.close(ours[p], e, run_atol(6, tol.scale_of(e))) for p, e in theirs.items())
+
+
+def test_one_diverging_adapter_stops_the_run_naming_it_and_saves_nothing(run_files):
+    model_dir, csv, root = run_files
+    cfg = tf.tiny_config(
+        model_dir,
+        csv,
+        root / "one_wild",
+        "lora.num_adapters=2",
+        "optim.learning_rates=[1e-2,1e6]",  # 1e6: A blows up at the first update
+        "optim.warmup_steps=0",
+        "checkpoint.every_steps=1",
+        "model.remat=none",
+    )
+    with pytest.raises(
+        DivergenceError,
+        match=r"diverged at step 1: parameters reached .* of adapter 1 "
+        r"\(optim.learning_rates\[1\] = 1e\+06\).*No checkpoint was saved yet",
+    ):
+        train(cfg, **tf.QUIET)
+    assert not any((root / "one_wild").glob("adapter*"))
 
 
 @pytest.mark.parametrize(

@@ -294,8 +294,9 @@ def _restore_latest(
 def _no_learning_message(last: dict[str, float], j: int, s: Setup, checkpoints: Checkpoints) -> str:
     vocab = s.model.config.vocab_size
     return (
-        f"the run learned nothing: the loss{loop_lib.adapter_label(j, s)} ended at "
-        f"{last['loss']:.4f} nats/token, ln V "
+        f"the run learned nothing: "
+        f"{'its loss' if s.num_adapters == 1 else 'the loss' + loop_lib.adapter_label(j, s)} "
+        f"ended at {last['loss']:.4f} nats/token, ln V "
         f"(a uniform guess over the {vocab:,}-token vocabulary), with gradient norm "
         f"{last['grad_norm']:.2g}, so no learning rate can move it. No adapter was written; "
         f"the checkpoints in {checkpoints.directory} are kept. Check model.name (is the "

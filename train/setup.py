@@ -211,6 +211,9 @@ class Steps:
     train: Any  # jitted train_step(state, frozen, batches_KxBxL) -> (state, metrics)
     eval: Any  # jitted eval_step(trainable, frozen, batch_BxL[, j]) -> (loss sum, targets)
     axes: dict | None  # the adapter axis of each state leaf (train/bank.py); k = 1: None
+    # init_state(trainable, rng) -> the train state before the first update (train/step.py,
+    # or k adapters' from train/bank.py); jit it with out_shardings=state
+    init_state: Callable[[Any, jax.Array], Any]
 
 
 def build_steps(
@@ -245,11 +248,13 @@ def build_steps(
     smoothing = cfg.optim.label_smoothing
     if cfg.lora.num_adapters == 1:
         axes = None
+        make_state = functools.partial(init_state, tx=tx)
         step, evaluation = train_step(forward, tx, smoothing), eval_step(forward)
         eval_sh = (trainable_sh, frozen_sh, mesh_lib.batch_sharding(mesh, 2))
     else:
         axes = bank_lib.state_axes(tx, trainable, bank_lib.adapter_axes(trainable, params))
         frozen_axes = bank_lib.adapter_axes(frozen, params)
+        make_state = functools.partial(bank_lib.init_state, tx=tx, axes=axes)
         step = bank_lib.train_step(forward, make_tx, peaks, smoothing, axes, frozen_axes)
         evaluation = bank_lib.eval_step(forward, axes["params"], frozen_axes)
         eval_sh = (trainable_sh, frozen_sh, mesh_lib.batch_sharding(mesh, 2), replicated)
@@ -260,7 +265,17 @@ def build_steps(
         donate_argnums=(0,),
     )
     eval_fn = jax.jit(evaluation, in_shardings=eval_sh, out_shardings=replicated)
-    return Steps(tx, shardings, frozen_sh, trainable_sh, state_sh, train_fn, eval_fn, axes)
+    return Steps(
+        tx,
+        shardings,
+        frozen_sh,
+        trainable_sh,
+        state_sh,
+        train_fn,
+        eval_fn,
+        axes,
+        lambda trainable, rng: make_state(trainable, rng=rng),
+    )
 
 
 def setup(cfg: RunConfig, log: Callable[[str], None] = print) -> Setup:
@@ -297,13 +312,7 @@ def setup(cfg: RunConfig, log: Callable[[str], None] = print) -> Setup:
         f"method {cfg.method}: {n_trainable:,} trainable of {n_all:,} parameters "
         f"({100 * n_trainable / n_all:.3f}%); mesh {dict(mesh.shape)}"
     )
-    if compiled.axes is None:
-        make_state = functools.partial(init_state, tx=compiled.tx)
-    else:
-        make_state = functools.partial(bank_lib.init_state, tx=compiled.tx, axes=compiled.axes)
-    state = jax.jit(lambda p, key: make_state(p, rng=key), out_shardings=compiled.state)(
-        trainable, dropout_key
-    )
+    state = jax.jit(compiled.init_state, out_shardings=compiled.state)(trainable, dropout_key)
     return Setup(
         cfg,
         model,

@@ -14,7 +14,13 @@ from another experiment config. The command
    ``lora-jax train`` process (so its peak RSS is its own, read with ``os.wait4``) with
    the base config, the shared ``overrides``, the method's ``overrides`` and
    ``optim.learning_rate``; a finished run with the same config is reused, an
-   interrupted one resumes from its checkpoint;
+   interrupted one resumes from its checkpoint. With ``grid_in_one_process: true`` a LoRA
+   method's grid is one ``lora-jax train`` process instead (``runs/<method>/lr_grid``):
+   ``lora.num_adapters`` = the number of rates, ``optim.learning_rates`` the grid and
+   every adapter initialised as the per-rate runs are (``lora.init_seeds``: the run
+   config's seed each), so adapter j is the run at rate j up to float rounding
+   (train/bank.py); each adapter directory ``adapter_<j>`` is evaluated and reported as
+   that rate's run, with that process's peak RSS and step time (all rates' together);
 3. keeps, per method, the learning rate that scores best on the run's validation MRs
    (``select``): the highest BLEU of their decoded outputs (``validation_bleu``, the
    default: ``lora-jax eval`` of each run on ``validation.csv``, the MRs the run held out
@@ -69,12 +75,14 @@ from omegaconf.errors import OmegaConfBaseException
 from studies.e2e import metrics as e2e_metrics
 from studies.e2e.evaluation import PREDICTIONS_FILE, SCORES_FILE, read_e2e
 from train import layout, rundir
+from train.bank import adapter_dir_name, adapter_split
 from train.config import ConfigError, load_config, resolve_path, save_config
 from train.errors import UserError
 from train.machine import machine
 from train.metrics import read_records
 from train.ordering import split_by_group
 from train.plot import pyplot
+from train.setup import adapter_dirs
 
 RESULTS_FILE = "results.json"
 PROCESS_FILE = "process.json"  # peak RSS and wall time of a run's training process
@@ -131,6 +139,9 @@ class ExperimentConfig:
     # how a method's learning rate is chosen on the validation MRs: the highest BLEU of the
     # decoded outputs, or the lowest teacher-forced loss
     select: Literal["validation_bleu", "validation_loss"] = "validation_bleu"
+    # true: a LoRA method's learning rates train together as the adapters of one
+    # `lora-jax train` process (lora.num_adapters), not one process per rate
+    grid_in_one_process: bool = False
     eval: EvalSpec = field(default_factory=EvalSpec)
     methods: list[MethodSpec] = field(default_factory=list)
 
@@ -205,9 +216,11 @@ def run_config(
     data: Path,
     run_dir: Path,
     seed: int | None = None,
+    together: Sequence[str] = (),
 ):
     """The RunConfig of one run: base config, shared overrides, the method's, then ours
-    (``seed``: the run config's ``seed``, when not the configs' own)."""
+    (``seed``: the run config's ``seed``, when not the configs' own; ``together``: the
+    overrides of a grid trained in one process, :func:`grid_overrides`)."""
     return load_config(
         resolve_path(cfg.base_config),
         [
@@ -217,8 +230,20 @@ def run_config(
             f"data.path={data}",
             f"output_dir={run_dir}",
             *([f"seed={seed}"] if seed is not None else []),
+            *together,
         ],
     )
+
+
+def grid_overrides(learning_rates: Sequence[float], seed: int) -> list[str]:
+    """The run-config overrides that train ``learning_rates`` as the adapters of one run,
+    each initialised as a run of ``seed`` at that rate is (train/bank.py)."""
+    k = len(learning_rates)
+    return [
+        f"lora.num_adapters={k}",
+        f"optim.learning_rates=[{','.join(map(repr, learning_rates))}]",
+        f"lora.init_seeds=[{','.join([str(seed)] * k)}]",
+    ]
 
 
 def split_test(
@@ -324,9 +349,31 @@ def train_run(
     Returns the run's :func:`run_summary` and whether the finished run was reused.
     """
     wanted = run_config(cfg, method, learning_rate, data, run_dir, seed)
-    finished = (run_dir / layout.ADAPTER_DIR / layout.ADAPTER_META_FILE).is_file() and (
-        run_dir / PROCESS_FILE
-    ).is_file()
+    return run_summary(run_dir), _train_unless_finished(wanted, run_dir)
+
+
+def train_grid(
+    cfg: ExperimentConfig, method: MethodSpec, data: Path, run_dir: Path, seed: int
+) -> tuple[dict[float, dict[str, Any]], bool]:
+    """Train every learning rate of ``method`` as the adapters of one run (module
+    docstring, step 2) unless a finished run with this config exists.
+
+    Returns each rate's :func:`run_summary` (of its adapter) and whether it was reused.
+    """
+    rates = method.learning_rates
+    together = grid_overrides(rates, seed)
+    wanted = run_config(cfg, method, rates[0], data, run_dir, together=together)
+    reused = _train_unless_finished(wanted, run_dir)
+    return {lr: run_summary(run_dir, adapter=j) for j, lr in enumerate(rates)}, reused
+
+
+def _train_unless_finished(wanted: Any, run_dir: Path) -> bool:
+    """Run ``lora-jax train`` on the RunConfig ``wanted`` unless ``run_dir`` holds its
+    finished run (then True); a finished run of another config is an ExperimentError."""
+    finished = (run_dir / PROCESS_FILE).is_file() and all(
+        (run_dir / directory / layout.ADAPTER_META_FILE).is_file()
+        for directory in adapter_dirs(wanted)
+    )
     if finished and load_config(run_dir / layout.CONFIG_FILE) != wanted:
         raise ExperimentError(
             f"{run_dir} holds a finished run with another config; the "
@@ -339,7 +386,7 @@ def train_run(
         requested = save_config(wanted, run_dir / "requested.yaml")
         process = _run_process(["train", str(requested)], run_dir / LOG_FILE)
         (run_dir / PROCESS_FILE).write_text(json.dumps(process) + "\n")
-    return run_summary(run_dir), finished
+    return finished
 
 
 def _dir_bytes(path: Path) -> int:
@@ -349,15 +396,28 @@ def _dir_bytes(path: Path) -> int:
     )
 
 
-def run_summary(run_dir: Path) -> dict[str, Any]:
-    """Figures of a finished run: run_info, process peak RSS, step time, validation loss."""
+def run_summary(run_dir: Path, adapter: int | None = None) -> dict[str, Any]:
+    """Figures of a finished run: run_info, process peak RSS, step time, validation loss.
+
+    ``adapter``: those of adapter j of a run of several (train/bank.py): its own records
+    and adapter directory, and its share (1/k) of the run's parameter and optimizer-state
+    counts; peak RSS and step time stay the run's, all adapters together
+    (``trained_together`` says how many)."""
+    info = json.loads((run_dir / layout.RUN_INFO_FILE).read_text())
+    validation_split, train_split, directory = "validation", "train", layout.ADAPTER_DIR
+    if adapter is not None:
+        k = len(info["adapters"])
+        validation_split, train_split = (adapter_split(s, adapter) for s in ("validation", "train"))
+        directory = info["adapters"][adapter]["directory"]
+        shares = ("trainable_params", "added_params", "optimizer_state_bytes")
+        info |= {key: info[key] // k for key in shares} | {"trained_together": k}
     records = read_records(run_dir / layout.METRICS_FILE)
-    validation = [r for r in records if r["split"] == "validation"]
-    step_s = [r["step_s"] for r in records if r["split"] == "train" and "step_s" in r]
+    validation = [r for r in records if r["split"] == validation_split]
+    step_s = [r["step_s"] for r in records if r["split"] == train_split and "step_s" in r]
     return {
-        **json.loads((run_dir / layout.RUN_INFO_FILE).read_text()),
+        **info,
         **json.loads((run_dir / PROCESS_FILE).read_text()),
-        "adapter_bytes": _dir_bytes(run_dir / layout.ADAPTER_DIR),
+        "adapter_bytes": _dir_bytes(run_dir / directory),
         # the first window holds the compilation: leave it out when there are others
         "step_s": float(np.median(step_s[1:] or step_s)) if step_s else None,
         "validation_loss_before": validation[0]["loss"] if validation else None,
@@ -430,18 +490,34 @@ def run_experiment(cfg: ExperimentConfig, *, source: str, log=print) -> dict[str
             split = (method_cfg.seed, method_cfg.data.validation_fraction)
             if cfg.select == "validation_bleu" and split not in validation_sets:
                 validation_sets[split] = validation_split(trainval, *split, out)
-            candidates = {}
-            for lr in method.learning_rates:
-                log(f"[{method.name}] learning rate {lr:g}")
-                run_dir = out / "runs" / method.name / f"lr_{lr:g}"
-                candidates[lr], reused = train_run(cfg, method, lr, trainval, run_dir)
+            candidates, targets = {}, {}
+            together = (
+                cfg.grid_in_one_process
+                and method_cfg.method == "lora"
+                and len(method.learning_rates) > 1
+            )
+            if together:
+                grid_dir = out / "runs" / method.name / "lr_grid"
+                log(f"[{method.name}] learning rates {list(method.learning_rates)} together")
+                grid, reused = train_grid(cfg, method, trainval, grid_dir, method_cfg.seed)
+            for j, lr in enumerate(method.learning_rates):
+                if together:
+                    # the adapter directory is the run to decode; outputs go beside it
+                    run_dir, eval_dir = grid_dir, grid_dir / f"validation_eval_{j}"
+                    targets[lr], candidates[lr] = grid_dir / adapter_dir_name(j), grid[lr]
+                else:
+                    log(f"[{method.name}] learning rate {lr:g}")
+                    run_dir = out / "runs" / method.name / f"lr_{lr:g}"
+                    eval_dir = run_dir / "validation_eval"
+                    candidates[lr], reused = train_run(cfg, method, lr, trainval, run_dir)
+                    targets[lr] = run_dir
                 if cfg.select == "validation_bleu":
                     check_validation_split(validation_sets[split], candidates[lr], run_dir)
                     candidates[lr]["validation_bleu"] = eval_run(
                         cfg,
-                        run_dir,
+                        targets[lr],
                         validation_sets[split].path,
-                        run_dir / "validation_eval",
+                        eval_dir,
                         every_mr=True,
                     )["scores"]["BLEU"]
                 log(
@@ -456,7 +532,7 @@ def run_experiment(cfg: ExperimentConfig, *, source: str, log=print) -> dict[str
                 )
             chosen = choose(candidates, cfg.select)
             row |= {**candidates[chosen], "method": method.name}  # not run_info's method
-            chosen_dir = out / "runs" / method.name / f"lr_{chosen:g}"
+            chosen_dir = targets[chosen]
             row |= {
                 "learning_rate": chosen,
                 "run_dir": str(chosen_dir),
@@ -689,6 +765,7 @@ def report(results: dict[str, Any], cfg: ExperimentConfig, config_text: str, com
         "RSS* is the training process's (model loading included); *s / step* the median "
         "wall-clock seconds per update; *val loss* the final validation loss in nats per "
         "target token (for zero-shot: before training).",
+        *together_note(rows),
         "",
         "![metrics vs trainable parameters](" + Path(cfg.plot).name + ")",
         "",
@@ -736,6 +813,19 @@ def report(results: dict[str, Any], cfg: ExperimentConfig, config_text: str, com
         "",
     ]
     return "\n".join(lines)
+
+
+def together_note(rows: list[dict[str, Any]]) -> list[str]:
+    """A sentence on rows whose learning rates trained in one process (grid_in_one_process)."""
+    together = [r["method"] for r in rows if r.get("trained_together")]
+    if not together:
+        return []
+    return [
+        "",
+        f"{', '.join(together)}: the learning rates trained together, as the adapters of "
+        "one process (grid_in_one_process); the parameter and optimizer-state columns are "
+        "one adapter's, *peak RSS* and *s / step* the process's, for all its adapters.",
+    ]
 
 
 def seeds_section(rows: list[dict[str, Any]]) -> list[str]:
