@@ -1,13 +1,15 @@
 """LoRA train step of a model built from a custom Linen layer: `lj.apply` (the jaxpr rewrite)
 vs `lj.materialize`, side by side.
 
-    python -m benchmarks.any_model            # 4 scanned layers 512 → 2048 → 512, 4×128 tokens
+    python -m benchmarks.any_model            # 4 scanned blocks 512 → 2048 → 512, 4×128 tokens
     python -m benchmarks.any_model --quick    # tiny shapes, 1 round: a smoke check
 
 The model is what no stock layer computes: ``nn.scan`` over ``nn.remat`` blocks of a
 ``Linear`` of the user's own (``self.param`` + ``lax.dot_general``), up and down
 projections with a residual. Every kernel is adapted (rank `--rank`). Each method's step
-(forward, backward, AdamW update of the factors) is jitted once; then the methods are timed
+(forward, backward, AdamW update of the factors) is jitted once; the same shapes built of
+``nn.Dense`` run through the interceptor as the reference for what the factored computation
+costs on the machine. Then the methods are timed
 in alternating rounds with a numpy matmul probe around each (the CPU regime). Memory is
 XLA's accounting of the compiled step: temporaries (what the step allocates beyond its
 arguments and outputs) and the peak (arguments + outputs + temporaries − donated aliases).
@@ -30,12 +32,16 @@ import lora_jax as lj
 from benchmarks import common
 from train.machine import machine
 
-METHODS = ("rewrite", "materialize")
+# rewrite: lj.apply on the custom layers; interceptor: lj.apply on the same shapes built of
+# nn.Dense (the stock path, the reference for the factored computation's cost);
+# materialize: the custom layers on W + s·A·B.
+METHODS = ("rewrite", "interceptor", "materialize")
 QUICK = {"hidden": 64, "mlp": 256, "layers": 2, "batch": 2, "seq": 16, "rounds": 1, "steps": 1}
 COLUMNS = [
     ("method", "method", ""),
     ("step_s", "step s (median)", ".4f"),
     ("step_vs_materialize", "vs materialize", ".3f"),
+    ("gflops", "GFLOP (XLA)", ".2f"),
     ("temp_bytes", "temp bytes", ",d"),
     ("temp_vs_materialize", "vs materialize", ".3f"),
     ("peak_bytes", "peak bytes", ",d"),
@@ -55,18 +61,29 @@ class Linear(nn.Module):
         return lax.dot_general(x_BxLxI, w_IxO, (((x_BxLxI.ndim - 1,), (0,)), ((), ())))
 
 
+def _dense(features: int, name: str) -> nn.Module:
+    return nn.Dense(features, use_bias=False, name=name)
+
+
+def _custom(features: int, name: str) -> nn.Module:
+    return Linear(features, name=name)
+
+
 class Block(nn.Module):
     mlp: int
+    stock: bool  # nn.Dense (the interceptor's) instead of the custom Linear (the rewrite's)
 
     @nn.compact
     def __call__(self, h_BxLxD, _):
-        u_BxLxM = jax.nn.gelu(Linear(self.mlp, name="up")(h_BxLxD))
-        return h_BxLxD + Linear(h_BxLxD.shape[-1], name="down")(u_BxLxM), None
+        layer = _dense if self.stock else _custom
+        u_BxLxM = jax.nn.gelu(layer(self.mlp, "up")(h_BxLxD))
+        return h_BxLxD + layer(h_BxLxD.shape[-1], "down")(u_BxLxM), None
 
 
 class Stack(nn.Module):
     mlp: int
     layers: int
+    stock: bool = False
 
     @nn.compact
     def __call__(self, x_BxLxD):
@@ -76,7 +93,7 @@ class Stack(nn.Module):
             split_rngs={"params": True},
             length=self.layers,
         )
-        h_BxLxD, _ = scan(self.mlp, name="blocks")(x_BxLxD, None)
+        h_BxLxD, _ = scan(self.mlp, self.stock, name="blocks")(x_BxLxD, None)
         return h_BxLxD
 
 
@@ -84,10 +101,10 @@ def build(method: str, model: Stack, adapted, x_BxLxD):
     """(jitted step, its args): grad of a mean-square loss w.r.t. the factors, AdamW."""
     frozen, trainable = lj.split(adapted)
     tx = lj.optimizer(optax.adamw(1e-4), trainable)
-    forward = {
-        "rewrite": lambda p, x: lj.apply(model.apply)({"params": p}, x),
-        "materialize": lambda p, x: model.apply({"params": lj.materialize(p)}, x),
-    }[method]
+    if method == "materialize":
+        forward = lambda p, x: model.apply({"params": lj.materialize(p)}, x)  # noqa: E731
+    else:
+        forward = lambda p, x: lj.apply(model.apply)({"params": p}, x)  # noqa: E731
 
     def step(trainable, opt_state, frozen, x):
         loss, grads = jax.value_and_grad(
@@ -113,21 +130,25 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default="benchmarks/results/any_model.json")
     args = common.parse_args(parser, argv, QUICK)
 
-    model = Stack(args.mlp, args.layers)
     x_BxLxD = jax.random.normal(jax.random.key(0), (args.batch, args.seq, args.hidden))
-    base = jax.jit(model.init)(jax.random.key(1), x_BxLxD)["params"]
     config = lj.LoraConfig(args.rank, 2 * args.rank, r".*kernel")
-    adapted = lj.init(jax.random.key(2), base, config)
 
     runs, rows = {}, {}
     for method in METHODS:
+        model = Stack(args.mlp, args.layers, stock=method == "interceptor")
+        base = jax.jit(model.init)(jax.random.key(1), x_BxLxD)["params"]
+        adapted = lj.init(jax.random.key(2), base, config)
         jitted, step_args = build(method, model, adapted, x_BxLxD)
-        stats = jitted.lower(*step_args).compile().memory_analysis()
+        compiled = jitted.lower(*step_args).compile()
+        stats = compiled.memory_analysis()
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
         loss, *new = jitted(*step_args)  # compile + first step
         jax.block_until_ready(loss)
         runs[method] = [jitted, (*new, *step_args[2:])]
         rows[method] = {
             "method": method,
+            "gflops": cost["flops"] / 1e9,
             "temp_bytes": int(stats.temp_size_in_bytes),
             "peak_bytes": int(
                 stats.argument_size_in_bytes
@@ -140,7 +161,7 @@ def main(argv=None) -> dict:
         }
 
     for r in range(args.rounds):
-        order = METHODS[r % 2 :] + METHODS[: r % 2]
+        order = METHODS[r % 3 :] + METHODS[: r % 3]
         for method in order:
             jitted, step_args = runs[method]
             before = common.matmul_rate()

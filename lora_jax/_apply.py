@@ -27,6 +27,16 @@ time (at 128 tokens, in a noisier run: 3.4–6.9× and 33–41×); at 1 token pe
 ragged_dot takes 1.8–2.0×, and one-hot 0.79–0.88× (1.08–1.24× in the noisier run): a
 fraction of a millisecond per layer either way, so one kernel, the gather, serves both.
 
+Any other model — NNX modules (an ``nnx.State`` from ``nnx.split``), Linen layers of the
+user's own, plain functions of a parameter tree — runs factored through a rewrite of its
+traced jaxpr (`lora_jax._traced`, `lora_jax._rewrite`): each adapted weight that no stock
+layer consumed adds s·(x·A)·B at every ``dot_general`` and s·take(A)·B at every lookup it
+reaches through reshapes, transposes, casts and slices, inside ``jit``, ``scan``,
+``remat``, ``cond`` and ``while`` too. A stock-layer model never reaches the rewrite:
+``lj.apply`` first runs it under the interceptor alone, which aborts at the first other
+layer owning an adapted weight (and a run that leaves an adapted weight unread by any layer
+is redone through the rewrite).
+
 `infer_layout` uses the same interception to read, off a model, how each
 weight's axes split into stacked, input and output axes.
 """
@@ -57,11 +67,22 @@ def apply(apply_fn: Callable[..., Any], *, dropout: float = 0.0) -> Callable[...
     (from `lj.init` or `lj.combine`) where the model expects its params.
 
     Args:
-      apply_fn: a function that calls a Flax Linen model (``model.apply`` or any
-        function around it).
+      apply_fn: a function whose first argument is the parameter tree: ``model.apply``
+        of a Flax Linen model (or any function around it), or for NNX e.g.
+        ``lambda state, x: nnx.merge(graphdef, state)(x)`` with ``state`` the adapted
+        ``nnx.State`` (``apply_fn`` gets it without the LoRA leaves).
       dropout: LoRA dropout rate on the adapter input (``LoraConfig.dropout``).
         It draws from the usual ``'dropout'`` rng stream and is off when the call
         gets no ``'dropout'`` rng (the deterministic/eval call).
+
+    Stock Linen layers (``nn.Dense``, ``DenseGeneral``, ``Einsum``, ``Embed``) are
+    intercepted and support everything below. Every other adapted weight goes through
+    the jaxpr rewrite, which supports plain LoRA factors and bias deltas only, and raises
+    an error naming the weight for an adapter bank, a DoRA magnitude, a quantized
+    kernel, ``dropout > 0``, and any use of the weight other than a matmul or a lookup
+    through views of it (``jnp.tanh(w)``, ``w * 2``, a reshape mixing its input and
+    output axes). A ``custom_jvp``/``custom_vjp`` function the weight enters runs its
+    primal, differentiated as written.
 
     The returned function also takes ``adapter_ids=`` (int (batch,)) when the params hold
     an adapter bank (`lj.stack`): example b runs with slot ``adapter_ids[b]``; -1 (or any
@@ -91,7 +112,10 @@ def apply(apply_fn: Callable[..., Any], *, dropout: float = 0.0) -> Callable[...
             )
             return nn.intercept_methods(interceptor)
 
-        if not isinstance(args[0], nnx.State):
+        if isinstance(args[0], nnx.State):
+            if not _traced.pending(args[0], set()):
+                return apply_fn(*args, **kwargs)
+        else:
             consumed: set = set()
             try:
                 with intercepted(consumed, strict=True):
