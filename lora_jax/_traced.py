@@ -46,10 +46,42 @@ def call(fn: Callable, args: tuple, kwargs: dict, consumed: set[_tree.Path], dro
     """``fn(*args, **kwargs)`` (``args[0]`` the adapted tree) with every adapted weight not
     in `consumed` after the trace adapted by the rewrite. `consumed` fills while ``fn``
     is traced (the interceptor adds to it)."""
-    tree = args[0]
-    flat = _tree.flatten(tree)
-    strip = isinstance(tree, nnx.State)
+    flat = _tree.flatten(args[0])
+    strip = isinstance(args[0], nnx.State)
     passed = {p: leaf for p, leaf in flat.items() if not (strip and _tree.is_adapter_leaf(p))}
+    closed, out_tree, leaves, first_leaf = _trace(fn, args, kwargs, passed)
+    values_of = {p: _tree.value(leaf) for p, leaf in flat.items()}
+    for p in flat:
+        name, owner = _tree.leaf_name(p), _tree.base_of(p) if _tree.is_adapter_leaf(p) else p
+        if _is_consumed(owner, consumed):
+            continue
+        if name.endswith(_tree.A_SUFFIX):
+            _check_supported(owner, values_of, dropout)
+            a, b, s = (values_of[_tree.lora_path(owner, x)] for x in _SINGLE)
+            i = first_leaf[owner]
+            leaves[i] = _rewrite.track(_tree.path_str(owner), leaves[i], a, b, s)
+        elif name.endswith(_tree.DELTA_SUFFIX):
+            if owner not in first_leaf:
+                raise ValueError(
+                    f"lj.apply: {_tree.path_str(p)} is a bias delta, but the tree has no "
+                    f"{_tree.path_str(owner)} to add it to; the adapter was made for another "
+                    "model."
+                )
+            i = first_leaf[owner]
+            leaves[i] = leaves[i] + values_of[p].astype(leaves[i].dtype)
+        elif name.endswith(_tree.BANK_A):
+            raise ValueError(
+                f"lj.apply: {_tree.path_str(owner)} has an adapter bank, but no nn.Dense, "
+                "DenseGeneral, Einsum or Embed owns it; banks (adapter_ids) reach those stock "
+                "Linen layers only. Merge one adapter with lj.merge(params, adapter_id=i) instead."
+            )
+    return jax.tree.unflatten(out_tree, _rewrite.evaluate(closed, leaves))
+
+
+def _trace(fn: Callable, args: tuple, kwargs: dict, passed: dict[_tree.Path, Any]):
+    """``fn`` traced on the tree of `passed` leaves and the array leaves of the other
+    arguments (the rest stay static): (closed jaxpr, output treedef, its flat inputs,
+    {path: index of the leaf's first input})."""
     values = [_tree.value(leaf) for leaf in passed.values()]
     rest, rest_def = jax.tree.flatten((args[1:], kwargs))
     dynamic = [i for i, leaf in enumerate(rest) if isinstance(leaf, (jax.Array, np.ndarray))]
@@ -60,42 +92,15 @@ def call(fn: Callable, args: tuple, kwargs: dict, consumed: set[_tree.Path], dro
             leaves[i] = v
         more_args, more_kwargs = jax.tree.unflatten(rest_def, leaves)
         rebuilt = {p: _tree.wrap_like(leaf, v) for (p, leaf), v in zip(passed.items(), values)}
-        return fn(_tree.unflatten_like(tree, rebuilt), *more_args, **more_kwargs)
+        return fn(_tree.unflatten_like(args[0], rebuilt), *more_args, **more_kwargs)
 
     inputs = (values, [rest[i] for i in dynamic])
     closed, out_shape = jax.make_jaxpr(traced, return_shape=True)(*inputs)
-    leaves = jax.tree.leaves(inputs)
     first_leaf, offset = {}, 0
     for p, v in zip(passed, values, strict=True):
         first_leaf[p] = offset
         offset += len(jax.tree.leaves(v))
-    values_of = {p: _tree.value(leaf) for p, leaf in flat.items()}
-    for p in flat:
-        name = _tree.leaf_name(p)
-        if name.endswith(_tree.A_SUFFIX) and not _is_consumed(_tree.base_of(p), consumed):
-            weight = _tree.base_of(p)
-            _check_supported(weight, values_of, dropout)
-            w = leaves[first_leaf[weight]]
-            a, b, s = (values_of[_tree.lora_path(weight, x)] for x in _SINGLE)
-            leaves[first_leaf[weight]] = _rewrite.track(_tree.path_str(weight), w, a, b, s)
-        elif name.endswith(_tree.DELTA_SUFFIX) and not _is_consumed(_tree.base_of(p), consumed):
-            bias = _tree.base_of(p)
-            if bias not in first_leaf:
-                raise ValueError(
-                    f"lj.apply: {_tree.path_str(p)} is a bias delta, but the tree has no "
-                    f"{_tree.path_str(bias)} to add it to; the adapter was made for another model."
-                )
-            i = first_leaf[bias]
-            leaves[i] = leaves[i] + values_of[p].astype(leaves[i].dtype)
-        elif name.endswith(_tree.BANK_A) and not _is_consumed(_tree.base_of(p), consumed):
-            raise ValueError(
-                f"lj.apply: {_tree.path_str(_tree.base_of(p))} has an adapter bank, but no "
-                "nn.Dense, DenseGeneral, Einsum or Embed owns it; banks (adapter_ids) reach "
-                "those stock Linen layers only. Merge one adapter with "
-                "lj.merge(params, adapter_id=i) instead."
-            )
-    outs = _rewrite.evaluate(closed, leaves)
-    return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
+    return closed, jax.tree.structure(out_shape), jax.tree.leaves(inputs), first_leaf
 
 
 _SINGLE = (_tree.A_SUFFIX, _tree.B_SUFFIX, _tree.SCALE_SUFFIX)
