@@ -15,7 +15,7 @@ from train import mesh as mesh_lib
 from train.config import ConfigError, LoraSection, MeshConfig, load_config
 from train.method import prepare, prepared_shapes
 
-TARGETS = (".*/(q_proj|v_proj)/kernel",)
+TARGETS = (".*/(q_proj|v_proj)/kernel", "embed_tokens/embedding")
 
 
 @pytest.mark.parametrize(
@@ -72,12 +72,14 @@ def test_quantize_stores_the_adapted_kernels_quantized_and_frozen(tiny):
         params, jax.random.key(0)
     )
     flat, flat_mask = lj.flatten_paths(prepared), lj.flatten_paths(mask)
-    adapted = [p for p in flat if p.endswith("_lora_a")]
-    assert adapted
-    for path in adapted:
-        kernel = path.removesuffix("_lora_a")
+    adapted = [p.removesuffix("_lora_a") for p in flat if p.endswith("_lora_a")]
+    kernels = [p for p in adapted if p.endswith("kernel")]
+    assert kernels and "embed_tokens/embedding" in adapted
+    for kernel in kernels:
         assert isinstance(flat[kernel], lj.QuantizedArray) and flat[kernel].fmt == "nf4"
         assert not flat_mask[kernel]  # frozen: no gradient, no optimizer state
+    # An adapted embedding stays a plain table (its rows are looked up, not multiplied).
+    assert not isinstance(flat["embed_tokens/embedding"], lj.QuantizedArray)
     others = [p for p, x in flat.items() if p.endswith("kernel") and p + "_lora_a" not in flat]
     assert others and not any(isinstance(flat[p], lj.QuantizedArray) for p in others)
     trainable = lj.flatten_paths(lj.split(prepared, mask)[1])
@@ -90,5 +92,5 @@ def test_quantize_stores_the_adapted_kernels_quantized_and_frozen(tiny):
     mesh = mesh_lib.make_mesh(MeshConfig(data=1), jax.devices()[:1])
     shardings = mesh_lib.param_shardings(models.logical_axes(model), shapes, mesh)
     assert jax.tree.structure(shardings) == jax.tree.structure(prepared)
-    quantized = lj.flatten_paths(shardings)[adapted[0].removesuffix("_lora_a")]
+    quantized = lj.flatten_paths(shardings)[kernels[0]]
     assert all(s.spec == jax.sharding.PartitionSpec() for s in jax.tree.leaves(quantized))

@@ -235,9 +235,11 @@ def prepare(
 
 def quantize_adapted(params: Any, fmt: str) -> Any:
     """``params`` with every kernel that has LoRA factors (an adapter's or a bank's) stored
-    as ``fmt`` (``lj.quantize``)."""
+    as ``fmt`` (``lj.quantize``); an adapted embedding stays as it is (layers look rows up
+    in it, which a quantized table does not serve)."""
     factor = re.compile("(_lora_a|_bank_a)$")
     adapted = [factor.sub("", p) for p in lj.flatten_paths(params) if factor.search(p)]
+    adapted = [p for p in adapted if p.endswith("kernel")]
     return lj.quantize(params, fmt, "^(" + "|".join(map(re.escape, adapted)) + ")$")
 
 
