@@ -349,7 +349,8 @@ def train_run(
     Returns the run's :func:`run_summary` and whether the finished run was reused.
     """
     wanted = run_config(cfg, method, learning_rate, data, run_dir, seed)
-    return run_summary(run_dir), _train_unless_finished(wanted, run_dir)
+    reused = _train_unless_finished(wanted, run_dir)
+    return run_summary(run_dir), reused
 
 
 def train_grid(
