@@ -151,7 +151,8 @@ which runs `lora-jax plan` (train/plan.py) for each slice: the TPU compiler (lib
 0.0.42, no TPU needed) compiles the very train step `lora-jax train` runs, from shapes
 alone, and reports per chip. LoRA is r=16 on every projection (q, k, v, o, gate, up,
 down; configs/pod/), bf16 base and activations, float32 factors and AdamW state, scanned
-layers with full remat, chunked attention; 8,192 tokens per row, >= 1M tokens per update.
+layers with full remat, TPU's splash attention (Pallas; `model.attention=auto` picks it on
+TPU); 8,192 tokens per row, >= 1M tokens per update.
 
 ## What the plans say
 
@@ -164,7 +165,8 @@ layers with full remat, chunked attention; 8,192 tokens per row, >= 1M tokens pe
   compiler refuses shows its figure for the temporaries and no FLOPs.
 - **compiled TFLOP**: the dot and convolution FLOPs of the compiled step, each loop body
   weighed by its trip count (XLA's cost analysis counts a scanned layer once); it includes
-  remat's recomputation and the flash attention's backward recompute.
+  remat's recomputation but not the splash attention kernel's FLOPs (a Pallas kernel is
+  opaque to the compiler's analysis), so it can fall below the model's.
 - **model TFLOP**: the formula (train/plan.py `model_flops`): full fine-tuning 6·P + 3·a
   per token, LoRA 4·P + 3·a + 6·F (no weight gradients of the frozen P; F factor elements).
 - **step ≥ s**: max(compiled FLOPs / peak, bytes accessed / HBM bandwidth), a lower bound.

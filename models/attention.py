@@ -14,10 +14,22 @@ implementations:
   and a `jax.custom_vjp` whose backward recomputes each block's scores from the saved output
   and per-row logsumexp. No array has more than bq × bk scores, forward or backward; blocks
   that no query of the block may see are skipped (`lax.cond`), about half of them when causal.
-* "auto": "chunked" once L·S reaches `AUTO_CHUNKED_FROM`², else "reference", on every
-  platform (no cuDNN or Pallas kernel is wired in). "chunked" compiles for TPU (v5e:2x2 via
-  libtpu): Llama-3.1-8B's attention (N=32, K=8, H=128, bfloat16) at L = 8,192, forward and
-  backward, needs 0.18 GiB of temporaries per chip there, the reference 12.1 GiB.
+* "splash": TPU's Pallas splash attention (`jax.experimental.pallas.ops.tpu.splash_attention`),
+  for self-attention without a cache (L = S, a multiple of 128): causal and segment ids in the
+  kernel, one multi-query kernel per key/value head (its G query heads share it), q scaled by
+  H^-½ first. Under a mesh (the caller's `jax.sharding.use_abstract_mesh`) it runs in a
+  `shard_map`: rows over the mesh axes of the logical rule ``activation_batch``, heads over
+  those of ``activation_heads`` when the kv heads divide evenly (else whole on each device).
+  Padding queries (segment 0) differ from the other kernels: splash lets them see the earlier
+  padding keys (same segment) rather than nothing; no real query sees a padding key, so real
+  rows, and everything computed from them, are the same. XLA's cost analysis does not count
+  a Pallas kernel's FLOPs (`lora-jax plan` adds them from the formula).
+* "auto": on a TPU mesh (or a TPU default backend) "splash" where it applies; otherwise
+  "chunked" once L·S reaches `AUTO_CHUNKED_FROM`², else "reference" (no cuDNN kernel is
+  wired in: nothing here can check one). Compiled for TPU v5e:2x2 via libtpu, Llama-3.1-8B's
+  attention (N=32, K=8, H=128, bfloat16) at L = 8,192, forward and backward, one row per
+  chip, needs 0.19 GiB of temporaries per chip with splash, 0.25 GiB with "chunked", 12.1 GiB
+  with the reference (`python -m benchmarks.attention --tpu v5e:2x2`).
 
 A query that sees no key (padding: segment 0) gets the uniform distribution over all S slots in
 both, as the reference's softmax of all-equal scores gives: a finite output (the mean of the
@@ -27,12 +39,15 @@ values) whose gradient reaches the values only.
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
-IMPLEMENTATIONS = ("auto", "reference", "chunked")
+IMPLEMENTATIONS = ("auto", "reference", "chunked", "splash")
 
 # "auto" switches to "chunked" when L·S >= AUTO_CHUNKED_FROM². Measured with
 # `python -m benchmarks.attention` (forward + backward, B=1, N=8, K=2, H=64, float32, causal)
@@ -41,6 +56,11 @@ IMPLEMENTATIONS = ("auto", "reference", "chunked")
 # scores); chunked is faster from L = 1,024 on (1.5x at 1,024, 3.0x at 2,048, 3.3x at 4,096,
 # with 45 / 53 / 67 MiB of XLA temporaries against the reference's 102 / 396 / 1,560 MiB).
 AUTO_CHUNKED_FROM = 1024
+
+# splash's sequence block: L must divide by it (the kernel's tiles are 128 rows); blocks of up
+# to SPLASH_MAX_BLOCK (MaxText's default, 512) are used where L divides by them
+SPLASH_BLOCK = 128
+SPLASH_MAX_BLOCK = 512
 
 # Block sizes of the chunked kernel: each step holds B·N·bq·bk float32 scores.
 BLOCK_Q = 512
@@ -93,6 +113,19 @@ def _visible(query_segment_BxL, key_segment_BxS, query_slot_L, key_slot_S) -> ja
     return causal_LxS[None] & same_BxLxS & (key_segment_Bx1xS != 0)
 
 
+def platform() -> str:
+    """The platform attention compiles for: the mesh in context's (`lora-jax plan` traces
+    for a TPU topology on a CPU host), else JAX's default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else mesh.abstract_device
+    return device.platform if device is not None else jax.default_backend()
+
+
+def splash_applies(queries: int, keys: int) -> bool:
+    """Whether "splash" can run these scores: self-attention (no cache) in 128-blocks."""
+    return queries == keys and queries % SPLASH_BLOCK == 0
+
+
 def resolve(implementation: str, queries: int, keys: int) -> str:
     """The kernel `implementation` runs as for `queries` × `keys` scores ("auto" decided)."""
     if implementation not in IMPLEMENTATIONS:
@@ -100,8 +133,18 @@ def resolve(implementation: str, queries: int, keys: int) -> str:
             f"unknown attention implementation {implementation!r}; expected one of "
             f"{IMPLEMENTATIONS}"
         )
+    if implementation == "splash":
+        if platform() != "tpu" or not splash_applies(queries, keys):
+            raise ValueError(
+                f"attention='splash' is TPU's kernel for self-attention of a multiple of "
+                f"{SPLASH_BLOCK} tokens; here the platform is {platform()} and the scores "
+                f"{queries} x {keys}; use attention='auto' (it picks splash where it applies)"
+            )
+        return "splash"
     if implementation != "auto":
         return implementation
+    if platform() == "tpu" and splash_applies(queries, keys):
+        return "splash"
     return "chunked" if queries * keys >= AUTO_CHUNKED_FROM**2 else "reference"
 
 
@@ -119,6 +162,8 @@ def attend(
     kernel = resolve(implementation, q_BxLxNxH.shape[1], k_BxSxKxH.shape[1])
     if kernel == "reference":
         return reference(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, visible)
+    if kernel == "splash":
+        return splash(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, visible)
     return chunked(q_BxLxNxH, k_BxSxKxH, v_BxSxKxH, visible)
 
 
@@ -166,6 +211,85 @@ def chunked(
         jnp.asarray(visible.query_offset, jnp.int32),
     )
     return out_BxLxKxGxH.reshape(B, L, N, H)
+
+
+def splash(
+    q_BxLxNxH: jax.Array,
+    k_BxLxKxH: jax.Array,
+    v_BxLxKxH: jax.Array,
+    visible: Visibility,
+    interpret: bool = False,
+) -> jax.Array:
+    """TPU's splash attention (see the module docstring); `interpret` runs the Pallas kernel
+    in its interpreter (any platform: how the tests check it on CPU)."""
+    B, L, N, H = q_BxLxNxH.shape
+    K = k_BxLxKxH.shape[2]
+    kernel = _splash_kernel(L, N // K, interpret)
+
+    def local(q_bxLxNxH, k_bxLxKxH, v_bxLxKxH, qseg_bxL, kseg_bxL):
+        b, k = q_bxLxNxH.shape[0], k_bxLxKxH.shape[2]  # this device's rows and kv heads
+        q_bxKxGxLxH = q_bxLxNxH.reshape(b, L, k, N // K, H).transpose(0, 2, 3, 1, 4)
+        q_bxKxGxLxH = q_bxKxGxLxH * jnp.asarray(H**-0.5, q_bxLxNxH.dtype)
+        k_bxKxLxH, v_bxKxLxH = k_bxLxKxH.transpose(0, 2, 1, 3), v_bxLxKxH.transpose(0, 2, 1, 3)
+
+        def one_head(q_GxLxH, k_LxH, v_LxH, qseg_L, kseg_L):
+            return kernel(q_GxLxH, k_LxH, v_LxH, segment_ids=_segment_ids(qseg_L, kseg_L))
+
+        per_row = jax.vmap(one_head, in_axes=(0, 0, 0, None, None))  # over the kv heads
+        out_bxKxGxLxH = jax.vmap(per_row)(q_bxKxGxLxH, k_bxKxLxH, v_bxKxLxH, qseg_bxL, kseg_bxL)
+        return out_bxKxGxLxH.transpose(0, 3, 1, 2, 4).reshape(b, L, k * (N // K), H)
+
+    args = (q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, visible.query_segment_BxL, visible.key_segment_BxS)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return local(*args)
+    batch, heads = nn.logical_to_mesh_axes(("activation_batch", "activation_heads"))
+    if K % _size(mesh, heads):
+        heads = None  # kv heads that do not split evenly stay whole
+    rows, split_heads = P(batch), P(batch, None, heads)
+    return jax.shard_map(  # a Pallas call is not partitioned by XLA: each device its part
+        local,
+        mesh=mesh,
+        in_specs=(split_heads, split_heads, split_heads, rows, rows),
+        out_specs=split_heads,
+        check_vma=False,
+    )(*args)
+
+
+def _size(mesh, axes) -> int:
+    """Devices along mesh `axes` (a name, a tuple of names, or None)."""
+    names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    return math.prod(mesh.shape[name] for name in names)
+
+
+def _segment_ids(query_segment_L: jax.Array, key_segment_L: jax.Array):
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel
+
+    return splash_attention_kernel.SegmentIds(q=query_segment_L, kv=key_segment_L)
+
+
+@functools.lru_cache(maxsize=32)
+def _splash_kernel(length: int, group: int, interpret: bool):
+    """The causal multi-query splash kernel of `group` query heads over `length` tokens
+    (imported on use: Pallas's TPU modules are not needed elsewhere)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as kernels,
+    )
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+    block = next(b for b in (SPLASH_MAX_BLOCK, 256, SPLASH_BLOCK) if length % b == 0)
+    blocks = kernels.BlockSizes(
+        block_q=block,
+        block_kv=block,
+        block_kv_compute=block,
+        block_q_dkv=block,
+        block_kv_dkv=block,
+        block_kv_dkv_compute=block,
+        block_q_dq=block,
+        block_kv_dq=block,
+    )
+    causal = masks.MultiHeadMask([masks.CausalMask((length, length))] * group)
+    return kernels.make_splash_mqa_single_device(causal, block_sizes=blocks, interpret=interpret)
 
 
 def _blocking(length: int, block: int) -> tuple[int, int]:

@@ -155,6 +155,71 @@ def test_auto_picks_by_length_and_unknown_names_are_refused():
         models.get_config("tiny-llama", attention="flash")
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_splash_matches_the_reference_on_every_real_row(dtype):
+    """TPU's splash kernel, run by Pallas's interpreter on this CPU: 256 tokens (two of its
+    128-blocks), two packed examples and right padding, G = 2 query heads per kv head. The
+    padding rows attend among themselves in splash (see models/attention.py), so they carry
+    no cotangent, as a masked loss gives them none; everything else equals the reference
+    within the bound `_forward_atol` derives (softmax by blocks is what both compute)."""
+    L = 256
+    segments = np.array([[1] * 100 + [2] * 120 + [0] * 36, [3] * 256])
+    q, k, v, w = _inputs(L, L, dtype)
+    real = jnp.asarray(segments != 0)[:, :, None, None]
+    w = jnp.where(real, w, 0)
+    visible = attention.visibility(segments, segments, 0)
+    kernels = {
+        "reference": lambda q, k, v: attention.reference(q, k, v, visible),
+        "splash": lambda q, k, v: attention.splash(q, k, v, visible, interpret=True),
+    }
+    results = {}
+    for name, kernel in kernels.items():
+
+        def loss(q, k, v, kernel=kernel):
+            return jnp.sum((kernel(q, k, v) * w).astype(jnp.float32))
+
+        results[name] = (jnp.where(real, kernel(q, k, v), 0), jax.grad(loss, (0, 1, 2))(q, k, v))
+    (out_ref, grads_ref), (out_splash, grads_splash) = results["reference"], results["splash"]
+    forward = _forward_atol(q, k, v, dtype)
+    tol.assert_close(out_splash, out_ref, forward, "output")
+    for what, got, expected in zip("qkv", grads_splash, grads_ref, strict=True):
+        tol.assert_close(got, expected, _grad_atol(forward, v, expected, L, dtype), f"d{what}")
+    # the check can fail: a kernel without the segment ids lets example 2 see example 1
+    unsegmented = attention.visibility(np.ones_like(segments), np.ones_like(segments), 0)
+    wrong = jnp.where(real, attention.splash(q, k, v, unsegmented, interpret=True), 0)
+    assert not tol.close(wrong, out_ref, forward)
+
+
+@pytest.mark.filterwarnings("ignore:Error reading persistent compilation cache entry")
+def test_auto_runs_splash_in_the_model_compiled_for_a_tpu_mesh():
+    """With the TPU compiler (libtpu, no TPU), a tiny Llama's loss gradient on a v5e:2x2 mesh
+    (the batch over 4 chips): "auto" compiles splash's Mosaic kernel into the step at 128
+    tokens and the chunked kernel at 64 (not a multiple of 128); "splash" off TPU is refused."""
+    from train.mesh import AXES, with_activation_rules
+    from train.plan import tpu_target
+
+    target = tpu_target("v5e:2x2")
+    mesh = jax.sharding.Mesh(np.array(target.devices).reshape(4, 1, 1), AXES)
+    model, params = _model_and_params("auto", max_position_embeddings=128)
+    shard = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    hlo = {}
+    for L in (128, 64):
+
+        def loss(params, ids):
+            return jnp.mean(model.apply({"params": params}, ids, segment_ids=jnp.ones_like(ids)))
+
+        step = with_activation_rules(jax.grad(loss), mesh)
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=whole), params
+        )
+        ids = jax.ShapeDtypeStruct((4, L), jnp.int32, sharding=shard)
+        hlo[L] = jax.jit(step).lower(abstract, ids).compile().as_text()
+    assert "tpu_custom_call" in hlo[128] and "tpu_custom_call" not in hlo[64]
+    with pytest.raises(ValueError, match="attention='splash' is TPU's kernel"):
+        attention.resolve("splash", 128, 128)  # this process's platform is the CPU
+
+
 def _model_and_params(attention_kernel, **overrides):
     config = models.get_config("tiny-llama", attention=attention_kernel, **overrides)
     return models.Decoder(config), models.init_params(config, jax.random.key(0))

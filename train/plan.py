@@ -429,7 +429,8 @@ def plan(cfg: RunConfig, target: Target) -> dict[str, Any]:
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops, collective_costs = hlo_costs(compiled.as_text())
+    hlo = compiled.as_text()
+    flops, collective_costs = hlo_costs(hlo)
     total = (
         memory.argument_size_in_bytes
         + memory.output_size_in_bytes
@@ -458,6 +459,9 @@ def plan(cfg: RunConfig, target: Target) -> dict[str, Any]:
         "fits": total <= target.capacity,
         "compiled_flops": flops,
         "xla_cost_analysis_flops": float(cost.get("flops", 0.0)),
+        # Pallas (Mosaic) kernels in the step, e.g. splash attention: their FLOPs are in
+        # neither figure above, since the compiler cannot look inside them
+        "pallas_kernels": len(re.findall(r'custom_call_target="tpu_custom_call"', hlo)),
         "collectives": collective_costs,
         "step_time_lower_bound_s": bound,
         "tokens_per_s_per_device": per_s,
@@ -605,6 +609,12 @@ def run_command(args: argparse.Namespace) -> int:
     print(table(shown))
     for p in shown[:2]:
         print("collectives per step per device, " + collective_lines(p))
+        if p.get("pallas_kernels"):
+            print(
+                f"{p['method']}: the compiled TFLOP leave out {p['pallas_kernels']} Pallas "
+                f"kernel(s) (splash attention; the compiler cannot count inside them), so the "
+                f"step bound is low by their FLOPs"
+            )
     if target.chip is not None:
         print(
             f"{target.chip.name}: {target.chip.hbm_bytes / GiB:.0f} GiB HBM, "
