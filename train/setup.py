@@ -160,8 +160,9 @@ def adapter_dirs(cfg: RunConfig) -> list[Path]:
 
 
 def _size(tree: Any) -> int:
-    """Elements in ``tree``'s arrays."""
-    return sum(int(np.size(x)) for x in jax.tree.leaves(tree))
+    """Elements in ``tree``'s arrays (a quantized kernel counts its weight's elements)."""
+    leaves = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, lj.QuantizedArray))
+    return sum(int(np.prod(np.shape(x))) for x in leaves)
 
 
 def config_dict(cfg: RunConfig) -> dict[str, Any]:
@@ -236,7 +237,12 @@ def build_steps(
     def make_tx(peak: Any) -> optax.GradientTransformation:
         # the method's mask selects every leaf of the trainable half (train/method.py MASKS)
         optim = dataclasses.replace(cfg.optim, learning_rate=peak)
-        return lj.optimizer(optimizer(optim, steps), trainable, method_lib.MASKS[cfg.method])
+        return lj.optimizer(
+            optimizer(optim, steps),
+            trainable,
+            method_lib.MASKS[cfg.method],
+            loraplus_lr_ratio=cfg.optim.loraplus_lr_ratio,
+        )
 
     peaks = peak_learning_rates(cfg)
     tx = make_tx(peaks[0])
@@ -298,9 +304,9 @@ def setup(cfg: RunConfig, log: Callable[[str], None] = print) -> Setup:
     dropout_key = jax.random.split(jax.random.key(cfg.seed))[1]
 
     def prepared(base: Any, key: jax.Array) -> Any:
-        return method_lib.prepare(cfg.method, base, cfg.lora, key)[0]
+        return method_lib.prepare(cfg.method, base, cfg.lora, key, cfg.model.quantize)[0]
 
-    shapes, mask = method_lib.prepared_shapes(cfg.method, base, cfg.lora)
+    shapes, mask = method_lib.prepared_shapes(cfg.method, base, cfg.lora, cfg.model.quantize)
     batches_per_epoch = train_batches(splits, cfg.data, seed=cfg.seed).steps_in_epoch(0)
     steps = total_steps(cfg.optim, batches_per_epoch)
     compiled = build_steps(cfg, model, shapes, mask, mesh, steps)
