@@ -14,7 +14,8 @@ import models
 from studies.e2e import experiment as experiment_lib
 from train import adapter as adapter_lib
 from train import layout
-from train.config import ConfigError, load_config
+from train.cli import main
+from train.config import ConfigError, config_to_yaml, load_config
 from train.loop import DivergenceError
 from train.metrics import read_records
 from train.run import train
@@ -51,7 +52,7 @@ def adapter_leaves(directory, base):
     }
 
 
-def train_losses(run_dir, split):
+def logged_losses(run_dir, split):
     return [r["loss"] for r in read_records(run_dir / layout.METRICS_FILE) if r["split"] == split]
 
 
@@ -99,7 +100,7 @@ def test_k_adapters_trained_together_equal_k_separate_runs(run_files):
         # the logged training losses, update by update (loss k after k - 1 updates)
         split = f"train/adapter_{j}"
         for k, (a, b) in enumerate(
-            zip(train_losses(root / "together", split), train_losses(single.run_dir, "train"))
+            zip(logged_losses(root / "together", split), logged_losses(single.run_dir, "train"))
         ):
             tol.assert_close(a, b, run_atol(k, b), f"adapter {j} train loss {k + 1}")
     # lora-jax experiment reads each adapter as the run at its rate (grid_in_one_process)
@@ -162,3 +163,41 @@ def test_adapter_settings_that_cannot_work_are_refused_in_one_line(overrides, pr
     with pytest.raises(ConfigError, match=re.escape(problem)) as e:
         load_config(None, overrides)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.slow
+def test_experiment_trains_a_learning_rate_grid_in_one_process(tmp_path, run_files, monkeypatch):
+    model_dir, csv, _ = run_files
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax_cache"))
+    base = tmp_path / "base.yaml"
+    base.write_text(config_to_yaml(tf.tiny_config(model_dir, csv, tmp_path / "unused")))
+    experiment = {
+        "base_config": str(base),
+        "data": str(csv),
+        "test_fraction": 0.25,
+        "output_dir": str(tmp_path / "out"),
+        "report": str(tmp_path / "results.md"),
+        "plot": str(tmp_path / "results.png"),
+        "overrides": ["optim.max_steps=3", "checkpoint.every_steps=0"],
+        "select": "validation_loss",
+        "grid_in_one_process": True,
+        "eval": {"greedy": True, "batch_size": 4, "max_new_tokens": 3, "limit": 2},
+        "methods": [{"name": "lora-qv", "learning_rates": [1e-4, 3e-2]}],
+    }
+    (tmp_path / "experiment.yaml").write_text(json.dumps(experiment))  # JSON is YAML
+    assert main(["experiment", str(tmp_path / "experiment.yaml")]) == 0
+    grid_dir = tmp_path / "out" / "runs" / "lora-qv" / "lr_grid"
+    run = load_config(grid_dir / layout.CONFIG_FILE)
+    assert run.lora.num_adapters == 2 and run.optim.learning_rates == (1e-4, 3e-2)
+    assert run.lora.init_seeds == (run.seed, run.seed)  # each adapter as its rate's own run
+    finals = {
+        lr: logged_losses(grid_dir, f"validation/adapter_{j}")[-1]
+        for j, lr in enumerate((1e-4, 3e-2))
+    }
+    row = json.loads((tmp_path / "out" / "results.json").read_text())["rows"][0]
+    chosen = min(finals, key=finals.get)
+    assert row["learning_rate"] == chosen and row["validation_loss"] == finals[chosen]
+    assert row["run_dir"] == str(grid_dir / f"adapter_{(1e-4, 3e-2).index(chosen)}")
+    assert row["learning_rate_grid"] == {f"{lr:g}": loss for lr, loss in finals.items()}
+    assert row["trained_together"] == 2
+    assert "lora-qv: the learning rates trained together" in (tmp_path / "results.md").read_text()
