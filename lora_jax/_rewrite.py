@@ -335,18 +335,18 @@ def _gather(eqn, invals):
     one_axis = (
         len(dn.start_index_map) == 1
         and tuple(dn.collapsed_slice_dims) == tuple(dn.start_index_map)
-        and not dn.operand_batching_dims
+        and not getattr(dn, "operand_batching_dims", ())
         and indices.shape[-1] == 1
         and all(n == t.w.shape[k] for k, n in enumerate(sizes) if k != dn.start_index_map[0])
     )
-    mode = _TAKE_MODES.get(eqn.params["mode"])
+    mode = _TAKE_MODES.get(eqn.params.get("mode"))
     if not one_axis or mode is None:
         raise _unsupported(t, "gather", "a gather other than a lookup along one axis")
     axis, ids = dn.start_index_map[0], indices[..., 0]
     w = _bind(eqn, t.w, indices)
     batch_pos = [p for p in range(w.ndim) if p not in dn.offset_dims]
     offset = dict(zip([k for k in range(t.w.ndim) if k != axis], dn.offset_dims, strict=True))
-    fill = eqn.params["fill_value"]
+    fill = eqn.params.get("fill_value")
     factors = []
     for f, axes in t.factors():
         if axis in axes:

@@ -371,6 +371,9 @@ VIEWS = {
         0, LAYERS, lambda i, h: jnp.tanh(h @ p["ws"][i]), x
     ),
     "layer_index_in_while_loop": _while_over_layers,
+    "layers_taken": lambda p, x: jnp.einsum(
+        "bi,lio->lbo", x, jnp.take(p["ws"], jnp.array([2, 0]), axis=0)
+    ),
     "stacked_axis_as_batch": lambda p, x: jnp.einsum(
         "lbi,lio->lbo", jnp.stack([x] * LAYERS), p["ws"]
     ),
