@@ -38,8 +38,10 @@ def pending(tree: Any, consumed: set[_tree.Path]) -> bool:
 
 
 def _is_consumed(path: _tree.Path, consumed: set[_tree.Path]) -> bool:
-    """A Linen scope names a weight without the collection a variables tree starts with."""
-    return path in consumed or (len(path) > 1 and path[0] == "params" and path[1:] in consumed)
+    """A Linen scope names a weight from the model's root, without what the tree passed to
+    ``fn`` holds it under (``{"params": ...}``, or a caller's own nesting): a tree path is
+    consumed when it ends with a consumed one."""
+    return any(path[len(path) - len(c) :] == c for c in consumed if len(c) <= len(path))
 
 
 def call(fn: Callable, args: tuple, kwargs: dict, consumed: set[_tree.Path], dropout: float) -> Any:

@@ -415,3 +415,16 @@ def test_views_and_control_flow_match_the_merged_weight():
         atol = tol.chain_atol(depth, tol.scale_of(merged[name]), dtype=merged[name].dtype)
         tol.assert_close(factored[name], merged[name], atol, name)
         assert not tol.close(factored[name], unadapted[name], 1e-3), name
+
+
+def test_a_tree_nested_by_the_caller_adapts_each_weight_once():
+    """The stock nn.Dense (intercepted) and the custom Linear (rewritten) under a key of the
+    caller's: neither adapter is lost nor added twice."""
+    apply, _, adapted, args, depth, _ = CASES["custom_linen"]()
+
+    def fn(tree, x):
+        return apply({"params": tree["model"]}, x)
+
+    factored = jax.jit(lj.apply(fn))({"model": adapted["params"]}, *args)
+    merged = jax.jit(fn)({"model": lj.merge(adapted["params"])}, *args)
+    tol.assert_close(factored, merged, tol.chain_atol(depth, tol.scale_of(merged)))
