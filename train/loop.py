@@ -96,7 +96,8 @@ def split_of(split: str, j: int, s: Setup) -> str:
 
 
 def adapter_label(j: int, s: Setup) -> str:
-    """`` of adapter j (learning rate r)`` when several adapters train, else nothing."""
+    """`` of adapter j (optim.learning_rates[j] = r)`` when several adapters train, else
+    nothing."""
     if s.num_adapters == 1:
         return ""
     return f" of adapter {j} (optim.learning_rates[{j}] = {peak_learning_rates(s.cfg)[j]:g})"

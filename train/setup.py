@@ -87,7 +87,8 @@ class Setup:
 
     def validate(self, trainable: Any) -> list[dict[str, float]] | None:
         """Validation loss/perplexity of each adapter of ``trainable`` (one, unless
-        ``lora.num_adapters > 1``); None without validation data."""
+        ``lora.num_adapters > 1``: then one pass over the validation batches per adapter,
+        each running that adapter's slot of the bank); None without validation data."""
         if not self.splits.validation:
             return None
         steps = (
