@@ -117,6 +117,15 @@ class LoraSection:
 
 
 @dataclass(frozen=True)
+class AdapterSection:
+    """The bottleneck adapters of ``method: adapter_h | adapter_l`` (train/adapters.py)."""
+
+    # m: each adapter projects D -> m -> D, adding 2·D·m + m + D parameters per adapted
+    # sublayer (+ 2·D for AdapterL's LayerNorm); read only by the adapter methods
+    bottleneck: int = _bounded(8, low=1)
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Where the examples come from and how they become fixed-shape batches (train/data.py)."""
 
@@ -201,10 +210,13 @@ class RunConfig:
     """One training run. ``method`` selects what is trainable: LoRA factors, all, or biases."""
 
     seed: int = _bounded(0, low=0)  # data split, shuffling and initialisation
-    method: Literal["lora", "full", "bitfit"] = "lora"
+    # lora | full | bitfit | ft_top2 (the last two layers) | adapter_h | adapter_l
+    # (bottleneck adapters, section ``adapter``): train/method.py
+    method: Literal["lora", "full", "bitfit", "ft_top2", "adapter_h", "adapter_l"] = "lora"
     output_dir: str = "runs/default"
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSection = field(default_factory=LoraSection)
+    adapter: AdapterSection = field(default_factory=AdapterSection)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
