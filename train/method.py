@@ -1,4 +1,5 @@
-"""What trains: ``method: lora | full | bitfit`` as a trainable mask over the parameter tree.
+"""What trains: ``method: lora | full | bitfit | ft_top2 | adapter_h | adapter_l`` as a
+trainable mask over the parameter tree.
 
 * ``lora``: ``lj.init`` adds the factors A, B (and bias deltas for ``lora.bias``) beside
   the target weights; the mask is ``lj.trainable_mask`` (A, B, deltas).
@@ -9,6 +10,14 @@
   models have no biases: load them with ``model.add_biases=true`` (zero biases on every
   attention and MLP projection, Hugging Face's ``attention_bias``/``mlp_bias``), else
   BitFit is refused.
+* ``ft_top2`` (Li & Liang 2021's FT-Top2, a baseline of the LoRA paper): every leaf of the
+  last two transformer blocks (``layers_<N-2>``, ``layers_<N-1>``); the embeddings, the
+  final norm and the head stay frozen. With ``model.scan_layers=true`` the blocks are one
+  stacked leaf per weight, which a per-leaf mask cannot cut: refused, naming the fix.
+* ``adapter_h`` / ``adapter_l`` (Houlsby et al. 2019 / Lin et al. 2020, the paper's
+  AdapterH / AdapterL): train/adapters.py adds bottleneck adapters (``adapter.bottleneck``)
+  beside the base's params, and only they train; the forward runs them
+  (:func:`forward`, :func:`decoding_apply`).
 
 Each mask is a function of the tree's paths only (:data:`MASKS`), so it fits both the
 whole tree and the trainable half ``lj.split`` cuts with it: train/run.py gives it to
@@ -40,15 +49,38 @@ import jax.numpy as jnp
 
 import lora_jax as lj
 import models
-from train.config import ADDED_BIASES, ConfigError, LoraSection, RunConfig
+from train import adapters
+from train.config import ADDED_BIASES, AdapterSection, ConfigError, LoraSection, RunConfig
 
 TARGETS_EXAMPLE = "lora.targets=['.*/(q_proj|v_proj)/kernel']"
+
+TOP_LAYERS = 2  # the blocks ft_top2 trains
+LAYER = re.compile(r"^layers_(\d+)/")
+
+
+def top_layers_mask(params: Any) -> Any:
+    """True on every leaf of the last :data:`TOP_LAYERS` blocks (``layers_<i>/...``, i >=
+    N - 2, N the blocks in ``params``). Raises ConfigError for scanned layers (``layers/``)."""
+    flat = lj.flatten_paths(params)
+    if any(p.startswith("layers/") for p in flat):
+        raise ConfigError(
+            "method=ft_top2 trains the last two layers, but with model.scan_layers=true "
+            "the layers are stacked into one array per weight and a mask selects whole "
+            "arrays; set model.scan_layers=false"
+        )
+    layer = {p: int(m.group(1)) for p in flat if (m := LAYER.match(p))}
+    first = max(layer.values(), default=-1) + 1 - TOP_LAYERS
+    return lj.unflatten_paths({p: layer.get(p, -1) >= first for p in flat}, like=params)
+
 
 # method -> its trainable mask, a function of a parameter tree (of its paths only)
 MASKS: dict[str, Callable[[Any], Any]] = {
     "lora": lj.trainable_mask,
     "full": lambda params: jax.tree.map(lambda _: True, params),
     "bitfit": lj.bias_mask,
+    "ft_top2": top_layers_mask,
+    "adapter_h": adapters.trainable_mask,
+    "adapter_l": adapters.trainable_mask,
 }
 
 
@@ -99,12 +131,14 @@ def model_options(cfg: RunConfig) -> dict[str, Any]:
 
 def resolve(cfg: RunConfig) -> RunConfig:
     """``cfg`` with ``model.param_dtype="auto"`` made concrete: bfloat16 when the method
-    freezes the base (lora, bitfit) and the base has >= 1B parameters (its factors, biases
-    and optimizer state stay float32: ``lj.init`` makes factors float32), else float32.
+    freezes the base's weights (lora, bitfit, the adapters) and the base has >= 1B
+    parameters (its factors, biases, adapters and optimizer state stay float32: ``lj.init``
+    makes factors float32), else float32 (full and ft_top2 train base weights).
     Only the model's config is read (``models.abstract_load``) to count its parameters."""
     if cfg.model.param_dtype != "auto":
         return cfg
-    frozen_large = cfg.method != "full" and _base_parameters(cfg.model.name) >= FROZEN_BF16_AT
+    trains_base = cfg.method in ("full", "ft_top2")  # float32 master weights
+    frozen_large = not trains_base and _base_parameters(cfg.model.name) >= FROZEN_BF16_AT
     dtype = "bfloat16" if frozen_large else "float32"
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, param_dtype=dtype))
 
@@ -197,9 +231,15 @@ def _examples(paths: Sequence[str], shown: int = 12) -> str:
 
 
 def prepare(
-    method: str, params: Any, lora: LoraSection, key: jax.Array, quantize: str = "none"
+    method: str,
+    params: Any,
+    lora: LoraSection,
+    key: jax.Array,
+    quantize: str = "none",
+    adapter: AdapterSection = AdapterSection(),
 ) -> tuple[Any, Any]:
-    """(params to train from, trainable mask): adapted params for LoRA, else ``params``.
+    """(params to train from, trainable mask): adapted params for LoRA, the base with
+    bottleneck adapters (``adapter``: m) beside it for adapter_h / adapter_l, else ``params``.
 
     With ``quantize`` (``model.quantize``: ``"int8"`` or ``"nf4"``) every kernel LoRA
     adapts is then stored quantized (``lj.quantize``, after ``lj.init`` so that DoRA's
@@ -210,7 +250,7 @@ def prepare(
     The mask is a tree of bools shaped like the returned params (:data:`MASKS`).
     """
     if method not in MASKS:
-        raise ConfigError(f"unknown method {method!r}; use lora, full or bitfit")
+        raise ConfigError(f"unknown method {method!r}; use one of {', '.join(MASKS)}")
     if method == "lora" and lora.num_adapters > 1:
         config = lora_config(lora)
         adapters = [lj.adapter(lj.init(k, params, config)) for k in key]
@@ -220,6 +260,8 @@ def prepare(
             raise ConfigError(f"lora.num_adapters={lora.num_adapters}: {_one_line(e)}") from None
     elif method == "lora":
         params = lj.init(key, params, lora_config(lora))
+    elif method in adapters.SUBLAYERS:
+        params = adapters.init(key, params, method, adapter.bottleneck)
     if quantize != "none":
         params = quantize_adapted(params, quantize)
     mask = MASKS[method](params)
@@ -244,17 +286,41 @@ def quantize_adapted(params: Any, fmt: str) -> Any:
 
 
 def prepared_shapes(
-    method: str, params: Any, lora: LoraSection, quantize: str = "none"
+    method: str,
+    params: Any,
+    lora: LoraSection,
+    quantize: str = "none",
+    adapter: AdapterSection = AdapterSection(),
 ) -> tuple[Any, Any]:
     """(the shapes :func:`prepare` gives ``params`` (arrays or shapes), its mask): nothing
     is computed, so a run can lay out and compile for the tree before making it."""
     k = lora.num_adapters
     keys = jax.random.key(0) if k == 1 else jax.random.split(jax.random.key(0), k)
-    shapes = jax.eval_shape(lambda p, key: prepare(method, p, lora, key, quantize)[0], params, keys)
+    shapes = jax.eval_shape(
+        lambda p, key: prepare(method, p, lora, key, quantize, adapter)[0], params, keys
+    )
     return shapes, MASKS[method](shapes)
+
+
+def logical_axes(model: models.Decoder, params: Any) -> Any:
+    """The logical axis names of the base (``models.logical_axes``), with those of the
+    leaves an adapter method adds (train/adapters.py ``logical_axes``); LoRA's leaves get
+    theirs from ``lj.partition_specs``."""
+    return adapters.logical_axes(models.logical_axes(model), params)
 
 
 def forward(method: str, apply_fn: Callable[..., Any], dropout: float) -> Callable[..., Any]:
     """``apply_fn`` (``model.apply``) as the method runs it: LoRA's factored forward, with
-    LoRA dropout drawn from the ``'dropout'`` rng stream, or unchanged."""
-    return lj.apply(apply_fn, dropout=dropout) if method == "lora" else apply_fn
+    LoRA dropout drawn from the ``'dropout'`` rng stream; the bottleneck adapters' forward
+    (:func:`decoding_apply`); or unchanged."""
+    if method == "lora":
+        return lj.apply(apply_fn, dropout=dropout)
+    return decoding_apply(method, apply_fn)
+
+
+def decoding_apply(method: str, apply_fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``apply_fn`` as ``models.generate(apply_fn=)`` takes it for a model trained with
+    ``method`` (the adapter directory's ``method``): wrapped with the adapters' forward for
+    adapter_h / adapter_l (train/adapters.py ``apply``, one object per function: no
+    recompiles), else unchanged (generate runs LoRA's factored forward itself)."""
+    return adapters.apply(apply_fn, method) if method in adapters.SUBLAYERS else apply_fn

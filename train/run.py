@@ -348,4 +348,5 @@ def _finish(s: Setup, state: Any, run_dir: Path, log: Callable[[str], None]) -> 
         distinct_prompts(s.splits.validation, cfg.eval.samples),
         s.splits.pad_id,
         cfg.eval.max_new_tokens,
+        method_lib.decoding_apply(cfg.method, s.model.apply),
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,9 +59,11 @@ def generate_samples(
     examples: Sequence[Example],
     eos_id: int,
     max_new_tokens: int,
+    apply_fn: Callable[..., Any] | None = None,
 ) -> list[Sample]:
     """Greedy continuations of the examples' prompts (``models.generate``; LoRA leaves in
-    ``params`` run the factored forward), decoded up to EOS, with the target as reference.
+    ``params`` run the factored forward; ``apply_fn``: the method's, train/method.py
+    ``decoding_apply``), decoded up to EOS, with the target as reference.
     """
     if not examples:
         return []
@@ -75,6 +77,7 @@ def generate_samples(
             max_new_tokens=max_new_tokens,
             eos_token_id=eos_id,
             pad_token_id=eos_id,
+            apply_fn=apply_fn,
         )
     )
 

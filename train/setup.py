@@ -230,7 +230,7 @@ def build_steps(
     ``lora.num_adapters > 1`` the params hold a bank and the steps are train/bank.py's.
     """
     shardings = mesh_lib.param_shardings(
-        models.logical_axes(model), params, mesh, cfg.mesh.base, cfg.mesh.factors
+        method_lib.logical_axes(model, params), params, mesh, cfg.mesh.base, cfg.mesh.factors
     )
     frozen_sh, trainable_sh = lj.split(shardings, mask)
     frozen, trainable = lj.split(params, mask)
@@ -305,9 +305,14 @@ def setup(cfg: RunConfig, log: Callable[[str], None] = print) -> Setup:
     dropout_key = jax.random.split(jax.random.key(cfg.seed))[1]
 
     def prepared(base: Any, key: jax.Array) -> Any:
-        return method_lib.prepare(cfg.method, base, cfg.lora, key, cfg.model.quantize)[0]
+        prepared, _ = method_lib.prepare(
+            cfg.method, base, cfg.lora, key, cfg.model.quantize, cfg.adapter
+        )
+        return prepared
 
-    shapes, mask = method_lib.prepared_shapes(cfg.method, base, cfg.lora, cfg.model.quantize)
+    shapes, mask = method_lib.prepared_shapes(
+        cfg.method, base, cfg.lora, cfg.model.quantize, cfg.adapter
+    )
     batches_per_epoch = train_batches(splits, cfg.data, seed=cfg.seed).steps_in_epoch(0)
     steps = total_steps(cfg.optim, batches_per_epoch)
     compiled = build_steps(cfg, model, shapes, mask, mesh, steps)
