@@ -7,7 +7,9 @@ CONFIG_OR_RUN_DIR is what to evaluate:
 
 * a YAML run config (``configs/*.yaml``): its base model (section ``model``), untrained;
 * a run directory or its ``adapter/`` (train/adapter.py): the base with the adapter, a
-  LoRA adapter unmerged (``models.generate`` runs it through ``lj.apply``);
+  LoRA adapter unmerged (``models.generate`` runs it through ``lj.apply``), bottleneck
+  adapters (adapter_h, adapter_l) run by their method's forward (train/method.py
+  ``decoding_apply``);
 * a model that ``models.load`` reads: a Hugging Face checkpoint directory such as the
   output of ``lora-jax merge`` (merged params), a ``.gguf`` file or an embedded name.
 
@@ -47,6 +49,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -67,6 +70,7 @@ from train.data import eos_id as data_eos_id
 from train.examples import Example
 from train.export import adapter_dir, load_adapted
 from train.formats import FORMATS, MalformedRow, e2e_prompt, find_columns, text_field
+from train.method import decoding_apply
 from train.samples import decode_text, left_padded_prompts
 from train.setup import load_model
 
@@ -85,6 +89,7 @@ class Target(NamedTuple):
     eos_token: str | None  # None: the model's own EOS token
     description: str
     slots: int = 0  # > 0: params hold a bank of that many adapters (`load_bank`)
+    apply_fn: Callable[..., Any] | None = None  # models.generate's; None: model.apply
 
 
 def read_e2e(path: str | Path) -> list[tuple[str, list[str]]]:
@@ -142,6 +147,7 @@ def load_target(target: str | Path) -> Target:
             adapted.tokenizer,
             _run_eos_token(adapter),
             f"{adapted.meta['method']} adapter {adapter.resolve()} on {adapted.meta['model']}",
+            apply_fn=decoding_apply(adapted.meta["method"], adapted.model.apply),
         )
     if not path.exists() and str(target) not in models.loaders.EMBEDDED:
         raise FileNotFoundError(
@@ -235,6 +241,7 @@ def decode_each(
                     attention_mask=mask_BxP,
                     eos_token_id=eos_id,
                     pad_token_id=eos_id,
+                    apply_fn=target.apply_fn,
                     **dataclasses.asdict(decoding),
                     **bank,
                 )
