@@ -13,6 +13,7 @@ import lora_jax as lj
 import models
 from studies.e2e import experiment as experiment_lib
 from train import adapter as adapter_lib
+from train import export as export_lib
 from train import layout
 from train.cli import main
 from train.config import ConfigError, config_to_yaml, load_config
@@ -114,6 +115,11 @@ def test_k_adapters_trained_together_equal_k_separate_runs(run_files):
         assert summary["trained_together"] == 3
         for key in ("trainable_params", "optimizer_state_bytes"):  # one adapter's share
             assert summary[key] == single_summary[key]
+    # commands that take one adapter name the adapters of such a run
+    with pytest.raises(
+        adapter_lib.AdapterError, match=r"a run of 3 adapters; give one of them, e.g. .*adapter_0"
+    ):
+        export_lib.adapter_dir(root / "together")
     # the bound tells the rates apart: adapter 0 is not adapter 1's separate run
     ours = adapter_leaves(together.adapters[0].directory, base)
     theirs = adapter_leaves(alone[1].adapters[0].directory, base)

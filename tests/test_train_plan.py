@@ -3,6 +3,7 @@ forms, the specs, and the same step when it runs; the TPU compiler on a v5e:2x2 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -73,11 +74,14 @@ def tiny(tmp_path_factory):
     )
 
 
-def test_cpu_plan_predicts_the_running_step(tiny):
+@pytest.mark.parametrize("adapters", [1, 2])
+def test_cpu_plan_predicts_the_running_step(tiny, adapters):
     """The plan of the tiny run on 8 CPU devices, made from shapes alone, against the run
     itself: its arguments are exactly the bytes device 0 holds of the run's train state,
     frozen half and batch, and its total is within ±15% of the run's (those arrays plus
-    XLA's temporaries and outputs for the executable the run compiled)."""
+    XLA's temporaries and outputs for the executable the run compiled). Also for two
+    adapters trained together (train/bank.py: a state per adapter)."""
+    tiny = dataclasses.replace(tiny, lora=dataclasses.replace(tiny.lora, num_adapters=adapters))
     planned = plan_lib.plan(tiny, plan_lib.cpu_target(8))
     s = setup(tiny, **tf.QUIET)
     batch = put_batch({k: v[None] for k, v in next(s.stream()).items()}, s.mesh)
@@ -93,7 +97,11 @@ def test_cpu_plan_predicts_the_running_step(tiny):
         held + memory.output_size_in_bytes - memory.alias_size_in_bytes + memory.temp_size_in_bytes
     )
     d = planned["per_device"]
-    assert d["arguments"] == held == d["frozen"] + d["state"] + d["batch"]
+    assert held == d["frozen"] + d["state"] + d["batch"]
+    if adapters == 1:
+        assert d["arguments"] == held
+    else:  # jit drops arguments the vmapped step never reads (a few bytes of counters)
+        assert held - 64 <= d["arguments"] <= held
     assert abs(d["total"] - measured) <= 0.15 * measured
     for key in ("topology", "devices", "method", "fits", "compiled_flops", "model_flops"):
         assert key in planned

@@ -75,6 +75,14 @@ def adapter_dir(run_or_adapter: str | Path) -> Path:
     for candidate in (path, path / layout.ADAPTER_DIR):
         if (candidate / layout.ADAPTER_META_FILE).is_file():
             return candidate
+    several = sorted(
+        p.name for p in path.glob("adapter_*") if (p / layout.ADAPTER_META_FILE).is_file()
+    )
+    if several:
+        raise adapter_lib.AdapterError(
+            f"{path} is a run of {len(several)} adapters; give one of them, e.g. "
+            f"{path / several[0]}"
+        )
     raise adapter_lib.AdapterError(
         f"{path} is neither a run directory nor an adapter directory: "
         f"no {layout.ADAPTER_META_FILE} in it or in its adapter/"

@@ -9,6 +9,7 @@ A **run directory** (``lora-jax train``'s ``output_dir``)::
     run_info.json      parameter counts and optimizer-state bytes (train/run.py ``run_info``)
     checkpoints/       resumable checkpoints (unless ``checkpoint.dir`` points elsewhere)
     adapter/           the final artifact, an adapter directory
+    adapter_<j>/       instead, with lora.num_adapters = k > 1: adapter j of the k (train/bank.py)
 
 An **adapter directory** (train/adapter.py)::
 

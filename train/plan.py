@@ -44,7 +44,6 @@ from train import mesh as mesh_lib
 from train import method as method_lib
 from train.config import ConfigError, RunConfig, load_config
 from train.setup import Steps, build_steps
-from train.step import init_state
 
 GiB = 2**30
 BATCH_FIELDS = ("input_ids", "positions", "segment_ids", "loss_mask")  # int32 [K, B, L]
@@ -173,7 +172,7 @@ def abstract_run(cfg: RunConfig, mesh: Mesh) -> Abstract:
     steps = build_steps(cfg, model, params, mask, mesh, cfg.optim.max_steps or SCHEDULE_STEPS)
     frozen, trainable = lj.split(params, mask)
     state = _with(
-        jax.eval_shape(lambda p: init_state(p, steps.tx, jax.random.key(0)), trainable),
+        jax.eval_shape(lambda p: steps.init_state(p, jax.random.key(0)), trainable),
         steps.state,
     )
     frozen = _with(frozen, steps.frozen)
@@ -543,8 +542,21 @@ def search(cfg: RunConfig, target: Target) -> list[dict[str, Any]]:
 
 
 def full_fine_tuning(cfg: RunConfig) -> RunConfig:
-    """``cfg`` as full fine-tuning (the baseline a LoRA or BitFit plan is shown beside)."""
-    return dataclasses.replace(cfg, method="full")
+    """``cfg`` as full fine-tuning (the baseline a LoRA or BitFit plan is shown beside):
+    the keys that only a frozen base or LoRA takes (several adapters, their rates, a
+    quantized base, LoRA+) at their defaults."""
+    defaults = RunConfig()
+    return dataclasses.replace(
+        cfg,
+        method="full",
+        lora=defaults.lora,
+        model=dataclasses.replace(cfg.model, quantize=defaults.model.quantize),
+        optim=dataclasses.replace(
+            cfg.optim,
+            learning_rates=defaults.optim.learning_rates,
+            loraplus_lr_ratio=defaults.optim.loraplus_lr_ratio,
+        ),
+    )
 
 
 def table(plans: Sequence[dict[str, Any]]) -> str:
