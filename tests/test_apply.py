@@ -230,19 +230,6 @@ def test_dense_general_with_an_unreadable_layout_is_a_clear_error():
         lj.apply(model.apply)({"params": adapted}, x)
 
 
-def test_unsupported_layer_is_a_clear_error():
-    class Custom(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            return x @ self.param("kernel", nn.initializers.normal(), (x.shape[-1], 8))
-
-    x = jnp.ones((2, 6))
-    variables = Custom().init(jax.random.key(0), x)
-    adapted = lj.init(jax.random.key(1), variables["params"], lj.LoraConfig(2, 4, "kernel"))
-    with pytest.raises(TypeError, match="materialize"):
-        lj.apply(Custom().apply)({"params": adapted}, x)
-
-
 def _dot_output_shapes(jaxpr):
     """Shapes of every dot_general output in a jaxpr, sub-jaxprs (scan, remat, pjit) included."""
     shapes = []
