@@ -16,8 +16,8 @@ CPU (here) has little parallel work to hide extra sequential layers in. Two meas
     unmerged  the adapted tree through `lj.apply` (factored: y = x·W + s·(x·A)·B, two thin
               matmuls more per target), as training and `models.generate` run it.
     adapter   Houlsby et al. 2019 bottleneck adapters after the attention and the MLP of
-              every layer (`houlsby`: built here around the unmodified model with
-              `flax.linen.intercept_methods`), up-projections non-zero. The
+              every layer (`method: adapter_h`, train/adapters.py: around the unmodified
+              model with `flax.linen.intercept_methods`), up-projections non-zero. The
               bottleneck size (`--bottleneck`) defaults to the one whose parameter count is
               closest to the LoRA's (SmolLM2-135M, r=8 on q,v: LoRA 460,800, bottleneck 6:
               449,640). The paper's Table 1 (GPT-2 medium, 0.5M and 11M adapter parameters)
@@ -34,20 +34,16 @@ flagged, when none do), with their min-max as the spread.
 from __future__ import annotations
 
 import argparse
-import functools
 import statistics
 import time
-from typing import Any
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import lora_jax as lj
 import models
 from benchmarks import common
-from models.layers import MLP, Attention
+from train import adapters
 from train.machine import machine
 
 VARIANTS = ("base", "merged", "unmerged", "adapter")
@@ -81,66 +77,12 @@ def randomize(tree, where, key, std: float = 0.02):
     return jax.tree_util.tree_unflatten(treedef, new)
 
 
-def graft(base, extra):
-    """`extra`'s tree with the leaves of `base` wherever `base` has the same path."""
-    return {
-        k: (graft(base[k], v) if isinstance(v, dict) else base[k]) if k in base else v
-        for k, v in extra.items()
-    }
-
-
-class Houlsby(nn.Module):
-    """Houlsby et al. 2019 bottleneck adapter on a sublayer's output h: h + up(gelu(down(h))).
-
-    down: (D, m) and up: (m, D) Dense layers with biases, m = `bottleneck`, GELU (tanh) between
-    them. `up` starts at zero, so an adapted model starts as its base model. A sequential extra
-    layer that, unlike LoRA, cannot be merged away.
-    """
-
-    bottleneck: int
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, h_BxLxD):
-        dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
-        down_BxLxM = dense(self.bottleneck, kernel_init=nn.initializers.normal(0.02), name="down")(
-            h_BxLxD
-        )
-        up_BxLxD = dense(h_BxLxD.shape[-1], kernel_init=nn.initializers.zeros_init(), name="up")(
-            jax.nn.gelu(down_BxLxM, approximate=True)
-        )
-        return h_BxLxD + up_BxLxD
-
-
-def houlsby(fn, bottleneck: int):
-    """`fn` (`model.apply` or `model.init` of a `models.Decoder`) with a `Houlsby` adapter on the
-    output of every layer's attention and MLP, before its residual addition: the model becomes
-    x + adapter(attn(norm(x))), then + adapter(mlp(norm(.))). The model is not changed: the
-    adapters are added by `nn.intercept_methods` while `fn` runs, each with its own params
-    (`.../self_attn/adapter/{down,up}`, `.../mlp/adapter/{down,up}`)."""
-    if bottleneck < 1:
-        raise ValueError(f"the adapter bottleneck must be >= 1; got {bottleneck}")
-
-    def interceptor(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
-        if context.method_name != "__call__" or not isinstance(context.module, (Attention, MLP)):
-            return out
-        config = context.module.config
-        return Houlsby(bottleneck, config.dtype, config.param_dtype, name="adapter")(out)
-
-    @functools.wraps(fn)
-    def adapted(*args, **kwargs):
-        with nn.intercept_methods(interceptor):
-            return fn(*args, **kwargs)
-
-    return adapted
+DESIGN = "adapter_h"  # the adapter variant: Houlsby's, after attention and MLP
 
 
 def adapter_params(config, bottleneck: int) -> int:
     """Parameters of the bottleneck adapters: two per layer, each 2·D·m + m + D."""
-    D = config.hidden_size
-    return 2 * config.num_layers * (2 * D * bottleneck + bottleneck + D)
+    return adapters.parameter_count(DESIGN, config.hidden_size, config.num_layers, bottleneck)
 
 
 def matched_bottleneck(config, lora_params: int) -> int:
@@ -163,9 +105,8 @@ def variants(args):
         raise AssertionError("lj.merge changed the shapes of the base tree")
     lora_params = sum(x.size for x in jax.tree.leaves(lj.split(adapted)[1]))
     bottleneck = args.bottleneck or matched_bottleneck(config, lora_params)
-    adapter_apply = houlsby(model.apply, bottleneck)
-    init = houlsby(model.init, bottleneck)(jax.random.key(3), np.zeros((1, 1), np.int32))
-    with_adapter = graft(base, nn.unbox(init["params"]))
+    adapter_apply = adapters.apply(model.apply, DESIGN)
+    with_adapter = adapters.init(jax.random.key(3), base, DESIGN, bottleneck)
     with_adapter = randomize(with_adapter, lambda p: "/adapter/up/" in p, jax.random.key(4))
 
     plain = jax.jit(model.apply)  # base and merged: one function, hence one executable

@@ -1,4 +1,5 @@
-"""benchmarks.latency's Houlsby bottleneck adapter (`houlsby`), built around the unmodified model:
+"""benchmarks.latency's Houlsby bottleneck adapter (train/adapters.py's `adapter_h`), built around
+the unmodified model:
 with a zero up-projection it is the base model; trained it is x + adapter(attn(norm(x))), then
 + adapter(mlp(norm(.))) with adapter(h) = h + up(gelu(down(h))). (Timings are not tested.)"""
 
@@ -9,9 +10,10 @@ import numpy as np
 import pytest
 
 import models
-from benchmarks.latency import adapter_params, graft, houlsby, randomize
+from benchmarks.latency import DESIGN, adapter_params, randomize
 from models.decoder import DecoderLayer
 from models.layers import MLP, Attention, norm, visibility
+from train import adapters
 
 import tolerances as tol
 
@@ -22,8 +24,7 @@ def _adapted(config, key=1):
     """(model, base params, base params + zero-initialised adapters)."""
     model = models.Decoder(config)
     base = models.init_params(config, jax.random.key(0))
-    init = houlsby(model.init, BOTTLENECK)(jax.random.key(key), jnp.zeros((1, 1), jnp.int32))
-    return model, base, graft(base, nn.unbox(init["params"]))
+    return model, base, adapters.init(jax.random.key(key), base, DESIGN, BOTTLENECK)
 
 
 @pytest.mark.parametrize(("name", "scan_layers"), [("tiny-llama", True), ("tiny-gpt2", False)])
@@ -33,7 +34,7 @@ def test_zero_up_projection_is_the_base_model(name, scan_layers):
     ids = jax.random.randint(jax.random.key(2), (2, 7), 0, config.vocab_size)
 
     expected = model.apply({"params": base}, ids)
-    got = houlsby(model.apply, BOTTLENECK)({"params": adapted}, ids)
+    got = adapters.apply(model.apply, DESIGN)({"params": adapted}, ids)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
     tokens = models.generate(model, base, ids, max_new_tokens=4, eos_token_id=-1)
     np.testing.assert_array_equal(
@@ -43,7 +44,7 @@ def test_zero_up_projection_is_the_base_model(name, scan_layers):
             ids,
             max_new_tokens=4,
             eos_token_id=-1,
-            apply_fn=houlsby(model.apply, BOTTLENECK),
+            apply_fn=adapters.apply(model.apply, DESIGN),
         ),
         tokens,
     )
@@ -70,7 +71,7 @@ def test_a_non_zero_adapter_changes_the_outputs():
     model, base, adapted = _adapted(config)
     adapted = randomize(adapted, lambda p: "/adapter/up/" in p, jax.random.key(4), std=0.3)
     ids = jax.random.randint(jax.random.key(2), (1, 7), 0, config.vocab_size)
-    apply = houlsby(model.apply, BOTTLENECK)
+    apply = adapters.apply(model.apply, DESIGN)
     got = apply({"params": adapted}, ids)
     assert np.abs(np.asarray(got) - np.asarray(model.apply({"params": base}, ids))).max() > 1e-2
     # models.generate runs the adapters too (decoding with the KV cache): its greedy tokens are
@@ -107,7 +108,8 @@ def test_trained_adapter_matches_a_hand_written_layer(name):
     positions_BxL = jnp.broadcast_to(jnp.arange(L), (B, L))
     layer = DecoderLayer(config)
     inputs = (x_BxLxD, visible_BxLxS, positions_BxL, 0, False)
-    params = nn.unbox(houlsby(layer.init, BOTTLENECK)(jax.random.key(1), *inputs)["params"])
+    base = nn.unbox(layer.init(jax.random.key(1), *inputs)["params"])
+    params = adapters.init(jax.random.key(1), base, DESIGN, BOTTLENECK)
     # Non-zero adapters, so that both enter the output.
     keys = iter(jax.random.split(jax.random.key(2), 8))
     for sublayer in ("self_attn", "mlp"):
@@ -116,7 +118,7 @@ def test_trained_adapter_matches_a_hand_written_layer(name):
                 shape = params[sublayer]["adapter"][part][leaf].shape
                 params[sublayer]["adapter"][part][leaf] = 0.3 * jax.random.normal(next(keys), shape)
 
-    got, _ = houlsby(layer.apply, BOTTLENECK)({"params": params}, *inputs)
+    got, _ = adapters.apply(layer.apply, DESIGN)({"params": params}, *inputs)
 
     # The reference: the base sublayers run alone, the adapters and residuals written out here.
     def run(module, name, *inputs):
@@ -150,4 +152,5 @@ def test_trained_adapter_matches_a_hand_written_layer(name):
 
 def test_bottleneck_below_one_is_refused():
     with pytest.raises(ValueError, match="bottleneck must be >= 1"):
-        houlsby(models.Decoder(models.get_config("tiny-llama")).apply, 0)
+        params = models.init_params(models.get_config("tiny-llama"), jax.random.key(0))
+        adapters.init(jax.random.key(1), params, DESIGN, 0)

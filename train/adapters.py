@@ -46,8 +46,9 @@ SUBLAYERS: dict[str, tuple[str, ...]] = {
 # the sublayer's output projection, whose kernel's last axis is D
 OUTPUT_KERNEL = {"self_attn": "o_proj/kernel", "mlp": "down_proj/kernel"}
 MODULES = {"self_attn": Attention, "mlp": MLP}
-# a sublayer's path in the decoder's params: unrolled layers_<i>/..., or scanned layers/...
-SUBLAYER_PATH = re.compile(r"^(layers_\d+|layers)/(self_attn|mlp)/")
+# a sublayer's path in the decoder's params: unrolled layers_<i>/..., scanned layers/...,
+# or a lone DecoderLayer's self_attn/..., mlp/...
+SUBLAYER_PATH = re.compile(r"^(?:(layers_\d+|layers)/)?(self_attn|mlp)/")
 
 
 def _check_design(design: str) -> None:
@@ -66,9 +67,10 @@ def parameter_count(design: str, hidden_size: int, num_layers: int, bottleneck: 
 
 
 def init(key: jax.Array, params: Any, design: str, bottleneck: int) -> Any:
-    """``params`` (a ``models.Decoder`` tree) with an adapter of bottleneck m beside every
-    sublayer ``design`` adapts: down kernel ~ N(0, 0.02²), the rest zero, LayerNorm scale
-    one; float32, with the layer axis of scanned layers first. The base leaves are kept."""
+    """``params`` (of a ``models.Decoder`` or one ``DecoderLayer``) with an adapter of
+    bottleneck m beside every sublayer ``design`` adapts: down kernel ~ N(0, 0.02²), the
+    rest zero, LayerNorm scale one; float32, with the layer axis of scanned layers first.
+    The base leaves are kept."""
     _check_design(design)
     if bottleneck < 1:
         raise ValueError(f"the adapter bottleneck must be >= 1; got {bottleneck}")
@@ -106,7 +108,7 @@ def init(key: jax.Array, params: Any, design: str, bottleneck: int) -> Any:
 def trainable_mask(params: Any) -> Any:
     """True on every adapter leaf (a path through an ``adapter`` subtree of a sublayer)."""
     flat = lj.flatten_paths(params)
-    pattern = re.compile(rf"^(layers_\d+|layers)/(self_attn|mlp)/{NAME}/")
+    pattern = re.compile(rf"{SUBLAYER_PATH.pattern}{NAME}/")
     return lj.unflatten_paths({p: bool(pattern.match(p)) for p in flat}, like=params)
 
 
