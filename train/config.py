@@ -304,6 +304,19 @@ def _check_variants(cfg: RunConfig) -> None:
                 f"{key} is not supported with lora.num_adapters={k} (a bank holds plain "
                 f"LoRA factors of one shared base); train one adapter per run"
             )
+    if cfg.lora.init in ("pissa", "olora"):
+        # the run saves lj.convert_to_lora's rank-2r adapter of the original base, exact
+        # only for plain factors on an unquantized residual base
+        for key, used in {
+            "lora.use_dora=true": cfg.lora.use_dora,
+            f"model.quantize={cfg.model.quantize}": cfg.model.quantize != "none",
+        }.items():
+            if used:
+                raise ConfigError(
+                    f"lora.init={cfg.lora.init} with {key} is not supported: the run saves "
+                    f"its adapter converted for the original base (lj.convert_to_lora), "
+                    f"which holds for plain LoRA on an unquantized base; drop one of them"
+                )
 
 
 def _check_bounds(node: Any, prefix: str) -> None:

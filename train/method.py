@@ -49,7 +49,7 @@ import jax.numpy as jnp
 
 import lora_jax as lj
 import models
-from train import adapters
+from train import adapters as bottleneck
 from train.config import ADDED_BIASES, AdapterSection, ConfigError, LoraSection, RunConfig
 
 TARGETS_EXAMPLE = "lora.targets=['.*/(q_proj|v_proj)/kernel']"
@@ -79,8 +79,8 @@ MASKS: dict[str, Callable[[Any], Any]] = {
     "full": lambda params: jax.tree.map(lambda _: True, params),
     "bitfit": lj.bias_mask,
     "ft_top2": top_layers_mask,
-    "adapter_h": adapters.trainable_mask,
-    "adapter_l": adapters.trainable_mask,
+    "adapter_h": bottleneck.trainable_mask,
+    "adapter_l": bottleneck.trainable_mask,
 }
 
 
@@ -260,8 +260,8 @@ def prepare(
             raise ConfigError(f"lora.num_adapters={lora.num_adapters}: {_one_line(e)}") from None
     elif method == "lora":
         params = lj.init(key, params, lora_config(lora))
-    elif method in adapters.SUBLAYERS:
-        params = adapters.init(key, params, method, adapter.bottleneck)
+    elif method in bottleneck.SUBLAYERS:
+        params = bottleneck.init(key, params, method, adapter.bottleneck)
     if quantize != "none":
         params = quantize_adapted(params, quantize)
     mask = MASKS[method](params)
@@ -285,6 +285,20 @@ def quantize_adapted(params: Any, fmt: str) -> Any:
     return lj.quantize(params, fmt, "^(" + "|".join(map(re.escape, adapted)) + ")$")
 
 
+RESIDUAL_INITS = ("pissa", "olora")  # inits that move W: the run trains on W − s·A₀·B₀
+
+
+def for_original_base(cfg: RunConfig, base: Any, trained: Any) -> Any:
+    """A PiSSA / OLoRA run's trained tree as what an adapter must be: a plain rank-2r LoRA of
+    the *original* base (``lj.convert_to_lora``; PEFT's ``convert_pissa_to_lora``), the
+    initial factors A₀, B₀ drawn again from the run's key (:func:`init_keys`). Other runs'
+    trees are returned as they are."""
+    if cfg.method != "lora" or cfg.lora.init not in RESIDUAL_INITS:
+        return trained
+    initial = jax.jit(lambda b, key: prepare(cfg.method, b, cfg.lora, key)[0])(base, init_keys(cfg))
+    return lj.convert_to_lora(trained, lj.adapter(initial))
+
+
 def prepared_shapes(
     method: str,
     params: Any,
@@ -306,7 +320,7 @@ def logical_axes(model: models.Decoder, params: Any) -> Any:
     """The logical axis names of the base (``models.logical_axes``), with those of the
     leaves an adapter method adds (train/adapters.py ``logical_axes``); LoRA's leaves get
     theirs from ``lj.partition_specs``."""
-    return adapters.logical_axes(models.logical_axes(model), params)
+    return bottleneck.logical_axes(models.logical_axes(model), params)
 
 
 def forward(method: str, apply_fn: Callable[..., Any], dropout: float) -> Callable[..., Any]:
@@ -323,4 +337,4 @@ def decoding_apply(method: str, apply_fn: Callable[..., Any]) -> Callable[..., A
     ``method`` (the adapter directory's ``method``): wrapped with the adapters' forward for
     adapter_h / adapter_l (train/adapters.py ``apply``, one object per function: no
     recompiles), else unchanged (generate runs LoRA's factored forward itself)."""
-    return adapters.apply(apply_fn, method) if method in adapters.SUBLAYERS else apply_fn
+    return bottleneck.apply(apply_fn, method) if method in bottleneck.SUBLAYERS else apply_fn

@@ -337,7 +337,15 @@ def _finish(s: Setup, state: Any, run_dir: Path, log: Callable[[str], None]) -> 
             )
             log(f"adapter {j} (learning rate {peak:g}): {saved}")
         return []
-    saved = save(run_dir / layout.ADAPTER_DIR, adapter_lib.artifact(final, s.mask, s.base))
+    if cfg.method == "lora" and cfg.lora.init in method_lib.RESIDUAL_INITS:
+        # trained on the residual base: saved as the rank-2r adapter of the original one
+        # (factors of rank 2r; adapter.json's "lora" stays the run's config)
+        original = method_lib.for_original_base(cfg, s.base, final)
+        save = functools.partial(save, extra={"converted_from": cfg.lora.init})
+        artifact = adapter_lib.artifact(original, lj.trainable_mask(original), s.base)
+    else:
+        artifact = adapter_lib.artifact(final, s.mask, s.base)
+    saved = save(run_dir / layout.ADAPTER_DIR, artifact)
     log(f"adapter: {saved}")
     if not cfg.eval.samples or jax.process_count() > 1:
         return []
