@@ -201,6 +201,8 @@ def test_ft_top2_trains_end_to_end(run_files):
     _, base, _ = models.load(cfg.model.name)
     trained = lj.flatten_paths(result.state["params"])
     assert {p.split("/")[0] for p in trained} == {"layers_0", "layers_1"}  # tf.LAYERS = 2
+    moments = [x for x in jax.tree.leaves(result.state["opt_state"]) if np.ndim(x)]
+    assert sum(np.size(x) for x in moments) == 2 * sum(np.size(x) for x in trained.values())
     adapted = export.load_adapted(result.run_dir)
     assert set(adapted.meta["leaves"]) == set(trained)
     loaded = lj.flatten_paths(adapted.params)
@@ -220,6 +222,9 @@ def test_adapters_train_end_to_end(adapter_runs, design):
     expected = adapter_count(design, c.hidden_size, BOTTLENECK, c.num_layers)
     assert sum(x.size for x in trained.values()) == expected
     assert all("/adapter/" in p for p in trained)
+    # the optimizer holds AdamW's two moments of the adapters and nothing of the base
+    moments = [x for x in jax.tree.leaves(result.state["opt_state"]) if np.ndim(x)]
+    assert sum(np.size(x) for x in moments) == 2 * expected
     # 3 updates move every adapter leaf (down's gradient is zero only while up = 0)
     initial, _ = method_lib.prepare(
         design, base, cfg.lora, method_lib.init_keys(cfg), adapter=cfg.adapter
