@@ -126,9 +126,10 @@ def logical_axes(base_axes: Any, params: Any) -> Any:
 
 
 def adapt(h_BxLxD: jax.Array, adapter: Any, design: str, norm_eps: float) -> jax.Array:
-    """The adapter of ``design`` on a sublayer output: h + up(act(down(h'))), h' = h for
-    AdapterH (act: tanh GELU), LN(h) for AdapterL (act: ReLU). ``adapter``: its params
-    ({down, up[, norm]}), cast to h's dtype."""
+    """The adapter of ``design`` on a sublayer output h_BxLxD: h + up(act(down(h'))),
+    h' = h for AdapterH (act: tanh GELU), LN(h) for AdapterL (act: ReLU). ``adapter``: its
+    params, down {kernel (D, m), bias (m,)}, up {kernel (m, D), bias (D,)}[, norm {scale
+    (D,), bias (D,)}], cast to h's dtype. Returns (B, L, D)."""
     p = jax.tree.map(lambda x: x.astype(h_BxLxD.dtype), adapter)
     x_BxLxD = h_BxLxD
     if design == "adapter_l":
