@@ -25,6 +25,7 @@ from studies.e2e import evaluation
 from studies.e2e.decoding import Decoding
 from train import adapters, export
 from train import method as method_lib
+from train.adapter import AdapterError
 from train.config import AdapterSection, ConfigError, LoraSection
 from train.run import train
 
@@ -241,6 +242,11 @@ def test_adapters_train_end_to_end(adapter_runs, design):
         np.testing.assert_array_equal(loaded[path], leaf)
     for path, leaf in trained.items():
         np.testing.assert_array_equal(loaded[path], np.asarray(leaf))
+    # extra layers: merging or exporting them as LoRA is refused in one line, nothing written
+    out = result.run_dir.parent / f"merged_{design}"
+    with pytest.raises(AdapterError, match="bottleneck adapters are extra layers") as refused:
+        export.merge(result.run_dir, out)
+    assert "\n" not in str(refused.value) and not out.exists()
 
 
 def test_eval_decodes_with_the_adapters(adapter_runs):

@@ -53,6 +53,7 @@ from models.gguf_export import save_gguf_adapter
 from models.hf_export import save_hf
 from models.hf_names import peft_module_map, tied_modules
 from train import adapter as adapter_lib
+from train import adapters as bottleneck
 from train import layout, peft_uniform, rundir
 from train.config import ADDED_BIASES
 
@@ -157,6 +158,8 @@ def merge(
 
     `out` must be new, empty, or a directory ``merge`` wrote before (rundir.DirectoryError).
     """
+    if not base_only:
+        _refuse_bottleneck(adapter_lib.read_meta(adapter_dir(run_or_adapter)), "merged into W")
     with claimed(out, layout.Kind.MERGED, "--out directory") as directory:
         if base_only:
             meta = adapter_lib.read_meta(adapter_dir(run_or_adapter))
@@ -242,6 +245,7 @@ def _check_uniform(directory: Path) -> None:
 
 def _lora_adapted(run_or_adapter: str | Path, check_base: bool, target: str) -> Adapted:
     """`load_adapted`, refusing an adapter that is not LoRA factors (`target`: the format)."""
+    _refuse_bottleneck(adapter_lib.read_meta(adapter_dir(run_or_adapter)), f"exported to {target}")
     adapted = load_adapted(run_or_adapter, check_base=check_base)
     if adapted.meta["method"] != "lora":
         raise adapter_lib.AdapterError(
@@ -249,6 +253,16 @@ def _lora_adapted(run_or_adapter: str | Path, check_base: bool, target: str) -> 
             f"adapters export to {target} (use lora-jax merge for a full checkpoint)"
         )
     return adapted
+
+
+def _refuse_bottleneck(meta: dict[str, Any], what: str) -> None:
+    """AdapterError for a bottleneck adapter run (adapter_h / adapter_l): extra layers, not
+    a change of W, so it cannot be `what`."""
+    if meta["method"] in bottleneck.SUBLAYERS:
+        raise adapter_lib.AdapterError(
+            f"the adapter was trained with method {meta['method']!r}: bottleneck adapters are "
+            f"extra layers and cannot be {what}; decode the run with lora-jax eval"
+        )
 
 
 def export_gguf(run_or_adapter: str | Path, out: str | Path, *, check_base: bool = True) -> Path:
