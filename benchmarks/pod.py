@@ -116,14 +116,15 @@ def findings(results: dict[str, Any]) -> str:
 # why each policy of POLICIES costs what it does (the mechanism; the figures are computed)
 WHY = {
     POLICIES[0][0]: "One whole 8,192-token row per chip and the 128,256-entry vocabulary "
-    "whole on it: the row's float32 logits (4.2 GB) and their gradient alone take most "
-    "of a v5e. Splitting the vocabulary over tensor=4 and the update into 4 micro-batches "
-    "is what makes 8B fit.",
+    "whole on it: the row's float32 logits (4.2 GB) and their gradient are most of the "
+    "difference. The configured layout splits the vocabulary over tensor=4 and the update "
+    "into 4 micro-batches.",
     POLICIES[1][0]: "The factors and their AdamW moments whole on every chip cost a few "
     "hundred MiB of arguments and the same FLOPs; fewer but not smaller gathers (the "
     "weights they adapt are gathered anyway), so `inherit` stays the default.",
-    POLICIES[2][0]: "Keeping every matmul output of 32 layers at 8,192 tokens is an order "
-    "of magnitude beyond the chip: full remat (only each layer's input kept) is required.",
+    POLICIES[2][0]: "Keeping every matmul output of 32 layers at 8,192 tokens takes "
+    "several times the memory of full remat (only each layer's input kept), which the "
+    "configs use.",
 }
 
 
