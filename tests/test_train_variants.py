@@ -102,13 +102,14 @@ def test_quantize_stores_the_adapted_kernels_quantized_and_frozen(tiny):
     assert all(s.spec == jax.sharding.PartitionSpec() for s in jax.tree.leaves(quantized))
 
 
-@pytest.mark.parametrize("init", ["pissa", "olora"])
-def test_a_residual_init_run_saves_an_adapter_of_the_original_base(tmp_path, init):
+def test_a_residual_init_run_saves_an_adapter_of_the_original_base(tmp_path):
     """PiSSA / OLoRA train on W_res = W − s·A₀·B₀; the run saves lj.convert_to_lora's rank-2r
     adapter of the original W. Read back onto the original base (what eval, merge and export
     do), it computes what the run trained: W_res + s·A·B, rebuilt from the run's initial
     tree (its key) and the trained A, B (the saved factors' first r columns / rows, whose
-    rest must be exactly A₀ and −B₀)."""
+    rest must be exactly A₀ and −B₀). PiSSA's run; OLoRA's takes the same path
+    (train/method.py ``for_original_base``), its factors tests/test_pissa.py's."""
+    init = "pissa"
     from train.adapter import load_adapter
     from train.method import init_keys
     from train.run import train
