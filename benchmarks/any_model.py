@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import flax.linen as nn
 import jax
@@ -150,29 +149,12 @@ def main(argv=None) -> dict:
             "method": method,
             "gflops": cost["flops"] / 1e9,
             "temp_bytes": int(stats.temp_size_in_bytes),
-            "peak_bytes": int(
-                stats.argument_size_in_bytes
-                + stats.output_size_in_bytes
-                + stats.temp_size_in_bytes
-                - stats.alias_size_in_bytes
-            ),
+            "peak_bytes": common.peak_bytes(stats),
             "times": [],
             "probes": [],
         }
 
-    for r in range(args.rounds):
-        order = METHODS[r % 3 :] + METHODS[: r % 3]
-        for method in order:
-            jitted, step_args = runs[method]
-            before = common.matmul_rate()
-            for _ in range(args.steps):
-                start = time.perf_counter()
-                loss, *new = jitted(*step_args)
-                jax.block_until_ready(loss)
-                rows[method]["times"].append(time.perf_counter() - start)
-                step_args = (*new, *step_args[2:])
-            runs[method][1] = step_args
-            rows[method]["probes"].append((before, common.matmul_rate()))
+    common.timed_rounds(runs, rows, args.rounds, args.steps)
 
     reference = rows["materialize"]
     for row in rows.values():

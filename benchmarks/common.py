@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 
 
@@ -68,3 +69,35 @@ def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def peak_bytes(stats) -> int:
+    """XLA's peak for a compiled program (`compiled.memory_analysis()`): arguments, outputs
+    and temporaries, less the outputs that alias (donated) arguments."""
+    return int(
+        stats.argument_size_in_bytes
+        + stats.output_size_in_bytes
+        + stats.temp_size_in_bytes
+        - stats.alias_size_in_bytes
+    )
+
+
+def timed_rounds(runs: dict, rows: dict, rounds: int, steps: int) -> None:
+    """Time train steps side by side: `runs[name] = [jitted, args]` where ``jitted(*args)``
+    returns (loss, *the first len(new) args for the next step); in each of `rounds` rounds
+    (their order rotated) every run takes `steps` steps. Appends each step's seconds to
+    ``rows[name]["times"]`` and the matmul probes before and after its round to
+    ``rows[name]["probes"]``; leaves ``runs[name][1]`` at the last step's args."""
+    names = list(runs)
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            jitted, step_args = runs[name]
+            before = matmul_rate()
+            for _ in range(steps):
+                start = time.perf_counter()
+                loss, *new = jitted(*step_args)
+                jax.block_until_ready(loss)
+                rows[name]["times"].append(time.perf_counter() - start)
+                step_args = (*new, *step_args[len(new) :])
+            runs[name][1] = step_args
+            rows[name]["probes"].append((before, matmul_rate()))

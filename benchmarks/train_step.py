@@ -145,13 +145,7 @@ def build(method: str, model, base, ids_BxL, rank: int, targets: str):
 
 
 def peak_bytes(jitted, args) -> int:
-    stats = jitted.lower(*args).compile().memory_analysis()
-    return int(
-        stats.argument_size_in_bytes
-        + stats.output_size_in_bytes
-        + stats.temp_size_in_bytes
-        - stats.alias_size_in_bytes
-    )
+    return common.peak_bytes(jitted.lower(*args).compile().memory_analysis())
 
 
 def nbytes(tree) -> int:
@@ -211,19 +205,7 @@ def main(argv=None) -> dict:
             "probes": [],
         }
 
-    for r in range(args.rounds):
-        order = METHODS[r % 3 :] + METHODS[: r % 3]
-        for method in order:
-            jitted, step_args = runs[method]
-            before = common.matmul_rate()
-            for _ in range(args.steps):
-                start = time.perf_counter()
-                loss, *new = jitted(*step_args)
-                jax.block_until_ready(loss)
-                rows[method]["times"].append(time.perf_counter() - start)
-                step_args = (*new, *step_args[2:])
-            runs[method][1] = step_args
-            rows[method]["probes"].append((before, common.matmul_rate()))
+    common.timed_rounds(runs, rows, args.rounds, args.steps)
 
     total = sum(x.size for x in jax.tree.leaves(base))
     full = rows["full"]
