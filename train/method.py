@@ -288,13 +288,17 @@ def quantize_adapted(params: Any, fmt: str) -> Any:
 RESIDUAL_INITS = ("pissa", "olora")  # inits that move W: the run trains on W − s·A₀·B₀
 
 
+def trains_residual_base(cfg: RunConfig) -> bool:
+    """Whether the run's LoRA init moves W (PiSSA, OLoRA): its adapter needs
+    :func:`for_original_base`."""
+    return cfg.method == "lora" and cfg.lora.init in RESIDUAL_INITS
+
+
 def for_original_base(cfg: RunConfig, base: Any, trained: Any) -> Any:
-    """A PiSSA / OLoRA run's trained tree as what an adapter must be: a plain rank-2r LoRA of
-    the *original* base (``lj.convert_to_lora``; PEFT's ``convert_pissa_to_lora``), the
-    initial factors A₀, B₀ drawn again from the run's key (:func:`init_keys`). Other runs'
-    trees are returned as they are."""
-    if cfg.method != "lora" or cfg.lora.init not in RESIDUAL_INITS:
-        return trained
+    """A PiSSA / OLoRA run's trained tree (:func:`trains_residual_base`) as what an adapter
+    must be: a plain rank-2r LoRA of the *original* base (``lj.convert_to_lora``; PEFT's
+    ``convert_pissa_to_lora``), the initial factors A₀, B₀ drawn again from the run's key
+    (:func:`init_keys`)."""
     initial = jax.jit(lambda b, key: prepare(cfg.method, b, cfg.lora, key)[0])(base, init_keys(cfg))
     return lj.convert_to_lora(trained, lj.adapter(initial))
 

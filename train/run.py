@@ -51,7 +51,7 @@ from train.errors import UserError
 from train.metrics import MetricsLog
 from train.plot import plot_loss_curve
 from train.samples import Sample, distinct_prompts, generate_samples
-from train.setup import Setup, adapter_dirs, config_dict, peak_learning_rates, run_info, setup
+from train.setup import Setup, adapter_plans, config_dict, run_info, setup
 from train.step import max_abs, updates_done
 
 
@@ -223,11 +223,9 @@ def _run(
             f"{cfg.method} fine-tuning of {Path(cfg.model.name).name}",
         )
     adapters = [
-        AdapterResult(run_dir / directory, peak, seed, *validations)
-        for directory, peak, seed, *validations in zip(
-            adapter_dirs(cfg),
-            peak_learning_rates(cfg),
-            method_lib.init_seeds(cfg),
+        AdapterResult(run_dir / a.directory, a.learning_rate, a.init_seed, *validations)
+        for a, *validations in zip(
+            adapter_plans(cfg),
             before or [None] * s.num_adapters,
             after or [None] * s.num_adapters,
             strict=True,
@@ -319,25 +317,21 @@ def _finish(s: Setup, state: Any, run_dir: Path, log: Callable[[str], None]) -> 
         model_options=dataclasses.asdict(cfg.model),
     )
     if s.num_adapters > 1:
-        for j, (directory, peak, seed) in enumerate(
-            zip(
-                adapter_dirs(cfg), peak_learning_rates(cfg), method_lib.init_seeds(cfg), strict=True
-            )
-        ):
+        for j, a in enumerate(adapter_plans(cfg)):
             # adapter j alone, as a run of one adapter holds it: its A, B and scales
             params = lj.combine(s.base, lj.unstack(final, j))
             mask = lj.trainable_mask(params)
             extra = {
-                "learning_rate": peak,
-                "init_seed": seed,
+                "learning_rate": a.learning_rate,
+                "init_seed": a.init_seed,
                 "trained_with_adapters": s.num_adapters,
             }
             saved = save(
-                run_dir / directory, adapter_lib.artifact(params, mask, s.base), extra=extra
+                run_dir / a.directory, adapter_lib.artifact(params, mask, s.base), extra=extra
             )
-            log(f"adapter {j} (learning rate {peak:g}): {saved}")
+            log(f"adapter {j} (learning rate {a.learning_rate:g}): {saved}")
         return []
-    if cfg.method == "lora" and cfg.lora.init in method_lib.RESIDUAL_INITS:
+    if method_lib.trains_residual_base(cfg):
         # trained on the residual base: saved as the rank-2r adapter of the original one
         # (factors of rank 2r; adapter.json's "lora" stays the run's config)
         original = method_lib.for_original_base(cfg, s.base, final)

@@ -141,15 +141,35 @@ def run_info(s: Setup) -> dict[str, Any]:
         "optimizer_state_bytes": sum(x.nbytes for x in jax.tree.leaves(s.state["opt_state"])),
         "data": dataclasses.asdict(s.splits.report),
         "adapters": [
-            {"directory": str(directory), "learning_rate": peak, "init_seed": seed}
-            for directory, peak, seed in zip(
-                adapter_dirs(s.cfg),
-                peak_learning_rates(s.cfg),
-                method_lib.init_seeds(s.cfg),
-                strict=True,
-            )
+            {
+                "directory": str(a.directory),
+                "learning_rate": a.learning_rate,
+                "init_seed": a.init_seed,
+            }
+            for a in adapter_plans(s.cfg)
         ],
     }
+
+
+@dataclass(frozen=True)
+class AdapterPlan:
+    """One adapter a run trains: where it is saved (relative to the run directory), its
+    peak learning rate and its init seed."""
+
+    directory: Path
+    learning_rate: float
+    init_seed: int
+
+
+def adapter_plans(cfg: RunConfig) -> list[AdapterPlan]:
+    """Each adapter of the run (:func:`adapter_dirs`, :func:`peak_learning_rates`,
+    ``method.init_seeds``), in order."""
+    return [
+        AdapterPlan(*x)
+        for x in zip(
+            adapter_dirs(cfg), peak_learning_rates(cfg), method_lib.init_seeds(cfg), strict=True
+        )
+    ]
 
 
 def adapter_dirs(cfg: RunConfig) -> list[Path]:
