@@ -16,7 +16,9 @@ from studies.e2e.experiment import (
     choose,
     fresh_start,
     load_experiment,
+    paired_difference,
     ratios,
+    run_config,
     split_test,
     table,
 )
@@ -226,6 +228,41 @@ def test_table_and_ratios_state_the_measured_figures():
     # another reference row, named by the experiment config's `reference`
     assert ratios([{**full, "method": "top2"}, lora], "top2")[0].endswith("BLEU +1.50 vs top2")
     assert ratios([lora], "top2") == ["(no row named `top2`, the experiment's `reference`)"]
+
+
+def test_the_difference_paired_by_seed_and_its_standard_error():
+    def row(bleus):
+        return {"seed_scores": {s: {"BLEU": b} for s, b in bleus.items()}}
+
+    lora, full = row({"0": 62.0, "1": 60.0, "2": 61.0}), row({"0": 61.0, "1": 61.0, "2": 59.0})
+    # differences +1, -1, +2: mean 2/3, sample sd sqrt(7/3), SE sqrt(7/3)/sqrt(3) = 0.882
+    assert paired_difference(lora, full) == (
+        "; paired by seed (0: +1.00, 1: -1.00, 2: +2.00): +0.67 ± 0.88 (SE)"
+    )
+    assert paired_difference(row({"0": 62.0, "3": 60.0}), full) == ""  # not the same seeds
+    assert paired_difference(row({"0": 62.0}), row({"0": 61.0})) == ""  # one pair: no SE
+    assert paired_difference({}, full) == ""
+
+
+def test_one_learning_rate_is_chosen_without_validation_scores():
+    assert choose({3e-3: {"validation_loss": None}}, "validation_bleu") == 3e-3
+
+
+def test_the_parity_experiment_trains_the_shipped_configs_as_shipped(tmp_path):
+    # docs/parity.md's claim is about configs/e2e_{lora,full}.yaml: the experiment may
+    # change what is validated and saved, never what is trained
+    parity = load_experiment(tf.REPO_ROOT / "configs/experiments/e2e_parity.yaml")
+    assert {m.config for m in parity.methods} == {"configs/e2e_lora.yaml", "configs/e2e_full.yaml"}
+    for method in parity.methods:
+        assert len(method.seeds) >= 2  # >= 3 runs each
+        shipped = load_config(tf.REPO_ROOT / method.config)
+        (rate,) = method.learning_rates
+        run = run_config(parity, method, rate, tmp_path / "data.csv", tmp_path / "run")
+        assert run.data.path == str(tmp_path / "data.csv")
+        for section in ("method", "seed", "model", "lora", "optim", "adapter"):
+            assert getattr(run, section) == getattr(shipped, section), section
+        data = ("validation_fraction", "max_length", "batch_size", "packing", "format")
+        assert [getattr(run.data, k) for k in data] == [getattr(shipped.data, k) for k in data]
 
 
 def test_several_seeds_report_mean_and_sample_deviation():

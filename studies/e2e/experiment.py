@@ -57,6 +57,7 @@ import argparse
 import csv
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -107,6 +108,8 @@ class MethodSpec:
     """
 
     name: str
+    # the method's own run config (e.g. a shipped configs/*.yaml), instead of base_config
+    config: str | None = None
     overrides: tuple[str, ...] = ()
     learning_rates: tuple[float, ...] = ()
     # further run-config seeds (data split, data order, initialisation, dropout) trained at
@@ -218,11 +221,12 @@ def run_config(
     seed: int | None = None,
     together: Sequence[str] = (),
 ):
-    """The RunConfig of one run: base config, shared overrides, the method's, then ours
+    """The RunConfig of one run: the method's config (else the experiment's base config),
+    the shared overrides, the method's, then ours
     (``seed``: the run config's ``seed``, when not the configs' own; ``together``: the
     overrides of a grid trained in one process, :func:`grid_overrides`)."""
     return load_config(
-        resolve_path(cfg.base_config),
+        resolve_path(method.config or cfg.base_config),
         [
             *cfg.overrides,
             *method.overrides,
@@ -462,7 +466,10 @@ def eval_run(
 
 def choose(candidates: dict[float, dict[str, Any]], select: str) -> float:
     """The learning rate whose run scores best on validation: the highest BLEU
-    (``validation_bleu``; ties go to the lower loss) or the lowest final loss."""
+    (``validation_bleu``; ties go to the lower loss) or the lowest final loss. A single
+    candidate is chosen as it is."""
+    if len(candidates) == 1:
+        return next(iter(candidates))
     losses = {lr: c["validation_loss"] for lr, c in candidates.items()}
     if any(loss is None for loss in losses.values()):
         raise ExperimentError(
@@ -489,7 +496,9 @@ def run_experiment(cfg: ExperimentConfig, *, source: str, log=print) -> dict[str
             # the rates of a method differ in nothing else: one seed, one validation split
             method_cfg = run_config(cfg, method, method.learning_rates[0], trainval, out)
             split = (method_cfg.seed, method_cfg.data.validation_fraction)
-            if cfg.select == "validation_bleu" and split not in validation_sets:
+            # one rate: nothing to choose, no validation decoding
+            decode_validation = cfg.select == "validation_bleu" and len(method.learning_rates) > 1
+            if decode_validation and split not in validation_sets:
                 validation_sets[split] = validation_split(trainval, *split, out)
             candidates, targets = {}, {}
             together = (
@@ -512,7 +521,7 @@ def run_experiment(cfg: ExperimentConfig, *, source: str, log=print) -> dict[str
                     eval_dir = run_dir / "validation_eval"
                     candidates[lr], reused = train_run(cfg, method, lr, trainval, run_dir)
                     targets[lr] = run_dir
-                if cfg.select == "validation_bleu":
+                if decode_validation:
                     check_validation_split(validation_sets[split], candidates[lr], run_dir)
                     candidates[lr]["validation_bleu"] = eval_run(
                         cfg,
@@ -882,8 +891,24 @@ def ratios(rows: list[dict[str, Any]], reference: str = "full") -> list[str]:
             f"peak RSS {full['peak_rss_bytes'] / r['peak_rss_bytes']:.2f}x lower, "
             f"BLEU {gap:+.2f} vs {'full fine-tuning' if reference == 'full' else reference}"
             + ("" if runs == [1, 1] else f" (means of {runs[0]} and {runs[1]} runs)")
+            + paired_difference(r, full)
         )
     return lines
+
+
+def paired_difference(row: dict[str, Any], reference: dict[str, Any]) -> str:
+    """The BLEU difference ``row`` − ``reference`` paired by run-config seed (both trained
+    with the same seeds, >= 2): each seed's, their mean and its standard error (the
+    sample standard deviation of the differences over sqrt(n)); "" otherwise. Pairing
+    removes what a seed does to both (its split, its data order) from the comparison."""
+    mine, theirs = row.get("seed_scores", {}), reference.get("seed_scores", {})
+    if len(mine) < 2 or set(mine) != set(theirs):
+        return ""
+    seeds = sorted(mine, key=int)
+    diffs = [mine[s]["BLEU"] - theirs[s]["BLEU"] for s in seeds]
+    se = float(np.std(diffs, ddof=1)) / math.sqrt(len(diffs))
+    each = ", ".join(f"{s}: {d:+.2f}" for s, d in zip(seeds, diffs, strict=True))
+    return f"; paired by seed ({each}): {float(np.mean(diffs)):+.2f} ± {se:.2f} (SE)"
 
 
 def check_outputs(cfg: ExperimentConfig, *, fresh: bool = False) -> None:
