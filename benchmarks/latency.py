@@ -1,4 +1,4 @@
-"""Inference latency at batch 1: base vs LoRA merged vs LoRA unmerged vs a bottleneck adapter.
+"""Inference latency at batch 1: base vs LoRA merged and unmerged vs the paper's baselines.
 
     python -m benchmarks.latency              # SmolLM2-135M shape, float32, 5 rounds
     python -m benchmarks.latency --quick      # tiny model, 1 round: a smoke check
@@ -22,6 +22,12 @@ CPU (here) has little parallel work to hide extra sequential layers in. Two meas
               closest to the LoRA's (SmolLM2-135M, r=8 on q,v: LoRA 460,800, bottleneck 6:
               449,640). The paper's Table 1 (GPT-2 medium, 0.5M and 11M adapter parameters)
               reports +20.7% (AdapterL) and +30.3% (AdapterH, this design) at batch 1.
+    adapter_l Lin et al. 2020's (`method: adapter_l`): after the MLP, behind a LayerNorm;
+              its bottleneck likewise matched to the LoRA's count.
+    pre_embed prefix tuning (`method: pre_embed`, train/prefixes.py): `--prefix-length`
+              trainable embeddings before the tokens (Li & Liang's l_p = 10 by default).
+    pre_layer prefix tuning with every block's input at the prefix trainable
+              (`method: pre_layer`): the same P more positions, so the same extra work.
 
 Each variant's functions are compiled once; then the variants are timed in rounds whose
 order rotates, each variant running `--forward-reps` forwards and `--generate-reps`
@@ -43,10 +49,10 @@ import numpy as np
 import lora_jax as lj
 import models
 from benchmarks import common
-from train import adapters
+from train import adapters, prefixes
 from train.machine import machine
 
-VARIANTS = ("base", "merged", "unmerged", "adapter")
+VARIANTS = ("base", "merged", "unmerged", "adapter", "adapter_l", "pre_embed", "pre_layer")
 TARGETS = r".*/self_attn/(q_proj|v_proj)/kernel"
 PAPER = {
     "setting": "GPT-2 medium, batch 1, sequence 128, single forward, Quadro RTX8000",
@@ -77,18 +83,19 @@ def randomize(tree, where, key, std: float = 0.02):
     return jax.tree_util.tree_unflatten(treedef, new)
 
 
-DESIGN = "adapter_h"  # the adapter variant: Houlsby's, after attention and MLP
+DESIGN = "adapter_h"  # the `adapter` variant: Houlsby's, after attention and MLP
 
 
-def adapter_params(config, bottleneck: int) -> int:
-    """Parameters of the bottleneck adapters: two per layer, each 2·D·m + m + D."""
-    return adapters.parameter_count(DESIGN, config.hidden_size, config.num_layers, bottleneck)
+def adapter_params(config, bottleneck: int, design: str = DESIGN) -> int:
+    """Parameters of ``design``'s bottleneck adapters (train/adapters.py's closed form)."""
+    return adapters.parameter_count(design, config.hidden_size, config.num_layers, bottleneck)
 
 
-def matched_bottleneck(config, lora_params: int) -> int:
+def matched_bottleneck(config, lora_params: int, design: str = DESIGN) -> int:
     """The bottleneck size whose adapter parameter count is closest to `lora_params`."""
     return min(
-        range(1, config.hidden_size + 1), key=lambda m: abs(adapter_params(config, m) - lora_params)
+        range(1, config.hidden_size + 1),
+        key=lambda m: abs(adapter_params(config, m, design) - lora_params),
     )
 
 
@@ -109,13 +116,26 @@ def variants(args):
     with_adapter = adapters.init(jax.random.key(3), base, DESIGN, bottleneck)
     with_adapter = randomize(with_adapter, lambda p: "/adapter/up/" in p, jax.random.key(4))
 
+    bottleneck_l = args.bottleneck or matched_bottleneck(config, lora_params, "adapter_l")
+    lin_apply = adapters.apply(model.apply, "adapter_l")
+    with_lin = adapters.init(jax.random.key(5), base, "adapter_l", bottleneck_l)
+    with_lin = randomize(with_lin, lambda p: "/adapter/up/" in p, jax.random.key(6))
+    prefixed = {}
+    for j, design in enumerate(prefixes.DESIGNS):
+        params = prefixes.init(jax.random.key(7 + j), base, design, args.prefix_length)
+        prefix_apply = prefixes.apply(model.apply, design)
+        prefixed[design] = (params, jax.jit(prefix_apply), prefix_apply)
+
     plain = jax.jit(model.apply)  # base and merged: one function, hence one executable
     found = {
         "base": (base, plain, model.apply),
         "merged": (merged, plain, model.apply),
         "unmerged": (adapted, jax.jit(lj.apply(model.apply)), model.apply),
         "adapter": (with_adapter, jax.jit(adapter_apply), adapter_apply),
+        "adapter_l": (with_lin, jax.jit(lin_apply), lin_apply),
+        **prefixed,
     }
+    D, N, P = config.hidden_size, config.num_layers, args.prefix_length
     facts = {
         "total_params": sum(x.size for x in jax.tree.leaves(base)),
         "lora_params": lora_params,
@@ -126,7 +146,11 @@ def variants(args):
             "merged": 0,
             "unmerged": lora_params,
             "adapter": adapter_params(config, bottleneck),
+            "adapter_l": adapter_params(config, bottleneck_l, "adapter_l"),
+            **{d: prefixes.parameter_count(d, D, N, P) for d in prefixes.DESIGNS},
         },
+        "bottleneck_l": bottleneck_l,
+        "prefix_length": P,
     }
     return found, model, facts
 
@@ -212,6 +236,9 @@ def main(argv=None) -> dict:
         default=0,
         help="adapter bottleneck size (default: parameter count closest to the LoRA's)",
     )
+    parser.add_argument(
+        "--prefix-length", type=int, default=10, help="PreEmbed / PreLayer positions"
+    )
     parser.add_argument("--out", default="benchmarks/results/latency.json")
     args = common.parse_args(parser, argv, QUICK)
 
@@ -248,7 +275,8 @@ def main(argv=None) -> dict:
     rounds = []
     for r in range(args.rounds):
         this = {}
-        for name in VARIANTS[r % 4 :] + VARIANTS[: r % 4]:
+        shift = r % len(VARIANTS)
+        for name in VARIANTS[shift:] + VARIANTS[:shift]:
             fwd, gen = calls[name]
             before = common.matmul_rate()
             forward_s = _timed(fwd, args.forward_reps)

@@ -194,13 +194,14 @@ def init_cache(model: Decoder, batch_size: int, max_length: int) -> dict[str, An
 def reorder_cache(cache: dict[str, Any], rows_R: jax.Array) -> dict[str, Any]:
     """The cache of batch rows `rows_R` (int (R,)), e.g. the surviving beams.
 
-    Layout: `index` () is shared; `valid` is (B, S); each layer's `key`/`value` is (B, S, K, H),
-    with a leading layer axis when the layers are scanned.
+    Layout: `index` () is shared, as is any other scalar (a mark a wrapper keeps there);
+    `valid` is (B, S); each layer's `key`/`value` is (B, S, K, H), with a leading layer axis
+    when the layers are scanned.
     """
 
     def take(path, x):
         name = path[-1].key
-        if name == "index":
+        if jnp.ndim(x) == 0:
             return x
         return jnp.take(x, rows_R, axis=x.ndim - (2 if name == "valid" else 4))
 

@@ -126,6 +126,15 @@ class AdapterSection:
 
 
 @dataclass(frozen=True)
+class PrefixSection:
+    """The prefix of ``method: pre_embed | pre_layer`` (train/prefixes.py)."""
+
+    # P: trainable positions before every row's tokens (Li & Liang's l_p); P·D parameters
+    # for pre_embed, N·P·D for pre_layer; read only by the prefix methods
+    length: int = _bounded(10, low=1)
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Where the examples come from and how they become fixed-shape batches (train/data.py)."""
 
@@ -211,12 +220,16 @@ class RunConfig:
 
     seed: int = _bounded(0, low=0)  # data split, shuffling and initialisation
     # lora | full | bitfit | ft_top2 (the last two layers) | adapter_h | adapter_l
-    # (bottleneck adapters, section ``adapter``): train/method.py
-    method: Literal["lora", "full", "bitfit", "ft_top2", "adapter_h", "adapter_l"] = "lora"
+    # (bottleneck adapters, section ``adapter``) | pre_embed | pre_layer (prefix tuning,
+    # section ``prefix``): train/method.py
+    method: Literal[
+        "lora", "full", "bitfit", "ft_top2", "adapter_h", "adapter_l", "pre_embed", "pre_layer"
+    ] = "lora"
     output_dir: str = "runs/default"
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSection = field(default_factory=LoraSection)
     adapter: AdapterSection = field(default_factory=AdapterSection)
+    prefix: PrefixSection = field(default_factory=PrefixSection)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
@@ -245,6 +258,11 @@ class RunConfig:
             )
         _check_adapters(self)
         _check_variants(self)
+        if self.method in ("pre_embed", "pre_layer") and self.data.packing:
+            raise ConfigError(
+                f"method={self.method} puts one prefix before each row, which only the row's "
+                f"first example would see with data.packing=true; set data.packing=false"
+            )
 
 
 def _check_adapters(cfg: RunConfig) -> None:

@@ -54,7 +54,7 @@ from models.hf_export import save_hf
 from models.hf_names import peft_module_map, tied_modules
 from train import adapter as adapter_lib
 from train import adapters as bottleneck
-from train import layout, peft_uniform, rundir
+from train import layout, peft_uniform, prefixes, rundir
 from train.config import ADDED_BIASES
 
 IMPORTED_FROM = "imported_from"  # adapter.json: the PEFT directory an adapter came from
@@ -159,7 +159,7 @@ def merge(
     `out` must be new, empty, or a directory ``merge`` wrote before (rundir.DirectoryError).
     """
     if not base_only:
-        _refuse_bottleneck(adapter_lib.read_meta(adapter_dir(run_or_adapter)), "merged into W")
+        _refuse_unmergeable(adapter_lib.read_meta(adapter_dir(run_or_adapter)), "merged into W")
     with claimed(out, layout.Kind.MERGED, "--out directory") as directory:
         if base_only:
             meta = adapter_lib.read_meta(adapter_dir(run_or_adapter))
@@ -245,7 +245,7 @@ def _check_uniform(directory: Path) -> None:
 
 def _lora_adapted(run_or_adapter: str | Path, check_base: bool, target: str) -> Adapted:
     """`load_adapted`, refusing an adapter that is not LoRA factors (`target`: the format)."""
-    _refuse_bottleneck(adapter_lib.read_meta(adapter_dir(run_or_adapter)), f"exported to {target}")
+    _refuse_unmergeable(adapter_lib.read_meta(adapter_dir(run_or_adapter)), f"exported to {target}")
     adapted = load_adapted(run_or_adapter, check_base=check_base)
     if adapted.meta["method"] != "lora":
         raise adapter_lib.AdapterError(
@@ -255,13 +255,18 @@ def _lora_adapted(run_or_adapter: str | Path, check_base: bool, target: str) -> 
     return adapted
 
 
-def _refuse_bottleneck(meta: dict[str, Any], what: str) -> None:
-    """AdapterError for a bottleneck adapter run (adapter_h / adapter_l): extra layers, not
-    a change of W, so it cannot be `what`."""
-    if meta["method"] in bottleneck.SUBLAYERS:
+def _refuse_unmergeable(meta: dict[str, Any], what: str) -> None:
+    """AdapterError for a bottleneck adapter run (adapter_h / adapter_l: extra layers) or a
+    prefix run (pre_embed / pre_layer: extra positions): not a change of W, so it cannot be
+    `what`."""
+    kind = {
+        **dict.fromkeys(bottleneck.SUBLAYERS, "bottleneck adapters are extra layers"),
+        **dict.fromkeys(prefixes.DESIGNS, "a prefix is extra positions before every row"),
+    }.get(meta["method"])
+    if kind:
         raise adapter_lib.AdapterError(
-            f"the adapter was trained with method {meta['method']!r}: bottleneck adapters are "
-            f"extra layers and cannot be {what}; decode the run with lora-jax eval"
+            f"the adapter was trained with method {meta['method']!r}: {kind} and cannot "
+            f"be {what}; decode the run with lora-jax eval"
         )
 
 

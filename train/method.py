@@ -1,5 +1,5 @@
-"""What trains: ``method: lora | full | bitfit | ft_top2 | adapter_h | adapter_l`` as a
-trainable mask over the parameter tree.
+"""What trains: ``method: lora | full | bitfit | ft_top2 | adapter_h | adapter_l |
+pre_embed | pre_layer`` as a trainable mask over the parameter tree.
 
 * ``lora``: ``lj.init`` adds the factors A, B (and bias deltas for ``lora.bias``) beside
   the target weights; the mask is ``lj.trainable_mask`` (A, B, deltas).
@@ -18,6 +18,10 @@ trainable mask over the parameter tree.
   AdapterH / AdapterL): train/adapters.py adds bottleneck adapters (``adapter.bottleneck``)
   beside the base's params, and only they train; the forward runs them
   (:func:`forward`, :func:`decoding_apply`).
+* ``pre_embed`` / ``pre_layer`` (Li & Liang 2021's prefix tuning, the paper's PreEmbed /
+  PreLayer): train/prefixes.py adds ``prefix.length`` trainable positions before every
+  row, their embeddings or every block's input there, and only they train; the forward
+  runs them (:func:`forward`, :func:`decoding_apply`).
 
 Each mask is a function of the tree's paths only (:data:`MASKS`), so it fits both the
 whole tree and the trainable half ``lj.split`` cuts with it: train/run.py gives it to
@@ -50,7 +54,15 @@ import jax.numpy as jnp
 import lora_jax as lj
 import models
 from train import adapters as bottleneck
-from train.config import ADDED_BIASES, AdapterSection, ConfigError, LoraSection, RunConfig
+from train import prefixes
+from train.config import (
+    ADDED_BIASES,
+    AdapterSection,
+    ConfigError,
+    LoraSection,
+    PrefixSection,
+    RunConfig,
+)
 
 TARGETS_EXAMPLE = "lora.targets=['.*/(q_proj|v_proj)/kernel']"
 
@@ -81,6 +93,8 @@ MASKS: dict[str, Callable[[Any], Any]] = {
     "ft_top2": top_layers_mask,
     "adapter_h": bottleneck.trainable_mask,
     "adapter_l": bottleneck.trainable_mask,
+    "pre_embed": prefixes.trainable_mask,
+    "pre_layer": prefixes.trainable_mask,
 }
 
 
@@ -237,9 +251,11 @@ def prepare(
     key: jax.Array,
     quantize: str = "none",
     adapter: AdapterSection = AdapterSection(),
+    prefix: PrefixSection = PrefixSection(),
 ) -> tuple[Any, Any]:
     """(params to train from, trainable mask): adapted params for LoRA, the base with
-    bottleneck adapters (``adapter``: m) beside it for adapter_h / adapter_l, else ``params``.
+    bottleneck adapters (``adapter``: m) beside it for adapter_h / adapter_l, with a prefix
+    (``prefix``: its length) for pre_embed / pre_layer, else ``params``.
 
     With ``quantize`` (``model.quantize``: ``"int8"`` or ``"nf4"``) every kernel LoRA
     adapts is then stored quantized (``lj.quantize``, after ``lj.init`` so that DoRA's
@@ -262,6 +278,8 @@ def prepare(
         params = lj.init(key, params, lora_config(lora))
     elif method in bottleneck.SUBLAYERS:
         params = bottleneck.init(key, params, method, adapter.bottleneck)
+    elif method in prefixes.DESIGNS:
+        params = prefixes.init(key, params, method, prefix.length)
     if quantize != "none":
         params = quantize_adapted(params, quantize)
     mask = MASKS[method](params)
@@ -309,28 +327,30 @@ def prepared_shapes(
     lora: LoraSection,
     quantize: str = "none",
     adapter: AdapterSection = AdapterSection(),
+    prefix: PrefixSection = PrefixSection(),
 ) -> tuple[Any, Any]:
     """(the shapes :func:`prepare` gives ``params`` (arrays or shapes), its mask): nothing
     is computed, so a run can lay out and compile for the tree before making it."""
     k = lora.num_adapters
     keys = jax.random.key(0) if k == 1 else jax.random.split(jax.random.key(0), k)
     shapes = jax.eval_shape(
-        lambda p, key: prepare(method, p, lora, key, quantize, adapter)[0], params, keys
+        lambda p, key: prepare(method, p, lora, key, quantize, adapter, prefix)[0], params, keys
     )
     return shapes, MASKS[method](shapes)
 
 
 def logical_axes(model: models.Decoder, params: Any) -> Any:
     """The logical axis names of the base (``models.logical_axes``), with those of the
-    leaves an adapter method adds (train/adapters.py ``logical_axes``); LoRA's leaves get
-    theirs from ``lj.partition_specs``."""
-    return bottleneck.logical_axes(models.logical_axes(model), params)
+    leaves an adapter or prefix method adds (``logical_axes`` of train/adapters.py,
+    train/prefixes.py); LoRA's leaves get theirs from ``lj.partition_specs``."""
+    base = models.logical_axes(model)
+    return prefixes.logical_axes(bottleneck.logical_axes(base, params), params)
 
 
 def forward(method: str, apply_fn: Callable[..., Any], dropout: float) -> Callable[..., Any]:
     """``apply_fn`` (``model.apply``) as the method runs it: LoRA's factored forward, with
     LoRA dropout drawn from the ``'dropout'`` rng stream; the bottleneck adapters' forward
-    (:func:`decoding_apply`); or unchanged."""
+    (:func:`decoding_apply`); the prefix's; or unchanged."""
     if method == "lora":
         return lj.apply(apply_fn, dropout=dropout)
     return decoding_apply(method, apply_fn)
@@ -339,6 +359,9 @@ def forward(method: str, apply_fn: Callable[..., Any], dropout: float) -> Callab
 def decoding_apply(method: str, apply_fn: Callable[..., Any]) -> Callable[..., Any]:
     """``apply_fn`` as ``models.generate(apply_fn=)`` takes it for a model trained with
     ``method`` (the adapter directory's ``method``): wrapped with the adapters' forward for
-    adapter_h / adapter_l (train/adapters.py ``apply``, one object per function: no
-    recompiles), else unchanged (generate runs LoRA's factored forward itself)."""
-    return bottleneck.apply(apply_fn, method) if method in bottleneck.SUBLAYERS else apply_fn
+    adapter_h / adapter_l (train/adapters.py ``apply``), with the prefix for pre_embed /
+    pre_layer (train/prefixes.py ``apply``; each one object per function: no recompiles),
+    else unchanged (generate runs LoRA's factored forward itself)."""
+    if method in bottleneck.SUBLAYERS:
+        return bottleneck.apply(apply_fn, method)
+    return prefixes.apply(apply_fn, method) if method in prefixes.DESIGNS else apply_fn

@@ -1,0 +1,214 @@
+"""Prefix tuning, the LoRA paper's PreEmbed and PreLayer baselines (Li & Liang 2021), as a
+method of the pipeline: a tree transform (:func:`init`) and an apply wrapper
+(:func:`apply`) around the unmodified ``models.Decoder``.
+
+P = ``prefix.length`` trainable positions stand before every row's tokens. Designs
+(``method``):
+
+* ``pre_embed``: the model's input at those positions, their embeddings (P, D), is
+  trainable: ``embed_tokens/prefix``. |Θ| = P·D.
+* ``pre_layer``: every block's input at those positions is trainable, so the activations
+  the previous block computed there are replaced by trainable ones (the LoRA paper's
+  definition): ``layers_<i>/prefix`` (P, D), or ``layers/prefix`` (N, P, D) when the layers
+  are scanned. Each block's keys and values at the prefix are its projections of them: a
+  key/value prefix per layer. |Θ| = N·P·D.
+
+(The paper's counts with no infix, l_i = 0: d_model·l_p and L·d_model·l_p.)
+:func:`parameter_count` gives them. Both start from the embeddings of P tokens drawn from
+the vocabulary (Li & Liang: real words' activations train stably where random vectors do
+not); for ``pre_layer`` every block starts from them (each block normalises its input, so
+only their directions matter).
+
+:func:`apply` puts P placeholder tokens (id 0, replaced by the interceptor) before each
+call's tokens: valid, in segment 1 (with ``segment_ids``: a packed row's later examples
+would not see the prefix, so the config refuses packing), at positions 0..P-1, the
+tokens' positions moved up by P; their logits are dropped. Decoding with a KV cache
+(``models.generate(apply_fn=apply(...))``): the first call on a cache adds P slots in
+front of it for the prefix and marks the cache (:data:`CACHE_MARK`), so later calls add
+none. A prefix is extra context, not a change of W: it cannot be merged.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+import lora_jax as lj
+from models.decoder import DecoderLayer
+
+NAME = "prefix"  # the trainable leaf
+DESIGNS = ("pre_embed", "pre_layer")
+EMBED_PATH = f"embed_tokens/{NAME}"
+LAYER_PATH = re.compile(rf"^(layers_\d+|layers)/{NAME}$")
+CACHE_MARK = "prefix_slots"  # a scalar in a cache that holds the prefix: P
+
+
+def _check_design(design: str) -> None:
+    if design not in DESIGNS:
+        raise ValueError(f"unknown prefix design {design!r}; use one of {list(DESIGNS)}")
+
+
+def parameter_count(design: str, hidden_size: int, num_layers: int, length: int) -> int:
+    """Closed form of the parameters ``design`` trains: P·D (pre_embed), N·P·D (pre_layer)."""
+    _check_design(design)
+    return length * hidden_size * (num_layers if design == "pre_layer" else 1)
+
+
+def init(key: jax.Array, params: Any, design: str, length: int) -> Any:
+    """``params`` (of a ``models.Decoder``) with the prefix of ``design``, P = ``length``
+    positions, added: the embedding rows (float32) of P token ids drawn uniformly from the
+    vocabulary, as ``embed_tokens/prefix`` (P, D), or as every layer's ``prefix`` (P, D;
+    (N, P, D) under ``layers/`` when scanned). The base leaves are kept."""
+    _check_design(design)
+    if length < 1:
+        raise ValueError(f"the prefix length must be >= 1; got {length}")
+    flat = lj.flatten_paths(params)
+    table_VxD = flat.get("embed_tokens/embedding")
+    if table_VxD is None:
+        raise ValueError(f"{design}: the params have no embed_tokens/embedding (a Decoder's)")
+    ids_P = jax.random.randint(key, (length,), 0, table_VxD.shape[0])
+    rows_PxD = jnp.asarray(table_VxD)[ids_P].astype(jnp.float32)
+    if design == "pre_embed":
+        return lj.unflatten_paths(flat | {EMBED_PATH: rows_PxD})
+    layers = {m.group(1) for p in flat if (m := re.match(r"^(layers_\d+|layers)/", p))}
+    added = {}
+    for layer in layers:
+        if layer == "layers":  # scanned: one stacked leaf, the layer axis first
+            count = flat["layers/input_layernorm/scale"].shape[0]
+            added[f"{layer}/{NAME}"] = jnp.broadcast_to(rows_PxD, (count, *rows_PxD.shape))
+        else:
+            added[f"{layer}/{NAME}"] = rows_PxD
+    return lj.unflatten_paths(flat | added)
+
+
+def trainable_mask(params: Any) -> Any:
+    """True on the prefix leaves (``embed_tokens/prefix``, ``layers*/prefix``)."""
+    flat = lj.flatten_paths(params)
+    return lj.unflatten_paths(
+        {p: p == EMBED_PATH or bool(LAYER_PATH.match(p)) for p in flat}, like=params
+    )
+
+
+def logical_axes(base_axes: Any, params: Any) -> Any:
+    """``base_axes`` with names for the prefix leaves of ``params``: ``layers`` for the
+    stacked axis of scanned layers, the rest unnamed (replicated: a prefix is small)."""
+    names = lj.flatten_paths(base_axes)
+    leaves = lj.flatten_paths(params)
+    for path, is_prefix in lj.flatten_paths(trainable_mask(params)).items():
+        if is_prefix:
+            stacked = ("layers",) if path.startswith("layers/") else ()
+            names[path] = stacked + (None,) * (len(leaves[path].shape) - len(stacked))
+    return lj.unflatten_paths(names)
+
+
+def prefix_length(params: Any) -> int:
+    """P, read from the prefix leaves' shapes (static)."""
+    for path, leaf in lj.flatten_paths(params).items():
+        if path == EMBED_PATH or LAYER_PATH.match(path):
+            return leaf.shape[-2]
+    raise ValueError(
+        f"the params have no prefix ({EMBED_PATH} or layers_<i>/{NAME}); build them with "
+        "train.prefixes.init(key, params, design, length)"
+    )
+
+
+def _substitute(x_BxLxD: jax.Array, prefix_PxD: jax.Array) -> jax.Array:
+    P = prefix_PxD.shape[0]
+    return x_BxLxD.at[:, :P].set(prefix_PxD.astype(x_BxLxD.dtype)[None])
+
+
+def _interceptor(design: str) -> Callable[..., Any]:
+    """Puts the prefix into the first P rows: of the token embeddings (pre_embed), or of
+    every block's input (pre_layer)."""
+
+    def intercept(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        if design == "pre_embed" and isinstance(module, nn.Embed) and module.name == "embed_tokens":
+            return _substitute(next_fun(*args, **kwargs), module.variables["params"][NAME])
+        if design == "pre_layer" and isinstance(module, DecoderLayer):
+            x_BxLxD = _substitute(args[0], module.variables["params"][NAME])
+            return next_fun(x_BxLxD, *args[1:], **kwargs)
+        return next_fun(*args, **kwargs)
+
+    return intercept
+
+
+def _prepend(x_BxL: Any, P: int, value: Any) -> jax.Array | None:
+    if x_BxL is None:
+        return None
+    x_BxL = jnp.asarray(x_BxL)
+    return jnp.concatenate([jnp.full((x_BxL.shape[0], P), value, x_BxL.dtype), x_BxL], axis=1)
+
+
+def _with_prefix_slots(cache: Any, P: int) -> Any:
+    """An empty cache with P more slots in front (valid: the prefix's), marked."""
+
+    def grow(path, x):
+        name = path[-1].key
+        if name == "index":
+            return x
+        if name == "valid":  # (B, S)
+            return _prepend(x, P, True)
+        pad = [(0, 0)] * x.ndim  # key / value: (..., B, S, K, H)
+        pad[-3] = (P, 0)
+        return jnp.pad(x, pad)
+
+    return {**jax.tree_util.tree_map_with_path(grow, cache), CACHE_MARK: jnp.int32(P)}
+
+
+def _marked(out: tuple[jax.Array, Any], P: int) -> tuple[jax.Array, Any]:
+    """``(logits, variables)`` with the cache in ``variables`` marked as holding the prefix."""
+    logits, variables = out
+    return logits, {**variables, "cache": {**variables["cache"], CACHE_MARK: jnp.int32(P)}}
+
+
+@functools.cache  # one function object per (fn, design): models.generate jits on it
+def apply(fn: Callable[..., Any], design: str) -> Callable[..., Any]:
+    """``fn`` (``model.apply`` of a ``models.Decoder``) with the prefix of ``design`` read
+    from the params (:func:`init`) before every row (module docstring); same signature."""
+    _check_design(design)
+    intercept = _interceptor(design)
+
+    @functools.wraps(fn)
+    def with_prefix(
+        variables,
+        token_ids,
+        attention_mask=None,
+        positions=None,
+        decode: bool = False,
+        segment_ids=None,
+        **kwargs,
+    ):
+        P = prefix_length(variables["params"])
+        if positions is not None:  # the tokens' positions, after the prefix's
+            positions = jnp.asarray(positions, jnp.int32) + P
+        cache = variables.get("cache")
+        cached = decode and cache is not None
+        if cached and CACHE_MARK in cache:  # a later call: the prefix is in the cache
+            variables = {**variables, "cache": {k: v for k, v in cache.items() if k != CACHE_MARK}}
+            out = fn(variables, token_ids, attention_mask, positions, decode, segment_ids, **kwargs)
+            return _marked(out, P)
+        if cached:
+            variables = {**variables, "cache": _with_prefix_slots(cache, P)}
+        token_ids = _prepend(token_ids, P, 0)
+        attention_mask = _prepend(attention_mask, P, 1)
+        segment_ids = _prepend(segment_ids, P, 1)
+        if positions is not None:
+            prefix_BxP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (positions.shape[0], P))
+            positions = jnp.concatenate([prefix_BxP, positions], axis=1)
+        with nn.intercept_methods(intercept):
+            out = fn(variables, token_ids, attention_mask, positions, decode, segment_ids, **kwargs)
+        if isinstance(out, tuple):  # (logits, mutated variables)
+            logits, updated = out
+            return _marked((logits[:, P:], updated), P) if cached else (logits[:, P:], updated)
+        return out[:, P:]
+
+    return with_prefix
