@@ -6,8 +6,12 @@ import csv
 import json
 import re
 
+import jax
+import numpy as np
 import pytest
 
+import lora_jax as lj
+import models
 from studies.e2e import experiment as experiment_lib
 from studies.e2e.experiment import (
     _edge,
@@ -22,6 +26,7 @@ from studies.e2e.experiment import (
     split_test,
     table,
 )
+from train import method as method_lib
 from train import rundir
 from train.cli import main
 from train.config import ConfigError, config_to_yaml, load_config
@@ -263,6 +268,25 @@ def test_the_parity_experiment_trains_the_shipped_configs_as_shipped(tmp_path):
             assert getattr(run, section) == getattr(shipped, section), section
         data = ("validation_fraction", "max_length", "batch_size", "packing", "format")
         assert [getattr(run.data, k) for k in data] == [getattr(shipped.data, k) for k in data]
+
+
+def test_the_which_weights_rows_adapt_equal_budgets(tmp_path):
+    # the paper's Table 5 compares weight types at one trainable budget: on SmolLM2-135M's
+    # shapes (read from its GGUF header), every row of e2e_which_weights.yaml adapts as many
+    # parameters, and each the weights its name says
+    path = tf.REPO_ROOT / "configs/experiments/e2e_which_weights.yaml"
+    which = load_experiment(path)
+    counts = {}
+    for method in which.methods:
+        run = run_config(which, method, 3e-3, tmp_path / "d.csv", tmp_path / "r")
+        _, base = models.abstract_load(run.model.name, **method_lib.model_options(run))
+        shapes, mask = method_lib.prepared_shapes(run.method, base, run.lora)
+        _, trainable = lj.split(shapes, mask)
+        counts[method.name] = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable))
+        adapted = {p.split("/")[-2] for p in lj.flatten_paths(trainable)}
+        assert adapted == {f"{w}_proj" for w in method.name.split("-")}, method.name
+    assert len(set(counts.values())) == 1, counts
+    assert counts["q"] == 30 * 9216  # 30 layers, W_q r=8: 8·(576 + 576) each
 
 
 def test_several_seeds_report_mean_and_sample_deviation():
