@@ -1,43 +1,22 @@
-"""What every benchmark records beside its figures: the machine, the versions, the CPU regime."""
+"""What every benchmark records beside its figures: the machine, the versions, the CPU regime
+(``matmul_rate`` / ``same_regime``, from train/machine.py: studies/ probes it too)."""
 
 from __future__ import annotations
 
 import json
 import shlex
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import jax
-import numpy as np
 
-
-def matmul_rate(n: int = 1024, repeats: int = 5) -> float:
-    """GFLOP/s of a numpy n×n float32 matmul: a probe of the CPU regime right now.
-
-    The 2-vCPU machines here sometimes deliver one core's worth of work for
-    minutes; comparing the probe before and after a timed section tells whether
-    the figures between them were taken in one regime.
-    """
-    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
-    a @ a
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ a
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 / statistics.median(times) / 1e9
+from train.machine import matmul_rate, same_regime  # noqa: F401 (the benchmarks' probe)
 
 
 def command(module: str, argv: list[str] | None = None) -> str:
     """The command line of a benchmark run (`argv` as given to its `main`, else sys.argv)."""
     return shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
-
-
-def same_regime(probes: list[float], tolerance: float = 1.25) -> bool:
-    """Whether matmul probes (GFLOP/s) agree within `tolerance` (max / min): one CPU regime."""
-    return max(probes) <= tolerance * min(probes)
 
 
 def parse_args(parser, argv: list[str] | None, quick: dict):

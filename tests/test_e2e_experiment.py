@@ -136,10 +136,19 @@ def test_experiment_trains_chooses_on_validation_and_reports(
     assert f"lora-jax experiment {config}" in report
     assert (tmp_path / "docs" / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    # a second call reuses the finished runs; a changed grid point is refused, not overwritten
+    # batch-1 latency, side by side: no `reference` row (full) here, so the first row's;
+    # its ratio to itself is 1 in every round
+    assert zero_shot["latency_vs_reference"] == 1.0 and lora["latency_ms_per_token"] > 0
+    latency = json.loads((out / "latency.json").read_text())
+    assert latency["reference"] == "zero-shot" and set(latency["rows"]) == {"zero-shot", "lora-qv"}
+    assert "| ms / token, batch 1 | vs zero-shot |" in report
+
+    # a second call reuses the finished runs (and the latency); a changed grid point is
+    # refused, not overwritten
     capsys.readouterr()
     assert main(["experiment", config]) == 0
     assert capsys.readouterr().out.count("(finished run reused)") == 2
+    assert json.loads((out / "latency.json").read_text()) == latency
     changed = _write_experiment(
         tmp_path, model_dir, csv_path, overrides=["optim.max_steps=4", "checkpoint.every_steps=0"]
     )

@@ -34,7 +34,10 @@ from another experiment config. The command
    run-config seeds, and each such run is decoded too: its row's metrics are the mean
    and standard deviation over the runs, since one run's BLEU moves by about as much as
    the methods differ;
-5. writes ``results.json`` in the output directory, and the report (``report``,
+5. measures every row's batch-1 decoding latency side by side in one process, as it
+   would serve (LoRA merged; ``latency``, studies/e2e/latency.py; ``latency.new_tokens:
+   0`` skips it), against the ``reference`` row;
+6. writes ``results.json`` in the output directory, and the report (``report``,
    Markdown: the table, the learning-rate choice, the command and this config) and the
    plot of each metric against trainable parameters (``plot``, PNG).
 
@@ -73,8 +76,10 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from studies.e2e import latency as latency_lib
 from studies.e2e import metrics as e2e_metrics
-from studies.e2e.evaluation import PREDICTIONS_FILE, SCORES_FILE, read_e2e
+from studies.e2e.evaluation import PREDICTIONS_FILE, SCORES_FILE, load_target, read_e2e
+from studies.e2e.latency import LatencySpec
 from train import layout, rundir
 from train.bank import adapter_dir_name, adapter_split
 from train.config import ConfigError, load_config, resolve_path, save_config
@@ -86,6 +91,7 @@ from train.plot import pyplot
 from train.setup import adapter_dirs
 
 RESULTS_FILE = "results.json"
+LATENCY_FILE = "latency.json"
 PROCESS_FILE = "process.json"  # peak RSS and wall time of a run's training process
 EVAL_ARGS_FILE = "eval_args.json"
 LOG_FILE = "log.txt"
@@ -146,6 +152,8 @@ class ExperimentConfig:
     # `lora-jax train` process (lora.num_adapters), not one process per rate
     grid_in_one_process: bool = False
     eval: EvalSpec = field(default_factory=EvalSpec)
+    # batch-1 decoding latency of every row, side by side (studies/e2e/latency.py)
+    latency: LatencySpec = field(default_factory=LatencySpec)
     methods: list[MethodSpec] = field(default_factory=list)
 
 
@@ -482,7 +490,7 @@ def choose(candidates: dict[float, dict[str, Any]], select: str) -> float:
 
 
 def run_experiment(cfg: ExperimentConfig, *, source: str, log=print) -> dict[str, Any]:
-    """Steps 1-5 of the module docstring; returns what ``results.json`` holds."""
+    """Steps 1-6 of the module docstring; returns what ``results.json`` holds."""
     out = rundir.claim(
         resolve_path(cfg.output_dir), layout.Kind.EXPERIMENT, what="experiment output_dir"
     )
@@ -561,6 +569,7 @@ def run_experiment(cfg: ExperimentConfig, *, source: str, log=print) -> dict[str
                 out / method.name / layout.CONFIG_FILE,
             )
         log(f"[{method.name}] decoding {counts['test_mrs']} test MRs")
+        row["served"] = str(target)
         row |= eval_run(cfg, target, test, out / "eval" / method.name)
         log(f"[{method.name}] {row['scores']}")
         if method.seeds:
@@ -574,6 +583,9 @@ def run_experiment(cfg: ExperimentConfig, *, source: str, log=print) -> dict[str
                 "trainable_params": 0,
                 "validation_loss": trained[0]["validation_loss_before"],
             }
+    if cfg.latency.new_tokens > 0:
+        log(f"batch-1 latency of {len(rows)} rows, side by side")
+        batch1_latency(cfg, rows, test, out)
     results = {
         "config": source,
         "experiment": OmegaConf.to_container(OmegaConf.structured(cfg)),
@@ -583,6 +595,30 @@ def run_experiment(cfg: ExperimentConfig, *, source: str, log=print) -> dict[str
     }
     (out / RESULTS_FILE).write_text(json.dumps(results, indent=1) + "\n")
     return results
+
+
+def batch1_latency(
+    cfg: ExperimentConfig, rows: list[dict[str, Any]], test: Path, out: Path
+) -> None:
+    """Step 5: every row's batch-1 decoding latency, side by side in this process
+    (studies/e2e/latency.py), on the first test MR; added to the rows as
+    ``latency_ms_per_token`` and ``latency_vs_reference`` (to the ``reference`` row, else
+    the first). Kept in ``latency.json``, reused while the rows and settings are the same."""
+    served = {r["method"]: r["served"] for r in rows}
+    reference = cfg.reference if cfg.reference in served else rows[0]["method"]
+    spec = dataclasses.asdict(cfg.latency)
+    path = out / LATENCY_FILE
+    found = json.loads(path.read_text()) if path.is_file() else {}
+    if found.get("served") != served or found.get("spec") != spec:
+        targets = {name: latency_lib.as_served(load_target(t)) for name, t in served.items()}
+        mr = read_e2e(test)[0][0]
+        found = {"served": served} | latency_lib.measure(targets, mr, cfg.latency, reference)
+        path.write_text(json.dumps(found, indent=1) + "\n")
+    for row in rows:
+        measured = found["rows"][row["method"]]
+        row["latency_ms_per_token"] = measured["ms_per_token"]
+        row["latency_vs_reference"] = measured["vs_reference"]
+        row["latency_reference"] = reference
 
 
 def seed_runs(
@@ -655,11 +691,16 @@ def _metric(row: dict[str, Any], name: str) -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> list[str]:
-    """The results table, metrics on the paper's scales (BLEU, METEOR, ROUGE-L x100)."""
+    """The results table, metrics on the paper's scales (BLEU, METEOR, ROUGE-L x100), and
+    the batch-1 latency columns when it was measured."""
+    latency = any("latency_ms_per_token" in r for r in rows)
+    reference = next((r["latency_reference"] for r in rows if "latency_reference" in r), "")
     lines = [
         "| method | lr | trainable params | % of base | saved on disk | optimizer state "
-        "| peak RSS | s / step | val loss | BLEU | NIST | METEOR | ROUGE-L | CIDEr |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| peak RSS | s / step | val loss | BLEU | NIST | METEOR | ROUGE-L | CIDEr |"
+        + (f" ms / token, batch 1 | vs {reference} |" if latency else ""),
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        + ("---:|---:|" if latency else ""),
     ]
     for r in rows:
         share = 100 * r["trainable_params"] / r["base_params"] if r.get("base_params") else None
@@ -675,6 +716,11 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
             "-" if r.get("validation_loss") is None else f"{r['validation_loss']:.3f}",
             *(_metric(r, m) for m in e2e_metrics.METRICS),
         ]
+        if latency:
+            cells += [
+                f"{r['latency_ms_per_token']:.1f}" if "latency_ms_per_token" in r else "-",
+                f"{r['latency_vs_reference']:.3f}" if "latency_vs_reference" in r else "-",
+            ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
