@@ -149,7 +149,7 @@ def _prepend(x_BxL: Any, P: int, value: Any) -> jax.Array | None:
 
 
 def _with_prefix_slots(cache: Any, P: int) -> Any:
-    """An empty cache with P more slots in front (valid: the prefix's), marked."""
+    """An empty cache with P more slots in front (valid: the prefix's)."""
 
     def grow(path, x):
         name = path[-1].key
@@ -161,7 +161,7 @@ def _with_prefix_slots(cache: Any, P: int) -> Any:
         pad[-3] = (P, 0)
         return jnp.pad(x, pad)
 
-    return {**jax.tree_util.tree_map_with_path(grow, cache), CACHE_MARK: jnp.int32(P)}
+    return jax.tree_util.tree_map_with_path(grow, cache)
 
 
 def _marked(out: tuple[jax.Array, Any], P: int) -> tuple[jax.Array, Any]:
