@@ -4,9 +4,9 @@ and PreLayer (``pre_layer``: every block's input at those positions trainable).
 
 Checked against the paper's definitions: the trainable counts against its closed forms
 (d_model·l_p and L·d_model·l_p); the forward against a second code path, the plain
-model on a prompt of P real tokens: PreEmbed with those tokens' embeddings, and PreLayer
-with the activations the base computes for them at every block's input (captured from
-the unrolled model), must give the prompted model's logits; decoding with a KV cache
+model on a prompt of P real tokens: a new prefix (PreEmbed: those tokens' embeddings;
+PreLayer: the base's activations for them at every block's input, Li & Liang's
+initialisation) must give the prompted model's logits; decoding with a KV cache
 (greedy, beams, padded rows) against the prompted model's; each method end to end
 through ``train`` (3 updates), its directory loaded back and decoded as ``lora-jax eval``
 does, and merging refused."""
@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,7 +23,6 @@ import pytest
 
 import lora_jax as lj
 import models
-from models.decoder import DecoderLayer
 from studies.e2e import evaluation
 from studies.e2e.decoding import Decoding
 from train import export, prefixes
@@ -52,45 +50,12 @@ def llama(layers: int = 2, scan: bool = False) -> tuple[models.Decoder, dict]:
     )
 
 
-def layer_inputs(model: models.Decoder, base: dict, ids_1xP: np.ndarray) -> list[jax.Array]:
-    """Each block's input (P, D) when the base reads ``ids_1xP`` alone: the second code
-    path's PreLayer prefix. Read from the unrolled, unrematerialised model (one trace)."""
-    plain = models.Decoder(
-        dataclasses.replace(model.config, scan_layers=False, remat_policy="none")
-    )
-    flat = lj.flatten_paths(base)
-    if model.config.scan_layers:  # layers/... (N, ...) -> layers_<i>/...
-        flat = {
-            p.replace("layers/", f"layers_{i}/"): x[i] if p.startswith("layers/") else x
-            for i in range(model.config.num_layers)
-            for p, x in flat.items()
-        }
-    seen = {}
-
-    def record(next_fun, args, kwargs, context):
-        if isinstance(context.module, DecoderLayer) and context.method_name == "__call__":
-            seen[context.module.name] = args[0][0]
-        return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(record):
-        plain.apply({"params": lj.unflatten_paths(flat)}, ids_1xP)
-    return [seen[f"layers_{i}"] for i in range(model.config.num_layers)]
-
-
-def prompted(design: str, model, base, ids_1xP) -> dict:
-    """``base`` with the prefix that makes ``design`` the base prompted with ``ids_1xP``."""
-    params = prefixes.init(jax.random.key(0), base, design, ids_1xP.shape[1])
-    flat = lj.flatten_paths(params)
-    if design == "pre_embed":
-        flat[prefixes.EMBED_PATH] = base["embed_tokens"]["embedding"][ids_1xP[0]]
-    else:
-        inputs = layer_inputs(model, base, ids_1xP)
-        if model.config.scan_layers:
-            flat["layers/prefix"] = jnp.stack(inputs)
-        for i, x in enumerate(inputs):
-            if f"layers_{i}/prefix" in flat:
-                flat[f"layers_{i}/prefix"] = x
-    return lj.unflatten_paths(flat)
+def prompted(design: str, model, base) -> tuple[dict, np.ndarray]:
+    """(``base`` with the prefix ``prefixes.init`` gives it, the P tokens t it drew): the
+    adapted model should start as the base prompted with t."""
+    key = jax.random.key(4)
+    params = prefixes.init(key, base, design, P, model)
+    return params, np.asarray(prefixes.prefix_ids(key, model.config.vocab_size, P))[None]
 
 
 @pytest.mark.parametrize("design", DESIGNS)
@@ -98,7 +63,7 @@ def test_prefixes_count_as_the_papers(design):
     model, base = llama(layers=3)
     c = model.config
     params, mask = method_lib.prepare(
-        design, base, LoraSection(), jax.random.key(1), prefix=PrefixSection(P)
+        design, base, LoraSection(), jax.random.key(1), prefix=PrefixSection(P), model=model
     )
     frozen, trainable = lj.split(params, mask)
     assert jax.tree.map(np.shape, frozen) == jax.tree.map(np.shape, base)
@@ -106,15 +71,10 @@ def test_prefixes_count_as_the_papers(design):
     expected = c.hidden_size * P * (c.num_layers if design == "pre_layer" else 1)
     assert sum(x.size for x in jax.tree.leaves(trainable)) == expected
     assert prefixes.parameter_count(design, c.hidden_size, c.num_layers, P) == expected
-    # the initial prefix is real tokens' embeddings (rows of the table)
-    table = np.asarray(base["embed_tokens"]["embedding"])
-    for leaf in jax.tree.leaves(trainable):
-        for row in np.asarray(leaf).reshape(-1, c.hidden_size):
-            assert np.any(np.all(table == row, axis=1))
     # scanned layers: the same count, stacked along the layer axis
-    _, stacked = llama(layers=3, scan=True)
+    scanned, stacked = llama(layers=3, scan=True)
     shapes, mask = method_lib.prepared_shapes(
-        design, stacked, LoraSection(), prefix=PrefixSection(P)
+        design, stacked, LoraSection(), prefix=PrefixSection(P), model=scanned
     )
     _, trainable = lj.split(shapes, mask)
     assert sum(np.prod(x.shape) for x in jax.tree.leaves(trainable)) == expected
@@ -123,14 +83,13 @@ def test_prefixes_count_as_the_papers(design):
 @pytest.mark.parametrize(
     ("design", "scan"), [("pre_embed", True), ("pre_layer", False), ("pre_layer", True)]
 )
-def test_a_prefix_of_real_tokens_is_that_prompt(design, scan):
-    """The forward with the prefix of tokens t (their embeddings, or the base's
-    activations for them at every block) gives the logits the plain model gives the
-    tokens after the prompt t, in both call forms: positions and segment ids (training,
-    with a padded row) and the defaults."""
+def test_a_new_prefix_is_a_prompt_of_real_tokens(design, scan):
+    """The forward with a new prefix (prefixes.init: the embeddings of tokens t, or the
+    base's activations for them at every block) gives the logits the plain model gives
+    the tokens after the prompt t, in both call forms: positions and segment ids
+    (training, with a padded row) and the defaults."""
     model, base = llama(scan=scan)
-    ids_1xP = np.array([[5, 17, 2]], np.int32)
-    params = prompted(design, model, base, ids_1xP)
+    params, ids_1xP = prompted(design, model, base)
     forward = method_lib.forward(design, model.apply, dropout=0.0)
     tokens_BxL = np.array([[7, 8, 9, 10, 11, 12], [3, 4, 5, 0, 0, 0]], np.int32)
     segments_BxL = np.array([[1] * 6, [1, 1, 1, 0, 0, 0]], np.int32)
@@ -144,7 +103,7 @@ def test_a_prefix_of_real_tokens_is_that_prompt(design, scan):
         segment_ids=np.concatenate([np.ones((2, P), np.int32), segments_BxL], axis=1),
     )[:, P:]
     # the same operations on the same values, but the prefix arrives by another route (for
-    # pre_layer through a second trace of the base): float32 chains over P + 6 keys
+    # pre_layer through a trace of the unrolled base): float32 chains over P + 6 keys
     atol = tol.logits_atol(model.config, want, keys=P + 6)
     real = segments_BxL > 0
     tol.assert_close(np.asarray(got)[real], np.asarray(want)[real], atol, design)
@@ -162,8 +121,7 @@ def test_decoding_with_a_prefix_is_decoding_the_prompted_model(design):
     first call) decodes as the plain model does with the prompt t before each prompt:
     greedy and beam search (the cache reordered), rows padded to a common length."""
     model, base = llama(scan=True)
-    ids_1xP = np.array([[5, 17, 2]], np.int32)
-    params = prompted(design, model, base, ids_1xP)
+    params, ids_1xP = prompted(design, model, base)
     apply_fn = method_lib.decoding_apply(design, model.apply)
     prompts = np.array([[0, 0, 9, 4, 6], [3, 1, 8, 2, 7]], np.int32)
     mask = prompts > 0
@@ -222,7 +180,7 @@ def test_prefixes_train_end_to_end(prefix_runs, design):
     moments = [x for x in jax.tree.leaves(result.state["opt_state"]) if np.ndim(x)]
     assert sum(np.size(x) for x in moments) == 2 * expected  # AdamW's two, nothing of the base
     initial, _ = method_lib.prepare(
-        design, base, cfg.lora, method_lib.init_keys(cfg), prefix=cfg.prefix
+        design, base, cfg.lora, method_lib.init_keys(cfg), prefix=cfg.prefix, model=model
     )
     for path, leaf in lj.flatten_paths(initial).items():
         if path in trained:  # 3 updates move the prefix

@@ -252,10 +252,12 @@ def prepare(
     quantize: str = "none",
     adapter: AdapterSection = AdapterSection(),
     prefix: PrefixSection = PrefixSection(),
+    model: models.Decoder | None = None,
 ) -> tuple[Any, Any]:
     """(params to train from, trainable mask): adapted params for LoRA, the base with
     bottleneck adapters (``adapter``: m) beside it for adapter_h / adapter_l, with a prefix
-    (``prefix``: its length) for pre_embed / pre_layer, else ``params``.
+    (``prefix``: its length; pre_layer's starts from ``model``'s activations) for
+    pre_embed / pre_layer, else ``params``.
 
     With ``quantize`` (``model.quantize``: ``"int8"`` or ``"nf4"``) every kernel LoRA
     adapts is then stored quantized (``lj.quantize``, after ``lj.init`` so that DoRA's
@@ -279,7 +281,7 @@ def prepare(
     elif method in bottleneck.SUBLAYERS:
         params = bottleneck.init(key, params, method, adapter.bottleneck)
     elif method in prefixes.DESIGNS:
-        params = prefixes.init(key, params, method, prefix.length)
+        params = prefixes.init(key, params, method, prefix.length, model)
     if quantize != "none":
         params = quantize_adapted(params, quantize)
     mask = MASKS[method](params)
@@ -328,13 +330,16 @@ def prepared_shapes(
     quantize: str = "none",
     adapter: AdapterSection = AdapterSection(),
     prefix: PrefixSection = PrefixSection(),
+    model: models.Decoder | None = None,
 ) -> tuple[Any, Any]:
     """(the shapes :func:`prepare` gives ``params`` (arrays or shapes), its mask): nothing
     is computed, so a run can lay out and compile for the tree before making it."""
     k = lora.num_adapters
     keys = jax.random.key(0) if k == 1 else jax.random.split(jax.random.key(0), k)
     shapes = jax.eval_shape(
-        lambda p, key: prepare(method, p, lora, key, quantize, adapter, prefix)[0], params, keys
+        lambda p, key: prepare(method, p, lora, key, quantize, adapter, prefix, model)[0],
+        params,
+        keys,
     )
     return shapes, MASKS[method](shapes)
 

@@ -169,7 +169,7 @@ def abstract_run(cfg: RunConfig, mesh: Mesh) -> Abstract:
     """The model, params, train state and batch of ``cfg`` on ``mesh``, all abstract."""
     model, base = models.abstract_load(cfg.model.name, **method_lib.model_options(cfg))
     params, mask = method_lib.prepared_shapes(
-        cfg.method, base, cfg.lora, cfg.model.quantize, cfg.adapter, cfg.prefix
+        cfg.method, base, cfg.lora, cfg.model.quantize, cfg.adapter, cfg.prefix, model
     )
     steps = build_steps(cfg, model, params, mask, mesh, cfg.optim.max_steps or SCHEDULE_STEPS)
     frozen, trainable = lj.split(params, mask)

@@ -326,12 +326,12 @@ def setup(cfg: RunConfig, log: Callable[[str], None] = print) -> Setup:
 
     def prepared(base: Any, key: jax.Array) -> Any:
         prepared, _ = method_lib.prepare(
-            cfg.method, base, cfg.lora, key, cfg.model.quantize, cfg.adapter, cfg.prefix
+            cfg.method, base, cfg.lora, key, cfg.model.quantize, cfg.adapter, cfg.prefix, model
         )
         return prepared
 
     shapes, mask = method_lib.prepared_shapes(
-        cfg.method, base, cfg.lora, cfg.model.quantize, cfg.adapter, cfg.prefix
+        cfg.method, base, cfg.lora, cfg.model.quantize, cfg.adapter, cfg.prefix, model
     )
     batches_per_epoch = train_batches(splits, cfg.data, seed=cfg.seed).steps_in_epoch(0)
     steps = total_steps(cfg.optim, batches_per_epoch)
