@@ -122,7 +122,7 @@ def variants(args):
     with_lin = randomize(with_lin, lambda p: "/adapter/up/" in p, jax.random.key(6))
     prefixed = {}
     for j, design in enumerate(prefixes.DESIGNS):
-        params = prefixes.init(jax.random.key(7 + j), base, design, args.prefix_length)
+        params = prefixes.init(jax.random.key(7 + j), base, design, args.prefix_length, model)
         prefix_apply = prefixes.apply(model.apply, design)
         prefixed[design] = (params, jax.jit(prefix_apply), prefix_apply)
 
