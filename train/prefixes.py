@@ -151,7 +151,7 @@ def prefix_length(params: Any) -> int:
             return leaf.shape[-2]
     raise ValueError(
         f"the params have no prefix ({EMBED_PATH} or layers_<i>/{NAME}); build them with "
-        "train.prefixes.init(key, params, design, length)"
+        "train.prefixes.init(key, params, design, length, model)"
     )
 
 
