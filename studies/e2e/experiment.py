@@ -834,7 +834,8 @@ def report(results: dict[str, Any], cfg: ExperimentConfig, config_text: str, com
             if cfg.select == "validation_bleu"
             else "the lowest final validation loss"
         )
-        + ". Validation MRs are disjoint from training and test MRs.",
+        + ". Validation MRs are disjoint from training and test MRs. A method with one "
+        "rate keeps it: nothing is chosen, and its validation MRs are not decoded.",
         "",
         "| method | validation loss per learning rate | validation BLEU per learning rate "
         "| chosen |",
