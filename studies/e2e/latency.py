@@ -6,11 +6,12 @@ the base's shapes, hence the base's compiled program), bottleneck adapters and p
 through their method's forward (train/method.py ``decoding_apply``), full fine-tuning and
 the untrained base as they are. Each decodes one prompt (the experiment's first test MR)
 at batch 1, greedily, ``new_tokens`` tokens with the EOS ignored, after one untimed
-decode (compilation). In each of ``rounds`` rounds, their order rotated, each row decodes
-``reps`` times in a row between two numpy matmul probes (train/machine.py
-``matmul_rate``). A row's figure is the median of all its decodes, in milliseconds per
-generated token; its ratio to the reference row is the median of the per-round ratios
-over the rounds whose probes agree within 25% (all rounds, flagged, when none do).
+decode (compilation). Each of ``rounds`` rounds, between two numpy matmul probes
+(train/machine.py ``matmul_rate``), has every row decode ``reps`` times in a row, the
+rows' order rotated from round to round; short rounds keep the rows of one round in one
+CPU regime. Over the rounds whose probes agree within 25% (all, flagged, when none do),
+a row's figure is the median of its decodes in milliseconds per generated token, and its
+ratio to the reference row the median of the per-round ratios.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ class LatencySpec:
     """How the experiment measures batch-1 latency (``new_tokens: 0``: not at all)."""
 
     new_tokens: int = 32
-    rounds: int = 3
-    reps: int = 3
+    rounds: int = 9
+    reps: int = 1
 
 
 def as_served(target: Target) -> Target:
@@ -49,7 +50,8 @@ def as_served(target: Target) -> Target:
 def measure(
     targets: dict[str, Target], mr: str, spec: LatencySpec, reference: str
 ) -> dict[str, Any]:
-    """``{"rows": {name: {"ms_per_token", "vs_reference"}}, "valid_rounds", "probes"}``
+    """``{"rows": {name: {"ms_per_token", "vs_reference"}}, "valid_rounds", "probes",
+    "rounds"}`` (``rounds``: every decode's seconds, per round and row)
     for ``targets`` (already :func:`as_served`), each decoding the prompt of ``mr``; the
     ratios are to ``targets[reference]`` (module docstring)."""
     calls = {}
@@ -71,39 +73,38 @@ def measure(
         decode()  # compile
         calls[name] = decode
     names = list(calls)
-    rounds = []
+    rounds, probes = [], []  # per round: {name: [seconds, ...]}; (before, after)
     for r in range(spec.rounds):
-        this = {}
+        before, this = matmul_rate(), {}
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            before = matmul_rate()
-            times = []
+            this[name] = []
             for _ in range(spec.reps):
                 start = time.perf_counter()
                 calls[name]()
-                times.append(time.perf_counter() - start)
-            this[name] = {"s": times, "probes": (before, matmul_rate())}
+                this[name].append(time.perf_counter() - start)
         rounds.append(this)
-    valid = [
-        i for i, r in enumerate(rounds) if same_regime([p for v in r.values() for p in v["probes"]])
-    ]
+        probes.append((before, matmul_rate()))
+    valid = [i for i, pair in enumerate(probes) if same_regime(list(pair))]
     use = valid or list(range(len(rounds)))
     rows = {}
     for name in names:
         ratios = [
-            statistics.median(rounds[i][name]["s"]) / statistics.median(rounds[i][reference]["s"])
+            statistics.median(rounds[i][name]) / statistics.median(rounds[i][reference])
             for i in use
         ]
-        every = [t for r in rounds for t in r[name]["s"]]
+        every = [t for i in use for t in rounds[i][name]]
         rows[name] = {
             "ms_per_token": 1e3 * statistics.median(every) / spec.new_tokens,
             "vs_reference": statistics.median(ratios),
         }
-    probes = [p for r in rounds for v in r.values() for p in v["probes"]]
+    flat = [p for pair in probes for p in pair]
     return {
         "rows": rows,
         "reference": reference,
         "valid_rounds": valid,
         "ratios_from_all_rounds": not valid,
-        "probe_gflops": {"min": min(probes), "max": max(probes)},
+        "probe_gflops": {"min": min(flat), "max": max(flat)},
         "spec": {"new_tokens": spec.new_tokens, "rounds": spec.rounds, "reps": spec.reps},
+        "rounds": rounds,
+        "probes": probes,
     }
