@@ -141,7 +141,7 @@ def test_experiment_trains_chooses_on_validation_and_reports(
     assert zero_shot["latency_vs_reference"] == 1.0 and lora["latency_ms_per_token"] > 0
     latency = json.loads((out / "latency.json").read_text())
     assert latency["reference"] == "zero-shot" and set(latency["rows"]) == {"zero-shot", "lora-qv"}
-    assert "| ms / token, batch 1 | vs zero-shot |" in report
+    assert "| ms / token, batch 1 | vs zero-shot |" in report and "*ms / token, batch 1*" in report
 
     # a second call reuses the finished runs (and the latency); a changed grid point is
     # refused, not overwritten

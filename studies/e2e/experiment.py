@@ -619,6 +619,7 @@ def batch1_latency(
         row["latency_ms_per_token"] = measured["ms_per_token"]
         row["latency_vs_reference"] = measured["vs_reference"]
         row["latency_reference"] = reference
+        row["latency_rounds"] = [len(found["valid_rounds"]), cfg.latency.rounds]
 
 
 def seed_runs(
@@ -821,6 +822,7 @@ def report(results: dict[str, Any], cfg: ExperimentConfig, config_text: str, com
         "RSS* is the training process's (model loading included); *s / step* the median "
         "wall-clock seconds per update; *val loss* the final validation loss in nats per "
         "target token (for zero-shot: before training).",
+        *latency_note(rows),
         *together_note(rows),
         "",
         "![metrics vs trainable parameters](" + Path(cfg.plot).name + ")",
@@ -870,6 +872,22 @@ def report(results: dict[str, Any], cfg: ExperimentConfig, config_text: str, com
         "",
     ]
     return "\n".join(lines)
+
+
+def latency_note(rows: list[dict[str, Any]]) -> list[str]:
+    """A sentence on the latency columns, when they were measured (batch1_latency)."""
+    measured = next((r for r in rows if "latency_rounds" in r), None)
+    if measured is None:
+        return []
+    valid, rounds = measured["latency_rounds"]
+    return [
+        "",
+        "*ms / token, batch 1*: each row's model as it would serve (LoRA merged into W; "
+        "adapters and prefixes through their forward) decoding the first test MR greedily "
+        "at batch 1, all rows side by side in one process, their order rotated over "
+        f"{rounds} rounds ({valid} in one CPU regime, by matmul probes; studies/e2e/"
+        f"latency.py); *vs {measured['latency_reference']}*: the median per-round ratio.",
+    ]
 
 
 def together_note(rows: list[dict[str, Any]]) -> list[str]:
