@@ -112,19 +112,6 @@ def trainable_mask(params: Any) -> Any:
     return lj.unflatten_paths({p: bool(pattern.match(p)) for p in flat}, like=params)
 
 
-def logical_axes(base_axes: Any, params: Any) -> Any:
-    """``base_axes`` (``models.logical_axes``) with names for the adapter leaves of
-    ``params``: ``layers`` for the stacked axis of scanned layers, the rest unnamed
-    (replicated: an adapter is small)."""
-    names = lj.flatten_paths(base_axes)
-    leaves = lj.flatten_paths(params)
-    for path, is_adapter in lj.flatten_paths(trainable_mask(params)).items():
-        if is_adapter:
-            stacked = ("layers",) if path.startswith("layers/") else ()
-            names[path] = stacked + (None,) * (len(leaves[path].shape) - len(stacked))
-    return lj.unflatten_paths(names)
-
-
 def adapt(h_BxLxD: jax.Array, adapter: Any, design: str, norm_eps: float) -> jax.Array:
     """The adapter of ``design`` on a sublayer output h_BxLxD: h + up(act(down(h'))),
     h' = h for AdapterH (act: tanh GELU), LN(h) for AdapterL (act: ReLU). ``adapter``: its

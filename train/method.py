@@ -346,10 +346,17 @@ def prepared_shapes(
 
 def logical_axes(model: models.Decoder, params: Any) -> Any:
     """The logical axis names of the base (``models.logical_axes``), with those of the
-    leaves an adapter or prefix method adds (``logical_axes`` of train/adapters.py,
-    train/prefixes.py); LoRA's leaves get theirs from ``lj.partition_specs``."""
-    base = models.logical_axes(model)
-    return prefixes.logical_axes(bottleneck.logical_axes(base, params), params)
+    leaves an adapter or prefix method adds (train/adapters.py, train/prefixes.py):
+    ``layers`` for the stacked axis of scanned layers, the rest unnamed (replicated: they
+    are small). LoRA's leaves get theirs from ``lj.partition_specs``."""
+    names = lj.flatten_paths(models.logical_axes(model))
+    leaves = lj.flatten_paths(params)
+    for mask in (bottleneck.trainable_mask(params), prefixes.trainable_mask(params)):
+        for path, added in lj.flatten_paths(mask).items():
+            if added:
+                stacked = ("layers",) if path.startswith("layers/") else ()
+                names[path] = stacked + (None,) * (len(leaves[path].shape) - len(stacked))
+    return lj.unflatten_paths(names)
 
 
 def forward(method: str, apply_fn: Callable[..., Any], dropout: float) -> Callable[..., Any]:

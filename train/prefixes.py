@@ -132,18 +132,6 @@ def trainable_mask(params: Any) -> Any:
     )
 
 
-def logical_axes(base_axes: Any, params: Any) -> Any:
-    """``base_axes`` with names for the prefix leaves of ``params``: ``layers`` for the
-    stacked axis of scanned layers, the rest unnamed (replicated: a prefix is small)."""
-    names = lj.flatten_paths(base_axes)
-    leaves = lj.flatten_paths(params)
-    for path, is_prefix in lj.flatten_paths(trainable_mask(params)).items():
-        if is_prefix:
-            stacked = ("layers",) if path.startswith("layers/") else ()
-            names[path] = stacked + (None,) * (len(leaves[path].shape) - len(stacked))
-    return lj.unflatten_paths(names)
-
-
 def prefix_length(params: Any) -> int:
     """P, read from the prefix leaves' shapes (static)."""
     for path, leaf in lj.flatten_paths(params).items():
