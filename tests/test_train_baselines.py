@@ -278,17 +278,6 @@ def test_eval_decodes_with_the_adapters(adapter_runs):
         eos_token_id=-1,
         apply_fn=target.apply_fn,
     )
-    np.testing.assert_array_equal(tokens, _greedy(forward, planted, prompt_1xP, 6))
-
-
-def _greedy(forward, params, prompt_1xP, new):
-    """Greedy decoding by full forwards (no KV cache): a second path to models.generate's.
-    One fixed length, zero-padded: the decoder is causal, so the logits at position t do
-    not see the padding after it."""
-    P = prompt_1xP.shape[1]
-    ids_1xT = np.zeros((1, P + new), np.int32)
-    ids_1xT[:, :P] = prompt_1xP
-    logits_fn = jax.jit(lambda ids: forward({"params": params}, ids))
-    for t in range(P, P + new):
-        ids_1xT[0, t] = int(jnp.argmax(logits_fn(ids_1xT)[0, t - 1]))
-    return ids_1xT[:, P:]
+    np.testing.assert_array_equal(
+        tokens, tf.greedy_by_full_forwards(forward, planted, prompt_1xP, 6)
+    )

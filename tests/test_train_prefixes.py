@@ -14,10 +14,8 @@ does, and merging refused."""
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -214,7 +212,7 @@ def test_eval_decodes_with_the_prefix(prefix_runs):
     assert evaluation.decode(target, mrs, greedy) != evaluation.decode(
         target._replace(apply_fn=None), mrs, greedy
     )
-    forward = jax.jit(functools.partial(method_lib.forward("pre_layer", target.model.apply, 0.0)))
+    forward = method_lib.forward("pre_layer", target.model.apply, 0.0)
     prompt_1xL = np.arange(1, 9, dtype=np.int32)[None]
     tokens = models.generate(
         target.model,
@@ -224,8 +222,6 @@ def test_eval_decodes_with_the_prefix(prefix_runs):
         eos_token_id=-1,
         apply_fn=target.apply_fn,
     )
-    ids = prompt_1xL
-    for _ in range(6):  # greedy by full forwards, no cache
-        nxt = jnp.argmax(forward({"params": planted}, ids)[:, -1], axis=-1)
-        ids = np.concatenate([ids, np.asarray(nxt, np.int32)[:, None]], axis=1)
-    np.testing.assert_array_equal(tokens, ids[:, 8:])
+    np.testing.assert_array_equal(
+        tokens, tf.greedy_by_full_forwards(forward, planted, prompt_1xL, 6)
+    )

@@ -202,3 +202,16 @@ def compilation_cache(directory: Path) -> Iterator[None]:
     finally:
         for name, value in saved.items():
             jax.config.update(name, value)
+
+
+def greedy_by_full_forwards(forward, params, prompt_1xP, new):
+    """Greedy decoding by full forwards (no KV cache): a second path to models.generate's.
+    One fixed length, zero-padded: the decoder is causal, so the logits at position t do
+    not see the padding after it."""
+    P = prompt_1xP.shape[1]
+    ids_1xT = np.zeros((1, P + new), np.int32)
+    ids_1xT[:, :P] = prompt_1xP
+    logits_fn = jax.jit(lambda ids: forward({"params": params}, ids))
+    for t in range(P, P + new):
+        ids_1xT[0, t] = int(np.argmax(logits_fn(ids_1xT)[0, t - 1]))
+    return ids_1xT[:, P:]
