@@ -209,6 +209,17 @@ def test_bad_experiment_configs_name_the_key(tmp_path):
         load_experiment(path)
 
 
+def test_methods_keeps_the_named_rows_in_the_configs_order(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text(config_to_yaml(load_config(None)))
+    path = tmp_path / "e.yaml"
+    path.write_text(f"base_config: {base}\nmethods: [{{name: a}}, {{name: b}}, {{name: c}}]\n")
+    assert [m.name for m in load_experiment(path, methods=["c", "a"]).methods] == ["a", "c"]
+    assert [m.name for m in load_experiment(path).methods] == ["a", "b", "c"]
+    with pytest.raises(ConfigError, match=r"no method named 'd'; pass --methods from \['a'"):
+        load_experiment(path, methods=["a", "d"])
+
+
 def test_table_and_ratios_state_the_measured_figures():
     full = {
         "method": "full",

@@ -55,6 +55,13 @@ def experiment_arguments(parser: argparse.ArgumentParser) -> None:
         "experiment created it (else finished runs are reused and "
         "interrupted ones resume)",
     )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        metavar="NAME",
+        help="run and report only these of the config's methods (e.g. one row of a sweep); "
+        "the others' finished runs stay for a later run of them all",
+    )
 
 
 def analyze_arguments(parser: argparse.ArgumentParser) -> None:

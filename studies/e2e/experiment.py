@@ -1,6 +1,6 @@
 """``lora-jax experiment``: the LoRA paper's E2E comparison (its Table 3) on this code.
 
-    lora-jax experiment configs/experiments/e2e_table.yaml [key=value ...] [--fresh]
+    lora-jax experiment configs/experiments/e2e_table.yaml [key=value ...] [--fresh] [--methods NAME ...]
 
 An experiment config (:class:`ExperimentConfig`, YAML) names a base run config, an E2E
 CSV and a list of methods; with ``extends: OTHER.yaml`` it takes every key it does not set
@@ -157,8 +157,11 @@ class ExperimentConfig:
     methods: list[MethodSpec] = field(default_factory=list)
 
 
-def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
-    """The experiment config at ``path`` with dotted ``overrides`` (e.g. ``eval.limit=20``)."""
+def load_experiment(
+    path: str | Path, overrides: Sequence[str] = (), methods: Sequence[str] = ()
+) -> ExperimentConfig:
+    """The experiment config at ``path`` with dotted ``overrides`` (e.g. ``eval.limit=20``),
+    keeping only the ``methods`` named, in the config's order (all when none are)."""
     path = Path(path)
     if not path.is_file():
         shipped = sorted(str(p) for p in Path("configs/experiments").glob("*.yaml"))
@@ -182,6 +185,13 @@ def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> Experime
     names = [m.name for m in cfg.methods]
     if not names or len(set(names)) != len(names):
         raise ConfigError(f"experiment config {path}: methods need distinct names, got {names}")
+    if unknown := sorted(set(methods) - set(names)):
+        raise ConfigError(
+            f"experiment config {path} has no method named {', '.join(map(repr, unknown))}; "
+            f"pass --methods from {names}"
+        )
+    if methods:
+        cfg = dataclasses.replace(cfg, methods=[m for m in cfg.methods if m.name in methods])
     for name in names:
         if not METHOD_NAME.fullmatch(name):
             raise ConfigError(
@@ -1042,12 +1052,15 @@ def fresh_start(cfg: ExperimentConfig) -> None:
 
 def run_command(args: argparse.Namespace) -> int:
     """``lora-jax experiment`` (arguments: studies/e2e/commands.py)."""
-    cfg = load_experiment(args.config, args.overrides)
+    cfg = load_experiment(args.config, args.overrides, args.methods or ())
     check_outputs(cfg, fresh=args.fresh)
     if args.fresh:
         fresh_start(cfg)
     results = run_experiment(cfg, source=args.config)
-    command = " ".join(["lora-jax experiment", args.config, *args.overrides])
+    command = " ".join(
+        ["lora-jax experiment", args.config, *args.overrides]
+        + (["--methods", *args.methods] if args.methods else [])
+    )
     config_text = Path(args.config).read_text()
     if args.overrides:
         config_text += f"\n# with the overrides {' '.join(args.overrides)}\n"
