@@ -108,6 +108,7 @@ def analyze(
             table = analysis.updates_vs_weights(adapted.params, draws=draws, seed=seed)
             adapters.append(
                 {
+                    "given": given,  # as on the command line: the report's name for it
                     "dir": str(export.adapter_dir(given).resolve()),
                     "model": adapted.meta["model"],
                     "weights": update_rows(table),
@@ -161,7 +162,7 @@ def markdown(result: dict[str, Any]) -> str:
     for i, entry in enumerate(result["adapters"]):
         lines += [
             "",
-            f"## [{i}] {entry['dir']} ({entry['model']})",
+            f"## [{i}] {entry['given']} ({entry['model']})",
             "",
             "| weight | r | ‖ΔW‖_F | ‖W‖_F | ΔW's | W's top-r | random | amplification |",
             "|---|---:|---:|---:|---:|---:|---:|---:|",
