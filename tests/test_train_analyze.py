@@ -64,7 +64,9 @@ def test_the_command_writes_the_libraries_figures_and_a_heat_map(adapters, tmp_p
     report = (out / analyze_lib.MARKDOWN_FILE).read_text()
     assert report.count("| layers_1/self_attn/q_proj") == 3
     assert f"## [0] {four} (" in report and f"## [1] {two} (" in report  # named as given
-    assert (out / analyze_lib.SIMILARITY_PNG.format(first=0, second=1)).stat().st_size > 0
+    for factor in ("A", "B"):
+        path = out / analyze_lib.SIMILARITY_PNG.format(first=0, second=1, factor=factor)
+        assert path.stat().st_size > 0
 
     loaded = [adapter_lib.load_adapter(d, base) for d in (four, two)]
     for entry, params in zip(written["adapters"], loaded):

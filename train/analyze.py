@@ -6,7 +6,8 @@
                               subspace similarity grids φ(i, j) of their A (input) and B
                               (output) factors (§7.2, Figures 3–4)
         DIR/analysis.md       the same as tables (φ summarised by φ(1, 1), φ(r₁, r₂), mean)
-        DIR/similarity_<i>_<j>.png   per pair: a heat map of φ of the A factors per weight
+        DIR/similarity_<i>_<j>_<A|B>.png   per pair: heat maps of φ of the A (input) or
+                              B (output) factors, one panel per weight and layer
 
 ADAPTER_DIR is a LoRA run's directory or its ``adapter/`` (or ``import-peft``'s output).
 Each adapter's base is the model its ``adapter.json`` names, loaded as recorded and
@@ -38,7 +39,9 @@ from train.plot import pyplot
 
 JSON_FILE = "analysis.json"
 MARKDOWN_FILE = "analysis.md"
-SIMILARITY_PNG = "similarity_{first}_{second}.png"  # adapters' positions on the command line
+# first, second: the adapters' positions on the command line; factor: A or B
+SIMILARITY_PNG = "similarity_{first}_{second}_{factor}.png"
+FACTOR_SIDES = {"A": "input", "B": "output"}  # which factor's directions φ compares
 
 
 def _layers(values_S: np.ndarray) -> list[int | None]:
@@ -135,7 +138,9 @@ def analyze(
         (directory / JSON_FILE).write_text(json.dumps(result, indent=1))
         (directory / MARKDOWN_FILE).write_text(markdown(result))
         for pair in pairs:
-            plot_similarity(pair, directory / SIMILARITY_PNG.format(**pair))
+            for factor in FACTOR_SIDES:
+                path = directory / SIMILARITY_PNG.format(**pair, factor=factor)
+                plot_similarity(pair, factor, path)
     return result
 
 
@@ -193,8 +198,9 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_similarity(pair: dict[str, Any], path: Path) -> Path:
-    """A heat map of φ(i, j) of the A factors per shared weight (the paper's Figure 3)."""
+def plot_similarity(pair: dict[str, Any], factor: str, path: Path) -> Path:
+    """Heat maps of φ(i, j) of the `factor` ("A" or "B") factors, one per shared weight and
+    layer (the paper's Figures 3-4 show A's)."""
     plt = pyplot()
     from matplotlib.ticker import MaxNLocator  # after pyplot(): matplotlib is slow to import
 
@@ -211,7 +217,7 @@ def plot_similarity(pair: dict[str, Any], path: Path) -> Path:
     for ax in axes.flat[len(rows) :]:
         ax.axis("off")
     for ax, row in zip(axes.flat, rows):
-        grid = np.asarray(row["input"])
+        grid = np.asarray(row[FACTOR_SIDES[factor]])
         image = ax.imshow(
             grid,
             vmin=0.0,
@@ -227,7 +233,7 @@ def plot_similarity(pair: dict[str, Any], path: Path) -> Path:
         ax.set_xlabel(f"j (adapter {pair['second']})", fontsize=7)
         ax.set_ylabel(f"i (adapter {pair['first']})", fontsize=7)
     figure.colorbar(image, ax=axes, label="φ(i, j)")
-    figure.suptitle(f"subspace similarity of A: adapter {pair['first']} vs {pair['second']}")
+    figure.suptitle(f"subspace similarity of {factor}: adapter {pair['first']} vs {pair['second']}")
     figure.savefig(path)
     plt.close(figure)
     return path
