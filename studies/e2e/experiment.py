@@ -960,15 +960,23 @@ def ratios(rows: list[dict[str, Any]], reference: str = "full") -> list[str]:
         gap = r["scores"]["BLEU"] - full["scores"]["BLEU"]
         runs = [len(x.get("seed_scores", ())) or 1 for x in (r, full)]
         lines.append(
-            f"- {r['method']}: saved {full['adapter_bytes'] / r['adapter_bytes']:,.0f}x "
-            f"smaller, optimizer state "
-            f"{full['optimizer_state_bytes'] / r['optimizer_state_bytes']:,.0f}x smaller, "
-            f"peak RSS {full['peak_rss_bytes'] / r['peak_rss_bytes']:.2f}x lower, "
+            f"- {r['method']}: saved "
+            f"{_times(full['adapter_bytes'], r['adapter_bytes'], 'smaller', 'larger')}, "
+            "optimizer state "
+            f"{_times(full['optimizer_state_bytes'], r['optimizer_state_bytes'], 'smaller', 'larger')}, "
+            f"peak RSS {_times(full['peak_rss_bytes'], r['peak_rss_bytes'], 'lower', 'higher', 2)}, "
             f"BLEU {gap:+.2f} vs {'full fine-tuning' if reference == 'full' else reference}"
             + ("" if runs == [1, 1] else f" (means of {runs[0]} and {runs[1]} runs)")
             + paired_difference(r, full)
         )
     return lines
+
+
+def _times(reference: float, value: float, less: str, more: str, digits: int = 0) -> str:
+    """How many times ``value`` is below ``reference`` ("290x smaller"), or above it."""
+    ratio = reference / value
+    word = less if ratio >= 1 else more
+    return f"{max(ratio, 1 / ratio):,.{digits}f}x {word}"
 
 
 def paired_difference(row: dict[str, Any], reference: dict[str, Any]) -> str:
