@@ -460,6 +460,10 @@ def test_fresh_deletes_only_an_experiments_own_output_dir(tmp_path, capsys):
     assert main(["experiment", config, "--fresh"]) == 2
     assert "none.csv does not exist" in capsys.readouterr().err
     assert (own / "results.json").is_file()
+    # --fresh with --methods would delete the left-out methods' runs too: refused first
+    config = _quick_experiment(tmp_path, output_dir=str(own))
+    message = tf.refused(["experiment", config, "--fresh", "--methods", "zero-shot"], capsys)
+    assert "drop --methods" in message and (own / "results.json").is_file()
     cfg = load_experiment(_quick_experiment(tmp_path, output_dir=str(own)))
     check_outputs(cfg, fresh=True)
     fresh_start(cfg)

@@ -1060,6 +1060,11 @@ def fresh_start(cfg: ExperimentConfig) -> None:
 
 def run_command(args: argparse.Namespace) -> int:
     """``lora-jax experiment`` (arguments: studies/e2e/commands.py)."""
+    if args.fresh and args.methods:
+        raise ConfigError(
+            "--fresh deletes the whole output_dir, the finished runs of methods --methods "
+            "leaves out too; drop --methods to start the experiment over, or --fresh to keep them"
+        )
     cfg = load_experiment(args.config, args.overrides, args.methods or ())
     check_outputs(cfg, fresh=args.fresh)
     if args.fresh:
