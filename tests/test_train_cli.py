@@ -77,3 +77,22 @@ def test_help_of_every_command_imports_no_jax():
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip().endswith("heavy: []")
+
+
+def test_train_prints_each_adapters_validation_when_several_train_together(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    config = tmp_path / "tiny.yaml"
+    model, csv = tf.write_tiny_llama(tmp_path / "model"), tf.write_csv(tmp_path / "e2e.csv")
+    config.write_text(config_to_yaml(tf.tiny_config(model, csv, run_dir)))
+    overrides = ["optim.max_steps=2", "lora.num_adapters=2", "optim.learning_rates=[1e-2,1e-3]"]
+    assert main(["train", str(config), *overrides]) == 0
+    lines = [
+        line for line in capsys.readouterr().out.splitlines() if "(nats/token): before" in line
+    ]
+    # the printed losses are each adapter's logged validation records (4 decimals)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for j, (line, rate) in enumerate(zip(lines, ("0.01", "0.001"), strict=True)):
+        before, after = (r["loss"] for r in records if r["split"] == f"validation/adapter_{j}")
+        assert line.startswith(f"validation loss of adapter_{j} (lr {rate}) (nats/token): ")
+        assert f"before {before:.4f}  after {after:.4f}" in line
+    assert (run_dir / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -19,6 +19,7 @@ from train.cli import main
 from train.config import ConfigError, config_to_yaml, load_config
 from train.loop import DivergenceError
 from train.metrics import read_records
+from train.plot import loss_lines
 from train.run import train
 
 import tolerances as tol
@@ -104,6 +105,14 @@ def test_k_adapters_trained_together_equal_k_separate_runs(run_files):
             zip(logged_losses(root / "together", split), logged_losses(single.run_dir, "train"))
         ):
             tol.assert_close(a, b, run_atol(k, b), f"adapter {j} train loss {k + 1}")
+    # its loss curve draws every adapter's training and validation losses
+    lines = loss_lines(read_records(root / "together" / layout.METRICS_FILE))
+    names = [f"{split}/adapter_{j}" for split in ("train", "validation") for j in range(3)]
+    assert list(lines) == names
+    for name in names:
+        assert lines[name][1] == logged_losses(root / "together", name)
+    png = (root / "together" / layout.LOSS_CURVE_FILE).read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
     # lora-jax experiment reads each adapter as the run at its rate (grid_in_one_process)
     process = {"peak_rss_bytes": 1, "wall_s": 1.0}  # what the experiment's process wrapper writes
     for directory in (root / "together", alone[0].run_dir):

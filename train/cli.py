@@ -122,13 +122,15 @@ def run_train(args: argparse.Namespace) -> int:
         return INTERRUPTED
     if jax.process_index() != 0:
         return 0
-    before, after = result.validation_before, result.validation_after
-    if before and after:
-        print(
-            f"\nvalidation loss (nats/token): before {before['loss']:.4f}  after "
-            f"{after['loss']:.4f}   perplexity {before['perplexity']:.2f} -> "
-            f"{after['perplexity']:.2f}"
-        )
+    for adapter in result.adapters:  # several when lora.num_adapters > 1
+        before, after = adapter.validation_before, adapter.validation_after
+        if before and after:
+            which = f" of {adapter.directory.name} (lr {adapter.learning_rate:g})"
+            print(
+                f"\nvalidation loss{which if len(result.adapters) > 1 else ''} (nats/token): "
+                f"before {before['loss']:.4f}  after {after['loss']:.4f}   perplexity "
+                f"{before['perplexity']:.2f} -> {after['perplexity']:.2f}"
+            )
     for i, sample in enumerate(result.samples, start=1):
         print(
             f"\n[{i}] prompt:    {' '.join(sample.prompt.split())}\n"

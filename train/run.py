@@ -216,7 +216,7 @@ def _run(
             raise NoLearningError(_no_learning_message(adapter_last, j, s, checkpoints))
     after = loop_lib.validate(s, state, step, metrics_log, log)
     samples = _finish(s, state, run_dir, log) if step == s.steps else []
-    if main and s.num_adapters == 1:  # train/plot.py draws one adapter's splits
+    if main:
         plot_loss_curve(
             metrics_log.records,
             run_dir / layout.LOSS_CURVE_FILE,
