@@ -253,10 +253,11 @@ def test_table_and_ratios_state_the_measured_figures():
     # another reference row, named by the experiment config's `reference`
     assert ratios([{**full, "method": "top2"}, lora], "top2")[0].endswith("BLEU +1.50 vs top2")
     assert ratios([lora], "top2") == ["(no row named `top2`, the experiment's `reference`)"]
-    # a row larger than the reference (rank 64 against rank 8) says so, not "0x smaller"
-    larger = {**lora, "method": "r64", "adapter_bytes": 8 * 2**12, "peak_rss_bytes": 2**31}
+    # a row larger than the reference (rank 64 against rank 8) says so, not "0x smaller";
+    # below 10x with two decimals (1.3x is not "1x"), equal bytes are "the same"
+    larger = {**lora, "method": "r64", "adapter_bytes": 13 * 2**12 // 10, "peak_rss_bytes": 2**31}
     assert ratios([lora, larger], "lora")[0].startswith(
-        "- r64: saved 8x larger, optimizer state 1x smaller, peak RSS 2.00x higher,"
+        "- r64: saved 1.30x larger, optimizer state the same, peak RSS 2.00x higher,"
     )
 
 

@@ -964,7 +964,7 @@ def ratios(rows: list[dict[str, Any]], reference: str = "full") -> list[str]:
             f"{_times(full['adapter_bytes'], r['adapter_bytes'], 'smaller', 'larger')}, "
             "optimizer state "
             f"{_times(full['optimizer_state_bytes'], r['optimizer_state_bytes'], 'smaller', 'larger')}, "
-            f"peak RSS {_times(full['peak_rss_bytes'], r['peak_rss_bytes'], 'lower', 'higher', 2)}, "
+            f"peak RSS {_times(full['peak_rss_bytes'], r['peak_rss_bytes'], 'lower', 'higher')}, "
             f"BLEU {gap:+.2f} vs {'full fine-tuning' if reference == 'full' else reference}"
             + ("" if runs == [1, 1] else f" (means of {runs[0]} and {runs[1]} runs)")
             + paired_difference(r, full)
@@ -972,11 +972,15 @@ def ratios(rows: list[dict[str, Any]], reference: str = "full") -> list[str]:
     return lines
 
 
-def _times(reference: float, value: float, less: str, more: str, digits: int = 0) -> str:
-    """How many times ``value`` is below ``reference`` ("290x smaller"), or above it."""
+def _times(reference: float, value: float, less: str, more: str) -> str:
+    """How many times ``value`` is below ``reference`` ("290x smaller", "1.30x lower"), or
+    above it; "the same" within 0.5 %. Below 10x with two decimals, which "1x" would hide."""
     ratio = reference / value
+    if abs(ratio - 1) < 0.005:
+        return "the same"
     word = less if ratio >= 1 else more
-    return f"{max(ratio, 1 / ratio):,.{digits}f}x {word}"
+    times = max(ratio, 1 / ratio)
+    return f"{times:,.{0 if times >= 10 else 2}f}x {word}"
 
 
 def paired_difference(row: dict[str, Any], reference: dict[str, Any]) -> str:
