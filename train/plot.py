@@ -22,16 +22,13 @@ def loss_lines(records: Sequence[dict[str, Any]]) -> dict[str, tuple[list[int], 
     """``{split: (steps, losses)}`` of the records, training splits first: ``train`` and
     ``validation``, or with k adapters trained together ``train/adapter_<j>`` ...
     ``validation/adapter_<j>`` (train/bank.py), adapters in the order they appear."""
-    adapters = list(dict.fromkeys(r["split"].partition("/")[2] for r in records))
-    lines = {}
-    for split in ("train", "validation"):
-        for adapter in adapters:
-            name = f"{split}/{adapter}" if adapter else split
-            points = [(r["step"], r["loss"]) for r in records if r["split"] == name]
-            if points:
-                steps, losses = zip(*points, strict=True)
-                lines[name] = (list(steps), list(losses))
-    return lines
+    lines: dict[str, tuple[list[int], list[float]]] = {}
+    for r in records:
+        if r["split"].partition("/")[0] in ("train", "validation"):
+            steps, losses = lines.setdefault(r["split"], ([], []))
+            steps.append(r["step"])
+            losses.append(r["loss"])
+    return dict(sorted(lines.items(), key=lambda line: line[0].startswith("validation")))
 
 
 def plot_loss_curve(records: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
@@ -40,8 +37,9 @@ def plot_loss_curve(records: Sequence[dict[str, Any]], path: Path, title: str) -
     plt = pyplot()
     figure, axes = plt.subplots(figsize=(7, 4), dpi=100)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    adapters = list(dict.fromkeys(name.partition("/")[2] for name in loss_lines(records)))
-    for name, (steps, losses) in loss_lines(records).items():
+    lines = loss_lines(records)
+    adapters = list(dict.fromkeys(name.partition("/")[2] for name in lines))
+    for name, (steps, losses) in lines.items():
         split, _, adapter = name.partition("/")
         color = colors[adapters.index(adapter) % len(colors)] if adapter else None
         axes.plot(steps, losses, "o-" if split == "validation" else "-", label=name, color=color)
