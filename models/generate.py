@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import lora_jax as lj
 from models.decoder import Decoder, init_cache, reorder_cache
 
+# Where a banned n-gram may have occurred: prompt + output, or the output only.
+NGRAM_SCOPES = ("sequence", "output")
 # Finite "minus infinity" for beam scores, as in transformers (keeps arithmetic NaN-free).
 _NEG = -1.0e9
 
@@ -29,6 +31,7 @@ class _Settings:
     do_sample: bool
     num_beams: int
     no_repeat_ngram_size: int
+    no_repeat_ngram_scope: str
 
 
 class _Knobs(NamedTuple):
@@ -58,6 +61,7 @@ def generate(
     num_beams: int = 1,
     length_penalty: float = 1.0,
     no_repeat_ngram_size: int = 0,
+    no_repeat_ngram_scope: str = "sequence",
     rng: jax.Array | None = None,
     apply_fn: Callable[..., Any] | None = None,
     adapter_ids: Any = None,
@@ -73,7 +77,10 @@ def generate(
       (1.0: off) from `rng` (default key 0). `num_beams > 1` runs beam search as in
       transformers (`early_stopping=False`): finished hypotheses are scored
       sum(log p) / generated_length ** length_penalty, and the best one is returned.
-    no_repeat_ngram_size: bans tokens that would repeat an n-gram of prompt + output.
+    no_repeat_ngram_size: bans tokens that would repeat an n-gram, in the scope that
+      `no_repeat_ngram_scope` names: "sequence", of prompt + output (transformers' rule for a
+      decoder-only model); "output", of the generated tokens only (fairseq's, and the LoRA
+      paper's E2E decoding: a prompt's phrases may be copied once).
     apply_fn: called like `model.apply` (default). When `params` hold LoRA factors
       (`lj.trainable_mask` finds factors) or an adapter bank (`lj.stack`) it is wrapped with
       `lora_jax.apply`.
@@ -107,7 +114,13 @@ def generate(
     pad = next(
         i for i in (pad_token_id, cfg.pad_token_id, eos if eos >= 0 else None, 0) if i is not None
     )
-    settings = _Settings(max_new_tokens, do_sample, num_beams, no_repeat_ngram_size)
+    if no_repeat_ngram_scope not in NGRAM_SCOPES:
+        raise ValueError(
+            f"no_repeat_ngram_scope must be one of {NGRAM_SCOPES}; got {no_repeat_ngram_scope!r}"
+        )
+    settings = _Settings(
+        max_new_tokens, do_sample, num_beams, no_repeat_ngram_size, no_repeat_ngram_scope
+    )
     knobs = _Knobs(
         *(
             jnp.asarray(x, dtype)
@@ -199,11 +212,12 @@ def _left_align(prompt_BxP, mask_BxP):
     )
 
 
-def _ban_repeated_ngrams(scores_RxV, seq_RxT, cur, n: int):
-    """-inf for every token that would complete an n-gram already in seq[:, :cur]."""
+def _ban_repeated_ngrams(scores_RxV, seq_RxT, first, cur, n: int):
+    """-inf for every token that would complete an n-gram already in seq[:, first:cur]."""
     R, T = seq_RxT.shape
     starts = T - n + 1
-    match_RxS = (jnp.arange(starts) + n - 1 < cur)[None, :]
+    start_S = jnp.arange(starts)
+    match_RxS = ((start_S >= first) & (start_S + n - 1 < cur))[None, :]
     for j in range(n - 1):
         window_RxS = seq_RxT[:, j : j + starts]
         last_Rx1 = jax.lax.dynamic_slice_in_dim(seq_RxT, cur - (n - 1) + j, 1, axis=1)
@@ -217,9 +231,13 @@ def _ban_repeated_ngrams(scores_RxV, seq_RxT, cur, n: int):
     return jnp.where(ban_RxV, -jnp.inf, scores_RxV)
 
 
-def _process(settings: _Settings, scores_RxV, seq_RxT, cur):
+def _process(settings: _Settings, scores_RxV, seq_RxT, P, t):
+    """The n-gram ban on the scores of output token t (seq[:, P:] is the output so far)."""
     n = settings.no_repeat_ngram_size
-    return _ban_repeated_ngrams(scores_RxV, seq_RxT, cur, n) if n > 0 else scores_RxV
+    if n == 0:
+        return scores_RxV
+    first = P if settings.no_repeat_ngram_scope == "output" else 0
+    return _ban_repeated_ngrams(scores_RxV, seq_RxT, first, P + t, n)
 
 
 def _choose(settings: _Settings, knobs: _Knobs, logits_BxV, key):
@@ -254,7 +272,7 @@ def _sample(
     def body(state):
         t, seq_BxT, cache, logits_BxV, pos_B, done_B, rng = state
         rng, key = jax.random.split(rng)
-        tok_B = _choose(settings, knobs, _process(settings, logits_BxV, seq_BxT, P + t), key)
+        tok_B = _choose(settings, knobs, _process(settings, logits_BxV, seq_BxT, P, t), key)
         tok_B = jnp.where(done_B, knobs.pad_token_id, tok_B)
         seq_BxT = jax.lax.dynamic_update_slice(seq_BxT, tok_B[:, None], (0, P + t))
         done_B = done_B | (tok_B == knobs.eos_token_id)
@@ -299,7 +317,7 @@ def _beam_search(
             fin_flag_BxK,
             open_B,
         ) = state
-        logp_RxV = _process(settings, jax.nn.log_softmax(logits_RxV, axis=-1), seq_RxT, P + t)
+        logp_RxV = _process(settings, jax.nn.log_softmax(logits_RxV, axis=-1), seq_RxT, P, t)
         cand_BxKV = (running_BxK[..., None] + logp_RxV.reshape(B, K, V)).reshape(B, K * V)
         top_Bx2K, idx_Bx2K = jax.lax.top_k(cand_BxKV, 2 * K)
         rows_Bx2K = jnp.arange(B)[:, None] * K + idx_Bx2K // V

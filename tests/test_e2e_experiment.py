@@ -145,10 +145,22 @@ def test_experiment_trains_chooses_on_validation_and_reports(
 
     # a second call reuses the finished runs (and the latency); a changed grid point is
     # refused, not overwritten
+    predictions = out / "eval" / "lora-qv" / "predictions.txt"
+    decoded_at = predictions.stat().st_mtime_ns
     capsys.readouterr()
     assert main(["experiment", config]) == 0
     assert capsys.readouterr().out.count("(finished run reused)") == 2
     assert json.loads((out / "latency.json").read_text()) == latency
+    assert predictions.stat().st_mtime_ns == decoded_at  # the decoded outputs too
+    # outputs decoded under other defaults of the eval command (here: an n-gram ban over
+    # the prompt too, as before it followed the paper) are decoded again
+    eval_key = out / "eval" / "lora-qv" / "eval_args.json"
+    stale = json.loads(eval_key.read_text())
+    stale["decoding"]["no_repeat_ngram_scope"] = "sequence"
+    eval_key.write_text(json.dumps(stale))
+    assert main(["experiment", config]) == 0
+    assert predictions.stat().st_mtime_ns != decoded_at
+    assert json.loads(eval_key.read_text())["decoding"]["no_repeat_ngram_scope"] == "output"
     changed = _write_experiment(
         tmp_path, model_dir, csv_path, overrides=["optim.max_steps=4", "checkpoint.every_steps=0"]
     )

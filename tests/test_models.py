@@ -15,6 +15,7 @@ from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
 import models
+from models.generate import NGRAM_SCOPES
 
 import tolerances as tol
 
@@ -335,6 +336,57 @@ def test_no_repeat_ngram(loaded):
             zip(row[3:], row[4:])
         )  # generated bigrams repeat neither each other nor (5, 5)
         assert len(set(bigrams)) == len(bigrams) and (5, 5) not in bigrams
+
+
+def _greedy_with_ban_reference(model, params, prompt, n, scope, steps):
+    """Greedy decoding with fairseq's n-gram ban written out in Python, as a second code path:
+    the whole sequence re-run every step (no cache); the history whose n-grams are banned is
+    prompt + output ("sequence") or the output alone ("output", the LoRA paper's
+    gpt2_beam.py); the last n-1 tokens of that history are the prefix a ban completes."""
+    out = []
+    for _ in range(steps):
+        seq = np.asarray([list(prompt) + out], np.int32)
+        logits = np.array(model.apply({"params": params}, seq, np.ones_like(seq))[0, -1])
+        history = list(prompt) + out if scope == "sequence" else out
+        if len(history) >= n - 1:
+            prefix = tuple(history[len(history) - (n - 1) :])
+            grams = zip(*(history[i:] for i in range(n)))
+            logits[[g[-1] for g in grams if g[:-1] == prefix]] = -np.inf
+        out.append(int(np.argmax(logits)))
+    return out
+
+
+def test_no_repeat_ngram_scopes_match_a_python_reference(loaded):
+    """Prompts ending in the model's own greedy continuation: the "sequence" ban forbids
+    repeating the prompt's n-grams, the "output" ban (the LoRA paper's) only the output's own.
+    Each row of a batch is checked against the reference."""
+    model, params, _ = loaded
+    start = np.random.default_rng(1).integers(3, VOCAB, size=(4, 4)).astype(np.int32)
+    loop = models.generate(model, params, start, max_new_tokens=16, eos_token_id=-1)
+    prompt = np.concatenate([start, np.asarray(loop)], axis=1)
+    outputs = {}
+    for scope in NGRAM_SCOPES:
+        kwargs = dict(no_repeat_ngram_size=2, no_repeat_ngram_scope=scope)
+        ours = models.generate(model, params, prompt, max_new_tokens=10, eos_token_id=-1, **kwargs)
+        outputs[scope] = np.asarray(ours).tolist()
+        for row, out in zip(prompt.tolist(), outputs[scope], strict=True):
+            assert out == _greedy_with_ban_reference(model, params, row, 2, scope, 10), scope
+    assert outputs["sequence"] != outputs["output"]  # the prompts' bigrams made a difference
+    beams = models.generate(
+        model,
+        params,
+        prompt,
+        max_new_tokens=10,
+        eos_token_id=-1,
+        num_beams=3,
+        no_repeat_ngram_size=2,
+        no_repeat_ngram_scope="output",
+    )
+    for row in np.asarray(beams).tolist():
+        bigrams = list(zip(row[:-1], row[1:]))
+        assert len(set(bigrams)) == len(bigrams)
+    with pytest.raises(ValueError, match="no_repeat_ngram_scope must be one of"):
+        models.generate(model, params, prompt, no_repeat_ngram_size=2, no_repeat_ngram_scope="x")
 
 
 @pytest.mark.parametrize("scan", [False, True])

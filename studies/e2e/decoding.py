@@ -12,6 +12,10 @@ class Decoding:
     num_beams: int = 10
     length_penalty: float = 0.9
     no_repeat_ngram_size: int = 4
+    # of the output only, as the paper's examples/NLG/src/gpt2_beam.py bans: copying an
+    # MR's value ("5 out of 5") is the task, and a tokenizer that splits digits off
+    # ("of", " ", "5") would otherwise be pushed off the copy ("of5")
+    no_repeat_ngram_scope: str = "output"
     max_new_tokens: int = 64
 
 

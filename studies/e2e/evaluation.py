@@ -20,7 +20,8 @@ from the prompt that training builds for it (train/formats.py ``e2e_prompt``, to
 without special tokens as train/examples.py does), up to ``--max-new-tokens`` tokens or
 the EOS (the run config's ``data.eos_token``, else the model's own). Decoding is the LoRA
 paper's beam search by default (:data:`PAPER_DECODING`: 10 beams, length penalty 0.9, no
-repeated 4-gram); ``--greedy`` keeps one beam (and the 4-gram ban) for quick runs. MRs go
+4-gram repeated within the output; the prompt's may be copied); ``--greedy`` keeps one beam
+(and the 4-gram ban) for quick runs. MRs go
 in batches of ``--batch-size``, every batch padded to the same shape so that one
 compiled program serves them all.
 

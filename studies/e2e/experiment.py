@@ -78,6 +78,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from studies.e2e import latency as latency_lib
 from studies.e2e import metrics as e2e_metrics
+from studies.e2e.decoding import PAPER_DECODING
 from studies.e2e.evaluation import PREDICTIONS_FILE, SCORES_FILE, load_target, read_e2e
 from studies.e2e.latency import LatencySpec
 from train import layout, rundir
@@ -468,13 +469,16 @@ def eval_run(
     ]
     args += ["--greedy"] if cfg.eval.greedy else []
     args += ["--limit", str(cfg.eval.limit)] if cfg.eval.limit and not every_mr else []
+    # what the outputs depend on: the arguments and the eval command's decoding defaults
+    # (outputs decoded under other defaults, e.g. an older n-gram ban, are decoded again)
+    key = {"args": args, "decoding": dataclasses.asdict(PAPER_DECODING)}
     done = out / EVAL_ARGS_FILE
     if not (
-        done.is_file() and json.loads(done.read_text()) == args and (out / SCORES_FILE).is_file()
+        done.is_file() and json.loads(done.read_text()) == key and (out / SCORES_FILE).is_file()
     ):
         rundir.claim(out, layout.Kind.EVAL, what="eval output directory")
         process = _run_process(args, out / LOG_FILE)
-        done.write_text(json.dumps(args) + "\n")
+        done.write_text(json.dumps(key) + "\n")
         (out / PROCESS_FILE).write_text(json.dumps(process) + "\n")
     return {
         "scores": json.loads((out / SCORES_FILE).read_text()),
@@ -821,7 +825,8 @@ def report(results: dict[str, Any], cfg: ExperimentConfig, config_text: str, com
         f"held out for the metrics"
         f"{f' (the first {cfg.eval.limit} decoded)' if cfg.eval.limit else ''}. Decoding: "
         f"{'greedy' if cfg.eval.greedy else 'beam search, 10 beams, length penalty 0.9'}"
-        f", no repeated 4-gram, at most {cfg.eval.max_new_tokens} new tokens. Metrics: "
+        f", no 4-gram repeated within the output (the paper's ban; the MR's may be copied), "
+        f"at most {cfg.eval.max_new_tokens} new tokens. Metrics: "
         f"studies/e2e/metrics.py, on the paper's scales (BLEU, METEOR, ROUGE-L x100).",
         "",
         *table(rows),
