@@ -293,8 +293,8 @@ def test_one_learning_rate_is_chosen_without_validation_scores():
 
 def test_the_parity_experiment_trains_the_shipped_configs_as_shipped(tmp_path):
     # docs/parity.md's claim is about configs/e2e_{lora,full}.yaml: the experiment may
-    # change what is validated and saved, never what is trained. Rows with overrides are
-    # the levers tried on LoRA (more updates, LoRA+): they change the optimiser only.
+    # change what is validated and saved, never what is trained. A row with overrides (a
+    # lever tried on LoRA, as in e2e_parity_levers.yaml) may change the optimiser only.
     parity = load_experiment(tf.REPO_ROOT / "configs/experiments/e2e_parity.yaml")
     assert {m.config for m in parity.methods} == {"configs/e2e_lora.yaml", "configs/e2e_full.yaml"}
     as_shipped = {m.config for m in parity.methods if not m.overrides}
