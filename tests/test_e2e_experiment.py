@@ -205,6 +205,50 @@ def test_experiment_trains_chooses_on_validation_and_reports(
     )
     assert "## Seeds" in (tmp_path / "docs" / "results.md").read_text()
 
+    # another experiment decodes these runs instead of training (runs_from): it writes
+    # nothing into them, and decoding as this one does gives the same outputs
+    def files(root):
+        return {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+    before = files(out)
+    decoder = seeded | {
+        "output_dir": str(tmp_path / "decoder"),
+        "runs_from": str(out),
+        "report": str(tmp_path / "decoder_docs" / "results.md"),
+        "plot": str(tmp_path / "decoder_docs" / "results.png"),
+        "latency": {"new_tokens": 0},
+    }
+    decoder_config = tmp_path / "decoder.yaml"
+    decoder_config.write_text(json.dumps(decoder))
+    capsys.readouterr()
+    assert main(["experiment", str(decoder_config)]) == 0
+    assert f"decoding the runs of {out}" in capsys.readouterr().out
+    assert files(out) == before
+    decoded = json.loads((tmp_path / "decoder" / "results.json").read_text())["rows"][1]
+    assert decoded["run_dir"] == lora["run_dir"] and decoded["seed_scores"] == lora["seed_scores"]
+    for sub in (".", "seed7"):
+        ours, theirs = (
+            (root / "eval" / "lora-qv" / sub / "predictions.txt").read_text()
+            for root in (tmp_path / "decoder", out)
+        )
+        assert ours == theirs
+    # nothing trained: beside the validation outputs of each rate, no run of its own
+    assert not list((tmp_path / "decoder").rglob("metrics.jsonl"))
+    assert {p.name for p in (tmp_path / "decoder" / "runs" / "lora-qv").rglob("*/")} <= {
+        "lr_0.0001",
+        "lr_0.03",
+        "validation_eval",
+    }
+    # a run the other experiment lacks is not trained; a differently split one is refused
+    decoder["methods"][1]["seeds"] = [7, 8]
+    decoder_config.write_text(json.dumps(decoder))
+    assert main(["experiment", str(decoder_config)]) == 2
+    assert "holds no finished run" in capsys.readouterr().err
+    assert files(out) == before
+    decoder_config.write_text(json.dumps(decoder | {"test_fraction": 0.5}))
+    assert main(["experiment", str(decoder_config)]) == 2
+    assert "split the data differently" in capsys.readouterr().err
+
 
 def test_bad_experiment_configs_name_the_key(tmp_path):
     base = tmp_path / "base.yaml"

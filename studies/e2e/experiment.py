@@ -21,6 +21,9 @@ from another experiment config. The command
    config's seed each), so adapter j is the run at rate j up to float rounding
    (train/bank.py); each adapter directory ``adapter_<j>`` is evaluated and reported as
    that rate's run, with that process's peak RSS and step time (all rates' together);
+   with ``runs_from: OTHER_OUTPUT_DIR`` nothing is trained: the finished runs of another
+   experiment split the same way are decoded (e.g. under other decoding options), and every
+   output of this one goes into its own output_dir;
 3. keeps, per method, the learning rate that scores best on the run's validation MRs
    (``select``): the highest BLEU of their decoded outputs (``validation_bleu``, the
    default: ``lora-jax eval`` of each run on ``validation.csv``, the MRs the run held out
@@ -141,6 +144,9 @@ class ExperimentConfig:
     test_fraction: float = 0.2  # of the distinct MRs, held out for the metrics
     seed: int = 0  # the test split; runs use their config's seed
     output_dir: str = "runs/experiments/e2e_table"
+    # another experiment's output_dir whose finished runs this one decodes instead of
+    # training its own (same data, split and run configs; nothing is written there)
+    runs_from: str | None = None
     report: str = "docs/results.md"
     title: str = "LoRA vs full fine-tuning vs BitFit on SmolLM2-135M"  # the report's heading
     reference: str = "full"  # the method whose row the others are compared with (Ratios)
@@ -372,7 +378,7 @@ def train_run(
     Returns the run's :func:`run_summary` and whether the finished run was reused.
     """
     wanted = run_config(cfg, method, learning_rate, data, run_dir, seed)
-    reused = _train_unless_finished(wanted, run_dir)
+    reused = _train_unless_finished(wanted, run_dir, may_train=cfg.runs_from is None)
     return run_summary(run_dir), reused
 
 
@@ -387,17 +393,24 @@ def train_grid(
     rates = method.learning_rates
     together = grid_overrides(rates, seed)
     wanted = run_config(cfg, method, rates[0], data, run_dir, together=together)
-    reused = _train_unless_finished(wanted, run_dir)
+    reused = _train_unless_finished(wanted, run_dir, may_train=cfg.runs_from is None)
     return {lr: run_summary(run_dir, adapter=j) for j, lr in enumerate(rates)}, reused
 
 
-def _train_unless_finished(wanted: Any, run_dir: Path) -> bool:
+def _train_unless_finished(wanted: Any, run_dir: Path, may_train: bool = True) -> bool:
     """Run ``lora-jax train`` on the RunConfig ``wanted`` unless ``run_dir`` holds its
-    finished run (then True); a finished run of another config is an ExperimentError."""
+    finished run (then True); a finished run of another config is an ExperimentError, and
+    so is a missing one when not ``may_train`` (``runs_from``)."""
     finished = (run_dir / PROCESS_FILE).is_file() and all(
         (run_dir / directory / layout.ADAPTER_META_FILE).is_file()
         for directory in adapter_dirs(wanted)
     )
+    if not finished and not may_train:
+        raise ExperimentError(
+            f"{run_dir} holds no finished run, and this experiment decodes the runs of "
+            f"runs_from without training: finish the experiment that owns them first, or "
+            f"drop runs_from to train the runs here"
+        )
     if finished and load_config(run_dir / layout.CONFIG_FILE) != wanted:
         raise ExperimentError(
             f"{run_dir} holds a finished run with another config; the "
@@ -510,13 +523,17 @@ def run_experiment(cfg: ExperimentConfig, *, source: str, log=print) -> dict[str
     )
     trainval, test, counts = split_test(cfg.data, cfg.test_fraction, cfg.seed, out)
     log(f"data: {counts}")
+    runs = runs_source(cfg, out)  # the directory whose runs/ are trained or decoded
+    if runs != out:
+        log(f"decoding the runs of {runs} (runs_from)")
+        trainval = runs / trainval.name  # the path those runs' configs name
     validation_sets: dict[tuple[int, float], ValidationSet] = {}  # one per (seed, fraction)
     rows = []
     for method in cfg.methods:
         row: dict[str, Any] = {"method": method.name, "overrides": list(method.overrides)}
         if method.learning_rates:
             # the rates of a method differ in nothing else: one seed, one validation split
-            method_cfg = run_config(cfg, method, method.learning_rates[0], trainval, out)
+            method_cfg = run_config(cfg, method, method.learning_rates[0], trainval, runs)
             split = (method_cfg.seed, method_cfg.data.validation_fraction)
             # one rate: nothing to choose, no validation decoding
             decode_validation = cfg.select == "validation_bleu" and len(method.learning_rates) > 1
@@ -529,18 +546,19 @@ def run_experiment(cfg: ExperimentConfig, *, source: str, log=print) -> dict[str
                 and len(method.learning_rates) > 1
             )
             if together:
-                grid_dir = out / "runs" / method.name / "lr_grid"
+                grid_dir = runs / "runs" / method.name / "lr_grid"
                 log(f"[{method.name}] learning rates {list(method.learning_rates)} together")
                 grid, reused = train_grid(cfg, method, trainval, grid_dir, method_cfg.seed)
             for j, lr in enumerate(method.learning_rates):
                 if together:
                     # the adapter directory is the run to decode; outputs go beside it
-                    run_dir, eval_dir = grid_dir, grid_dir / f"validation_eval_{j}"
+                    run_dir = grid_dir
+                    eval_dir = out / grid_dir.relative_to(runs) / f"validation_eval_{j}"
                     targets[lr], candidates[lr] = grid_dir / adapter_dir_name(j), grid[lr]
                 else:
                     log(f"[{method.name}] learning rate {lr:g}")
-                    run_dir = out / "runs" / method.name / f"lr_{lr:g}"
-                    eval_dir = run_dir / "validation_eval"
+                    run_dir = runs / "runs" / method.name / f"lr_{lr:g}"
+                    eval_dir = out / run_dir.relative_to(runs) / "validation_eval"
                     candidates[lr], reused = train_run(cfg, method, lr, trainval, run_dir)
                     targets[lr] = run_dir
                 if decode_validation:
@@ -587,7 +605,7 @@ def run_experiment(cfg: ExperimentConfig, *, source: str, log=print) -> dict[str
         row |= eval_run(cfg, target, test, out / "eval" / method.name)
         log(f"[{method.name}] {row['scores']}")
         if method.seeds:
-            row |= seed_runs(cfg, method, row, trainval, test, out, log)
+            row |= seed_runs(cfg, method, row, trainval, test, out, runs, log)
         rows.append(row)
     trained = [r for r in rows if "base_params" in r]
     for row in rows:  # untrained rows: the base's figures, from any trained run
@@ -609,6 +627,36 @@ def run_experiment(cfg: ExperimentConfig, *, source: str, log=print) -> dict[str
     }
     (out / RESULTS_FILE).write_text(json.dumps(results, indent=1) + "\n")
     return results
+
+
+def runs_source(cfg: ExperimentConfig, out: Path) -> Path:
+    """The directory whose ``runs/`` this experiment trains into, or only reads from:
+    ``out``, or ``runs_from``, another experiment's output_dir split the same way (its
+    ``trainval.csv`` and ``test.csv`` equal ours, byte for byte).
+
+    Raises ConfigError, one line, when ``runs_from`` is not such a directory."""
+    if cfg.runs_from is None:
+        return out
+    runs = resolve_path(cfg.runs_from).absolute()
+    if runs == out:
+        raise ConfigError(
+            f"runs_from {runs} is this experiment's own output_dir; drop runs_from to reuse "
+            f"the runs there, or name another experiment's output_dir"
+        )
+    if not rundir.owned(runs, layout.Kind.EXPERIMENT):
+        raise ConfigError(
+            f"runs_from {runs} is not the output_dir of a lora-jax experiment; run that "
+            f"experiment first, or set runs_from to its output_dir"
+        )
+    for name in ("trainval.csv", "test.csv"):
+        theirs = runs / name
+        if not theirs.is_file() or theirs.read_bytes() != (out / name).read_bytes():
+            raise ConfigError(
+                f"runs_from {runs} split the data differently ({name} differs from "
+                f"{out / name}); its data, test_fraction and seed must be this "
+                f"experiment's, or drop runs_from to train the runs here"
+            )
+    return runs
 
 
 def batch1_latency(
@@ -643,9 +691,11 @@ def seed_runs(
     trainval: Path,
     test: Path,
     out: Path,
+    runs: Path,
     log=print,
 ) -> dict[str, Any]:
-    """Train ``method.seeds`` at the chosen rate of ``row``, decode the test MRs for each.
+    """Train ``method.seeds`` at the chosen rate of ``row`` (under ``runs``: ``out``, or
+    ``runs_from``, whose finished runs are then reused), decode the test MRs for each.
 
     Returns the row's new entries: ``seed_scores`` (run-config seed -> test scores, the
     chosen run's first), ``seed_validation_loss`` likewise, and ``scores``/``scores_sd``:
@@ -656,7 +706,7 @@ def seed_runs(
     losses = {str(row["seed"]): row["validation_loss"]}
     for seed in method.seeds:
         log(f"[{method.name}] lr {lr:g}, seed {seed}")
-        run_dir = out / "runs" / method.name / f"lr_{lr:g}_seed{seed}"
+        run_dir = runs / "runs" / method.name / f"lr_{lr:g}_seed{seed}"
         summary, reused = train_run(cfg, method, lr, trainval, run_dir, seed)
         scores[str(seed)] = eval_run(
             cfg, run_dir, test, out / "eval" / method.name / f"seed{seed}"
