@@ -338,22 +338,27 @@ def test_no_repeat_ngram(loaded):
         assert len(set(bigrams)) == len(bigrams) and (5, 5) not in bigrams
 
 
-def _greedy_with_ban_reference(model, params, prompt, n, scope, steps):
+def _greedy_with_ban_reference(model, params, prompts, n, scope, steps):
     """Greedy decoding with fairseq's n-gram ban written out in Python, as a second code path:
     the whole sequence re-run every step (no cache); the history whose n-grams are banned is
     prompt + output ("sequence") or the output alone ("output", the LoRA paper's
-    gpt2_beam.py); the last n-1 tokens of that history are the prefix a ban completes."""
-    out = []
+    gpt2_beam.py); the last n-1 tokens of that history are the prefix a ban completes.
+    ``prompts``: rows of equal length, run together (each row's ban is its own)."""
+    last_logits = jax.jit(
+        lambda ids: model.apply({"params": params}, ids, jnp.ones_like(ids))[:, -1]
+    )
+    outs = [[] for _ in prompts]
     for _ in range(steps):
-        seq = np.asarray([list(prompt) + out], np.int32)
-        logits = np.array(model.apply({"params": params}, seq, np.ones_like(seq))[0, -1])
-        history = list(prompt) + out if scope == "sequence" else out
-        if len(history) >= n - 1:
-            prefix = tuple(history[len(history) - (n - 1) :])
-            grams = zip(*(history[i:] for i in range(n)))
-            logits[[g[-1] for g in grams if g[:-1] == prefix]] = -np.inf
-        out.append(int(np.argmax(logits)))
-    return out
+        seq = np.asarray([list(p) + o for p, o in zip(prompts, outs, strict=True)], np.int32)
+        logits_BxV = np.array(last_logits(seq))
+        for logits, prompt, out in zip(logits_BxV, prompts, outs, strict=True):
+            history = list(prompt) + out if scope == "sequence" else out
+            if len(history) >= n - 1:
+                prefix = tuple(history[len(history) - (n - 1) :])
+                grams = zip(*(history[i:] for i in range(n)))
+                logits[[g[-1] for g in grams if g[:-1] == prefix]] = -np.inf
+            out.append(int(np.argmax(logits)))
+    return outs
 
 
 def test_no_repeat_ngram_scopes_match_a_python_reference(loaded):
@@ -369,8 +374,8 @@ def test_no_repeat_ngram_scopes_match_a_python_reference(loaded):
         kwargs = dict(no_repeat_ngram_size=2, no_repeat_ngram_scope=scope)
         ours = models.generate(model, params, prompt, max_new_tokens=10, eos_token_id=-1, **kwargs)
         outputs[scope] = np.asarray(ours).tolist()
-        for row, out in zip(prompt.tolist(), outputs[scope], strict=True):
-            assert out == _greedy_with_ban_reference(model, params, row, 2, scope, 10), scope
+        reference = _greedy_with_ban_reference(model, params, prompt.tolist(), 2, scope, 10)
+        assert outputs[scope] == reference, scope
     assert outputs["sequence"] != outputs["output"]  # the prompts' bigrams made a difference
     beams = models.generate(
         model,
