@@ -523,7 +523,7 @@ def run_experiment(cfg: ExperimentConfig, *, source: str, log=print) -> dict[str
     )
     trainval, test, counts = split_test(cfg.data, cfg.test_fraction, cfg.seed, out)
     log(f"data: {counts}")
-    runs = runs_source(cfg, out)  # the directory whose runs/ are trained or decoded
+    runs = runs_source(cfg, out, (trainval, test))  # whose runs/ are trained or decoded
     if runs != out:
         log(f"decoding the runs of {runs} (runs_from)")
         trainval = runs / trainval.name  # the path those runs' configs name
@@ -629,10 +629,11 @@ def run_experiment(cfg: ExperimentConfig, *, source: str, log=print) -> dict[str
     return results
 
 
-def runs_source(cfg: ExperimentConfig, out: Path) -> Path:
+def runs_source(cfg: ExperimentConfig, out: Path, split: Sequence[Path]) -> Path:
     """The directory whose ``runs/`` this experiment trains into, or only reads from:
-    ``out``, or ``runs_from``, another experiment's output_dir split the same way (its
-    ``trainval.csv`` and ``test.csv`` equal ours, byte for byte).
+    ``out``, or ``runs_from``, another experiment's output_dir split the same way (the
+    files of our ``split``, :func:`split_test`'s, equal its files of those names, byte
+    for byte).
 
     Raises ConfigError, one line, when ``runs_from`` is not such a directory."""
     if cfg.runs_from is None:
@@ -648,12 +649,12 @@ def runs_source(cfg: ExperimentConfig, out: Path) -> Path:
             f"runs_from {runs} is not the output_dir of a lora-jax experiment; run that "
             f"experiment first, or set runs_from to its output_dir"
         )
-    for name in ("trainval.csv", "test.csv"):
-        theirs = runs / name
-        if not theirs.is_file() or theirs.read_bytes() != (out / name).read_bytes():
+    for ours in split:
+        theirs = runs / ours.name
+        if not theirs.is_file() or theirs.read_bytes() != ours.read_bytes():
             raise ConfigError(
-                f"runs_from {runs} split the data differently ({name} differs from "
-                f"{out / name}); its data, test_fraction and seed must be this "
+                f"runs_from {runs} split the data differently ({ours.name} differs from "
+                f"{ours}); its data, test_fraction and seed must be this "
                 f"experiment's, or drop runs_from to train the runs here"
             )
     return runs
